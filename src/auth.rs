@@ -1,0 +1,514 @@
+//! Identity: access JWT verification, single-use WebSocket tokens, and the room tenancy rules.
+//!
+//! Access tokens are verified with exactly one algorithm: HS256 with the secret, or RS256/ES256 with
+//! the configured PEM public key. WebSocket tokens are minted by jobcast itself, always HS256 with a key
+//! derived from the secret (so they work in public-key mode too), carry `typ: "ws"` and a `jti`, and
+//! are accepted once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::protocol::RoomKind;
+
+/// The claims jobcast reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// User id.
+    pub sub: String,
+    /// Tenant id (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// `admin` and/or `publisher`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// Not before, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// `ws` on WebSocket tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typ: Option<String>,
+    /// Unique id of a WebSocket token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// On WebSocket tokens: the `exp` of the access token that minted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cred_exp: Option<u64>,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// The `sub` claim.
+    pub user_id: String,
+    /// The `tenant` claim.
+    pub tenant: String,
+    /// Holds the `admin` role.
+    pub admin: bool,
+    /// Holds the `publisher` role.
+    pub publisher: bool,
+    /// When the credential ends (Unix seconds): the access token's `exp`.
+    pub expires_at: u64,
+}
+
+/// Why a token was refused; `reason()` is what `auth_failure` and the metrics carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token was given")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token's signature does not verify")]
+    InvalidSignature,
+    #[error("the token's algorithm is not the configured one")]
+    UnsupportedAlgorithm,
+    #[error("the token's audience is not accepted")]
+    InvalidAudience,
+    #[error("the token's issuer is not accepted")]
+    InvalidIssuer,
+    #[error("the token has no tenant claim")]
+    MissingTenant,
+    #[error("the WebSocket token was already used")]
+    Reused,
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("a WebSocket token cannot be used here")]
+    WebSocketTokenNotAccepted,
+    #[error("authentication timed out")]
+    Timeout,
+}
+
+impl AuthError {
+    /// Stable machine-readable reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::InvalidSignature => "invalid_signature",
+            AuthError::UnsupportedAlgorithm => "unsupported_algorithm",
+            AuthError::InvalidAudience => "invalid_audience",
+            AuthError::InvalidIssuer => "invalid_issuer",
+            AuthError::MissingTenant => "missing_tenant",
+            AuthError::Reused => "token_reused",
+            AuthError::Malformed => "malformed_token",
+            AuthError::WebSocketTokenNotAccepted => "websocket_token_not_accepted",
+            AuthError::Timeout => "timeout",
+        }
+    }
+
+    fn from_jwt(e: &jsonwebtoken::errors::Error) -> AuthError {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::InvalidSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::UnsupportedAlgorithm
+            }
+            ErrorKind::InvalidAudience => AuthError::InvalidAudience,
+            ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
+            _ => AuthError::Malformed,
+        }
+    }
+}
+
+/// Why the identity setup failed at start.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is neither an RSA nor an EC public key in PEM form")]
+    BadPem { path: String },
+    #[error("cannot keep the generated secret in {path}: {source}")]
+    Secret {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("this server verifies with a public key and cannot sign access tokens")]
+    CannotSign,
+    #[error("signing failed: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Verifies and mints tokens. One per server, shared behind an `Arc`.
+pub struct Auth {
+    /// The one algorithm access tokens must use.
+    access_alg: Algorithm,
+    access_key: DecodingKey,
+    access_validation: Validation,
+    /// Present in HS256 mode: signs development access tokens.
+    access_signer: Option<EncodingKey>,
+    ws_signer: EncodingKey,
+    ws_key: DecodingKey,
+    ws_validation: Validation,
+    ws_ttl_s: u64,
+    /// Used WebSocket token ids with their expiry, so each works once.
+    used: Mutex<HashMap<String, u64>>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads the HS256 secret from `data_dir/jwt_secret`, generating and keeping one on first start.
+pub fn load_or_create_secret(data_dir: &Path) -> Result<String, KeyError> {
+    let path = data_dir.join("jwt_secret");
+    let err = |source| KeyError::Secret {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    use std::io::Write;
+    opts.open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(err)?;
+    Ok(secret)
+}
+
+impl Auth {
+    /// Builds the verifier from the configuration; `secret` is the HS256 secret (configured or kept).
+    pub fn new(config: &Config, secret: &str) -> Result<Auth, KeyError> {
+        let (access_alg, access_key, access_signer) = match &config.jwt_public_key {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+                    (Algorithm::RS256, key, None)
+                } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                    (Algorithm::ES256, key, None)
+                } else {
+                    return Err(KeyError::BadPem {
+                        path: path.display().to_string(),
+                    });
+                }
+            }
+            None => (
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+                Some(EncodingKey::from_secret(secret.as_bytes())),
+            ),
+        };
+        let mut access_validation = Validation::new(access_alg);
+        access_validation.leeway = config.jwt_leeway_s;
+        access_validation.validate_nbf = true;
+        access_validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.jwt_audience {
+            Some(aud) => access_validation.set_audience(&[aud]),
+            None => access_validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.jwt_issuer {
+            access_validation.set_issuer(&[iss]);
+        }
+        let ws_secret = format!("jobcast-websocket-token:{secret}");
+        let mut ws_validation = Validation::new(Algorithm::HS256);
+        ws_validation.leeway = 0;
+        ws_validation.validate_aud = false;
+        ws_validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Auth {
+            access_alg,
+            access_key,
+            access_validation,
+            access_signer,
+            ws_signer: EncodingKey::from_secret(ws_secret.as_bytes()),
+            ws_key: DecodingKey::from_secret(ws_secret.as_bytes()),
+            ws_validation,
+            ws_ttl_s: config.ws_token_ttl_s,
+            used: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The algorithm access tokens must use.
+    pub fn algorithm(&self) -> Algorithm {
+        self.access_alg
+    }
+
+    /// Verifies an access JWT (HTTP `Authorization`, `refresh`). WebSocket tokens are refused here.
+    pub fn verify_access(&self, token: &str) -> Result<Identity, AuthError> {
+        let header_alg = peek_alg(token)?;
+        if header_alg != algorithm_name(self.access_alg) {
+            return Err(AuthError::UnsupportedAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.access_key, &self.access_validation)
+            .map_err(|e| AuthError::from_jwt(&e))?;
+        if data.claims.typ.as_deref() == Some("ws") {
+            return Err(AuthError::WebSocketTokenNotAccepted);
+        }
+        identity(&data.claims, data.claims.exp)
+    }
+
+    /// Verifies what a WebSocket connection presents: a single-use WebSocket token or an access JWT.
+    pub fn verify_connect(&self, token: &str) -> Result<Identity, AuthError> {
+        let header_alg = peek_alg(token)?;
+        if header_alg == "HS256" {
+            match jsonwebtoken::decode::<Claims>(token, &self.ws_key, &self.ws_validation) {
+                Ok(data) if data.claims.typ.as_deref() == Some("ws") => {
+                    let c = data.claims;
+                    let id = identity(&c, c.cred_exp.unwrap_or(c.exp))?;
+                    self.spend(c.jti.as_deref().ok_or(AuthError::Malformed)?, c.exp)?;
+                    return Ok(id);
+                }
+                Ok(_) => return Err(AuthError::Malformed),
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
+                // Signed with the WebSocket key (the signature is checked first), but refused.
+                Err(e) => return Err(AuthError::from_jwt(&e)),
+            }
+        }
+        self.verify_access(token)
+    }
+
+    /// Marks a WebSocket token id as used; refuses one already used.
+    fn spend(&self, jti: &str, exp: u64) -> Result<(), AuthError> {
+        let mut used = self.used.lock().map_err(|_| AuthError::Reused)?;
+        let now = unix_now();
+        if used.len() > 4096 {
+            used.retain(|_, e| *e + 60 >= now);
+        }
+        if used.insert(jti.to_string(), exp).is_some() {
+            return Err(AuthError::Reused);
+        }
+        Ok(())
+    }
+
+    /// Mints a single-use WebSocket token for `id`; returns it with its lifetime in seconds.
+    pub fn mint_ws_token(&self, id: &Identity) -> Result<(String, u64), KeyError> {
+        let now = unix_now();
+        let exp = (now + self.ws_ttl_s).min(id.expires_at);
+        let claims = Claims {
+            sub: id.user_id.clone(),
+            tenant: Some(id.tenant.clone()),
+            exp,
+            roles: roles_of(id),
+            nbf: None,
+            iat: Some(now),
+            typ: Some("ws".into()),
+            jti: Some(uuid::Uuid::new_v4().to_string()),
+            cred_exp: Some(id.expires_at),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
+        Ok((token, exp.saturating_sub(now)))
+    }
+
+    /// Mints an access JWT (HS256 mode only): for `jobcast token`, the development admin token and tests.
+    pub fn mint_access(
+        &self,
+        user: &str,
+        tenant: &str,
+        roles: &[String],
+        ttl_s: u64,
+    ) -> Result<String, KeyError> {
+        let signer = self.access_signer.as_ref().ok_or(KeyError::CannotSign)?;
+        let now = unix_now();
+        let claims = Claims {
+            sub: user.into(),
+            tenant: Some(tenant.into()),
+            exp: now + ttl_s,
+            roles: roles.to_vec(),
+            nbf: None,
+            iat: Some(now),
+            typ: None,
+            jti: None,
+            cred_exp: None,
+        };
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            signer,
+        )?)
+    }
+}
+
+fn roles_of(id: &Identity) -> Vec<String> {
+    let mut roles = Vec::new();
+    if id.admin {
+        roles.push("admin".to_string());
+    }
+    if id.publisher {
+        roles.push("publisher".to_string());
+    }
+    roles
+}
+
+fn identity(c: &Claims, expires_at: u64) -> Result<Identity, AuthError> {
+    let tenant = c
+        .tenant
+        .clone()
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::MissingTenant)?;
+    if c.sub.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(Identity {
+        user_id: c.sub.clone(),
+        tenant,
+        admin: c.roles.iter().any(|r| r == "admin"),
+        publisher: c.roles.iter().any(|r| r == "publisher"),
+        expires_at,
+    })
+}
+
+fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::RS256 => "RS256",
+        Algorithm::ES256 => "ES256",
+        _ => "unsupported",
+    }
+}
+
+/// Reads the `alg` of a token's header without trusting anything else in it.
+fn peek_alg(token: &str) -> Result<String, AuthError> {
+    let header = token.split('.').next().ok_or(AuthError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    match v.get("alg").and_then(|a| a.as_str()) {
+        Some(alg) => Ok(alg.to_string()),
+        None => Err(AuthError::Malformed),
+    }
+}
+
+/// Why a subscription to a room was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomRefusal {
+    /// Not a room name jobcast knows, or a job that does not exist.
+    Unknown,
+    /// A room of another tenant or another user.
+    Forbidden,
+}
+
+/// Whether `id` may join `room`. `job_tenant` looks up the tenant of a job (`None`: no such job).
+pub fn authorize_room(
+    id: &Identity,
+    room: &str,
+    job_tenant: impl FnOnce(uuid::Uuid) -> Option<String>,
+) -> Result<RoomKind, RoomRefusal> {
+    let kind = RoomKind::parse(room).ok_or(RoomRefusal::Unknown)?;
+    let allowed = match &kind {
+        RoomKind::User(u) => id.admin || *u == id.user_id,
+        RoomKind::Tenant(t) => id.admin || *t == id.tenant,
+        RoomKind::Job(job) => {
+            let tenant = job_tenant(*job).ok_or(RoomRefusal::Unknown)?;
+            id.admin || tenant == id.tenant
+        }
+    };
+    if allowed {
+        Ok(kind)
+    } else {
+        Err(RoomRefusal::Forbidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(&Config::default(), "test-secret").unwrap()
+    }
+
+    #[test]
+    fn access_token_round_trip() {
+        let a = auth();
+        let t = a.mint_access("u1", "t1", &["admin".into()], 60).unwrap();
+        let id = a.verify_access(&t).unwrap();
+        assert_eq!(id.user_id, "u1");
+        assert_eq!(id.tenant, "t1");
+        assert!(id.admin && !id.publisher);
+    }
+
+    #[test]
+    fn websocket_tokens_work_once_and_not_as_access_tokens() {
+        let a = auth();
+        let access = a
+            .verify_access(&a.mint_access("u1", "t1", &[], 600).unwrap())
+            .unwrap();
+        let (ws, ttl) = a.mint_ws_token(&access).unwrap();
+        assert!(ttl <= 300 && ttl > 290);
+        assert_eq!(a.verify_access(&ws), Err(AuthError::InvalidSignature));
+        let id = a.verify_connect(&ws).unwrap();
+        assert_eq!(
+            id.expires_at, access.expires_at,
+            "lives as long as the access token"
+        );
+        assert_eq!(a.verify_connect(&ws), Err(AuthError::Reused));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert_eq!(auth().verify_connect("abc"), Err(AuthError::Malformed));
+        assert_eq!(auth().verify_connect(""), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn tenancy_rules() {
+        let id = Identity {
+            user_id: "u1".into(),
+            tenant: "t1".into(),
+            admin: false,
+            publisher: false,
+            expires_at: 0,
+        };
+        let none = |_| None;
+        assert!(authorize_room(&id, "tenant:t1", none).is_ok());
+        assert_eq!(
+            authorize_room(&id, "tenant:t2", none),
+            Err(RoomRefusal::Forbidden)
+        );
+        assert!(authorize_room(&id, "user:u1", none).is_ok());
+        assert_eq!(
+            authorize_room(&id, "user:u2", none),
+            Err(RoomRefusal::Forbidden)
+        );
+        assert_eq!(
+            authorize_room(&id, "lobby", none),
+            Err(RoomRefusal::Unknown)
+        );
+        let job = uuid::Uuid::new_v4();
+        assert_eq!(
+            authorize_room(&id, &format!("job:{job}"), none),
+            Err(RoomRefusal::Unknown)
+        );
+        assert!(authorize_room(&id, &format!("job:{job}"), |_| Some("t1".into())).is_ok());
+        assert_eq!(
+            authorize_room(&id, &format!("job:{job}"), |_| Some("t2".into())),
+            Err(RoomRefusal::Forbidden)
+        );
+        let admin = Identity { admin: true, ..id };
+        assert!(authorize_room(&admin, "tenant:t2", none).is_ok());
+    }
+}

@@ -1,0 +1,277 @@
+//! The broker actor: the one way into rooms.
+//!
+//! It numbers each room event (`seq` rises by exactly one per room), stamps the room's epoch, encodes
+//! the envelope once ([`Encoded`]) and hands the same bytes to the room actor, which appends them to
+//! its history and passes them to every member. Joins and leaves go through the broker too, so it
+//! knows which rooms are idle and can retire them once their history has expired.
+//!
+//! Guarantee: an event is in the room's history before any member can see it, and a member that
+//! joins with `since` sees every later event exactly once, in order (see `room.rs`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::framing::Encoded;
+use crate::metrics::Metrics;
+use crate::protocol::{now_rfc3339, Envelope, Event, Since};
+use crate::room::{Deliver, Join, Part, Retire, Room};
+use crate::session::RoomOutput;
+
+/// Publish an event into a room.
+#[derive(Message)]
+#[rtype(result = "Result<Published, PublishError>")]
+pub struct Publish {
+    /// The room (already validated by the caller).
+    pub room: String,
+    /// The event.
+    pub event: Event,
+}
+
+/// Where a published event went.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Published {
+    /// Its `seq` in the room.
+    pub seq: u64,
+    /// How many connections it was handed to.
+    pub delivered_to: usize,
+}
+
+/// Why an event could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Only a bug can cause this: every event serialises.
+    #[error("cannot encode the event: {0}")]
+    Encode(#[from] crate::framing::EncodeError),
+}
+
+/// A connection joins a room (already authorised by the session).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    /// The room.
+    pub room: String,
+    /// The connection.
+    pub conn: Uuid,
+    /// Resume position.
+    pub since: Option<Since>,
+    /// Where the room's output goes.
+    pub member: Recipient<RoomOutput>,
+    /// For job rooms, the job's state.
+    pub snapshot: Option<Value>,
+}
+
+/// A connection leaves a room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    /// The room.
+    pub room: String,
+    /// The connection.
+    pub conn: Uuid,
+}
+
+/// A connection closed; it leaves all of `rooms`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    /// The connection.
+    pub conn: Uuid,
+    /// Every room it was in.
+    pub rooms: Vec<String>,
+}
+
+/// Room and subscription counts.
+#[derive(Message)]
+#[rtype(result = "BrokerStats")]
+pub struct Stats;
+
+/// What [`Stats`] answers.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BrokerStats {
+    /// Active rooms.
+    pub rooms: usize,
+    /// Subscriptions over all rooms.
+    pub subscriptions: usize,
+    /// Events published since start.
+    pub published: u64,
+}
+
+struct RoomEntry {
+    addr: Addr<Room>,
+    /// The newest `seq` assigned.
+    seq: u64,
+    epoch: Arc<str>,
+    members: HashSet<Uuid>,
+    /// When the room last had an event or a member leave.
+    active_at: Instant,
+}
+
+/// Settings the broker needs.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Events kept per room.
+    pub history_size: usize,
+    /// How long events are kept.
+    pub history_ttl: Duration,
+    /// JSON above this size is also encoded as gzip(msgpack).
+    pub compress_threshold: usize,
+}
+
+/// The broker actor.
+pub struct Broker {
+    rooms: HashMap<Arc<str>, RoomEntry>,
+    settings: BrokerSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    /// A broker with no rooms.
+    pub fn new(settings: BrokerSettings, metrics: Arc<Metrics>) -> Self {
+        Broker {
+            rooms: HashMap::new(),
+            settings,
+            metrics,
+        }
+    }
+
+    fn room(&mut self, name: &str) -> &mut RoomEntry {
+        if !self.rooms.contains_key(name) {
+            let name: Arc<str> = Arc::from(name);
+            let epoch: Arc<str> = Arc::from(Uuid::new_v4().simple().to_string().as_str());
+            let addr = Room::new(
+                name.clone(),
+                epoch.clone(),
+                self.settings.history_size,
+                self.settings.history_ttl,
+            )
+            .start();
+            self.metrics.rooms.fetch_add(1, Relaxed);
+            let entry = RoomEntry {
+                addr,
+                seq: 0,
+                epoch,
+                members: HashSet::new(),
+                active_at: Instant::now(),
+            };
+            self.rooms.insert(name.clone(), entry);
+        }
+        // Inserted just above when missing.
+        self.rooms.get_mut(name).expect("room entry exists")
+    }
+
+    fn leave(&mut self, room: &str, conn: Uuid) {
+        if let Some(entry) = self.rooms.get_mut(room) {
+            if entry.members.remove(&conn) {
+                self.metrics.subscriptions.fetch_sub(1, Relaxed);
+                entry.active_at = Instant::now();
+                entry.addr.do_send(Part { conn });
+            }
+        }
+    }
+
+    /// Retires rooms with no members whose last activity is older than the history ttl.
+    fn sweep(&mut self) {
+        let ttl = self.settings.history_ttl;
+        let metrics = &self.metrics;
+        self.rooms.retain(|_, e| {
+            let keep = !e.members.is_empty() || e.active_at.elapsed() <= ttl;
+            if !keep {
+                e.addr.do_send(Retire);
+                metrics.rooms.fetch_sub(1, Relaxed);
+            }
+            keep
+        });
+    }
+}
+
+impl Actor for Broker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(usize::MAX);
+        let every = self
+            .settings
+            .history_ttl
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ctx.run_interval(every, |broker, _| broker.sweep());
+    }
+}
+
+impl Handler<Publish> for Broker {
+    type Result = Result<Published, PublishError>;
+    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
+        let threshold = self.settings.compress_threshold;
+        let entry = self.room(&msg.room);
+        let seq = entry.seq + 1;
+        let env = Envelope {
+            event: msg.event,
+            id: Uuid::new_v4(),
+            room: Some(msg.room),
+            seq: Some(seq),
+            epoch: Some(entry.epoch.to_string()),
+            ts: now_rfc3339(),
+            redelivered: false,
+        };
+        let encoded = Arc::new(Encoded::new(&env, threshold)?);
+        entry.seq = seq;
+        entry.active_at = Instant::now();
+        entry.addr.do_send(Deliver {
+            seq,
+            event: encoded,
+        });
+        let delivered_to = entry.members.len();
+        self.metrics.published.fetch_add(1, Relaxed);
+        Ok(Published { seq, delivered_to })
+    }
+}
+
+impl Handler<Subscribe> for Broker {
+    type Result = ();
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
+        let metrics = self.metrics.clone();
+        let entry = self.room(&msg.room);
+        if entry.members.insert(msg.conn) {
+            metrics.subscriptions.fetch_add(1, Relaxed);
+        }
+        entry.addr.do_send(Join {
+            conn: msg.conn,
+            member: msg.member,
+            since: msg.since,
+            snapshot: msg.snapshot,
+        });
+    }
+}
+
+impl Handler<Unsubscribe> for Broker {
+    type Result = ();
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
+        self.leave(&msg.room, msg.conn);
+    }
+}
+
+impl Handler<Leave> for Broker {
+    type Result = ();
+    fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
+        for room in &msg.rooms {
+            self.leave(room, msg.conn);
+        }
+    }
+}
+
+impl Handler<Stats> for Broker {
+    type Result = MessageResult<Stats>;
+    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(BrokerStats {
+            rooms: self.rooms.len(),
+            subscriptions: self.rooms.values().map(|e| e.members.len()).sum(),
+            published: self.metrics.published.load(Relaxed),
+        })
+    }
+}

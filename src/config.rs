@@ -1,0 +1,254 @@
+//! Configuration: one [`Config`], built once from flags, `JOBCAST_*` environment variables and an
+//! optional TOML file (flag beats env beats file beats default), then passed down. No other module
+//! reads the environment.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+macro_rules! settings {
+    (
+        required { $( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal; )* }
+        optional { $( $(#[doc = $odoc:literal])* $oname:ident : $oty:ty, $oenv:literal; )* }
+    ) => {
+        /// Every setting as it may arrive from one layer (flags+env through clap, or the TOML file).
+        #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* #[arg(long, env = $env)] pub $name: Option<$ty>, )*
+            $( $(#[doc = $odoc])* #[arg(long, env = $oenv)] pub $oname: Option<$oty>, )*
+        }
+
+        /// The resolved configuration every part of jobcast reads.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+            $( $(#[doc = $odoc])* pub $oname: Option<$oty>, )*
+        }
+
+        impl Settings {
+            /// Fills every setting missing here from `lower`.
+            pub fn or(self, lower: Settings) -> Settings {
+                Settings {
+                    $( $name: self.$name.or(lower.$name), )*
+                    $( $oname: self.$oname.or(lower.$oname), )*
+                }
+            }
+
+            /// Applies the defaults.
+            pub fn resolve(self) -> Config {
+                Config {
+                    $( $name: self.$name.unwrap_or_else(|| $default), )*
+                    $( $oname: self.$oname, )*
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    required {
+        /// Listen address.
+        bind: String = "127.0.0.1:8080".into(), "JOBCAST_BIND";
+        /// Where the SQLite store and the generated secret live.
+        data_dir: PathBuf = PathBuf::from("./jobcast-data"), "JOBCAST_DATA_DIR";
+        /// `sqlite` or `memory`.
+        store: String = "sqlite".into(), "JOBCAST_STORE";
+        /// Clock skew allowed on exp/nbf, seconds.
+        jwt_leeway_s: u64 = 30, "JOBCAST_JWT_LEEWAY_S";
+        /// Lifetime of single-use WebSocket tokens, seconds.
+        ws_token_ttl_s: u64 = 300, "JOBCAST_WS_TOKEN_TTL_S";
+        /// Time to send `authenticate` when no token was in the URL, seconds.
+        auth_timeout_s: u64 = 10, "JOBCAST_AUTH_TIMEOUT_S";
+        /// Server ping interval, seconds.
+        heartbeat_interval_s: u64 = 30, "JOBCAST_HEARTBEAT_INTERVAL_S";
+        /// Silence after which a connection is closed with 4008, seconds.
+        client_timeout_s: u64 = 90, "JOBCAST_CLIENT_TIMEOUT_S";
+        /// Connections per node.
+        max_connections: usize = 10_000, "JOBCAST_MAX_CONNECTIONS";
+        /// Connections per user.
+        max_connections_per_user: usize = 5, "JOBCAST_MAX_CONNECTIONS_PER_USER";
+        /// Room subscriptions per connection.
+        max_subscriptions_per_connection: usize = 100, "JOBCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION";
+        /// Larger client messages close the connection with 1009.
+        max_inbound_message_bytes: usize = 4096, "JOBCAST_MAX_INBOUND_MESSAGE_BYTES";
+        /// Client-to-server messages per second (token bucket rate).
+        inbound_rate_per_s: u32 = 10, "JOBCAST_INBOUND_RATE_PER_S";
+        /// Client-to-server burst (token bucket size).
+        inbound_burst: u32 = 20, "JOBCAST_INBOUND_BURST";
+        /// Above this many JSON bytes, `format=auto` messages go as gzip(msgpack) binary.
+        compress_threshold_bytes: usize = 1024, "JOBCAST_COMPRESS_THRESHOLD_BYTES";
+        /// Events kept per room.
+        history_size: usize = 1000, "JOBCAST_HISTORY_SIZE";
+        /// Seconds an event is kept in a room's history.
+        history_ttl_s: u64 = 86_400, "JOBCAST_HISTORY_TTL_S";
+        /// Acknowledgement timeout before a redelivery, milliseconds.
+        ack_timeout_ms: u64 = 2000, "JOBCAST_ACK_TIMEOUT_MS";
+        /// Deliveries of one event before the connection is closed with 4008.
+        max_delivery_attempts: u32 = 3, "JOBCAST_MAX_DELIVERY_ATTEMPTS";
+        /// Messages waiting for one connection before it counts as a slow consumer.
+        max_queued_messages: usize = 1000, "JOBCAST_MAX_QUEUED_MESSAGES";
+        /// `processing_progress` events per job per second.
+        progress_max_rate_per_s: u32 = 4, "JOBCAST_PROGRESS_MAX_RATE_PER_S";
+        /// Largest upload, bytes.
+        max_upload_bytes: u64 = 52_428_800, "JOBCAST_MAX_UPLOAD_BYTES";
+        /// Rows per zone for CSV imports.
+        zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
+        /// Jobs running at once; others wait as `queued`.
+        max_concurrent_jobs: usize =
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), "JOBCAST_MAX_CONCURRENT_JOBS";
+    }
+    optional {
+        /// Redis URL; set it to run as one node of a cluster.
+        redis_url: String, "JOBCAST_REDIS_URL";
+        /// HS256 secret (generated and kept in data_dir when unset).
+        jwt_secret: String, "JOBCAST_JWT_SECRET";
+        /// PEM public key file; switches verification to RS256/ES256.
+        jwt_public_key: PathBuf, "JOBCAST_JWT_PUBLIC_KEY";
+        /// Required `aud` when set.
+        jwt_audience: String, "JOBCAST_JWT_AUDIENCE";
+        /// Required `iss` when set.
+        jwt_issuer: String, "JOBCAST_JWT_ISSUER";
+        /// Comma list of allowed Origins (exact match); any Origin when unset.
+        allowed_origins: String, "JOBCAST_ALLOWED_ORIGINS";
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Settings::default().resolve()
+    }
+}
+
+/// Why the configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Builds the configuration from clap's layer (flags over env) and an optional TOML file.
+    pub fn load(cli: Settings, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                })?
+            }
+            None => Settings::default(),
+        };
+        let config = cli.or(from_file).resolve();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that have a narrower range than their type.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if !matches!(self.store.as_str(), "sqlite" | "memory") {
+            return invalid("store", "must be sqlite or memory");
+        }
+        if self.heartbeat_interval_s == 0 {
+            return invalid("heartbeat_interval_s", "must be at least 1");
+        }
+        if self.client_timeout_s < self.heartbeat_interval_s {
+            return invalid("client_timeout_s", "must be at least heartbeat_interval_s");
+        }
+        if self.inbound_burst == 0 {
+            return invalid("inbound_burst", "must be at least 1");
+        }
+        if self.max_queued_messages == 0 {
+            return invalid("max_queued_messages", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The allowed Origins, parsed from the comma list; `None` means any Origin.
+    pub fn origins(&self) -> Option<Vec<String>> {
+        self.allowed_origins.as_ref().map(|list| {
+            list.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.bind, "127.0.0.1:8080");
+        assert_eq!(c.max_connections_per_user, 5);
+        assert_eq!(c.compress_threshold_bytes, 1024);
+        assert_eq!(c.max_inbound_message_bytes, 4096);
+        assert!(c.redis_url.is_none());
+        assert!(c.origins().is_none());
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("jobcast-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobcast.toml");
+        std::fs::write(
+            &path,
+            "history_size = 7\nbind = \"127.0.0.1:9\"\nallowed_origins = \"http://a, http://b\"\n",
+        )
+        .unwrap();
+        let cli = Settings {
+            bind: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let c = Config::load(cli, Some(&path)).unwrap();
+        assert_eq!(c.bind, "127.0.0.1:1");
+        assert_eq!(c.history_size, 7);
+        assert_eq!(c.heartbeat_interval_s, 30);
+        assert_eq!(
+            c.origins().unwrap(),
+            vec!["http://a".to_string(), "http://b".to_string()]
+        );
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        assert!(matches!(
+            Config::load(Settings::default(), Some(&path)),
+            Err(ConfigError::Parse { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nonsense_values_are_refused() {
+        let cli = Settings {
+            store: Some("mongo".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(cli, None),
+            Err(ConfigError::Invalid { key: "store", .. })
+        ));
+    }
+}

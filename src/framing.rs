@@ -1,0 +1,179 @@
+//! Framing: an [`Envelope`] becomes JSON text, or gzip(msgpack) binary above the threshold.
+//!
+//! Room events are encoded once by the broker ([`Encoded::new`]) and the same bytes are handed to every
+//! member; each session only picks the frame that fits its `format`.
+
+use std::io::Write;
+use std::time::Instant;
+
+use bytes::Bytes;
+use flate2::{write::GzEncoder, Compression};
+
+use crate::protocol::{Envelope, EventType};
+
+/// How a connection wants its messages framed (`format` query parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON text up to the threshold, gzip(msgpack) binary above it.
+    Auto,
+    /// Always JSON text.
+    Json,
+}
+
+impl Format {
+    /// Parses the query value; `None` for anything but `auto` and `json`.
+    pub fn parse(value: Option<&str>) -> Option<Format> {
+        match value {
+            None | Some("auto") => Some(Format::Auto),
+            Some("json") => Some(Format::Json),
+            Some(_) => None,
+        }
+    }
+}
+
+/// One WebSocket frame's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A JSON text frame.
+    Text(bytestring::ByteString),
+    /// A gzip(msgpack) binary frame.
+    Binary(Bytes),
+}
+
+impl Frame {
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An envelope encoded for every format, shared (behind an `Arc`) by all receivers.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The event's type, for metrics.
+    pub kind: EventType,
+    /// The room's `seq`, for room events.
+    pub seq: Option<u64>,
+    /// JSON text.
+    pub json: bytestring::ByteString,
+    /// gzip(msgpack), present only when the JSON is over the threshold.
+    pub binary: Option<Bytes>,
+    /// When the broker encoded it, for the broker-to-socket latency histogram.
+    pub created: Instant,
+}
+
+/// Why an envelope could not be encoded (only a bug can cause it: every field is serialisable).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("msgpack: {0}")]
+    Msgpack(#[from] rmp_serde::encode::Error),
+    #[error("gzip: {0}")]
+    Gzip(#[from] std::io::Error),
+}
+
+impl Encoded {
+    /// Encodes `env` as JSON and, when the JSON is longer than `threshold` bytes, as gzip(msgpack).
+    pub fn new(env: &Envelope, threshold: usize) -> Result<Encoded, EncodeError> {
+        let json = serde_json::to_string(env)?;
+        let binary = if json.len() > threshold {
+            Some(gzip_msgpack(env)?)
+        } else {
+            None
+        };
+        Ok(Encoded {
+            kind: env.event.kind(),
+            seq: env.seq,
+            json: json.into(),
+            binary,
+            created: Instant::now(),
+        })
+    }
+
+    /// The frame a connection with `format` receives.
+    pub fn frame(&self, format: Format) -> Frame {
+        match (format, &self.binary) {
+            (Format::Auto, Some(bin)) => Frame::Binary(bin.clone()),
+            _ => Frame::Text(self.json.clone()),
+        }
+    }
+}
+
+/// gzip(msgpack(envelope)), msgpack as a map with the JSON field names.
+pub fn gzip_msgpack(env: &Envelope) -> Result<Bytes, EncodeError> {
+    let packed = rmp_serde::to_vec_named(env)?;
+    let mut gz = GzEncoder::new(Vec::with_capacity(packed.len() / 2), Compression::fast());
+    gz.write_all(&packed)?;
+    Ok(Bytes::from(gz.finish()?))
+}
+
+/// Decodes a binary frame back into an envelope (used by tests, the harness and the CLI client).
+pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
+    use std::io::Read;
+    let mut packed = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut packed)
+        .map_err(|e| format!("gzip: {e}"))?;
+    rmp_serde::from_slice(&packed).map_err(|e| format!("msgpack: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Event;
+    use serde_json::json;
+
+    fn env_with(len: usize) -> Envelope {
+        let mut env = Envelope::direct(Event::Info(json!({ "text": "x".repeat(len) })));
+        env.room = Some("tenant:a".into());
+        env.seq = Some(7);
+        env.epoch = Some("ep".into());
+        env
+    }
+
+    #[test]
+    fn small_messages_are_json_text_in_both_formats() {
+        let e = Encoded::new(&env_with(10), 1024).unwrap();
+        assert!(e.binary.is_none());
+        assert!(matches!(e.frame(Format::Auto), Frame::Text(_)));
+        assert!(matches!(e.frame(Format::Json), Frame::Text(_)));
+    }
+
+    #[test]
+    fn large_messages_are_binary_for_auto_and_decode_to_the_same_envelope() {
+        let env = env_with(5000);
+        let e = Encoded::new(&env, 1024).unwrap();
+        assert!(e.json.len() > 1024);
+        let Frame::Binary(bin) = e.frame(Format::Auto) else {
+            panic!("expected binary")
+        };
+        assert!(
+            bin.len() < e.json.len(),
+            "gzip should shrink a repetitive payload"
+        );
+        assert_eq!(decode_binary(&bin).unwrap(), env);
+        assert!(matches!(e.frame(Format::Json), Frame::Text(_)));
+    }
+
+    #[test]
+    fn threshold_is_inclusive_for_text() {
+        let env = env_with(10);
+        let len = serde_json::to_string(&env).unwrap().len();
+        assert!(Encoded::new(&env, len).unwrap().binary.is_none());
+        assert!(Encoded::new(&env, len - 1).unwrap().binary.is_some());
+    }
+
+    #[test]
+    fn garbage_binary_is_an_error_not_a_panic() {
+        assert!(decode_binary(b"not gzip").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! jobcast: runs long document jobs zone by zone and streams their progress over WebSocket.
+//!
+//! # Layout
+//! - [`protocol`]: the wire protocol v1, every message as serde types (the one serde boundary).
+//! - [`framing`]: JSON text or gzip(msgpack) binary frames, encoded once per event.
+//! - [`session`]: the session actor, one per WebSocket connection (the only code touching frames).
+//! - [`broker`]: the broker actor, numbering, encoding and routing room events.
+//! - [`room`]: the room actor, one per active room: members and the history ring.
+//! - [`registry`]: the registry actor, every connection, for limits and the admin endpoints.
+//! - [`auth`]: JWT verification, single-use WebSocket tokens, the tenancy rules.
+//! - [`http`]: the HTTP endpoints and the WebSocket upgrade.
+//! - [`history`], [`rate_limit`], [`metrics`], [`config`], [`error`]: plain logic and plumbing.
+//!
+//! [`start`] takes an already-bound listener, so tests bind port 0 and call it; `main.rs` only parses
+//! the command line.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod framing;
+pub mod history;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod rate_limit;
+pub mod registry;
+pub mod room;
+pub mod session;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{middleware, web, App, HttpServer};
+
+pub use config::Config;
+
+use crate::auth::Auth;
+use crate::broker::{Broker, BrokerSettings};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What every handler and session is handed at construction.
+#[derive(Clone)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Token verification and minting.
+    pub auth: Arc<Auth>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The broker actor.
+    pub broker: Addr<Broker>,
+    /// The registry actor.
+    pub registry: Addr<Registry>,
+    /// When the server started.
+    pub started: Instant,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Keys or the secret could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] auth::KeyError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The listener could not be used.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Closes every connection with 1001, waits for them to go, then stops the HTTP server.
+#[derive(Clone)]
+pub struct Shutdown {
+    server: actix_web::dev::ServerHandle,
+    registry: Addr<Registry>,
+}
+
+impl Shutdown {
+    /// Graceful shutdown: every socket is closed with 1001 "server shutting down".
+    pub async fn shutdown(&self) {
+        let closing = self
+            .registry
+            .send(registry::CloseAll {
+                code: protocol::close::GOING_AWAY,
+                reason: "server shutting down".into(),
+            })
+            .await
+            .unwrap_or(0);
+        tracing::info!(target: "audit", event = "shutdown", closing, "closing every connection");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match self.registry.send(registry::Count).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => actix_rt::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.server.stop(true).await;
+    }
+}
+
+/// A started server.
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// What every handler shares (tests use it to mint tokens).
+    pub shared: Shared,
+    /// Stops it gracefully.
+    pub shutdown: Shutdown,
+    server: actix_web::dev::Server,
+}
+
+impl Running {
+    /// Runs until the server stops.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Starts jobcast on `listener`. Must be called inside an actix `System`.
+pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
+    config.validate()?;
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone(),
+        None => auth::load_or_create_secret(&config.data_dir)?,
+    };
+    let auth = Arc::new(Auth::new(&config, &secret)?);
+    let metrics = Arc::new(Metrics::default());
+    let broker = Broker::new(
+        BrokerSettings {
+            history_size: config.history_size,
+            history_ttl: Duration::from_secs(config.history_ttl_s),
+            compress_threshold: config.compress_threshold_bytes,
+        },
+        metrics.clone(),
+    )
+    .start();
+    let registry = Registry::new(config.max_connections, config.max_connections_per_user).start();
+    let shared = Shared {
+        config: Arc::new(config),
+        auth,
+        metrics,
+        broker,
+        registry: registry.clone(),
+        started: Instant::now(),
+    };
+    let addr = listener.local_addr()?;
+    let app_shared = shared.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(app_shared.clone()))
+            .app_data(http::json_config())
+            .app_data(http::path_config())
+            .wrap(middleware::from_fn(http::access_log))
+            .configure(http::routes)
+            .default_service(web::to(http::not_found))
+    })
+    .listen(listener)?
+    .backlog(4096)
+    .max_connections(100_000)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .run();
+    let shutdown = Shutdown {
+        server: server.handle(),
+        registry,
+    };
+    Ok(Running {
+        addr,
+        shared,
+        shutdown,
+        server,
+    })
+}

@@ -1,0 +1,161 @@
+//! The `jobcast` binary: parses the command line and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use jobcast::config::{Config, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "jobcast",
+    version,
+    about = "Runs document jobs zone by zone and streams their progress over WebSocket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, env = "JOBCAST_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print an access JWT signed with the configured secret (development and tests).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// `admin` or `publisher`; repeat for both.
+        #[arg(long = "role", value_parser = ["admin", "publisher"])]
+        roles: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// TOML configuration file.
+        #[arg(long, env = "JOBCAST_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, settings } => serve(settings, config),
+        Command::Token {
+            user,
+            tenant,
+            roles,
+            ttl,
+            config,
+            settings,
+        } => token(settings, config, &user, &tenant, &roles, ttl),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jobcast: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyError = Box<dyn std::error::Error>;
+
+fn auth_for(config: &Config) -> Result<jobcast::auth::Auth, AnyError> {
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone(),
+        None => jobcast::auth::load_or_create_secret(&config.data_dir)?,
+    };
+    Ok(jobcast::auth::Auth::new(config, &secret)?)
+}
+
+fn token(
+    settings: Settings,
+    file: Option<PathBuf>,
+    user: &str,
+    tenant: &str,
+    roles: &[String],
+    ttl: u64,
+) -> Result<(), AnyError> {
+    let config = Config::load(settings, file.as_deref())?;
+    println!(
+        "{}",
+        auth_for(&config)?.mint_access(user, tenant, roles, ttl)?
+    );
+    Ok(())
+}
+
+fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JOBCAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(settings, file.as_deref())?;
+    let listener = std::net::TcpListener::bind(&config.bind)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
+    let dev_token = auth_for(&config).ok().and_then(|a| {
+        a.mint_access(
+            "dev-admin",
+            "default",
+            &["admin".into(), "publisher".into()],
+            86_400,
+        )
+        .ok()
+    });
+    actix_rt::System::new().block_on(async move {
+        let running = jobcast::start(listener, config)?;
+        let addr = running.addr;
+        println!("jobcast listening on http://{addr}");
+        println!("demo page: http://{addr}/");
+        match dev_token {
+            Some(t) => println!("development admin token (24 h, tenant \"default\"): {t}"),
+            None => {
+                println!("verifying with a public key: mint tokens with your identity provider")
+            }
+        }
+        let shutdown = running.shutdown.clone();
+        actix_rt::spawn(async move {
+            wait_for_signal().await;
+            shutdown.shutdown().await;
+        });
+        running.wait().await?;
+        Ok::<(), AnyError>(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

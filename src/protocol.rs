@@ -1,0 +1,538 @@
+//! The wire protocol v1: every message that crosses a WebSocket, as serde types.
+//!
+//! This module is the only serde boundary of the protocol. The server, the integration tests and the
+//! load-test harness all use these types, and `proto-docs/protocol.md` describes them with examples.
+//!
+//! Server messages are an [`Envelope`]: `type`, `id`, `ts`, and for room events `room`, `seq`, `epoch`;
+//! the payload sits in `data`. Client messages are flat JSON objects tagged by `type` ([`ClientMessage`]).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The protocol version this server speaks; also reported as `server_version`'s suffix.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Feature names advertised in `connection_established.features`.
+pub const FEATURES: &[&str] = &["history", "replay", "binary_msgpack_gzip", "refresh", "ack"];
+
+/// WebSocket close codes used by jobcast (contract §4 "Close codes").
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Server going away (shutdown); reconnect elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A client frame or message was larger than `max_inbound_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Disconnected by an admin.
+    pub const ADMIN: u16 = 4000;
+    /// Missing, bad, expired or reused token; authentication timeout.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// Forbidden.
+    pub const FORBIDDEN: u16 = 4003;
+    /// Unknown job (on `/ws/jobs/{id}`).
+    pub const UNKNOWN_JOB: u16 = 4004;
+    /// Heartbeat, acknowledgement or slow-consumer timeout; the reason says which.
+    pub const TIMEOUT: u16 = 4008;
+    /// Too many connections or messages.
+    pub const TOO_MANY: u16 = 4029;
+}
+
+/// Stable `error.code` values sent in `error` events.
+pub mod error_code {
+    /// Malformed JSON, unknown `type`, or missing fields.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// Room name is not `job:`, `user:` or `tenant:`, or the job does not exist.
+    pub const UNKNOWN_ROOM: &str = "unknown_room";
+    /// Room of another tenant or another user.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// `max_subscriptions_per_connection` reached.
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    /// The inbound token bucket is empty; the message was not processed.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// A message that needs authentication arrived before it.
+    pub const NOT_AUTHENTICATED: &str = "not_authenticated";
+    /// `authenticate` on an already authenticated connection.
+    pub const ALREADY_AUTHENTICATED: &str = "already_authenticated";
+    /// `unsubscribe` or `ack` for a room the connection is not in.
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+    /// A `refresh` token was invalid or belonged to another user.
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    /// `cancel` of a job that does not exist (or is not visible to the user).
+    pub const UNKNOWN_JOB: &str = "unknown_job";
+    /// An `ack` for a `seq` that was never sent.
+    pub const INVALID_ACK: &str = "invalid_ack";
+}
+
+/// A position in a room's history: the `seq` of an event and the room's `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    /// The last `seq` the client has seen.
+    pub seq: u64,
+    /// The `epoch` that `seq` belongs to.
+    pub epoch: String,
+}
+
+/// A message from client to server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// First message when no token was in the URL.
+    Authenticate {
+        /// A WebSocket token or an access JWT.
+        token: String,
+    },
+    /// Join a room, optionally resuming after `since`.
+    Subscribe {
+        /// `job:<uuid>`, `user:<id>` or `tenant:<id>`.
+        room: String,
+        /// Resume position; events after it are replayed when history still holds them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
+    },
+    /// Leave a room.
+    Unsubscribe {
+        /// The room to leave.
+        room: String,
+    },
+    /// Cumulative acknowledgement of every event of `room` up to `seq` (with `ack=1`).
+    Ack {
+        /// The room.
+        room: String,
+        /// Highest `seq` received in order.
+        seq: u64,
+    },
+    /// Application-level ping; answered with `pong`.
+    Ping {
+        /// Echoed back as `client_ts`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ts: Option<Value>,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job to cancel.
+        job_id: String,
+    },
+    /// Extend the connection's life with a fresh access JWT for the same user.
+    Refresh {
+        /// The new access JWT.
+        token: String,
+    },
+}
+
+/// `connection_established` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionEstablished {
+    /// Server-chosen id, the one admin endpoints use.
+    pub connection_id: Uuid,
+    /// How often the server pings.
+    pub heartbeat_interval_s: u64,
+    /// `jobcast/<crate version>`.
+    pub server_version: String,
+    /// Feature names ([`FEATURES`]).
+    pub features: Vec<String>,
+}
+
+/// `authenticated` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Authenticated {
+    /// The token's `sub`.
+    pub user_id: String,
+    /// The token's `tenant`.
+    pub tenant: String,
+    /// When the credential expires (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `auth_failure` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthFailure {
+    /// Machine-readable reason: `expired`, `invalid_signature`, `token_reused`, ...
+    pub reason: String,
+}
+
+/// `token_expiring` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenExpiring {
+    /// Seconds until the connection is closed with 4001 unless refreshed.
+    pub expires_in_s: u64,
+}
+
+/// `token_refreshed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRefreshed {
+    /// The new expiry (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `subscribed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribed {
+    /// The room joined.
+    pub room: String,
+    /// The room's newest `seq` at the moment of joining (0 when it has no events).
+    pub seq: u64,
+    /// The room's epoch.
+    pub epoch: String,
+    /// True when every event after `since` was replayed.
+    pub recovered: bool,
+    /// How many events follow as replay.
+    pub replayed: u64,
+    /// For job rooms, the job's current state; `null` for other rooms.
+    pub snapshot: Option<Value>,
+}
+
+/// `unsubscribed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    /// The room left.
+    pub room: String,
+}
+
+/// `pong` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// Server time (RFC 3339).
+    pub ts: String,
+    /// The `ts` the client sent, echoed.
+    pub client_ts: Option<Value>,
+}
+
+/// `error` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorData {
+    /// A stable code from [`error_code`].
+    pub code: String,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+/// `processing_started` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessingStarted {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub filename: String,
+    pub size_bytes: u64,
+    pub zones_total: u64,
+}
+
+/// `status` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<Uuid>,
+    pub status: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `processing_progress` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessingProgress {
+    pub job_id: Uuid,
+    pub stage: String,
+    pub progress: f64,
+    pub zones_completed: u64,
+    pub zones_total: u64,
+    pub processed: u64,
+    pub total: u64,
+    pub errors: u64,
+    pub current_operation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+}
+
+/// `zone_processing` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneProcessing {
+    pub job_id: Uuid,
+    pub zone_id: String,
+    pub zone_index: u64,
+    pub processing_tool: String,
+}
+
+/// `zone_completed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneCompleted {
+    pub job_id: Uuid,
+    pub zone_id: String,
+    pub zone_index: u64,
+    pub rows: u64,
+    pub errors: u64,
+    pub duration_ms: u64,
+}
+
+/// `processing_completed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessingCompleted {
+    pub job_id: Uuid,
+    pub results: Value,
+}
+
+/// `processing_failed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessingFailed {
+    pub job_id: Uuid,
+    pub error: String,
+    #[serde(default)]
+    pub details: Value,
+    pub recoverable: bool,
+}
+
+/// `job_cancelled` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCancelled {
+    pub job_id: Uuid,
+    pub by: String,
+}
+
+macro_rules! events {
+    ($( $(#[$doc:meta])* $variant:ident($data:ty) = $name:literal, )*) => {
+        /// Every server-to-client event: its `type` and its typed `data`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type", content = "data", rename_all = "snake_case")]
+        pub enum Event {
+            $( $(#[$doc])* $variant($data), )*
+        }
+
+        /// The `type` of an [`Event`] without its data; indexes per-type metrics.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl EventType {
+            /// Every event type, in declaration order.
+            pub const ALL: &'static [EventType] = &[$(EventType::$variant,)*];
+
+            /// The snake_case wire name.
+            pub fn as_str(self) -> &'static str {
+                match self { $(EventType::$variant => $name,)* }
+            }
+        }
+
+        impl Event {
+            /// The event's type.
+            pub fn kind(&self) -> EventType {
+                match self { $(Event::$variant(_) => EventType::$variant,)* }
+            }
+        }
+    };
+}
+
+events! {
+    /// Sent once, right after the upgrade.
+    ConnectionEstablished(ConnectionEstablished) = "connection_established",
+    /// Authentication succeeded.
+    Authenticated(Authenticated) = "authenticated",
+    /// Authentication failed; a 4001 close follows.
+    AuthFailure(AuthFailure) = "auth_failure",
+    /// The credential expires soon; answer with `refresh`.
+    TokenExpiring(TokenExpiring) = "token_expiring",
+    /// A `refresh` was accepted.
+    TokenRefreshed(TokenRefreshed) = "token_refreshed",
+    /// A `subscribe` was accepted; replayed events follow.
+    Subscribed(Subscribed) = "subscribed",
+    /// An `unsubscribe` was accepted.
+    Unsubscribed(Unsubscribed) = "unsubscribed",
+    /// Answer to `ping`.
+    Pong(Pong) = "pong",
+    /// A client message was refused; the connection stays open.
+    Error(ErrorData) = "error",
+    /// Free-form warning (admin and publisher events may use it).
+    Warning(Value) = "warning",
+    /// Free-form information (admin and publisher events may use it).
+    Info(Value) = "info",
+    /// A job started processing.
+    ProcessingStarted(ProcessingStarted) = "processing_started",
+    /// A job changed status.
+    Status(StatusData) = "status",
+    /// A job's overall progress.
+    ProcessingProgress(ProcessingProgress) = "processing_progress",
+    /// A zone started.
+    ZoneProcessing(ZoneProcessing) = "zone_processing",
+    /// A zone finished.
+    ZoneCompleted(ZoneCompleted) = "zone_completed",
+    /// A job finished; `results` holds its outcome.
+    ProcessingCompleted(ProcessingCompleted) = "processing_completed",
+    /// A job failed.
+    ProcessingFailed(ProcessingFailed) = "processing_failed",
+    /// A job was cancelled.
+    JobCancelled(JobCancelled) = "job_cancelled",
+}
+
+impl EventType {
+    /// Whether this type may be published into a room (by jobs, admins or publishers), as opposed to
+    /// connection-level messages that only the server sends to one connection.
+    pub fn is_room_event(self) -> bool {
+        !matches!(
+            self,
+            EventType::ConnectionEstablished
+                | EventType::Authenticated
+                | EventType::AuthFailure
+                | EventType::TokenExpiring
+                | EventType::TokenRefreshed
+                | EventType::Subscribed
+                | EventType::Unsubscribed
+                | EventType::Pong
+                | EventType::Error
+        )
+    }
+
+    /// Position in [`EventType::ALL`], for metric arrays.
+    pub fn index(self) -> usize {
+        EventType::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+}
+
+/// A server-to-client message: the event plus its routing and identity fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// `type` and `data`.
+    #[serde(flatten)]
+    pub event: Event,
+    /// Unique per event (the same for every member that receives a room event).
+    pub id: Uuid,
+    /// The room, for room events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// Position in the room, for room events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The room's history epoch, for room events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// When the server created the message (RFC 3339, milliseconds, UTC).
+    pub ts: String,
+    /// Present and true only on a retry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redelivered: bool,
+}
+
+impl Envelope {
+    /// A connection-level message (no room, seq or epoch).
+    pub fn direct(event: Event) -> Self {
+        Envelope {
+            event,
+            id: Uuid::new_v4(),
+            room: None,
+            seq: None,
+            epoch: None,
+            ts: now_rfc3339(),
+            redelivered: false,
+        }
+    }
+}
+
+/// The current time as RFC 3339 with milliseconds in UTC, the format of every `ts`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// A Unix timestamp (seconds) as RFC 3339.
+pub fn unix_to_rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// What kind of room a name denotes (contract §4 "Rooms").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomKind {
+    /// `job:<uuid>`.
+    Job(Uuid),
+    /// `user:<id>`.
+    User(String),
+    /// `tenant:<id>`.
+    Tenant(String),
+}
+
+impl RoomKind {
+    /// Parses a room name; `None` for anything that is not a valid job, user or tenant room.
+    pub fn parse(room: &str) -> Option<RoomKind> {
+        let (prefix, rest) = room.split_once(':')?;
+        let valid_id = !rest.is_empty()
+            && rest.len() <= 128
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+        match prefix {
+            "job" => Uuid::parse_str(rest).ok().map(RoomKind::Job),
+            "user" if valid_id => Some(RoomKind::User(rest.to_string())),
+            "tenant" if valid_id => Some(RoomKind::Tenant(rest.to_string())),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse_flat() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"subscribe","room":"tenant:a","since":{"seq":41,"epoch":"e"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Subscribe {
+                room: "tenant:a".into(),
+                since: Some(Since {
+                    seq: 41,
+                    epoch: "e".into()
+                })
+            }
+        );
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"dance"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe"}"#).is_err());
+    }
+
+    #[test]
+    fn envelope_round_trips_with_data_nested() {
+        let mut env = Envelope::direct(Event::Pong(Pong {
+            ts: now_rfc3339(),
+            client_ts: None,
+        }));
+        env.room = Some("tenant:a".into());
+        env.seq = Some(3);
+        let text = serde_json::to_string(&env).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "pong");
+        assert!(v["data"]["ts"].is_string());
+        assert!(v.get("redelivered").is_none());
+        assert!(v.get("epoch").is_none());
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn event_type_names_match_serde() {
+        let env = Envelope::direct(Event::Info(serde_json::json!({"m": 1})));
+        let v = serde_json::to_value(&env).unwrap();
+        assert_eq!(v["type"], EventType::Info.as_str());
+        assert_eq!(EventType::ALL.len(), 19);
+    }
+
+    #[test]
+    fn room_names() {
+        assert_eq!(
+            RoomKind::parse("tenant:acme"),
+            Some(RoomKind::Tenant("acme".into()))
+        );
+        assert_eq!(
+            RoomKind::parse("user:u-1"),
+            Some(RoomKind::User("u-1".into()))
+        );
+        assert!(RoomKind::parse("job:not-a-uuid").is_none());
+        assert!(RoomKind::parse("lobby").is_none());
+        assert!(RoomKind::parse("tenant:").is_none());
+        assert!(RoomKind::parse("tenant:a b").is_none());
+        let id = Uuid::new_v4();
+        assert_eq!(
+            RoomKind::parse(&format!("job:{id}")),
+            Some(RoomKind::Job(id))
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The registry actor: every open connection, for the connection limits and the admin endpoints.
+//!
+//! Sessions report here when they open, authenticate, change rooms and close. The registry never
+//! touches sockets: to close one it sends the session a [`Disconnect`].
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::Identity;
+use crate::session::Disconnect;
+
+/// A new connection, before authentication. Refused when `max_connections` are open.
+#[derive(Message)]
+#[rtype(result = "Result<(), LimitReached>")]
+pub struct Connect {
+    /// The connection's id.
+    pub id: Uuid,
+    /// Where to send a [`Disconnect`].
+    pub session: Recipient<Disconnect>,
+    /// Peer address, for the admin listing.
+    pub remote: Option<String>,
+    /// `auto` or `json`.
+    pub format: &'static str,
+    /// Whether the connection asked for `ack=1`.
+    pub ack: bool,
+}
+
+/// The connection authenticated. Refused when the user already has `max_connections_per_user`.
+#[derive(Message)]
+#[rtype(result = "Result<(), LimitReached>")]
+pub struct Identify {
+    /// The connection's id.
+    pub id: Uuid,
+    /// Who it is.
+    pub identity: Identity,
+}
+
+/// The connection's rooms changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomsChanged {
+    /// The connection's id.
+    pub id: Uuid,
+    /// Its rooms now.
+    pub rooms: Vec<String>,
+}
+
+/// The connection closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected {
+    /// The connection's id.
+    pub id: Uuid,
+}
+
+/// List every connection (admin).
+#[derive(Message)]
+#[rtype(result = "Vec<ConnectionInfo>")]
+pub struct ListConnections;
+
+/// Close one connection (admin); answers whether it existed.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct CloseConnection {
+    /// The connection to close.
+    pub id: Uuid,
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// Close every connection of a user (admin); answers how many.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseUser {
+    /// The user.
+    pub user_id: String,
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// Close every connection (shutdown); answers how many.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll {
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// How many connections are open.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Count;
+
+/// A limit that refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReached {
+    /// `max_connections`.
+    Node,
+    /// `max_connections_per_user`.
+    User,
+}
+
+/// One connection as the admin listing shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub connection_id: Uuid,
+    pub user_id: Option<String>,
+    pub tenant: Option<String>,
+    pub connected_at: String,
+    pub remote_addr: Option<String>,
+    pub format: &'static str,
+    pub ack: bool,
+    pub rooms: Vec<String>,
+}
+
+struct Entry {
+    info: ConnectionInfo,
+    session: Recipient<Disconnect>,
+}
+
+/// The registry actor.
+pub struct Registry {
+    /// Open connections by id.
+    conns: HashMap<Uuid, Entry>,
+    /// Authenticated connections per user.
+    per_user: HashMap<String, usize>,
+    max_connections: usize,
+    max_per_user: usize,
+}
+
+impl Registry {
+    /// An empty registry enforcing the two connection limits.
+    pub fn new(max_connections: usize, max_per_user: usize) -> Self {
+        Registry {
+            conns: HashMap::new(),
+            per_user: HashMap::new(),
+            max_connections,
+            max_per_user,
+        }
+    }
+
+    fn close_where(
+        &mut self,
+        code: u16,
+        reason: &str,
+        pred: impl Fn(&ConnectionInfo) -> bool,
+    ) -> usize {
+        let mut n = 0;
+        for e in self.conns.values().filter(|e| pred(&e.info)) {
+            e.session.do_send(Disconnect {
+                code,
+                reason: reason.to_string(),
+            });
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+impl Handler<Connect> for Registry {
+    type Result = Result<(), LimitReached>;
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
+        if self.conns.len() >= self.max_connections {
+            return Err(LimitReached::Node);
+        }
+        let info = ConnectionInfo {
+            connection_id: msg.id,
+            user_id: None,
+            tenant: None,
+            connected_at: crate::protocol::now_rfc3339(),
+            remote_addr: msg.remote,
+            format: msg.format,
+            ack: msg.ack,
+            rooms: Vec::new(),
+        };
+        self.conns.insert(
+            msg.id,
+            Entry {
+                info,
+                session: msg.session,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Handler<Identify> for Registry {
+    type Result = Result<(), LimitReached>;
+    fn handle(&mut self, msg: Identify, _: &mut Context<Self>) -> Self::Result {
+        let Some(entry) = self.conns.get_mut(&msg.id) else {
+            return Ok(());
+        };
+        let count = self
+            .per_user
+            .entry(msg.identity.user_id.clone())
+            .or_insert(0);
+        if *count >= self.max_per_user {
+            return Err(LimitReached::User);
+        }
+        *count += 1;
+        entry.info.user_id = Some(msg.identity.user_id);
+        entry.info.tenant = Some(msg.identity.tenant);
+        Ok(())
+    }
+}
+
+impl Handler<RoomsChanged> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: RoomsChanged, _: &mut Context<Self>) {
+        if let Some(e) = self.conns.get_mut(&msg.id) {
+            e.info.rooms = msg.rooms;
+        }
+    }
+}
+
+impl Handler<Disconnected> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Disconnected, _: &mut Context<Self>) {
+        let Some(e) = self.conns.remove(&msg.id) else {
+            return;
+        };
+        if let Some(user) = e.info.user_id {
+            if let Some(n) = self.per_user.get_mut(&user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_user.remove(&user);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<ListConnections> for Registry {
+    type Result = Vec<ConnectionInfo>;
+    fn handle(&mut self, _: ListConnections, _: &mut Context<Self>) -> Self::Result {
+        let mut list: Vec<_> = self.conns.values().map(|e| e.info.clone()).collect();
+        list.sort_by(|a, b| a.connected_at.cmp(&b.connected_at));
+        list
+    }
+}
+
+impl Handler<CloseConnection> for Registry {
+    type Result = bool;
+    fn handle(&mut self, msg: CloseConnection, _: &mut Context<Self>) -> bool {
+        self.close_where(msg.code, &msg.reason, |i| i.connection_id == msg.id) > 0
+    }
+}
+
+impl Handler<CloseUser> for Registry {
+    type Result = usize;
+    fn handle(&mut self, msg: CloseUser, _: &mut Context<Self>) -> usize {
+        self.close_where(msg.code, &msg.reason, |i| {
+            i.user_id.as_deref() == Some(msg.user_id.as_str())
+        })
+    }
+}
+
+impl Handler<CloseAll> for Registry {
+    type Result = usize;
+    fn handle(&mut self, msg: CloseAll, _: &mut Context<Self>) -> usize {
+        self.close_where(msg.code, &msg.reason, |_| true)
+    }
+}
+
+impl Handler<Count> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
+        self.conns.len()
+    }
+}

@@ -1,0 +1,703 @@
+//! The session actor: one per WebSocket connection.
+//!
+//! Inbound frames arrive as a stream (`ctx.add_stream` over actix-ws's `MessageStream`); outbound
+//! messages go through a bounded queue to a writer task that owns the actix-ws `Session` handle, so the
+//! actor never waits on a socket. Only this file touches WebSocket frames.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::auth::{authorize_room, unix_now, AuthError, Identity, RoomRefusal};
+use crate::broker;
+use crate::framing::{Encoded, Format, Frame};
+use crate::protocol::{
+    close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage,
+    ConnectionEstablished, Envelope, ErrorData, Event, EventType, Pong, Since, Subscribed,
+    TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
+};
+use crate::rate_limit::{TokenBucket, Verdict};
+use crate::registry::{self, LimitReached};
+use crate::Shared;
+
+/// Close the connection (sent by the registry for admin disconnects and shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// What a room sends its members.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum RoomOutput {
+    /// The join was accepted; the replayed events follow.
+    Joined(Subscribed),
+    /// A room event (live or replayed).
+    Event {
+        /// The room.
+        room: Arc<str>,
+        /// The encoded envelope, shared by every member.
+        event: Arc<Encoded>,
+    },
+}
+
+/// What the writer task writes.
+enum Outgoing {
+    Frame {
+        frame: Frame,
+        kind: EventType,
+        created: Option<Instant>,
+    },
+    Ping,
+    Pong(Bytes),
+    Close(u16, String),
+}
+
+/// How a connection starts.
+pub struct SessionParams {
+    /// Token from the query string, if any.
+    pub token: Option<String>,
+    /// `format` query parameter.
+    pub format: Format,
+    /// `ack=1`.
+    pub ack: bool,
+    /// Room to join right after authentication (`/ws/jobs/{id}`).
+    pub auto_room: Option<String>,
+    /// Peer address.
+    pub remote: Option<String>,
+}
+
+/// A WebSocket connection.
+pub struct Session {
+    /// Server-chosen id.
+    id: Uuid,
+    shared: Shared,
+    params: SessionParams,
+    /// Outbound queue to the writer task (bounded: a full queue is a slow consumer).
+    out: mpsc::Sender<Outgoing>,
+    /// Closes the writer at once when the queue is too full to carry a close frame.
+    urgent_close: Option<oneshot::Sender<(u16, String)>>,
+    /// Set once authentication succeeded.
+    identity: Option<Identity>,
+    /// Rooms this connection is in.
+    rooms: HashSet<String>,
+    /// Inbound message rate limit.
+    bucket: TokenBucket,
+    /// Last time anything arrived from the client.
+    last_seen: Instant,
+    /// A fragmented message being assembled: whether it is text, and its bytes so far.
+    fragments: Option<(bool, BytesMut)>,
+    /// Set once a close was sent; nothing else is sent after it.
+    closing: bool,
+    /// Timers for `token_expiring` and the 4001 close; replaced on refresh.
+    expiry_timers: Vec<SpawnHandle>,
+    /// Span around everything this connection does.
+    span: tracing::Span,
+}
+
+impl Session {
+    /// Starts a session over an upgraded WebSocket.
+    pub fn start(
+        shared: Shared,
+        params: SessionParams,
+        ws: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+    ) -> Addr<Session> {
+        let id = Uuid::new_v4();
+        let (out, rx) = mpsc::channel(shared.config.max_queued_messages.max(16));
+        let (urgent_tx, urgent_rx) = oneshot::channel();
+        actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone()));
+        let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
+        let stream = stream.max_frame_size(shared.config.max_inbound_message_bytes);
+        let bucket = TokenBucket::new(
+            shared.config.inbound_rate_per_s,
+            shared.config.inbound_burst,
+            Instant::now(),
+        );
+        Session::create(move |ctx| {
+            ctx.add_stream(stream);
+            Session {
+                id,
+                shared,
+                params,
+                out,
+                urgent_close: Some(urgent_tx),
+                identity: None,
+                rooms: HashSet::new(),
+                bucket,
+                last_seen: Instant::now(),
+                fragments: None,
+                closing: false,
+                expiry_timers: Vec::new(),
+                span,
+            }
+        })
+    }
+
+    /// Queues a frame; a full queue closes the connection as a slow consumer.
+    fn push(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        match self.out.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(close::TIMEOUT, "slow consumer", ctx)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        }
+    }
+
+    /// Sends a connection-level message.
+    fn send(&mut self, event: Event, ctx: &mut Context<Self>) {
+        let kind = event.kind();
+        let env = Envelope::direct(event);
+        match Encoded::new(&env, self.shared.config.compress_threshold_bytes) {
+            Ok(enc) => self.push(
+                Outgoing::Frame {
+                    frame: enc.frame(self.params.format),
+                    kind,
+                    created: None,
+                },
+                ctx,
+            ),
+            Err(e) => warn!(error = %e, "cannot encode a connection message"),
+        }
+    }
+
+    fn send_error(&mut self, code: &str, message: impl Into<String>, ctx: &mut Context<Self>) {
+        self.send(
+            Event::Error(ErrorData {
+                code: code.into(),
+                message: message.into(),
+            }),
+            ctx,
+        );
+    }
+
+    /// Sends a close frame (after everything already queued) and stops the actor.
+    fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.shared.metrics.closed(code);
+        let _g = self.span.enter();
+        info!(target: "audit", event = "close", conn = %self.id, code, reason, "server closed the connection");
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.out.try_send(Outgoing::Close(code, reason.into()))
+        {
+            if let Some(tx) = self.urgent_close.take() {
+                let _ = tx.send((code, reason.into()));
+            }
+        }
+        ctx.stop();
+    }
+
+    fn auth_failed(&mut self, err: AuthError, ctx: &mut Context<Self>) {
+        self.shared.metrics.auth_failed(err.reason());
+        {
+            let _g = self.span.enter();
+            warn!(target: "audit", event = "auth_failure", conn = %self.id, reason = err.reason(), "authentication failed");
+        }
+        self.send(
+            Event::AuthFailure(AuthFailure {
+                reason: err.reason().into(),
+            }),
+            ctx,
+        );
+        self.close(close::UNAUTHORIZED, err.reason(), ctx);
+    }
+
+    /// Verifies `token` and, once the registry accepts the user, marks the connection authenticated.
+    fn authenticate(&mut self, token: &str, ctx: &mut Context<Self>) {
+        let identity = match self.shared.auth.verify_connect(token) {
+            Ok(id) => id,
+            Err(e) => return self.auth_failed(e, ctx),
+        };
+        let fut = self.shared.registry.send(registry::Identify {
+            id: self.id,
+            identity: identity.clone(),
+        });
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(Ok(())) => act.authenticated(identity, ctx),
+            Ok(Err(LimitReached::User)) => {
+                act.close(close::TOO_MANY, "too many connections for this user", ctx)
+            }
+            Ok(Err(LimitReached::Node)) | Err(_) => {
+                act.close(close::TOO_MANY, "too many connections", ctx)
+            }
+        }));
+    }
+
+    fn authenticated(&mut self, identity: Identity, ctx: &mut Context<Self>) {
+        self.span.record("user", identity.user_id.as_str());
+        {
+            let _g = self.span.enter();
+            info!(target: "audit", event = "authenticated", conn = %self.id, user = %identity.user_id,
+                tenant = %identity.tenant, admin = identity.admin, "connection authenticated");
+        }
+        self.send(
+            Event::Authenticated(Authenticated {
+                user_id: identity.user_id.clone(),
+                tenant: identity.tenant.clone(),
+                expires_at: unix_to_rfc3339(identity.expires_at),
+            }),
+            ctx,
+        );
+        self.schedule_expiry(identity.expires_at, ctx);
+        self.identity = Some(identity);
+        if let Some(room) = self.params.auto_room.clone() {
+            if let Err(refusal) = self.subscribe(room, None, ctx) {
+                let (code, reason) = match refusal {
+                    RoomRefusal::Unknown => (close::UNKNOWN_JOB, "unknown job"),
+                    RoomRefusal::Forbidden => (close::FORBIDDEN, "forbidden"),
+                };
+                self.close(code, reason, ctx);
+            }
+        }
+    }
+
+    /// Sends `token_expiring` about 60 s before `exp`, and closes with 4001 at `exp`.
+    fn schedule_expiry(&mut self, exp: u64, ctx: &mut Context<Self>) {
+        for h in self.expiry_timers.drain(..) {
+            ctx.cancel_future(h);
+        }
+        let left = exp.saturating_sub(unix_now());
+        let warn_in = left.saturating_sub(60);
+        self.expiry_timers.push(
+            ctx.run_later(Duration::from_secs(warn_in), move |act, ctx| {
+                let expires_in_s = exp.saturating_sub(unix_now());
+                act.send(Event::TokenExpiring(TokenExpiring { expires_in_s }), ctx);
+            }),
+        );
+        self.expiry_timers
+            .push(ctx.run_later(Duration::from_secs(left), |act, ctx| {
+                act.shared.metrics.auth_failed(AuthError::Expired.reason());
+                act.send(
+                    Event::AuthFailure(AuthFailure {
+                        reason: AuthError::Expired.reason().into(),
+                    }),
+                    ctx,
+                );
+                act.close(close::UNAUTHORIZED, "token expired", ctx);
+            }));
+    }
+
+    /// Checks and joins a room; the `subscribed` answer comes from the room itself.
+    fn subscribe(
+        &mut self,
+        room: String,
+        since: Option<Since>,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), RoomRefusal> {
+        let Some(identity) = &self.identity else {
+            return Err(RoomRefusal::Forbidden);
+        };
+        // Job rooms exist once jobs do; until then every job id is unknown.
+        authorize_room(identity, &room, |_job| None)?;
+        if !self.rooms.contains(&room)
+            && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection
+        {
+            self.send_error(
+                error_code::TOO_MANY_SUBSCRIPTIONS,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.shared.config.max_subscriptions_per_connection
+                ),
+                ctx,
+            );
+            return Ok(());
+        }
+        self.rooms.insert(room.clone());
+        self.report_rooms();
+        self.shared.broker.do_send(broker::Subscribe {
+            room,
+            conn: self.id,
+            since,
+            member: ctx.address().recipient(),
+            snapshot: None,
+        });
+        Ok(())
+    }
+
+    fn report_rooms(&self) {
+        self.shared.registry.do_send(registry::RoomsChanged {
+            id: self.id,
+            rooms: self.rooms.iter().cloned().collect(),
+        });
+    }
+
+    /// One complete client message (text, or binary holding UTF-8 JSON).
+    fn on_message(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
+        match self.bucket.take(Instant::now()) {
+            Verdict::Allow => {}
+            Verdict::Warn => {
+                return self.send_error(
+                    error_code::RATE_LIMITED,
+                    "too many messages; slow down",
+                    ctx,
+                );
+            }
+            Verdict::Close => return self.close(close::TOO_MANY, "too many messages", ctx),
+        }
+        let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.send_error(
+                    error_code::BAD_REQUEST,
+                    format!("invalid message: {e}"),
+                    ctx,
+                )
+            }
+        };
+        if self.identity.is_none() {
+            return match msg {
+                ClientMessage::Authenticate { token } => self.authenticate(&token, ctx),
+                _ => self.auth_failed(AuthError::Missing, ctx),
+            };
+        }
+        match msg {
+            ClientMessage::Authenticate { .. } => self.send_error(
+                error_code::ALREADY_AUTHENTICATED,
+                "this connection is already authenticated",
+                ctx,
+            ),
+            ClientMessage::Subscribe { room, since } => {
+                match self.subscribe(room.clone(), since, ctx) {
+                    Ok(()) => {}
+                    Err(RoomRefusal::Unknown) => self.send_error(
+                        error_code::UNKNOWN_ROOM,
+                        format!("no such room: {room}"),
+                        ctx,
+                    ),
+                    Err(RoomRefusal::Forbidden) => self.send_error(
+                        error_code::FORBIDDEN,
+                        format!("not allowed to join {room}"),
+                        ctx,
+                    ),
+                }
+            }
+            ClientMessage::Unsubscribe { room } => {
+                if self.rooms.remove(&room) {
+                    self.report_rooms();
+                    self.shared.broker.do_send(broker::Unsubscribe {
+                        room: room.clone(),
+                        conn: self.id,
+                    });
+                    self.send(Event::Unsubscribed(Unsubscribed { room }), ctx);
+                } else {
+                    self.send_error(
+                        error_code::NOT_SUBSCRIBED,
+                        format!("not subscribed to {room}"),
+                        ctx,
+                    );
+                }
+            }
+            ClientMessage::Ack { room, .. } => {
+                if !self.rooms.contains(&room) {
+                    self.send_error(
+                        error_code::NOT_SUBSCRIBED,
+                        format!("not subscribed to {room}"),
+                        ctx,
+                    );
+                }
+            }
+            ClientMessage::Ping { ts } => self.send(
+                Event::Pong(Pong {
+                    ts: crate::protocol::now_rfc3339(),
+                    client_ts: ts,
+                }),
+                ctx,
+            ),
+            ClientMessage::Cancel { job_id } => self.send_error(
+                error_code::UNKNOWN_JOB,
+                format!("no such job: {job_id}"),
+                ctx,
+            ),
+            ClientMessage::Refresh { token } => self.refresh(&token, ctx),
+        }
+    }
+
+    /// Extends the connection's life with a fresh access token of the same user.
+    fn refresh(&mut self, token: &str, ctx: &mut Context<Self>) {
+        let Some(current) = self.identity.clone() else {
+            return;
+        };
+        match self.shared.auth.verify_access(token) {
+            Ok(fresh) if fresh.user_id == current.user_id && fresh.tenant == current.tenant => {
+                self.schedule_expiry(fresh.expires_at, ctx);
+                let expires_at = unix_to_rfc3339(fresh.expires_at);
+                self.identity = Some(fresh);
+                self.send(Event::TokenRefreshed(TokenRefreshed { expires_at }), ctx);
+            }
+            Ok(_) => self.send_error(
+                error_code::INVALID_TOKEN,
+                "the token belongs to another user",
+                ctx,
+            ),
+            Err(e) => {
+                self.shared.metrics.auth_failed(e.reason());
+                self.send_error(
+                    error_code::INVALID_TOKEN,
+                    format!("refresh refused: {e} ({})", e.reason()),
+                    ctx,
+                )
+            }
+        }
+    }
+
+    /// A data frame or a piece of a fragmented one.
+    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_inbound_message_bytes;
+        let (last, chunk) = match item {
+            Item::FirstText(b) => {
+                self.fragments = Some((true, BytesMut::new()));
+                (false, b)
+            }
+            Item::FirstBinary(b) => {
+                self.fragments = Some((false, BytesMut::new()));
+                (false, b)
+            }
+            Item::Continue(b) => (false, b),
+            Item::Last(b) => (true, b),
+        };
+        let Some((_, buf)) = self.fragments.as_mut() else {
+            return self.close(1002, "continuation without a first frame", ctx);
+        };
+        if buf.len() + chunk.len() > limit {
+            self.fragments = None;
+            return self.close(close::TOO_BIG, "message too big", ctx);
+        }
+        buf.extend_from_slice(&chunk);
+        if last {
+            if let Some((_, buf)) = self.fragments.take() {
+                self.on_message(&buf, ctx);
+            }
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(usize::MAX);
+        self.shared.metrics.connections.fetch_add(1, Relaxed);
+        self.shared.metrics.connections_total.fetch_add(1, Relaxed);
+        {
+            let _g = self.span.enter();
+            info!(target: "audit", event = "connect", conn = %self.id, remote = ?self.params.remote, "connection opened");
+        }
+        let connect = registry::Connect {
+            id: self.id,
+            session: ctx.address().recipient(),
+            remote: self.params.remote.clone(),
+            format: match self.params.format {
+                Format::Auto => "auto",
+                Format::Json => "json",
+            },
+            ack: self.params.ack,
+        };
+        let fut = self.shared.registry.send(connect);
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+            if !matches!(res, Ok(Ok(()))) {
+                return act.close(close::TOO_MANY, "too many connections", ctx);
+            }
+            let hb = act.shared.config.heartbeat_interval_s;
+            act.send(
+                Event::ConnectionEstablished(ConnectionEstablished {
+                    connection_id: act.id,
+                    heartbeat_interval_s: hb,
+                    server_version: format!("jobcast/{}", env!("CARGO_PKG_VERSION")),
+                    features: FEATURES.iter().map(|f| f.to_string()).collect(),
+                }),
+                ctx,
+            );
+            ctx.run_interval(Duration::from_secs(hb), |act, ctx| {
+                let timeout = Duration::from_secs(act.shared.config.client_timeout_s);
+                if act.last_seen.elapsed() > timeout {
+                    act.close(close::TIMEOUT, "heartbeat timeout", ctx);
+                } else {
+                    act.push(Outgoing::Ping, ctx);
+                }
+            });
+            match act.params.token.take() {
+                Some(token) => act.authenticate(&token, ctx),
+                None => {
+                    ctx.run_later(
+                        Duration::from_secs(act.shared.config.auth_timeout_s),
+                        |act, ctx| {
+                            if act.identity.is_none() {
+                                act.auth_failed(AuthError::Timeout, ctx);
+                            }
+                        },
+                    );
+                }
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.shared.metrics.connections.fetch_sub(1, Relaxed);
+        if !self.rooms.is_empty() {
+            self.shared.broker.do_send(broker::Leave {
+                conn: self.id,
+                rooms: self.rooms.drain().collect(),
+            });
+        }
+        self.shared
+            .registry
+            .do_send(registry::Disconnected { id: self.id });
+        let _g = self.span.enter();
+        info!(target: "audit", event = "disconnect", conn = %self.id,
+            user = self.identity.as_ref().map(|i| i.user_id.as_str()), "connection closed");
+    }
+}
+
+impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<WsMessage, ProtocolError>, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.last_seen = Instant::now();
+        match item {
+            Ok(WsMessage::Text(text)) => {
+                if self.fragments.is_some() {
+                    return self.close(1002, "data frame inside a fragmented message", ctx);
+                }
+                self.on_message(text.as_bytes(), ctx)
+            }
+            Ok(WsMessage::Binary(bytes)) => {
+                if self.fragments.is_some() {
+                    return self.close(1002, "data frame inside a fragmented message", ctx);
+                }
+                self.on_message(&bytes, ctx)
+            }
+            Ok(WsMessage::Continuation(item)) => self.on_fragment(item, ctx),
+            Ok(WsMessage::Ping(bytes)) => self.push(Outgoing::Pong(bytes), ctx),
+            Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
+            Ok(WsMessage::Close(reason)) => {
+                let code = reason
+                    .as_ref()
+                    .map(|r| u16::from(r.code))
+                    .unwrap_or(close::NORMAL);
+                self.close(code, "closed by the client", ctx);
+            }
+            Err(ProtocolError::Overflow) => self.close(close::TOO_BIG, "message too big", ctx),
+            Err(e) => {
+                self.span
+                    .in_scope(|| info!(conn = %self.id, error = %e, "protocol error"));
+                self.close(1002, "protocol error", ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<RoomOutput> for Session {
+    type Result = ();
+    fn handle(&mut self, msg: RoomOutput, ctx: &mut Context<Self>) {
+        match msg {
+            RoomOutput::Joined(sub) => {
+                if self.rooms.contains(&sub.room) {
+                    self.send(Event::Subscribed(sub), ctx);
+                }
+            }
+            RoomOutput::Event { room, event } => {
+                if self.rooms.contains(&*room) {
+                    let frame = event.frame(self.params.format);
+                    self.push(
+                        Outgoing::Frame {
+                            frame,
+                            kind: event.kind,
+                            created: Some(event.created),
+                        },
+                        ctx,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Disconnect> for Session {
+    type Result = ();
+    fn handle(&mut self, msg: Disconnect, ctx: &mut Context<Self>) {
+        self.close(msg.code, &msg.reason, ctx);
+    }
+}
+
+/// Owns the actix-ws handle and writes queued messages in order until a close or the queue ends.
+async fn writer(
+    mut ws: actix_ws::Session,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut urgent: oneshot::Receiver<(u16, String)>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let close_frame = |code: u16, reason: String| {
+        Some(CloseReason {
+            code: CloseCode::from(code),
+            description: Some(reason),
+        })
+    };
+    loop {
+        let item = tokio::select! {
+            biased;
+            Ok((code, reason)) = &mut urgent => {
+                let _ = ws.close(close_frame(code, reason)).await;
+                return;
+            }
+            item = rx.recv() => item,
+        };
+        let Some(item) = item else {
+            // The actor is gone without a close (the client closed first): end the stream.
+            let _ = ws.close(None).await;
+            return;
+        };
+        let sent = match item {
+            Outgoing::Frame {
+                frame,
+                kind,
+                created,
+            } => {
+                let len = frame.len();
+                let r = match frame {
+                    Frame::Text(t) => ws.text(t).await,
+                    Frame::Binary(b) => ws.binary(b).await,
+                };
+                if r.is_ok() {
+                    metrics.sent(kind, len);
+                    if let Some(c) = created {
+                        metrics.observe_latency(c.elapsed());
+                    }
+                }
+                r
+            }
+            Outgoing::Ping => ws.ping(b"").await,
+            Outgoing::Pong(b) => ws.pong(&b).await,
+            Outgoing::Close(code, reason) => {
+                let _ = ws.close(close_frame(code, reason)).await;
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
