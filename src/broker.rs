@@ -195,7 +195,6 @@ impl Actor for Broker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(usize::MAX);
         let every = self
             .settings
             .history_ttl

@@ -104,6 +104,7 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(settings, file.as_deref())?;
     let listener = std::net::TcpListener::bind(&config.bind)

@@ -90,7 +90,6 @@ impl Actor for Room {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(usize::MAX);
         ctx.run_interval(Duration::from_secs(30), |room, _| {
             room.history.expire(Instant::now())
         });

@@ -494,7 +494,6 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(usize::MAX);
         self.shared.metrics.connections.fetch_add(1, Relaxed);
         self.shared.metrics.connections_total.fetch_add(1, Relaxed);
         {
@@ -656,13 +655,21 @@ async fn writer(
             description: Some(reason),
         })
     };
+    // Whether the actor may still ask for an urgent close (the sender is dropped with the actor).
+    let mut urgent_open = true;
     loop {
         let item = tokio::select! {
             biased;
-            Ok((code, reason)) = &mut urgent => {
-                let _ = ws.close(close_frame(code, reason)).await;
-                return;
-            }
+            r = &mut urgent, if urgent_open => match r {
+                Ok((code, reason)) => {
+                    let _ = ws.close(close_frame(code, reason)).await;
+                    return;
+                }
+                Err(_) => {
+                    urgent_open = false;
+                    continue;
+                }
+            },
             item = rx.recv() => item,
         };
         let Some(item) = item else {

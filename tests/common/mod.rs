@@ -1,0 +1,317 @@
+//! Test support: a real jobcast server on port 0 in its own thread, and a typed WebSocket client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use actix_web::web::Bytes;
+use awc::ws::{self, CloseReason, Frame};
+use futures_util::{SinkExt, StreamExt};
+use jobcast::protocol::{ClientMessage, Envelope, EventType};
+use jobcast::{Config, Shared, Shutdown};
+use serde_json::{json, Value};
+
+/// How long any single expected thing may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shared: Shared,
+    pub shutdown: Shutdown,
+    pub data_dir: tempfile::TempDir,
+}
+
+/// A test configuration: fixed secret, temporary data dir, in-memory store.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    Config {
+        jwt_secret: Some("integration-test-secret".into()),
+        data_dir: data_dir.to_path_buf(),
+        store: "memory".into(),
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    /// Starts a server with the default test configuration.
+    pub fn start() -> TestServer {
+        Self::with(|_| {})
+    }
+
+    /// Starts a server after `adjust` has changed the test configuration.
+    pub fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(data_dir.path());
+        adjust(&mut config);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let sys = actix_rt::System::new();
+            sys.block_on(async move {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let running = jobcast::start(listener, config).expect("start");
+                tx.send((
+                    running.addr,
+                    running.shared.clone(),
+                    running.shutdown.clone(),
+                ))
+                .expect("send");
+                let _ = running.wait().await;
+            });
+        });
+        let (addr, shared, shutdown) = rx.recv_timeout(WAIT).expect("server started");
+        TestServer {
+            addr,
+            shared,
+            shutdown,
+            data_dir,
+        }
+    }
+
+    /// An access JWT signed with the server's secret.
+    pub fn token(&self, user: &str, tenant: &str, roles: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        self.shared
+            .auth
+            .mint_access(user, tenant, &roles, 3600)
+            .expect("mint")
+    }
+
+    /// An admin access JWT.
+    pub fn admin_token(&self) -> String {
+        self.token("root", "ops", &["admin"])
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.addr, path_and_query)
+    }
+
+    /// Opens a WebSocket to `path_and_query` (e.g. `/ws?token=...&format=json`).
+    pub async fn connect(&self, path_and_query: &str) -> Client {
+        Client::connect(&self.ws_url(path_and_query)).await
+    }
+
+    /// Connects with an access token in the URL, reads `connection_established` and `authenticated`.
+    pub async fn connect_as(&self, user: &str, tenant: &str) -> Client {
+        let token = self.token(user, tenant, &[]);
+        let mut c = self
+            .connect(&format!("/ws?token={token}&format=json"))
+            .await;
+        c.expect(EventType::ConnectionEstablished).await;
+        c.expect(EventType::Authenticated).await;
+        c
+    }
+
+    /// `POST /api/v1/admin/broadcast/{room}` as admin; returns `{seq, delivered_to}`.
+    pub async fn broadcast(&self, room: &str, kind: &str, data: Value) -> Value {
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!("/api/v1/admin/broadcast/{room}"),
+                Some(&self.admin_token()),
+                Some(json!({"type": kind, "data": data})),
+            )
+            .await;
+        assert_eq!(status, 200, "broadcast answered {body}");
+        body
+    }
+
+    /// An HTTP request with an optional bearer token and JSON body; returns status and JSON body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let client = awc::Client::default();
+        let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = client.request(method, self.http(path)).timeout(WAIT);
+        if let Some(t) = bearer {
+            req = req.insert_header(("Authorization", format!("Bearer {t}")));
+        }
+        let mut res = match body {
+            Some(b) => req.send_json(&b).await,
+            None => req.send().await,
+        }
+        .expect("request");
+        let status = res.status().as_u16();
+        let bytes = res.body().limit(16 << 20).await.expect("body");
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, json)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = self.request("GET", "/metrics", None, None).await;
+        assert_eq!(status, 200);
+        body.as_str().expect("metrics text").to_string()
+    }
+}
+
+/// What arrives on a client socket.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A server message, from a text or a binary frame.
+    Message { env: Envelope, binary: bool },
+    /// A close frame.
+    Close(Option<CloseReason>),
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+/// A real WebSocket client (awc).
+pub struct Client {
+    framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+}
+
+impl Client {
+    /// Connects, failing the test if the upgrade is refused.
+    pub async fn connect(url: &str) -> Client {
+        Self::try_connect(url, None)
+            .await
+            .expect("websocket upgrade")
+    }
+
+    /// Connects with an optional Origin header; the error is the HTTP status of a refused upgrade.
+    pub async fn try_connect(url: &str, origin: Option<&str>) -> Result<Client, u16> {
+        let mut req = awc::Client::builder()
+            .timeout(WAIT)
+            .finish()
+            .ws(url)
+            .max_frame_size(64 << 20);
+        if let Some(o) = origin {
+            req = req.origin(o);
+        }
+        match req.connect().await {
+            Ok((_, framed)) => Ok(Client { framed }),
+            Err(awc::error::WsClientError::InvalidResponseStatus(s)) => Err(s.as_u16()),
+            Err(e) => panic!("websocket connect failed: {e}"),
+        }
+    }
+
+    /// The next thing from the server (server pings are answered and skipped).
+    pub async fn next(&mut self) -> Incoming {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.framed.next())
+                .await
+                .expect("timed out waiting for the server");
+            match frame {
+                None | Some(Err(_)) => return Incoming::Ended,
+                Some(Ok(Frame::Text(t))) => {
+                    let env: Envelope = serde_json::from_slice(&t).unwrap_or_else(|e| {
+                        panic!(
+                            "server sent an invalid envelope {e}: {}",
+                            String::from_utf8_lossy(&t)
+                        )
+                    });
+                    return Incoming::Message { env, binary: false };
+                }
+                Some(Ok(Frame::Binary(b))) => {
+                    let env = jobcast::framing::decode_binary(&b).expect("binary frame decodes");
+                    return Incoming::Message { env, binary: true };
+                }
+                Some(Ok(Frame::Ping(p))) => {
+                    let _ = self.framed.send(ws::Message::Pong(p)).await;
+                }
+                Some(Ok(Frame::Pong(_))) | Some(Ok(Frame::Continuation(_))) => {}
+                Some(Ok(Frame::Close(reason))) => return Incoming::Close(reason),
+            }
+        }
+    }
+
+    /// The next server message; fails the test on a close.
+    pub async fn recv(&mut self) -> Envelope {
+        match self.next().await {
+            Incoming::Message { env, .. } => env,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// The next message, which must be of `kind`.
+    pub async fn expect(&mut self, kind: EventType) -> Envelope {
+        let env = self.recv().await;
+        assert_eq!(env.event.kind(), kind, "unexpected message: {env:?}");
+        env
+    }
+
+    /// The `data` of the next message, which must be of `kind`, as JSON.
+    pub async fn expect_data(&mut self, kind: EventType) -> Value {
+        let env = self.expect(kind).await;
+        serde_json::to_value(&env).expect("json")["data"].clone()
+    }
+
+    /// Reads until a close frame arrives; returns its code and reason. Messages before it are returned too.
+    pub async fn expect_close(&mut self) -> (u16, String, Vec<Envelope>) {
+        let mut before = Vec::new();
+        loop {
+            match self.next().await {
+                Incoming::Message { env, .. } => before.push(env),
+                Incoming::Close(Some(r)) => {
+                    return (u16::from(r.code), r.description.unwrap_or_default(), before)
+                }
+                Incoming::Close(None) => return (1005, String::new(), before),
+                Incoming::Ended => {
+                    panic!("connection ended without a close frame; before it: {before:?}")
+                }
+            }
+        }
+    }
+
+    /// Sends a client message.
+    pub async fn send(&mut self, msg: &ClientMessage) {
+        self.send_text(&serde_json::to_string(msg).expect("json"))
+            .await;
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, text: &str) {
+        self.framed
+            .send(ws::Message::Text(text.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends any frame.
+    pub async fn send_frame(&mut self, msg: ws::Message) {
+        self.framed.send(msg).await.expect("send");
+    }
+
+    /// Sends a text message cut into continuation frames of `chunk` bytes.
+    pub async fn send_fragmented(&mut self, text: &str, chunk: usize) {
+        let bytes = Bytes::copy_from_slice(text.as_bytes());
+        let parts: Vec<Bytes> = bytes.chunks(chunk).map(Bytes::copy_from_slice).collect();
+        let last = parts.len() - 1;
+        for (i, p) in parts.into_iter().enumerate() {
+            let item = match i {
+                0 => actix_ws::Item::FirstText(p),
+                i if i == last => actix_ws::Item::Last(p),
+                _ => actix_ws::Item::Continue(p),
+            };
+            // A send may fail once the server has closed; the close frame is what the test reads.
+            let _ = self.framed.send(ws::Message::Continuation(item)).await;
+        }
+    }
+
+    /// Subscribes and returns the `subscribed` data.
+    pub async fn subscribe(&mut self, room: &str) -> Value {
+        self.send(&ClientMessage::Subscribe {
+            room: room.into(),
+            since: None,
+        })
+        .await;
+        self.expect_data(EventType::Subscribed).await
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self
+            .framed
+            .send(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
+            .await;
+    }
+}
