@@ -154,6 +154,7 @@ impl TestServer {
 }
 
 /// What arrives on a client socket.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Incoming {
     /// A server message, from a text or a binary frame.

@@ -1,0 +1,266 @@
+//! The `jobcast` binary as a newcomer runs it: no configuration, signals, the token command, logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::Client;
+use jobcast::protocol::{ClientMessage, EventType};
+
+const BIN: &str = env!("CARGO_BIN_EXE_jobcast");
+
+/// A running `jobcast serve` child with its stdout lines and everything it logged.
+struct Proc {
+    child: Child,
+    addr: String,
+    stdout: Vec<String>,
+    logs: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(args)
+            .current_dir(cwd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env("JOBCAST_LOG", "debug");
+        let mut child = cmd.spawn().expect("spawn jobcast");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stdout = Vec::new();
+        let mut addr = None;
+        while stdout.len() < 3 {
+            let line = lines
+                .next()
+                .expect("jobcast printed its banner")
+                .expect("utf-8");
+            if let Some(a) = line.strip_prefix("jobcast listening on http://") {
+                addr = Some(a.to_string());
+            }
+            stdout.push(line);
+        }
+        Proc {
+            child,
+            addr: addr.expect("listening line"),
+            stdout,
+            logs,
+        }
+    }
+
+    fn admin_token(&self) -> String {
+        let line = self
+            .stdout
+            .iter()
+            .find(|l| l.starts_with("development admin token"))
+            .expect("admin token line");
+        line.rsplit(' ').next().unwrap().to_string()
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get_status(url: &str, bearer: &str) -> u16 {
+    let res = awc::Client::default()
+        .get(url)
+        .insert_header(("Authorization", format!("Bearer {bearer}")))
+        .send()
+        .await;
+    res.expect("request").status().as_u16()
+}
+
+#[actix_rt::test]
+async fn serve_needs_no_configuration_and_keeps_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    assert!(
+        p.stdout
+            .iter()
+            .any(|l| l == &format!("demo page: http://{}/", p.addr)),
+        "{:?}",
+        p.stdout
+    );
+    let secret = std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret"))
+        .expect("secret kept in ./jobcast-data");
+    assert!(secret.len() >= 32);
+    let token = p.admin_token();
+    assert_eq!(
+        get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await,
+        200
+    );
+    assert!(p.terminate().success());
+    // A restart on the same data dir keeps the secret, so earlier tokens stay valid.
+    let p2 = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).unwrap(),
+        secret
+    );
+    assert_eq!(
+        get_status(&format!("http://{}/api/v1/admin/stats", p2.addr), &token).await,
+        200
+    );
+}
+
+#[actix_rt::test]
+async fn token_command_mints_what_the_server_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    let out = Command::new(BIN)
+        .args([
+            "token", "--user", "ops", "--tenant", "acme", "--role", "admin", "--ttl", "600",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(
+        get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await,
+        200
+    );
+    let bad = Command::new(BIN)
+        .args(["token", "--user", "x", "--tenant", "y", "--role", "root"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[actix_rt::test]
+async fn flag_beats_env_beats_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // 192.0.2.1 (TEST-NET-1) is no address of this machine, so binding it fails at once; whichever
+    // layer wins must be the one with 127.0.0.1:0.
+    std::fs::write(
+        dir.path().join("jobcast.toml"),
+        "bind = \"192.0.2.1:8080\"\n",
+    )
+    .unwrap();
+    let env_wins = Proc::serve(
+        dir.path(),
+        &["--config", "jobcast.toml"],
+        &[("JOBCAST_BIND", "127.0.0.1:0")],
+    );
+    assert!(env_wins.addr.starts_with("127.0.0.1:"));
+    let flag_wins = Proc::serve(
+        dir.path(),
+        &["--config", "jobcast.toml", "--bind", "127.0.0.1:0"],
+        &[("JOBCAST_BIND", "192.0.2.1:8080")],
+    );
+    assert!(flag_wins.addr.starts_with("127.0.0.1:"));
+    let file_only = Command::new(BIN)
+        .args(["serve", "--config", "jobcast.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!file_only.status.success(), "the file's address was used");
+    assert!(String::from_utf8_lossy(&file_only.stderr).contains("192.0.2.1:8080"));
+}
+
+#[actix_rt::test]
+async fn sigterm_closes_every_socket_with_1001_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    let token = p.admin_token();
+    let mut c = Client::connect(&format!("ws://{}/ws?token={token}", p.addr)).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    let status = p.terminate();
+    let (code, reason, _) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    assert!(status.success(), "{status:?}");
+}
+
+#[actix_rt::test]
+async fn tokens_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    let token = p.admin_token();
+    let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    // A bad token in the query, one in an authenticate message, and one in a refresh.
+    let mut bad = Client::connect(&format!("ws://{}/ws?token=SECRET-BAD-TOKEN-1", p.addr)).await;
+    bad.expect_close().await;
+    let mut late = Client::connect(&format!("ws://{}/ws", p.addr)).await;
+    late.expect(EventType::ConnectionEstablished).await;
+    late.send(&ClientMessage::Authenticate {
+        token: "SECRET-BAD-TOKEN-2".into(),
+    })
+    .await;
+    late.expect_close().await;
+    c.send(&ClientMessage::Refresh {
+        token: "SECRET-BAD-TOKEN-3".into(),
+    })
+    .await;
+    c.expect(EventType::Error).await;
+    c.close().await;
+    // The access log line for the upgrade is written when the request completes; wait for it.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !p.logs().contains("query=token=[redacted]") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no redacted access log line:\n{}",
+            p.logs()
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let logs = p.logs();
+    assert!(
+        logs.contains("event=\"auth_failure\"") || logs.contains("auth_failure"),
+        "audit lines are there:\n{logs}"
+    );
+    for secret in [
+        token.as_str(),
+        "SECRET-BAD-TOKEN-1",
+        "SECRET-BAD-TOKEN-2",
+        "SECRET-BAD-TOKEN-3",
+    ] {
+        assert!(!logs.contains(secret), "a token reached the log:\n{logs}");
+    }
+    // Only one of the three JWT parts would still be a leak.
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!logs.contains(signature));
+}
