@@ -17,11 +17,13 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod csv_import;
 pub mod error;
 pub mod framing;
 pub mod history;
 pub mod http;
 pub mod metrics;
+pub mod progress;
 pub mod protocol;
 pub mod rate_limit;
 pub mod registry;
