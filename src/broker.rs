@@ -21,8 +21,9 @@ use uuid::Uuid;
 use crate::framing::Encoded;
 use crate::metrics::Metrics;
 use crate::protocol::{now_rfc3339, Envelope, Event, Since};
-use crate::room::{Deliver, Join, Part, Retire, Room};
+use crate::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 use crate::session::RoomOutput;
+use crate::store::{now_ms, AppendEvents, RoomCursor, StoreActor, StoredEvent};
 
 /// Publish an event into a room.
 #[derive(Message)]
@@ -113,49 +114,71 @@ struct RoomEntry {
     active_at: Instant,
 }
 
-/// Settings the broker needs.
-#[derive(Debug, Clone)]
-pub struct BrokerSettings {
-    /// Events kept per room.
-    pub history_size: usize,
-    /// How long events are kept.
-    pub history_ttl: Duration,
-    /// JSON above this size is also encoded as gzip(msgpack).
-    pub compress_threshold: usize,
+/// An event numbered and encoded, waiting for its batch to be committed before it is delivered.
+struct Pending {
+    room: Addr<Room>,
+    seq: u64,
+    event: Arc<Encoded>,
+    stored: StoredEvent,
 }
 
 /// The broker actor.
 pub struct Broker {
     rooms: HashMap<Arc<str>, RoomEntry>,
-    settings: BrokerSettings,
+    /// Epoch and newest `seq` of rooms without an actor (retired, or known from the store at start),
+    /// so a room that comes back continues its `seq` instead of starting over.
+    cursors: HashMap<String, (Arc<str>, u64)>,
+    settings: RoomSettings,
     metrics: Arc<Metrics>,
+    store: Addr<StoreActor>,
+    /// Events waiting for the next batch write.
+    pending: Vec<Pending>,
+    /// Whether a batch write is in flight (one at a time keeps rooms in `seq` order).
+    writing: bool,
 }
 
 impl Broker {
-    /// A broker with no rooms.
-    pub fn new(settings: BrokerSettings, metrics: Arc<Metrics>) -> Self {
+    /// A broker that persists through `store` and continues the rooms of `cursors`.
+    pub fn new(
+        settings: RoomSettings,
+        metrics: Arc<Metrics>,
+        store: Addr<StoreActor>,
+        cursors: Vec<RoomCursor>,
+    ) -> Self {
+        let cursors = cursors
+            .into_iter()
+            .map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq)))
+            .collect();
         Broker {
             rooms: HashMap::new(),
+            cursors,
             settings,
             metrics,
+            store,
+            pending: Vec::new(),
+            writing: false,
         }
     }
 
     fn room(&mut self, name: &str) -> &mut RoomEntry {
         if !self.rooms.contains_key(name) {
+            let (epoch, seq) = self
+                .cursors
+                .remove(name)
+                .unwrap_or_else(|| (Arc::from(Uuid::new_v4().simple().to_string().as_str()), 0));
             let name: Arc<str> = Arc::from(name);
-            let epoch: Arc<str> = Arc::from(Uuid::new_v4().simple().to_string().as_str());
             let addr = Room::new(
                 name.clone(),
                 epoch.clone(),
-                self.settings.history_size,
-                self.settings.history_ttl,
+                seq,
+                self.settings.clone(),
+                self.store.clone(),
             )
             .start();
             self.metrics.rooms.fetch_add(1, Relaxed);
             let entry = RoomEntry {
                 addr,
-                seq: 0,
+                seq,
                 epoch,
                 members: HashSet::new(),
                 active_at: Instant::now(),
@@ -180,14 +203,41 @@ impl Broker {
     fn sweep(&mut self) {
         let ttl = self.settings.history_ttl;
         let metrics = &self.metrics;
-        self.rooms.retain(|_, e| {
+        let cursors = &mut self.cursors;
+        self.rooms.retain(|name, e| {
             let keep = !e.members.is_empty() || e.active_at.elapsed() <= ttl;
             if !keep {
                 e.addr.do_send(Retire);
                 metrics.rooms.fetch_sub(1, Relaxed);
+                cursors.insert(name.to_string(), (e.epoch.clone(), e.seq));
             }
             keep
         });
+        let before_ms = now_ms() - ttl.as_millis() as i64;
+        self.store.do_send(crate::store::ExpireEvents { before_ms });
+    }
+
+    /// Writes the waiting events in one batch, then hands them to their rooms.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || self.pending.is_empty() {
+            return;
+        }
+        self.writing = true;
+        let batch = std::mem::take(&mut self.pending);
+        let rows = batch.iter().map(|p| p.stored.clone()).collect();
+        let write = self.store.send(AppendEvents(rows));
+        ctx.spawn(write.into_actor(self).map(move |res, act, ctx| {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, events = batch.len(), "events not persisted; delivering them anyway"),
+                Err(e) => tracing::error!(error = %e, events = batch.len(), "store unreachable; delivering anyway"),
+            }
+            for p in batch {
+                p.room.do_send(Deliver { seq: p.seq, event: p.event });
+            }
+            act.writing = false;
+            act.flush(ctx);
+        }));
     }
 }
 
@@ -205,7 +255,7 @@ impl Actor for Broker {
 
 impl Handler<Publish> for Broker {
     type Result = Result<Published, PublishError>;
-    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) -> Self::Result {
         let threshold = self.settings.compress_threshold;
         let entry = self.room(&msg.room);
         let seq = entry.seq + 1;
@@ -221,11 +271,22 @@ impl Handler<Publish> for Broker {
         let encoded = Arc::new(Encoded::new(&env, threshold)?);
         entry.seq = seq;
         entry.active_at = Instant::now();
-        entry.addr.do_send(Deliver {
+        let stored = StoredEvent {
+            room: env.room.unwrap_or_default(),
+            epoch: entry.epoch.to_string(),
+            seq,
+            created_ms: now_ms(),
+            envelope: encoded.json.to_string(),
+        };
+        let pending = Pending {
+            room: entry.addr.clone(),
             seq,
             event: encoded,
-        });
+            stored,
+        };
         let delivered_to = entry.members.len();
+        self.pending.push(pending);
+        self.flush(ctx);
         self.metrics.published.fetch_add(1, Relaxed);
         Ok(Published { seq, delivered_to })
     }

@@ -111,6 +111,8 @@ settings! {
         jwt_issuer: String, "JOBCAST_JWT_ISSUER";
         /// Comma list of allowed Origins (exact match); any Origin when unset.
         allowed_origins: String, "JOBCAST_ALLOWED_ORIGINS";
+        /// TOML file of categorization rules (`category = ["keyword", ...]`); built-in rules when unset.
+        rules_file: PathBuf, "JOBCAST_RULES_FILE";
     }
 }
 

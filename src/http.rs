@@ -30,6 +30,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/", web::get().to(index))
         .service(
             web::scope("/api/v1")
+                .configure(crate::api_jobs::routes)
                 .route("/auth/websocket-token", web::post().to(websocket_token))
                 .route("/admin/stats", web::get().to(admin_stats))
                 .route("/admin/connections", web::get().to(admin_connections))
@@ -91,7 +92,7 @@ pub fn redact_query(query: &str) -> String {
 }
 
 /// The caller's identity from `Authorization: Bearer <access JWT>`.
-fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+pub(crate) fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
     let header = req
         .headers()
         .get("authorization")
@@ -196,10 +197,12 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     let broker = shared.broker.send(Stats).await.is_ok();
+    let store = matches!(shared.store.send(crate::store::Ping).await, Ok(Ok(())));
     let registry = shared.registry.send(crate::registry::Count).await.is_ok();
-    let body = json!({ "status": if broker && registry { "ready" } else { "unavailable" },
-        "broker": broker, "registry": registry, "store": shared.config.store });
-    if broker && registry {
+    let ok = broker && registry && store;
+    let body = json!({ "status": if ok { "ready" } else { "unavailable" },
+        "broker": broker, "registry": registry, "store": store });
+    if ok {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -228,6 +231,11 @@ async fn admin_stats(
         .send(Stats)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let (queued, running) = shared
+        .scheduler
+        .send(crate::scheduler::Load)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let m = &shared.metrics;
     use std::sync::atomic::Ordering::Relaxed;
     Ok(HttpResponse::Ok().json(json!({
@@ -240,6 +248,8 @@ async fn admin_stats(
         "bytes_sent": m.bytes_sent(),
         "messages_dropped": m.dropped.load(Relaxed),
         "auth_failures": m.auth_failures_total(),
+        "jobs_queued": queued,
+        "jobs_running": running,
         "uptime_s": shared.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
     })))

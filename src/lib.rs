@@ -14,6 +14,7 @@
 //! [`start`] takes an already-bound listener, so tests bind port 0 and call it; `main.rs` only parses
 //! the command line.
 
+pub mod api_jobs;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -22,13 +23,17 @@ pub mod error;
 pub mod framing;
 pub mod history;
 pub mod http;
+pub mod job;
 pub mod metrics;
 pub mod progress;
 pub mod protocol;
 pub mod rate_limit;
 pub mod registry;
 pub mod room;
+pub mod scheduler;
 pub mod session;
+pub mod store;
+pub mod zone;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -40,9 +45,12 @@ use actix_web::{middleware, web, App, HttpServer};
 pub use config::Config;
 
 use crate::auth::Auth;
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::Broker;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::room::RoomSettings;
+use crate::scheduler::Scheduler;
+use crate::store::StoreActor;
 
 /// What every handler and session is handed at construction.
 #[derive(Clone)]
@@ -57,6 +65,10 @@ pub struct Shared {
     pub broker: Addr<Broker>,
     /// The registry actor.
     pub registry: Addr<Registry>,
+    /// The store actor.
+    pub store: Addr<StoreActor>,
+    /// The scheduler actor.
+    pub scheduler: Addr<Scheduler>,
     /// When the server started.
     pub started: Instant,
 }
@@ -70,6 +82,12 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The categorization rules could not be read.
+    #[error("{0}")]
+    Rules(String),
     /// The listener could not be used.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -132,15 +150,64 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     };
     let auth = Arc::new(Auth::new(&config, &secret)?);
     let metrics = Arc::new(Metrics::default());
-    let broker = Broker::new(
-        BrokerSettings {
-            history_size: config.history_size,
-            history_ttl: Duration::from_secs(config.history_ttl_s),
-            compress_threshold: config.compress_threshold_bytes,
-        },
-        metrics.clone(),
-    )
-    .start();
+    let rules = Arc::new(match &config.rules_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::Rules(format!("{}: {e}", path.display())))?;
+            csv_import::Rules::from_toml(&text).map_err(StartError::Rules)?
+        }
+        None => csv_import::Rules::default(),
+    });
+
+    // The store: opened here (start-up may block), then owned by its sync actor.
+    let location = store::Location::from_config(&config);
+    let first = store::Store::open(&location)?;
+    let cursors = first.room_cursors()?;
+    let unfinished = first.unfinished_jobs()?;
+    let first = std::sync::Mutex::new(Some(first));
+    let (loc, keep) = (location.clone(), config.history_size);
+    let store = SyncArbiter::start(1, move || {
+        let opened = first.lock().ok().and_then(|mut f| f.take());
+        // Only a restart of the store thread reopens; the first open proved the database works.
+        let store = opened.unwrap_or_else(|| store::Store::open(&loc).expect("store reopens"));
+        StoreActor::new(store, keep)
+    });
+
+    let room_settings = RoomSettings {
+        history_size: config.history_size,
+        history_ttl: Duration::from_secs(config.history_ttl_s),
+        compress_threshold: config.compress_threshold_bytes,
+    };
+    let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors).start();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let (zone_broker, zone_loc) = (broker.clone(), location.clone());
+    let zones = SyncArbiter::start(cores, move || {
+        zone::Zone::new(&zone_loc, rules.clone(), zone_broker.clone())
+    });
+    let deps = job::JobDeps {
+        broker: broker.clone(),
+        store: store.clone(),
+        zones,
+        max_upload_bytes: config.max_upload_bytes,
+        zone_rows: config.zone_rows,
+        progress_rate: config.progress_max_rate_per_s,
+        parallel_zones: cores,
+    };
+    let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).start();
+    for snapshot in unfinished {
+        match serde_json::from_value::<job::JobSpec>(snapshot["spec"].clone()) {
+            Ok(spec) => {
+                tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
+                scheduler.do_send(scheduler::Submit {
+                    spec,
+                    resume: Some(snapshot),
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "a stored job cannot be resumed"),
+        }
+    }
     let registry = Registry::new(config.max_connections, config.max_connections_per_user).start();
     let shared = Shared {
         config: Arc::new(config),
@@ -148,6 +215,8 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         metrics,
         broker,
         registry: registry.clone(),
+        store,
+        scheduler,
         started: Instant::now(),
     };
     let addr = listener.local_addr()?;

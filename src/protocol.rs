@@ -60,6 +60,8 @@ pub mod error_code {
     pub const INVALID_TOKEN: &str = "invalid_token";
     /// `cancel` of a job that does not exist (or is not visible to the user).
     pub const UNKNOWN_JOB: &str = "unknown_job";
+    /// `cancel` of a job that has already ended.
+    pub const JOB_FINISHED: &str = "job_finished";
     /// An `ack` for a `seq` that was never sent.
     pub const INVALID_ACK: &str = "invalid_ack";
 }

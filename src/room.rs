@@ -14,8 +14,20 @@ use uuid::Uuid;
 
 use crate::framing::Encoded;
 use crate::history::{HistoryRing, Replay};
-use crate::protocol::{Since, Subscribed};
+use crate::protocol::{Envelope, Since, Subscribed};
 use crate::session::RoomOutput;
+use crate::store::{now_ms, EventsAfter, StoreActor};
+
+/// What every room needs to know.
+#[derive(Debug, Clone)]
+pub struct RoomSettings {
+    /// Events kept per room.
+    pub history_size: usize,
+    /// How long events are kept.
+    pub history_ttl: Duration,
+    /// JSON above this size is also encoded as gzip(msgpack).
+    pub compress_threshold: usize,
+}
 
 /// A new event of this room, already numbered and encoded by the broker.
 #[derive(Message)]
@@ -66,24 +78,71 @@ pub struct Room {
     history: HistoryRing,
     /// Members by connection id.
     members: HashMap<Uuid, Recipient<RoomOutput>>,
+    settings: RoomSettings,
+    /// Where older history is read from when the ring does not hold it (after a restart).
+    store: Addr<StoreActor>,
 }
 
 impl Room {
-    /// A room with no events yet.
+    /// A room whose newest event is `head` (0: none yet).
     pub fn new(
         name: Arc<str>,
         epoch: Arc<str>,
-        history_size: usize,
-        history_ttl: Duration,
+        head: u64,
+        settings: RoomSettings,
+        store: Addr<StoreActor>,
     ) -> Self {
+        let history = HistoryRing::new(settings.history_size, settings.history_ttl);
         Room {
             name,
             epoch,
-            head: 0,
-            history: HistoryRing::new(history_size, history_ttl),
+            head,
+            history,
             members: HashMap::new(),
+            settings,
+            store,
         }
     }
+
+    /// Sends `subscribed`, then the replay, and adds the member.
+    fn admit(&mut self, msg: Join, recovered: bool, events: Vec<Arc<Encoded>>) {
+        msg.member.do_send(RoomOutput::Joined(Subscribed {
+            room: self.name.to_string(),
+            seq: self.head,
+            epoch: self.epoch.to_string(),
+            recovered,
+            replayed: events.len() as u64,
+            snapshot: msg.snapshot,
+        }));
+        for event in events {
+            msg.member.do_send(RoomOutput::Event {
+                room: self.name.clone(),
+                event,
+            });
+        }
+        self.members.insert(msg.conn, msg.member);
+    }
+}
+
+/// Turns stored envelopes `after+1..=head` back into encoded events, or `None` when any is missing.
+fn decode_run(
+    rows: Vec<(u64, String)>,
+    after: u64,
+    head: u64,
+    threshold: usize,
+) -> Option<Vec<Arc<Encoded>>> {
+    if rows.len() as u64 != head - after {
+        return None;
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, (seq, json)) in rows.into_iter().enumerate() {
+        if seq != after + 1 + i as u64 {
+            return None;
+        }
+        let env: Envelope = serde_json::from_str(&json).ok()?;
+        out.push(Arc::new(Encoded::new(&env, threshold).ok()?));
+    }
+    Some(out)
 }
 
 impl Actor for Room {
@@ -113,32 +172,42 @@ impl Handler<Deliver> for Room {
 
 impl Handler<Join> for Room {
     type Result = ();
-    fn handle(&mut self, msg: Join, _: &mut Context<Self>) {
-        let replay = match &msg.since {
-            Some(since) if *since.epoch == *self.epoch => {
-                self.history.since(since.seq, self.head, Instant::now())
-            }
-            _ => Replay::Lost,
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        let since = match &msg.since {
+            Some(since) if *since.epoch == *self.epoch => since.seq,
+            _ => return self.admit(msg, false, Vec::new()),
         };
-        let (recovered, events) = match replay {
-            Replay::Recovered(events) => (true, events),
-            Replay::Lost => (false, Vec::new()),
-        };
-        msg.member.do_send(RoomOutput::Joined(Subscribed {
-            room: self.name.to_string(),
-            seq: self.head,
-            epoch: self.epoch.to_string(),
-            recovered,
-            replayed: events.len() as u64,
-            snapshot: msg.snapshot,
-        }));
-        for event in events {
-            msg.member.do_send(RoomOutput::Event {
-                room: self.name.clone(),
-                event,
-            });
+        if let Replay::Recovered(events) = self.history.since(since, self.head, Instant::now()) {
+            return self.admit(msg, true, events);
         }
-        self.members.insert(msg.conn, msg.member);
+        // The ring does not hold it (a restart empties it): the store may, within the history limits.
+        let missing = self.head.saturating_sub(since);
+        if since >= self.head || missing as usize > self.settings.history_size {
+            return self.admit(msg, false, Vec::new());
+        }
+        let query = EventsAfter {
+            room: self.name.to_string(),
+            seq: since,
+            limit: missing as usize,
+            min_created_ms: now_ms() - self.settings.history_ttl.as_millis() as i64,
+        };
+        let (head, threshold) = (self.head, self.settings.compress_threshold);
+        // `wait`: no live event is handled before this member has its replay.
+        ctx.wait(
+            self.store
+                .send(query)
+                .into_actor(self)
+                .map(move |res, room, _| {
+                    match res
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .and_then(|rows| decode_run(rows, since, head, threshold))
+                    {
+                        Some(events) => room.admit(msg, true, events),
+                        None => room.admit(msg, false, Vec::new()),
+                    }
+                }),
+        );
     }
 }
 

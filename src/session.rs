@@ -19,6 +19,8 @@ use uuid::Uuid;
 use crate::auth::{authorize_room, unix_now, AuthError, Identity, RoomRefusal};
 use crate::broker;
 use crate::framing::{Encoded, Format, Frame};
+use crate::job::public_snapshot;
+use crate::protocol::RoomKind;
 use crate::protocol::{
     close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage,
     ConnectionEstablished, Envelope, ErrorData, Event, EventType, Pong, Since, Subscribed,
@@ -26,6 +28,8 @@ use crate::protocol::{
 };
 use crate::rate_limit::{TokenBucket, Verdict};
 use crate::registry::{self, LimitReached};
+use crate::scheduler::{CancelJob, CancelOutcome};
+use crate::store::{GetJob, ReserveJob};
 use crate::Shared;
 
 /// Close the connection (sent by the registry for admin disconnects and shutdown).
@@ -260,13 +264,25 @@ impl Session {
         self.schedule_expiry(identity.expires_at, ctx);
         self.identity = Some(identity);
         if let Some(room) = self.params.auto_room.clone() {
-            if let Err(refusal) = self.subscribe(room, None, ctx) {
-                let (code, reason) = match refusal {
-                    RoomRefusal::Unknown => (close::UNKNOWN_JOB, "unknown job"),
-                    RoomRefusal::Forbidden => (close::FORBIDDEN, "forbidden"),
-                };
-                self.close(code, reason, ctx);
-            }
+            self.subscribe(room, None, true, ctx);
+        }
+    }
+
+    /// A subscription was refused: an `error`, or for the room of `/ws/jobs/{id}` a close.
+    fn refuse(&mut self, room: &str, refusal: RoomRefusal, auto: bool, ctx: &mut Context<Self>) {
+        match (refusal, auto) {
+            (RoomRefusal::Unknown, true) => self.close(close::UNKNOWN_JOB, "unknown job", ctx),
+            (RoomRefusal::Forbidden, true) => self.close(close::FORBIDDEN, "forbidden", ctx),
+            (RoomRefusal::Unknown, false) => self.send_error(
+                error_code::UNKNOWN_ROOM,
+                format!("no such room: {room}"),
+                ctx,
+            ),
+            (RoomRefusal::Forbidden, false) => self.send_error(
+                error_code::FORBIDDEN,
+                format!("not allowed to join {room}"),
+                ctx,
+            ),
         }
     }
 
@@ -296,30 +312,75 @@ impl Session {
             }));
     }
 
-    /// Checks and joins a room; the `subscribed` answer comes from the room itself.
+    /// Checks a room (job rooms against the store: they exist once their job does) and joins it.
     fn subscribe(
         &mut self,
         room: String,
         since: Option<Since>,
+        auto: bool,
         ctx: &mut Context<Self>,
-    ) -> Result<(), RoomRefusal> {
-        let Some(identity) = &self.identity else {
-            return Err(RoomRefusal::Forbidden);
+    ) {
+        let Some(identity) = self.identity.clone() else {
+            return;
         };
-        // Job rooms exist once jobs do; until then every job id is unknown.
-        authorize_room(identity, &room, |_job| None)?;
+        let Some(RoomKind::Job(job_id)) = RoomKind::parse(&room) else {
+            return match authorize_room(&identity, &room, |_| None) {
+                Ok(_) => self.join(room, since, None, ctx),
+                Err(refusal) => self.refuse(&room, refusal, auto, ctx),
+            };
+        };
+        // The room of a job not uploaded yet is reserved for the user's tenant (subscribe first,
+        // then upload with `batch_id`); `/ws/jobs/{id}` and admins only join jobs that exist.
+        let store = self.shared.store.clone();
+        let reserve = (!auto && !identity.admin).then(|| identity.tenant.clone());
+        let lookup = async move {
+            match reserve {
+                Some(tenant) => store
+                    .send(ReserveJob {
+                        id: job_id.to_string(),
+                        tenant,
+                    })
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok()),
+                None => store
+                    .send(GetJob(job_id.to_string()))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten(),
+            }
+        };
+        // `wait`: later messages of this client are handled after this subscription, in order.
+        ctx.wait(lookup.into_actor(self).map(move |snapshot, act, ctx| {
+            let tenant = snapshot
+                .as_ref()
+                .and_then(|s| s["tenant"].as_str())
+                .map(str::to_string);
+            match authorize_room(&identity, &room, |_| tenant) {
+                Ok(_) => act.join(room, since, snapshot.map(public_snapshot), ctx),
+                Err(refusal) => act.refuse(&room, refusal, auto, ctx),
+            }
+        }));
+    }
+
+    /// Joins an authorised room; the `subscribed` answer comes from the room itself.
+    fn join(
+        &mut self,
+        room: String,
+        since: Option<Since>,
+        snapshot: Option<serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) {
         if !self.rooms.contains(&room)
             && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection
         {
-            self.send_error(
+            let max = self.shared.config.max_subscriptions_per_connection;
+            return self.send_error(
                 error_code::TOO_MANY_SUBSCRIPTIONS,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.shared.config.max_subscriptions_per_connection
-                ),
+                format!("at most {max} subscriptions per connection"),
                 ctx,
             );
-            return Ok(());
         }
         self.rooms.insert(room.clone());
         self.report_rooms();
@@ -328,9 +389,61 @@ impl Session {
             conn: self.id,
             since,
             member: ctx.address().recipient(),
-            snapshot: None,
+            snapshot,
         });
-        Ok(())
+    }
+
+    /// Cancels a job of the user's tenant; `job_cancelled` arrives in the job's room.
+    fn cancel(&mut self, job_id: String, ctx: &mut Context<Self>) {
+        let Some(identity) = self.identity.clone() else {
+            return;
+        };
+        let Ok(id) = uuid::Uuid::parse_str(&job_id) else {
+            return self.send_error(
+                error_code::UNKNOWN_JOB,
+                format!("no such job: {job_id}"),
+                ctx,
+            );
+        };
+        let store = self.shared.store.clone();
+        let scheduler = self.shared.scheduler.clone();
+        let by = identity.user_id.clone();
+        let work = async move {
+            let snapshot = store
+                .send(GetJob(id.to_string()))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .flatten();
+            let Some(snapshot) = snapshot else {
+                return Err(RoomRefusal::Unknown);
+            };
+            if !identity.admin && snapshot["tenant"].as_str() != Some(identity.tenant.as_str()) {
+                return Err(RoomRefusal::Forbidden);
+            }
+            Ok(scheduler
+                .send(CancelJob { job_id: id, by })
+                .await
+                .unwrap_or(CancelOutcome::NotRunning))
+        };
+        ctx.spawn(work.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(CancelOutcome::Cancelling) => {}
+            Ok(CancelOutcome::NotRunning) => act.send_error(
+                error_code::JOB_FINISHED,
+                format!("job {job_id} is not running"),
+                ctx,
+            ),
+            Err(RoomRefusal::Unknown) => act.send_error(
+                error_code::UNKNOWN_JOB,
+                format!("no such job: {job_id}"),
+                ctx,
+            ),
+            Err(RoomRefusal::Forbidden) => act.send_error(
+                error_code::FORBIDDEN,
+                format!("not allowed to cancel {job_id}"),
+                ctx,
+            ),
+        }));
     }
 
     fn report_rooms(&self) {
@@ -375,21 +488,7 @@ impl Session {
                 "this connection is already authenticated",
                 ctx,
             ),
-            ClientMessage::Subscribe { room, since } => {
-                match self.subscribe(room.clone(), since, ctx) {
-                    Ok(()) => {}
-                    Err(RoomRefusal::Unknown) => self.send_error(
-                        error_code::UNKNOWN_ROOM,
-                        format!("no such room: {room}"),
-                        ctx,
-                    ),
-                    Err(RoomRefusal::Forbidden) => self.send_error(
-                        error_code::FORBIDDEN,
-                        format!("not allowed to join {room}"),
-                        ctx,
-                    ),
-                }
-            }
+            ClientMessage::Subscribe { room, since } => self.subscribe(room, since, false, ctx),
             ClientMessage::Unsubscribe { room } => {
                 if self.rooms.remove(&room) {
                     self.report_rooms();
@@ -422,11 +521,7 @@ impl Session {
                 }),
                 ctx,
             ),
-            ClientMessage::Cancel { job_id } => self.send_error(
-                error_code::UNKNOWN_JOB,
-                format!("no such job: {job_id}"),
-                ctx,
-            ),
+            ClientMessage::Cancel { job_id } => self.cancel(job_id, ctx),
             ClientMessage::Refresh { token } => self.refresh(&token, ctx),
         }
     }

@@ -316,3 +316,130 @@ impl Client {
             .await;
     }
 }
+
+/// A multipart body with a `file` part (and an optional `batch_id`), as browsers send it.
+pub fn multipart(
+    filename: &str,
+    content_type: &str,
+    data: &[u8],
+    batch_id: Option<uuid::Uuid>,
+) -> (String, Vec<u8>) {
+    let boundary = format!("jobcast-test-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    if let Some(id) = batch_id {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"batch_id\"\r\n\r\n{id}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+impl TestServer {
+    /// `POST /api/v1/uploads`; returns status and JSON body.
+    pub async fn upload(
+        &self,
+        token: &str,
+        filename: &str,
+        content_type: &str,
+        data: &[u8],
+        batch_id: Option<uuid::Uuid>,
+    ) -> (u16, Value) {
+        upload_to(
+            &self.http("/api/v1/uploads"),
+            token,
+            filename,
+            content_type,
+            data,
+            batch_id,
+        )
+        .await
+    }
+}
+
+/// `POST` a multipart upload to `url`.
+pub async fn upload_to(
+    url: &str,
+    token: &str,
+    filename: &str,
+    content_type: &str,
+    data: &[u8],
+    batch_id: Option<uuid::Uuid>,
+) -> (u16, Value) {
+    let (ctype, body) = multipart(filename, content_type, data, batch_id);
+    let res = awc::Client::default()
+        .post(url)
+        .timeout(WAIT)
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .insert_header(("Content-Type", ctype))
+        .send_body(body)
+        .await;
+    let mut res = match res {
+        Ok(r) => r,
+        Err(e) => panic!("upload failed: {e}"),
+    };
+    let status = res.status().as_u16();
+    let bytes = res.body().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// What a generated CSV holds, so tests can check results exactly.
+pub struct GeneratedCsv {
+    pub bytes: Vec<u8>,
+    pub rows: u64,
+    pub invalid_lines: Vec<u64>,
+    pub flagged_lines: Vec<u64>,
+    pub duplicates: u64,
+}
+
+impl GeneratedCsv {
+    /// Rows that parse.
+    pub fn valid(&self) -> u64 {
+        self.rows - self.invalid_lines.len() as u64
+    }
+}
+
+/// `rows` data rows: every 10th (i % 10 == 9) repeats the row before it, i % 50 == 7 has a bad date,
+/// i % 100 == 3 has a formula in its description. Row i is on file line i + 2.
+pub fn generate_csv(rows: u64, salt: &str) -> GeneratedCsv {
+    let mut out = String::from("date,amount,description\n");
+    let (mut invalid_lines, mut flagged_lines, mut duplicates) = (Vec::new(), Vec::new(), 0);
+    let mut previous = String::new();
+    for i in 0..rows {
+        let line = if i % 10 == 9 {
+            duplicates += 1;
+            previous.clone()
+        } else if i % 50 == 7 {
+            invalid_lines.push(i + 2);
+            format!("not-a-date,{i}.00,item {salt} {i}\n")
+        } else if i % 100 == 3 {
+            flagged_lines.push(i + 2);
+            format!(
+                "2024-01-{:02},-{i}.50,\"=HYPERLINK(\"\"http://x/{salt}{i}\"\")\"\n",
+                i % 28 + 1
+            )
+        } else {
+            format!("2024-01-{:02},-{i}.25,grocery {salt} {i}\n", i % 28 + 1)
+        };
+        out.push_str(&line);
+        previous = line;
+    }
+    GeneratedCsv {
+        bytes: out.into_bytes(),
+        rows,
+        invalid_lines,
+        flagged_lines,
+        duplicates,
+    }
+}

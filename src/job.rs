@@ -1,0 +1,628 @@
+//! The job actor: one per document job, owning its state machine
+//! (queued → validating → scanning → parsing → processing → finalizing → completed | failed | cancelled).
+//!
+//! It validates the file off the I/O arbiter, fans zones out to zone actors (at most one per core in
+//! flight), alone computes overall progress and ETA, coalesces `processing_progress`, and keeps its
+//! snapshot in the store. It knows nothing of sessions: everything it says goes to the broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::broker::{Broker, Publish};
+use crate::csv_import::{validate, FlaggedCell, InvalidRow, Validated};
+use crate::progress::{validation_progress, zone_progress, Coalescer, Eta, Monotonic, Stage};
+use crate::protocol::{
+    now_rfc3339, Event, JobCancelled, ProcessingCompleted, ProcessingFailed, ProcessingProgress,
+    ProcessingStarted, StatusData,
+};
+use crate::scheduler::{Finished, Scheduler};
+use crate::store::{SaveJob, StoreActor, ZoneReports};
+use crate::zone::{ProcessZone, Zone};
+
+/// Results keep this many invalid rows and flagged cells.
+const KEEP: usize = 100;
+
+/// What a job is about; kept in its snapshot so a restart can resume it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobSpec {
+    /// The job id (the client's `batch_id` when given).
+    pub job_id: Uuid,
+    /// Owner's tenant.
+    pub tenant: String,
+    /// Owner.
+    pub user_id: String,
+    /// The name the client gave the file.
+    pub filename: String,
+    /// Where the upload is stored.
+    pub path: PathBuf,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
+/// The peers and limits a job needs.
+#[derive(Clone)]
+pub struct JobDeps {
+    /// Where events go.
+    pub broker: Addr<Broker>,
+    /// Where snapshots go.
+    pub store: Addr<StoreActor>,
+    /// The zone actors.
+    pub zones: Addr<Zone>,
+    /// Limits from the configuration.
+    pub max_upload_bytes: u64,
+    /// Rows per zone.
+    pub zone_rows: usize,
+    /// `processing_progress` per second.
+    pub progress_rate: u32,
+    /// Zones in flight per job.
+    pub parallel_zones: usize,
+}
+
+/// Start working (a run slot was granted).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Begin;
+
+/// The job waits for a slot at this position (1 = next).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Queued(pub usize);
+
+/// Cancel the job; answers whether it was still running.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Cancel {
+    /// Who asked (user id).
+    pub by: String,
+}
+
+/// Validation read `done` of `total` bytes (sent from the blocking validation thread).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ValidationProgress(u64, u64);
+
+/// The running totals of a job's results.
+#[derive(Debug, Default, Clone)]
+struct Totals {
+    processed: u64,
+    inserted: u64,
+    duplicates: u64,
+    invalid_count: u64,
+    flagged_count: u64,
+    /// By line, so resumed zones merge in file order.
+    invalid: BTreeMap<u64, InvalidRow>,
+    flagged: Vec<FlaggedCell>,
+    categories: BTreeMap<String, u64>,
+}
+
+impl Totals {
+    fn add(&mut self, report: &Value) {
+        let n = |k: &str| report[k].as_u64().unwrap_or(0);
+        self.processed += n("rows");
+        self.inserted += n("inserted");
+        self.duplicates += n("duplicates");
+        self.invalid_count += n("invalid_count");
+        self.flagged_count += n("flagged_count");
+        if let Ok(rows) = serde_json::from_value::<Vec<InvalidRow>>(report["invalid_rows"].clone())
+        {
+            for r in rows {
+                self.invalid.insert(r.line, r);
+            }
+            while self.invalid.len() > KEEP {
+                self.invalid.pop_last();
+            }
+        }
+        if let Ok(cells) =
+            serde_json::from_value::<Vec<FlaggedCell>>(report["flagged_cells"].clone())
+        {
+            self.flagged.extend(cells);
+            self.flagged.sort_by_key(|c| c.line);
+            self.flagged.truncate(KEEP);
+        }
+        if let Some(cats) = report["categories"].as_object() {
+            for (k, v) in cats {
+                *self.categories.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
+            }
+        }
+    }
+
+    fn results(&self) -> Value {
+        json!({
+            "processed_rows": self.processed,
+            "inserted": self.inserted,
+            "duplicates": self.duplicates,
+            "invalid_count": self.invalid_count,
+            "invalid_rows": self.invalid.values().collect::<Vec<_>>(),
+            "flagged_count": self.flagged_count,
+            "flagged_cells": self.flagged,
+            "categories": self.categories,
+        })
+    }
+}
+
+/// A stored snapshot as clients see it (without the server-side file path).
+pub fn public_snapshot(mut snapshot: Value) -> Value {
+    if let Some(o) = snapshot.as_object_mut() {
+        o.remove("spec");
+    }
+    snapshot
+}
+
+/// The job actor.
+pub struct Job {
+    spec: JobSpec,
+    deps: JobDeps,
+    scheduler: Addr<Scheduler>,
+    room: String,
+    status: &'static str,
+    progress: Monotonic,
+    eta: Eta,
+    eta_seconds: Option<f64>,
+    coalescer: Coalescer<()>,
+    /// A flush of the coalesced progress is scheduled.
+    flush_scheduled: bool,
+    validated: Option<Arc<Validated>>,
+    /// Zones stored (including before a restart).
+    done: BTreeSet<u64>,
+    next_zone: u64,
+    in_flight: usize,
+    totals: Totals,
+    /// Set when a cancel arrived; the job stops once no zone is in flight.
+    cancelled_by: Option<String>,
+    error: Option<Value>,
+    created_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    /// Set for a job resumed after a restart.
+    resumed: bool,
+    span: tracing::Span,
+}
+
+impl Job {
+    /// A new job, or one resumed from its stored `snapshot`.
+    pub fn new(
+        spec: JobSpec,
+        deps: JobDeps,
+        scheduler: Addr<Scheduler>,
+        snapshot: Option<&Value>,
+    ) -> Self {
+        let mut progress = Monotonic::default();
+        if let Some(p) = snapshot.and_then(|s| s["progress"].as_f64()) {
+            progress.raise(p);
+        }
+        let span = tracing::info_span!("job", job = %spec.job_id, tenant = %spec.tenant);
+        Job {
+            room: format!("job:{}", spec.job_id),
+            coalescer: Coalescer::new(deps.progress_rate),
+            created_at: snapshot
+                .and_then(|s| s["created_at"].as_str())
+                .map(str::to_string)
+                .unwrap_or_else(now_rfc3339),
+            started_at: snapshot
+                .and_then(|s| s["started_at"].as_str())
+                .map(str::to_string),
+            resumed: snapshot.is_some(),
+            spec,
+            deps,
+            scheduler,
+            status: "queued",
+            progress,
+            eta: Eta::new(Instant::now()),
+            eta_seconds: None,
+            flush_scheduled: false,
+            validated: None,
+            done: BTreeSet::new(),
+            next_zone: 0,
+            in_flight: 0,
+            totals: Totals::default(),
+            cancelled_by: None,
+            error: None,
+            finished_at: None,
+            span,
+        }
+    }
+
+    fn publish(&self, event: Event) {
+        self.deps.broker.do_send(Publish {
+            room: self.room.clone(),
+            event,
+        });
+    }
+
+    fn zones_total(&self) -> u64 {
+        self.validated
+            .as_ref()
+            .map(|v| v.zones.len() as u64)
+            .unwrap_or(0)
+    }
+
+    fn total_rows(&self) -> u64 {
+        self.validated.as_ref().map(|v| v.rows).unwrap_or(0)
+    }
+
+    /// The job as `GET /api/v1/jobs/{id}` and `subscribed.snapshot` show it.
+    pub fn snapshot(&self) -> Value {
+        let terminal = matches!(self.status, "completed" | "failed" | "cancelled");
+        json!({
+            "job_id": self.spec.job_id,
+            "room": self.room,
+            "tenant": self.spec.tenant,
+            "user_id": self.spec.user_id,
+            "kind": "csv_import",
+            "filename": self.spec.filename,
+            "size_bytes": self.spec.size_bytes,
+            "status": self.status,
+            "stage": Stage::at(self.progress.get()).as_str(),
+            "progress": if self.status == "completed" { 100.0 } else { self.progress.get() },
+            "eta_seconds": if terminal { None } else { self.eta_seconds },
+            "zones_total": self.zones_total(),
+            "zones_completed": self.done.len(),
+            "processed": self.totals.processed,
+            "total": self.total_rows(),
+            "errors": self.totals.invalid_count,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "updated_at": now_rfc3339(),
+            "finished_at": self.finished_at,
+            "results": if self.status == "completed" { self.totals.results() } else { Value::Null },
+            "error": self.error,
+            "spec": self.spec,
+        })
+    }
+
+    fn save(&self) {
+        self.deps.store.do_send(SaveJob {
+            id: self.spec.job_id.to_string(),
+            tenant: self.spec.tenant.clone(),
+            status: self.status.to_string(),
+            snapshot: self.snapshot(),
+        });
+    }
+
+    fn set_status(&mut self, status: &'static str, message: impl Into<String>) {
+        if self.status == status {
+            return;
+        }
+        self.status = status;
+        let _g = self.span.enter();
+        tracing::info!(status, "job status");
+        self.publish(Event::Status(StatusData {
+            job_id: Some(self.spec.job_id),
+            status: status.into(),
+            message: message.into(),
+        }));
+        self.save();
+    }
+
+    /// Raises progress to `p` and emits it, coalesced.
+    fn advance(&mut self, p: f64, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let value = self.progress.raise(p);
+        self.eta.update(now, value);
+        self.eta_seconds = self.eta.seconds_left(now, value);
+        // Status follows the stage bands once validation is over.
+        if value >= 20.0 && self.status != "finalizing" {
+            let status = match Stage::at(value) {
+                Stage::Validation | Stage::Scanning => "scanning",
+                Stage::Parsing => "parsing",
+                Stage::Database | Stage::Categorization => "processing",
+            };
+            self.set_status(
+                status,
+                format!("{} zones of {}", self.done.len(), self.zones_total()),
+            );
+        }
+        if self.coalescer.offer(now, ()).is_some() {
+            self.emit_progress();
+        } else if !self.flush_scheduled {
+            if let Some(wait) = self.coalescer.wait(now) {
+                self.flush_scheduled = true;
+                ctx.run_later(wait, |job, _| {
+                    job.flush_scheduled = false;
+                    if job.coalescer.take_due(Instant::now()).is_some()
+                        && job.cancelled_by.is_none()
+                    {
+                        job.emit_progress();
+                    }
+                });
+            }
+        }
+    }
+
+    fn emit_progress(&mut self) {
+        let value = self.progress.get();
+        let operation = if value < 20.0 {
+            "validating the file".to_string()
+        } else {
+            format!("zone {} of {}", self.done.len(), self.zones_total())
+        };
+        self.publish(Event::ProcessingProgress(
+            self.progress_event(value, operation),
+        ));
+        self.save();
+    }
+
+    fn progress_event(&self, value: f64, current_operation: String) -> ProcessingProgress {
+        ProcessingProgress {
+            job_id: self.spec.job_id,
+            stage: Stage::at(value).as_str().into(),
+            progress: value,
+            zones_completed: self.done.len() as u64,
+            zones_total: self.zones_total(),
+            processed: self.totals.processed,
+            total: self.total_rows(),
+            errors: self.totals.invalid_count,
+            current_operation,
+            eta_seconds: if value >= 100.0 {
+                None
+            } else {
+                self.eta_seconds
+            },
+        }
+    }
+
+    /// Sends zones to the zone actors until `parallel_zones` are in flight.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        let Some(v) = self.validated.clone() else {
+            return;
+        };
+        while self.cancelled_by.is_none()
+            && self.error.is_none()
+            && self.in_flight < self.deps.parallel_zones
+        {
+            while self.done.contains(&self.next_zone) {
+                self.next_zone += 1;
+            }
+            let Some(start) = v.zones.get(self.next_zone as usize).copied() else {
+                break;
+            };
+            let index = self.next_zone;
+            self.next_zone += 1;
+            self.in_flight += 1;
+            let msg = ProcessZone {
+                job_id: self.spec.job_id,
+                tenant: self.spec.tenant.clone(),
+                path: Arc::new(self.spec.path.clone()),
+                columns: v.columns,
+                index,
+                start,
+            };
+            ctx.spawn(
+                self.deps
+                    .zones
+                    .send(msg)
+                    .into_actor(self)
+                    .map(move |res, job, ctx| {
+                        job.in_flight -= 1;
+                        match res {
+                            Ok(Ok(report)) => {
+                                job.done.insert(index);
+                                job.totals.add(&report);
+                                let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
+                                job.advance(p, ctx);
+                            }
+                            Ok(Err(e)) => job.fail(format!("zone {index} failed: {e}"), false, ctx),
+                            Err(e) => job.fail(format!("zone {index} was lost: {e}"), true, ctx),
+                        }
+                        job.step(ctx);
+                    }),
+            );
+        }
+    }
+
+    /// Decides what comes next after a zone finished or a cancel arrived.
+    fn step(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight > 0 {
+            return;
+        }
+        if let Some(by) = self.cancelled_by.clone() {
+            return self.finish_cancelled(by, ctx);
+        }
+        if self.error.is_some() {
+            return ctx.stop();
+        }
+        if self.done.len() as u64 == self.zones_total() && self.validated.is_some() {
+            return self.complete(ctx);
+        }
+        self.dispatch(ctx);
+    }
+
+    fn complete(&mut self, ctx: &mut Context<Self>) {
+        self.set_status("finalizing", "aggregating results");
+        self.finished_at = Some(now_rfc3339());
+        self.coalescer.clear();
+        let results = self.totals.results();
+        self.publish(Event::ProcessingProgress(
+            self.progress_event(100.0, "completed".into()),
+        ));
+        self.publish(Event::ProcessingCompleted(ProcessingCompleted {
+            job_id: self.spec.job_id,
+            results,
+        }));
+        self.set_status(
+            "completed",
+            format!("{} rows imported", self.totals.inserted),
+        );
+        {
+            let _g = self.span.enter();
+            tracing::info!(
+                rows = self.totals.processed,
+                inserted = self.totals.inserted,
+                "job completed"
+            );
+        }
+        ctx.stop();
+    }
+
+    fn fail(&mut self, error: String, recoverable: bool, ctx: &mut Context<Self>) {
+        if self.error.is_some() || matches!(self.status, "completed" | "failed" | "cancelled") {
+            return;
+        }
+        {
+            let _g = self.span.enter();
+            tracing::warn!(%error, "job failed");
+        }
+        self.error = Some(json!({ "message": error, "recoverable": recoverable }));
+        self.finished_at = Some(now_rfc3339());
+        self.coalescer.clear();
+        self.publish(Event::ProcessingFailed(ProcessingFailed {
+            job_id: self.spec.job_id,
+            error: error.clone(),
+            details: json!({ "stage": Stage::at(self.progress.get()).as_str(), "zones_completed": self.done.len() }),
+            recoverable,
+        }));
+        self.set_status("failed", error);
+        if self.in_flight == 0 {
+            ctx.stop();
+        }
+    }
+
+    fn finish_cancelled(&mut self, by: String, ctx: &mut Context<Self>) {
+        self.finished_at = Some(now_rfc3339());
+        self.coalescer.clear();
+        self.publish(Event::JobCancelled(JobCancelled {
+            job_id: self.spec.job_id,
+            by: by.clone(),
+        }));
+        self.set_status("cancelled", format!("cancelled by {by}"));
+        ctx.stop();
+    }
+}
+
+impl Actor for Job {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        if !self.resumed {
+            self.publish(Event::Status(StatusData {
+                job_id: Some(self.spec.job_id),
+                status: "queued".into(),
+                message: "waiting for a slot".into(),
+            }));
+        }
+        self.save();
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.scheduler.do_send(Finished {
+            job_id: self.spec.job_id,
+        });
+    }
+}
+
+impl Handler<Queued> for Job {
+    type Result = ();
+    fn handle(&mut self, Queued(position): Queued, _: &mut Context<Self>) {
+        self.publish(Event::Status(StatusData {
+            job_id: Some(self.spec.job_id),
+            status: "queued".into(),
+            message: format!("position {position} in the queue"),
+        }));
+    }
+}
+
+impl Handler<Begin> for Job {
+    type Result = ();
+    fn handle(&mut self, _: Begin, ctx: &mut Context<Self>) {
+        if self.cancelled_by.is_some() {
+            return;
+        }
+        self.started_at.get_or_insert_with(now_rfc3339);
+        self.set_status(
+            "validating",
+            if self.resumed {
+                "resuming after a restart"
+            } else {
+                "checking the file"
+            },
+        );
+        let path = self.spec.path.clone();
+        let (max, zone_rows) = (self.deps.max_upload_bytes, self.deps.zone_rows);
+        let me = ctx.address();
+        let work = tokio::task::spawn_blocking(move || {
+            let mut last = Instant::now();
+            validate(&path, max, zone_rows, |done, total| {
+                if last.elapsed() >= Duration::from_millis(100) {
+                    last = Instant::now();
+                    me.do_send(ValidationProgress(done, total));
+                }
+            })
+        });
+        let reports = self
+            .deps
+            .store
+            .send(ZoneReports(self.spec.job_id.to_string()));
+        let both = async move { (work.await, reports.await) };
+        // `spawn`, not `wait`: validation progress and a cancel are handled while it runs.
+        ctx.spawn(both.into_actor(self).map(|(validated, reports), job, ctx| {
+            if job.cancelled_by.is_some() {
+                return;
+            }
+            let validated = match validated {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return job.fail(e, false, ctx),
+                Err(e) => return job.fail(format!("validation stopped: {e}"), true, ctx),
+            };
+            // Zones stored before a restart count as done.
+            if let Ok(Ok(reports)) = reports {
+                for (index, report) in reports {
+                    if job.done.insert(index) {
+                        job.totals.add(&report);
+                    }
+                }
+            }
+            job.validated = Some(Arc::new(validated));
+            if !job.resumed || job.done.is_empty() {
+                job.publish(Event::ProcessingStarted(ProcessingStarted {
+                    job_id: job.spec.job_id,
+                    kind: "csv_import".into(),
+                    filename: job.spec.filename.clone(),
+                    size_bytes: job.spec.size_bytes,
+                    zones_total: job.zones_total(),
+                }));
+            }
+            let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
+            job.advance(p.min(99.9), ctx);
+            job.step(ctx);
+        }));
+    }
+}
+
+impl Handler<ValidationProgress> for Job {
+    type Result = ();
+    fn handle(
+        &mut self,
+        ValidationProgress(done, total): ValidationProgress,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.validated.is_none() && self.error.is_none() {
+            self.advance(validation_progress(done, total).min(19.9), ctx);
+        }
+    }
+}
+
+impl Handler<Cancel> for Job {
+    type Result = bool;
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> bool {
+        if self.cancelled_by.is_some()
+            || self.error.is_some()
+            || matches!(self.status, "finalizing" | "completed")
+        {
+            return false;
+        }
+        {
+            let _g = self.span.enter();
+            tracing::info!(by = %msg.by, "cancel requested");
+        }
+        self.cancelled_by = Some(msg.by);
+        self.step(ctx);
+        true
+    }
+}

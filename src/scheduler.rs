@@ -1,0 +1,148 @@
+//! The scheduler actor: starts job actors, runs at most `max_concurrent_jobs` at once (the others
+//! wait as `queued` with their position), and finds running jobs for cancellation.
+
+use std::collections::{HashMap, VecDeque};
+
+use actix::prelude::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::job::{Begin, Cancel, Job, JobDeps, JobSpec, Queued};
+
+/// Start a new job (or resume one from its stored snapshot).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Submit {
+    /// What to run.
+    pub spec: JobSpec,
+    /// The stored snapshot of a job interrupted by a restart.
+    pub resume: Option<Value>,
+}
+
+/// A job actor stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Finished {
+    /// The job.
+    pub job_id: Uuid,
+}
+
+/// Cancel a job that is queued or running.
+#[derive(Message)]
+#[rtype(result = "CancelOutcome")]
+pub struct CancelJob {
+    /// The job.
+    pub job_id: Uuid,
+    /// Who asked.
+    pub by: String,
+}
+
+/// What a [`CancelJob`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job will stop and emit `job_cancelled`.
+    Cancelling,
+    /// The job is not running (it ended, or never existed here).
+    NotRunning,
+}
+
+/// How many jobs are queued and running.
+#[derive(Message)]
+#[rtype(result = "(usize, usize)")]
+pub struct Load;
+
+/// The scheduler actor.
+pub struct Scheduler {
+    deps: JobDeps,
+    max_running: usize,
+    /// Every live job actor.
+    jobs: HashMap<Uuid, Addr<Job>>,
+    running: usize,
+    queue: VecDeque<Uuid>,
+}
+
+impl Scheduler {
+    /// A scheduler running at most `max_running` jobs at once.
+    pub fn new(deps: JobDeps, max_running: usize) -> Self {
+        Scheduler {
+            deps,
+            max_running: max_running.max(1),
+            jobs: HashMap::new(),
+            running: 0,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn start_waiting(&mut self) {
+        while self.running < self.max_running {
+            let Some(id) = self.queue.pop_front() else {
+                break;
+            };
+            if let Some(job) = self.jobs.get(&id) {
+                self.running += 1;
+                job.do_send(Begin);
+            }
+        }
+        for (i, id) in self.queue.iter().enumerate() {
+            if let Some(job) = self.jobs.get(id) {
+                job.do_send(Queued(i + 1));
+            }
+        }
+    }
+}
+
+impl Actor for Scheduler {
+    type Context = Context<Self>;
+}
+
+impl Handler<Submit> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        let id = msg.spec.job_id;
+        let job = Job::new(
+            msg.spec,
+            self.deps.clone(),
+            ctx.address(),
+            msg.resume.as_ref(),
+        )
+        .start();
+        self.jobs.insert(id, job);
+        self.queue.push_back(id);
+        self.start_waiting();
+    }
+}
+
+impl Handler<Finished> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, msg: Finished, _: &mut Context<Self>) {
+        self.jobs.remove(&msg.job_id);
+        if let Some(pos) = self.queue.iter().position(|id| *id == msg.job_id) {
+            self.queue.remove(pos);
+        } else {
+            self.running = self.running.saturating_sub(1);
+        }
+        self.start_waiting();
+    }
+}
+
+impl Handler<CancelJob> for Scheduler {
+    type Result = ResponseFuture<CancelOutcome>;
+    fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
+        let Some(job) = self.jobs.get(&msg.job_id).cloned() else {
+            return Box::pin(async { CancelOutcome::NotRunning });
+        };
+        Box::pin(async move {
+            match job.send(Cancel { by: msg.by }).await {
+                Ok(true) => CancelOutcome::Cancelling,
+                _ => CancelOutcome::NotRunning,
+            }
+        })
+    }
+}
+
+impl Handler<Load> for Scheduler {
+    type Result = MessageResult<Load>;
+    fn handle(&mut self, _: Load, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.queue.len(), self.running))
+    }
+}

@@ -1,0 +1,650 @@
+//! The durable store: room history with its epoch, jobs, zone reports and imported rows, in SQLite.
+//!
+//! [`Store`] is a plain struct over one connection; [`StoreActor`] runs it on a sync arbiter so no
+//! query ever blocks an I/O arbiter. Zone workers open their own [`Store`] on the same database.
+//! `store = memory` uses a shared in-memory database with the same schema and code.
+//!
+//! Guarantee: a batch of events is committed before any member can see one of them (the broker waits
+//! for [`AppendEvents`]), and a zone's rows and its report commit in one transaction, so a zone is
+//! either wholly stored or not at all.
+
+use std::path::PathBuf;
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+use crate::csv_import::Row;
+
+/// Versioned migrations, applied in order; a database records the highest applied.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL);
+     CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+         envelope TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
+     CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL,
+         snapshot TEXT NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+     CREATE INDEX jobs_by_tenant ON jobs (tenant, created_ms);
+     CREATE TABLE zones (job_id TEXT NOT NULL, zone_index INTEGER NOT NULL, report TEXT NOT NULL,
+         PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
+     CREATE TABLE transactions (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, key TEXT NOT NULL,
+         job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL, amount_cents INTEGER NOT NULL,
+         description TEXT NOT NULL, category TEXT NOT NULL, UNIQUE (tenant, key));",
+)];
+
+/// A store error, with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A file (`data_dir/jobcast.db`).
+    File(PathBuf),
+    /// A named in-memory database shared by this process's connections (lives while one is open).
+    Memory(String),
+}
+
+impl Location {
+    /// The location the configuration asks for.
+    pub fn from_config(config: &crate::Config) -> Location {
+        if config.store == "memory" {
+            Location::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple()))
+        } else {
+            Location::File(config.data_dir.join("jobcast.db"))
+        }
+    }
+}
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The room.
+    pub room: String,
+    /// The room's epoch.
+    pub epoch: String,
+    /// Its `seq`.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub created_ms: i64,
+    /// The JSON envelope.
+    pub envelope: String,
+}
+
+/// A room's position as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomCursor {
+    /// The room.
+    pub room: String,
+    /// Its epoch.
+    pub epoch: String,
+    /// Its newest `seq`.
+    pub last_seq: u64,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One connection to the database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating and migrating when needed) the database.
+    pub fn open(location: &Location) -> Result<Store, StoreError> {
+        let conn = match location {
+            Location::File(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                }
+                let conn = Connection::open(path)?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn
+            }
+            Location::Memory(name) => Connection::open_with_flags(
+                // The memdb VFS shares one in-memory database between this process's connections
+                // with ordinary locking, so the busy timeout works as it does for files.
+                format!("file:/{name}?vfs=memdb"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )?,
+        };
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            [],
+        )?;
+        let current: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [version],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every room's epoch and newest `seq`.
+    pub fn room_cursors(&self) -> Result<Vec<RoomCursor>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT room, epoch, last_seq FROM rooms")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RoomCursor {
+                room: r.get(0)?,
+                epoch: r.get(1)?,
+                last_seq: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends events in one transaction, keeping at most `keep` per room.
+    pub fn append_events(&mut self, events: &[StoredEvent], keep: usize) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO events (room, seq, created_ms, envelope) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut cur = tx.prepare_cached(
+                "INSERT INTO rooms (room, epoch, last_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (room) DO UPDATE SET epoch = excluded.epoch, last_seq = MAX(last_seq, excluded.last_seq)",
+            )?;
+            let mut trim = tx.prepare_cached("DELETE FROM events WHERE room = ?1 AND seq <= ?2")?;
+            for e in events {
+                ins.execute(params![e.room, e.seq as i64, e.created_ms, e.envelope])?;
+            }
+            // The last event of each room carries its cursor.
+            let mut seen = std::collections::HashSet::new();
+            for e in events.iter().rev() {
+                if seen.insert(e.room.as_str()) {
+                    cur.execute(params![e.room, e.epoch, e.seq as i64])?;
+                    if e.seq as usize > keep {
+                        trim.execute(params![e.room, (e.seq as usize - keep) as i64])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Events of `room` after `seq`, oldest first, at most `limit`, not older than `min_created_ms`.
+    pub fn events_after(
+        &self,
+        room: &str,
+        seq: u64,
+        limit: usize,
+        min_created_ms: i64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, envelope FROM events WHERE room = ?1 AND seq > ?2 AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![room, seq as i64, min_created_ms, limit as i64],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes events older than `before_ms`.
+    pub fn expire_events(&self, before_ms: i64) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM events WHERE created_ms < ?1", [before_ms])?)
+    }
+
+    /// Creates or replaces a job's row.
+    pub fn save_job(
+        &self,
+        id: &str,
+        tenant: &str,
+        status: &str,
+        snapshot: &Value,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot, updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![id, tenant, status, snapshot.to_string(), now])?;
+        Ok(())
+    }
+
+    /// Reserves a job id for a tenant (a client subscribing before its upload); answers the job's
+    /// snapshot, which belongs to another tenant when the id was taken first.
+    pub fn reserve_job(&self, id: &str, tenant: &str) -> Result<Value, StoreError> {
+        let pending = serde_json::json!({ "job_id": id, "room": format!("job:{id}"), "tenant": tenant, "status": "pending" });
+        let now = now_ms();
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
+            )?
+            .execute(params![id, tenant, pending.to_string(), now])?;
+        self.job(id)?
+            .ok_or_else(|| StoreError(format!("job {id} vanished")))
+    }
+
+    /// A job's snapshot.
+    pub fn job(&self, id: &str) -> Result<Option<Value>, StoreError> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT snapshot FROM jobs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Jobs of a tenant (all tenants when `None`), newest first.
+    pub fn jobs(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<Value>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT snapshot FROM jobs WHERE (?1 IS NULL OR tenant = ?1) AND status != 'pending' ORDER BY created_ms DESC, id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![tenant, limit as i64], |r| r.get::<_, String>(0))?;
+        Ok(rows
+            .filter_map(|r| r.ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect())
+    }
+
+    /// Jobs that had not ended when the server stopped.
+    pub fn unfinished_jobs(&self) -> Result<Vec<Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT snapshot FROM jobs WHERE status NOT IN ('pending', 'completed', 'failed', 'cancelled') ORDER BY created_ms",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows
+            .filter_map(|r| r.ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect())
+    }
+
+    /// Reports of the zones of a job that completed, by index.
+    pub fn zone_reports(&self, job_id: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        Ok(rows
+            .filter_map(|r| r.ok())
+            .filter_map(|(i, t)| serde_json::from_str(&t).ok().map(|v| (i, v)))
+            .collect())
+    }
+
+    /// Stores a zone's rows (skipping rows the tenant already has) and its report in one transaction.
+    /// `report` is completed with `inserted` and `duplicates`; returns it. A zone already stored is
+    /// not stored again: its earlier report is returned.
+    pub fn store_zone(
+        &mut self,
+        job_id: &str,
+        tenant: &str,
+        zone_index: u64,
+        rows: &[Row],
+        mut report: Value,
+    ) -> Result<Value, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT report FROM zones WHERE job_id = ?1 AND zone_index = ?2",
+                params![job_id, zone_index as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(text) = existing {
+            return serde_json::from_str(&text).map_err(|e| StoreError(e.to_string()));
+        }
+        let mut inserted = 0u64;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO transactions (tenant, key, job_id, line, date, amount_cents, description, category)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for row in rows {
+                inserted += ins.execute(params![
+                    tenant,
+                    row.key,
+                    job_id,
+                    row.line as i64,
+                    row.date,
+                    row.cents,
+                    row.description,
+                    row.category
+                ])? as u64;
+            }
+        }
+        report["inserted"] = inserted.into();
+        report["duplicates"] = (rows.len() as u64 - inserted).into();
+        tx.execute(
+            "INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)",
+            params![job_id, zone_index as i64, report.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// How many rows a tenant has (for tests and stats).
+    pub fn row_count(&self, tenant: &str) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM transactions WHERE tenant = ?1",
+            [tenant],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// A cheap query proving the database answers.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+/// The store actor: a [`Store`] on a sync arbiter.
+pub struct StoreActor {
+    store: Store,
+    /// Events kept per room.
+    keep: usize,
+}
+
+impl StoreActor {
+    /// Wraps an open store.
+    pub fn new(store: Store, keep: usize) -> Self {
+        StoreActor { store, keep }
+    }
+}
+
+impl Actor for StoreActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Append a batch of events.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct AppendEvents(pub Vec<StoredEvent>);
+
+/// Events of a room after a `seq`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(u64, String)>, StoreError>")]
+pub struct EventsAfter {
+    /// The room.
+    pub room: String,
+    /// After this `seq`.
+    pub seq: u64,
+    /// At most this many.
+    pub limit: usize,
+    /// Not older than this (Unix ms).
+    pub min_created_ms: i64,
+}
+
+/// Delete events older than a time.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct ExpireEvents {
+    /// Unix ms.
+    pub before_ms: i64,
+}
+
+/// Save a job's snapshot.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct SaveJob {
+    /// Job id.
+    pub id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its status.
+    pub status: String,
+    /// Its snapshot.
+    pub snapshot: Value,
+}
+
+/// A job's snapshot.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Value>, StoreError>")]
+pub struct GetJob(pub String);
+
+/// Reserve a job id for a tenant; answers the job's snapshot.
+#[derive(Message)]
+#[rtype(result = "Result<Value, StoreError>")]
+pub struct ReserveJob {
+    /// The job id.
+    pub id: String,
+    /// The tenant reserving it.
+    pub tenant: String,
+}
+
+/// Jobs of a tenant (`None`: all).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Value>, StoreError>")]
+pub struct ListJobs {
+    /// The tenant.
+    pub tenant: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// A job's completed zone reports.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(u64, Value)>, StoreError>")]
+pub struct ZoneReports(pub String);
+
+/// Whether the database answers.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct Ping;
+
+impl Handler<AppendEvents> for StoreActor {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, msg: AppendEvents, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.append_events(&msg.0, self.keep)
+    }
+}
+
+impl Handler<EventsAfter> for StoreActor {
+    type Result = Result<Vec<(u64, String)>, StoreError>;
+    fn handle(&mut self, m: EventsAfter, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store
+            .events_after(&m.room, m.seq, m.limit, m.min_created_ms)
+    }
+}
+
+impl Handler<ExpireEvents> for StoreActor {
+    type Result = Result<usize, StoreError>;
+    fn handle(&mut self, m: ExpireEvents, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.expire_events(m.before_ms)
+    }
+}
+
+impl Handler<SaveJob> for StoreActor {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, m: SaveJob, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store
+            .save_job(&m.id, &m.tenant, &m.status, &m.snapshot)
+    }
+}
+
+impl Handler<GetJob> for StoreActor {
+    type Result = Result<Option<Value>, StoreError>;
+    fn handle(&mut self, m: GetJob, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.job(&m.0)
+    }
+}
+
+impl Handler<ReserveJob> for StoreActor {
+    type Result = Result<Value, StoreError>;
+    fn handle(&mut self, m: ReserveJob, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.reserve_job(&m.id, &m.tenant)
+    }
+}
+
+impl Handler<ListJobs> for StoreActor {
+    type Result = Result<Vec<Value>, StoreError>;
+    fn handle(&mut self, m: ListJobs, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.jobs(m.tenant.as_deref(), m.limit)
+    }
+}
+
+impl Handler<ZoneReports> for StoreActor {
+    type Result = Result<Vec<(u64, Value)>, StoreError>;
+    fn handle(&mut self, m: ZoneReports, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.zone_reports(&m.0)
+    }
+}
+
+impl Handler<Ping> for StoreActor {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, _: Ping, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.ping()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(room: &str, seq: u64) -> StoredEvent {
+        StoredEvent {
+            room: room.into(),
+            epoch: "e1".into(),
+            seq,
+            created_ms: now_ms(),
+            envelope: format!("{{\"seq\":{seq}}}"),
+        }
+    }
+
+    #[test]
+    fn events_survive_reopening_and_are_trimmed_per_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::File(dir.path().join("j.db"));
+        {
+            let mut s = Store::open(&loc).unwrap();
+            s.append_events(&(1..=5).map(|i| ev("tenant:a", i)).collect::<Vec<_>>(), 3)
+                .unwrap();
+            s.append_events(&[ev("tenant:b", 1)], 3).unwrap();
+        }
+        let s = Store::open(&loc).unwrap();
+        let mut cursors = s.room_cursors().unwrap();
+        cursors.sort_by(|a, b| a.room.cmp(&b.room));
+        assert_eq!(
+            cursors[0],
+            RoomCursor {
+                room: "tenant:a".into(),
+                epoch: "e1".into(),
+                last_seq: 5
+            }
+        );
+        assert_eq!(
+            s.events_after("tenant:a", 0, 100, 0)
+                .unwrap()
+                .iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(s.events_after("tenant:a", 3, 1, 0).unwrap().len(), 1);
+        assert_eq!(
+            s.events_after("tenant:a", 0, 100, now_ms() + 1000)
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+
+    #[test]
+    fn zones_store_once_and_dedupe_per_tenant() {
+        let loc = Location::Memory(format!("t{}", uuid::Uuid::new_v4().simple()));
+        let mut s = Store::open(&loc).unwrap();
+        let row = |line, key: &str| Row {
+            line,
+            date: "2024-01-01".into(),
+            cents: 1,
+            description: "d".into(),
+            category: "c".into(),
+            key: key.into(),
+        };
+        let rows = vec![row(2, "a"), row(3, "b"), row(4, "a")];
+        let r = s
+            .store_zone("j1", "t1", 0, &rows, serde_json::json!({"rows": 3}))
+            .unwrap();
+        assert_eq!(
+            (r["inserted"].as_u64(), r["duplicates"].as_u64()),
+            (Some(2), Some(1))
+        );
+        // The same zone again is a no-op with the same report.
+        assert_eq!(
+            s.store_zone("j1", "t1", 0, &rows, serde_json::json!({}))
+                .unwrap(),
+            r
+        );
+        // Another job of the same tenant inserts nothing new; another tenant does.
+        let r2 = s
+            .store_zone("j2", "t1", 0, &rows, serde_json::json!({}))
+            .unwrap();
+        assert_eq!(r2["inserted"], 0);
+        let r3 = s
+            .store_zone("j3", "t2", 0, &rows, serde_json::json!({}))
+            .unwrap();
+        assert_eq!(r3["inserted"], 2);
+        assert_eq!(s.row_count("t1").unwrap(), 2);
+        assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn jobs_round_trip_and_unfinished_ones_are_found() {
+        let loc = Location::Memory(format!("t{}", uuid::Uuid::new_v4().simple()));
+        let s = Store::open(&loc).unwrap();
+        s.save_job(
+            "a",
+            "t1",
+            "processing",
+            &serde_json::json!({"job_id": "a", "status": "processing"}),
+        )
+        .unwrap();
+        s.save_job(
+            "b",
+            "t2",
+            "completed",
+            &serde_json::json!({"job_id": "b", "status": "completed"}),
+        )
+        .unwrap();
+        assert_eq!(s.job("a").unwrap().unwrap()["status"], "processing");
+        assert_eq!(s.jobs(Some("t1"), 10).unwrap().len(), 1);
+        assert_eq!(s.jobs(None, 10).unwrap().len(), 2);
+        assert_eq!(s.unfinished_jobs().unwrap().len(), 1);
+        assert!(s.job("zzz").unwrap().is_none());
+    }
+}
