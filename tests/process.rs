@@ -264,3 +264,115 @@ async fn tokens_never_reach_the_logs() {
     let signature = token.rsplit('.').next().unwrap();
     assert!(!logs.contains(signature));
 }
+
+fn mint(dir: &Path, user: &str, tenant: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "--user", user, "--tenant", tenant])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[actix_rt::test]
+async fn kill_9_mid_job_then_restart_loses_nothing_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0", "--zone-rows", "10"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let token = mint(dir.path(), "alice", "acme");
+    let csv = common::generate_csv(30_000, "crash");
+    let batch = uuid::Uuid::new_v4();
+    let room = format!("job:{batch}");
+    let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    let epoch = c.subscribe(&room).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = common::upload_to(
+        &format!("http://{}/api/v1/uploads", p.addr),
+        &token,
+        "big.csv",
+        "text/csv",
+        &csv.bytes,
+        Some(batch),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let mut last_seq = 0;
+    let mut zones_seen = 0;
+    while zones_seen < 20 {
+        let env = c.recv().await;
+        assert_eq!(env.seq, Some(last_seq + 1));
+        last_seq += 1;
+        if env.event.kind() == EventType::ZoneCompleted {
+            zones_seen += 1;
+        }
+    }
+    p.child.kill().unwrap(); // SIGKILL: no shutdown of any kind
+    p.child.wait().unwrap();
+    drop(c);
+
+    let p2 = Proc::serve(dir.path(), &args, &[]);
+    let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p2.addr)).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.send(&ClientMessage::Subscribe {
+        room: room.clone(),
+        since: Some(jobcast::protocol::Since {
+            seq: last_seq,
+            epoch: epoch.clone(),
+        }),
+    })
+    .await;
+    let joined = c.expect_data(EventType::Subscribed).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(
+        joined["epoch"],
+        epoch.as_str(),
+        "history survived, so the epoch did"
+    );
+    assert!(
+        joined["seq"].as_u64().unwrap() >= last_seq,
+        "no event the client saw was lost"
+    );
+    // Every later event, replayed then live, with no gap, until the resumed job completes.
+    let mut resumed = false;
+    let results = loop {
+        let env = c.recv().await;
+        assert_eq!(env.seq, Some(last_seq + 1), "gap after restart: {env:?}");
+        last_seq += 1;
+        match env.event {
+            jobcast::protocol::Event::Status(s) if s.message == "resuming after a restart" => {
+                resumed = true
+            }
+            jobcast::protocol::Event::ProcessingCompleted(done) => break done.results,
+            _ => {}
+        }
+    };
+    assert!(
+        resumed,
+        "the job was interrupted and resumed, not finished before the kill"
+    );
+    assert_eq!(results["processed_rows"], 30_000);
+    assert_eq!(
+        results["inserted"].as_u64(),
+        Some(csv.valid() - csv.duplicates),
+        "every row stored exactly once"
+    );
+    assert_eq!(results["duplicates"].as_u64(), Some(csv.duplicates));
+    assert_eq!(
+        results["invalid_count"].as_u64(),
+        Some(csv.invalid_lines.len() as u64)
+    );
+    let res = awc::Client::default()
+        .get(format!("http://{}/api/v1/jobs/{batch}", p2.addr))
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .send()
+        .await;
+    let snap: serde_json::Value = res.unwrap().json().await.unwrap();
+    assert_eq!(snap["status"], "completed");
+    assert_eq!(snap["zones_completed"], 3000);
+}
