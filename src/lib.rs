@@ -17,6 +17,7 @@
 pub mod api_jobs;
 pub mod auth;
 pub mod broker;
+pub mod cli_import;
 pub mod config;
 pub mod csv_import;
 pub mod error;

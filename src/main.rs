@@ -27,6 +27,22 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Upload a CSV file and watch its import live, resuming if the connection drops.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// The server's base URL.
+        #[arg(long, env = "JOBCAST_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// An access JWT; without one, a development token is minted from the local secret.
+        #[arg(long, env = "JOBCAST_TOKEN")]
+        token: Option<String>,
+        /// TOML configuration file (for the local secret).
+        #[arg(long, env = "JOBCAST_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Print an access JWT signed with the configured secret (development and tests).
     Token {
         /// The user id (`sub`).
@@ -61,6 +77,13 @@ fn main() -> ExitCode {
             config,
             settings,
         } => token(settings, config, &user, &tenant, &roles, ttl),
+        Command::Import {
+            file,
+            server,
+            token,
+            config,
+            settings,
+        } => import(&file, &server, token, settings, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,6 +118,29 @@ fn token(
         auth_for(&config)?.mint_access(user, tenant, roles, ttl)?
     );
     Ok(())
+}
+
+fn import(
+    file: &std::path::Path,
+    server: &str,
+    token: Option<String>,
+    settings: Settings,
+    config: Option<PathBuf>,
+) -> Result<(), AnyError> {
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let config = Config::load(settings, config.as_deref())?;
+            auth_for(&config)?.mint_access("cli", "default", &[], 86_400)?
+        }
+    };
+    let outcome =
+        actix_rt::System::new().block_on(jobcast::cli_import::run(file, server, &token))?;
+    match outcome {
+        jobcast::cli_import::Outcome::Completed(_) => Ok(()),
+        jobcast::cli_import::Outcome::Failed(e) => Err(format!("the import failed: {e}").into()),
+        jobcast::cli_import::Outcome::Cancelled => Err("the import was cancelled".into()),
+    }
 }
 
 fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {

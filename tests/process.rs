@@ -376,3 +376,128 @@ async fn kill_9_mid_job_then_restart_loses_nothing_and_resumes() {
     assert_eq!(snap["status"], "completed");
     assert_eq!(snap["zones_completed"], 3000);
 }
+
+#[actix_rt::test]
+async fn import_command_shows_the_job_and_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
+    let csv = common::generate_csv(500, "cli");
+    std::fs::write(dir.path().join("bank.csv"), &csv.bytes).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "import",
+            "bank.csv",
+            "--server",
+            &format!("http://{}", p.addr),
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = format!(
+        "completed: 500 rows, {} inserted, {} duplicates, {} invalid",
+        csv.valid() - csv.duplicates,
+        csv.duplicates,
+        csv.invalid_lines.len()
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+    assert!(
+        stdout.contains(&format!("invalid line {}", csv.invalid_lines[0])),
+        "{stdout}"
+    );
+    assert!(stdout.contains("status: validating"), "{stdout}");
+    // A file that is not there is a clear error.
+    let out = Command::new(BIN)
+        .args([
+            "import",
+            "nope.csv",
+            "--server",
+            &format!("http://{}", p.addr),
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read nope.csv"));
+}
+
+#[actix_rt::test]
+async fn import_command_reconnects_and_resumes_when_dropped_mid_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::serve(
+        dir.path(),
+        &["--bind", "127.0.0.1:0", "--zone-rows", "10"],
+        &[],
+    );
+    let admin = p.admin_token();
+    let csv = common::generate_csv(30_000, "drop");
+    std::fs::write(dir.path().join("big.csv"), &csv.bytes).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "import",
+            "big.csv",
+            "--server",
+            &format!("http://{}", p.addr),
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job is under way, then cut the importer's connection from the server side.
+    let http = awc::Client::default();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let mut res = http
+            .get(format!("http://{}/api/v1/jobs", p.addr))
+            .insert_header(("Authorization", format!("Bearer {admin}")))
+            .send()
+            .await
+            .unwrap();
+        let list: serde_json::Value = res.json().await.unwrap();
+        if list["jobs"][0]["zones_completed"].as_u64().unwrap_or(0) > 0 {
+            assert_eq!(
+                list["jobs"][0]["status"].as_str().map(|s| s != "completed"),
+                Some(true),
+                "the job finished too soon"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let res = http
+        .delete(format!(
+            "http://{}/api/v1/admin/users/cli/connections",
+            p.addr
+        ))
+        .insert_header(("Authorization", format!("Bearer {admin}")))
+        .send()
+        .await;
+    let closed: serde_json::Value = res.unwrap().json().await.unwrap();
+    assert_eq!(closed["closed"], 1);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("reconnected; resuming"), "{stdout}");
+    assert!(stdout.contains("resumed (recovered: true"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "completed: 30000 rows, {} inserted",
+            csv.valid() - csv.duplicates
+        )),
+        "{stdout}"
+    );
+}
