@@ -36,17 +36,9 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 async fn visible_job(shared: &Shared, who: &Identity, id: &str) -> Result<(Uuid, Value), ApiError> {
     let not_found = || ApiError::NotFound(format!("no job {id}"));
     let job_id = Uuid::parse_str(id).map_err(|_| not_found())?;
-    let snapshot = shared
-        .store
-        .send(GetJob(job_id.to_string()))
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+    let snapshot = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
     match snapshot {
-        Some(s)
-            if s["status"] != "pending"
-                && (who.admin || s["tenant"].as_str() == Some(who.tenant.as_str())) =>
-        {
+        Some(s) if s["status"] != "pending" && (who.admin || s["tenant"].as_str() == Some(who.tenant.as_str())) => {
             Ok((job_id, s))
         }
         _ => Err(not_found()),
@@ -55,15 +47,8 @@ async fn visible_job(shared: &Shared, who: &Identity, id: &str) -> Result<(Uuid,
 
 /// Whether an uploaded part looks like CSV text: a CSV name or text content type, and no NUL bytes.
 fn looks_like_csv(filename: &str, content_type: Option<&str>) -> bool {
-    let name_ok = filename.to_ascii_lowercase().ends_with(".csv")
-        || filename.to_ascii_lowercase().ends_with(".txt");
-    let type_ok = match content_type.map(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    }) {
+    let name_ok = filename.to_ascii_lowercase().ends_with(".csv") || filename.to_ascii_lowercase().ends_with(".txt");
+    let type_ok = match content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
         None => true,
         Some(t) => {
             matches!(
@@ -79,26 +64,17 @@ fn looks_like_csv(filename: &str, content_type: Option<&str>) -> bool {
     type_ok && (name_ok || content_type.is_some_and(|t| t.starts_with("text/")))
 }
 
-async fn upload(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-    mut form: Multipart,
-) -> Result<HttpResponse, ApiError> {
+async fn upload(req: HttpRequest, shared: web::Data<Shared>, mut form: Multipart) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
     let max = shared.config.max_upload_bytes;
     let too_large = || ApiError::PayloadTooLarge(format!("the upload is larger than {max} bytes"));
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max + 64 * 1024) {
         return Err(too_large());
     }
     let dir = shared.config.data_dir.join("uploads");
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
     let part = dir.join(format!("{}.part", Uuid::new_v4()));
     let result = receive(&mut form, &part, max).await;
     let (batch_id, file) = match result {
@@ -113,53 +89,26 @@ async fn upload(
     };
     let Some((filename, size)) = file else {
         let _ = tokio::fs::remove_file(&part).await;
-        return Err(ApiError::BadRequest(
-            "the multipart field \"file\" is required".into(),
-        ));
+        return Err(ApiError::BadRequest("the multipart field \"file\" is required".into()));
     };
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
     // A batch id may be reserved by a subscription of the same tenant; anything else is taken.
-    let existing = shared
-        .store
-        .send(GetJob(job_id.to_string()))
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+    let existing = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
     if let Some(s) = existing {
         if s["status"] != "pending" || s["tenant"].as_str() != Some(who.tenant.as_str()) {
             let _ = tokio::fs::remove_file(&part).await;
-            return Err(ApiError::Conflict(format!(
-                "batch_id {job_id} is already in use"
-            )));
+            return Err(ApiError::Conflict(format!("batch_id {job_id} is already in use")));
         }
     }
     let path = dir.join(format!("{job_id}.csv"));
-    tokio::fs::rename(&part, &path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
-    let spec = JobSpec {
-        job_id,
-        tenant: who.tenant.clone(),
-        user_id: who.user_id.clone(),
-        filename,
-        path,
-        size_bytes: size,
-    };
+    tokio::fs::rename(&part, &path).await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
+    let spec =
+        JobSpec { job_id, tenant: who.tenant.clone(), user_id: who.user_id.clone(), filename, path, size_bytes: size };
     let snapshot = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": who.tenant, "user_id": who.user_id,
         "kind": "csv_import", "filename": spec.filename, "size_bytes": size, "status": "queued", "progress": 0.0,
         "created_at": crate::protocol::now_rfc3339(), "spec": spec });
-    let save = SaveJob {
-        id: job_id.to_string(),
-        tenant: who.tenant.clone(),
-        status: "queued".into(),
-        snapshot,
-    };
-    shared
-        .store
-        .send(save)
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+    let save = SaveJob { id: job_id.to_string(), tenant: who.tenant.clone(), status: "queued".into(), snapshot };
+    shared.store.send(save).await.map_err(unavailable)?.map_err(unavailable)?;
     info!(target: "audit", event = "upload", user = %who.user_id, tenant = %who.tenant, job = %job_id, size, "job created");
     shared.scheduler.do_send(Submit { spec, resume: None });
     Ok(HttpResponse::Accepted().json(json!({
@@ -190,16 +139,13 @@ async fn receive(
     let mut batch_id = None;
     let mut file = None;
     while let Some(field) = form.next().await {
-        let mut field =
-            field.map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {e}")))?;
+        let mut field = field.map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {e}")))?;
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "batch_id" => {
                 let mut text = Vec::new();
                 while let Some(chunk) = field.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        ApiError::BadRequest(format!("invalid multipart body: {e}"))
-                    })?;
+                    let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {e}")))?;
                     text.extend_from_slice(&chunk);
                     if text.len() > 64 {
                         return Err(ApiError::BadRequest("batch_id must be a UUID".into()).into());
@@ -207,16 +153,12 @@ async fn receive(
                 }
                 let text = String::from_utf8_lossy(&text);
                 batch_id = Some(
-                    Uuid::parse_str(text.trim())
-                        .map_err(|_| ApiError::BadRequest("batch_id must be a UUID".into()))?,
+                    Uuid::parse_str(text.trim()).map_err(|_| ApiError::BadRequest("batch_id must be a UUID".into()))?,
                 );
             }
             "file" if file.is_none() => {
-                let filename = field
-                    .content_disposition()
-                    .and_then(|d| d.get_filename())
-                    .unwrap_or("upload.csv")
-                    .to_string();
+                let filename =
+                    field.content_disposition().and_then(|d| d.get_filename()).unwrap_or("upload.csv").to_string();
                 let content_type = field.content_type().map(|m| m.to_string());
                 if !looks_like_csv(&filename, content_type.as_deref()) {
                     return Err(ApiError::UnsupportedMediaType(format!(
@@ -230,9 +172,7 @@ async fn receive(
                     .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
                 let mut size = 0u64;
                 while let Some(chunk) = field.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        ApiError::BadRequest(format!("the upload was interrupted: {e}"))
-                    })?;
+                    let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("the upload was interrupted: {e}")))?;
                     if size == 0 && chunk.iter().take(8192).any(|b| *b == 0) {
                         return Err(ApiError::UnsupportedMediaType(format!(
                             "{filename} holds binary data, not CSV text"
@@ -247,16 +187,12 @@ async fn receive(
                         .await
                         .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
                 }
-                out.flush()
-                    .await
-                    .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
+                out.flush().await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
                 file = Some((filename, size));
             }
             _ => {
                 while let Some(chunk) = field.next().await {
-                    chunk.map_err(|e| {
-                        ApiError::BadRequest(format!("invalid multipart body: {e}"))
-                    })?;
+                    chunk.map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {e}")))?;
                 }
             }
         }
@@ -267,41 +203,21 @@ async fn receive(
 async fn list(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
     let tenant = (!who.admin).then(|| who.tenant.clone());
-    let jobs = shared
-        .store
-        .send(ListJobs { tenant, limit: 500 })
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+    let jobs = shared.store.send(ListJobs { tenant, limit: 500 }).await.map_err(unavailable)?.map_err(unavailable)?;
     let jobs: Vec<Value> = jobs.into_iter().map(public_snapshot).collect();
     Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
 }
 
-async fn get(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn get(req: HttpRequest, shared: web::Data<Shared>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
     let (_, snapshot) = visible_job(&shared, &who, &id).await?;
     Ok(HttpResponse::Ok().json(public_snapshot(snapshot)))
 }
 
-async fn cancel(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn cancel(req: HttpRequest, shared: web::Data<Shared>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
     let (job_id, snapshot) = visible_job(&shared, &who, &id).await?;
-    let outcome = shared
-        .scheduler
-        .send(CancelJob {
-            job_id,
-            by: who.user_id.clone(),
-        })
-        .await
-        .map_err(unavailable)?;
+    let outcome = shared.scheduler.send(CancelJob { job_id, by: who.user_id.clone() }).await.map_err(unavailable)?;
     info!(target: "audit", event = "cancel", user = %who.user_id, job = %job_id, ?outcome, "cancel requested");
     match outcome {
         CancelOutcome::Cancelling => {
@@ -328,12 +244,7 @@ async fn publish_event(
     }
     let job_id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no job {id}")))?;
     let event = body.into_inner().into_event()?;
-    let existing = shared
-        .store
-        .send(GetJob(job_id.to_string()))
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+    let existing = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
     let mut snapshot = match existing {
         Some(s) if who.admin || s["tenant"].as_str() == Some(who.tenant.as_str()) => s,
         Some(_) => return Err(ApiError::NotFound(format!("no job {job_id}"))),
@@ -344,34 +255,15 @@ async fn publish_event(
     };
     if snapshot.get("spec").is_none() {
         follow(&mut snapshot, &event);
-        let tenant = snapshot["tenant"]
-            .as_str()
-            .unwrap_or(&who.tenant)
-            .to_string();
-        let status = snapshot["status"]
-            .as_str()
-            .unwrap_or("processing")
-            .to_string();
-        let save = SaveJob {
-            id: job_id.to_string(),
-            tenant,
-            status,
-            snapshot,
-        };
-        shared
-            .store
-            .send(save)
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        let tenant = snapshot["tenant"].as_str().unwrap_or(&who.tenant).to_string();
+        let status = snapshot["status"].as_str().unwrap_or("processing").to_string();
+        let save = SaveJob { id: job_id.to_string(), tenant, status, snapshot };
+        shared.store.send(save).await.map_err(unavailable)?.map_err(unavailable)?;
     }
     let kind = event.kind();
     let published = shared
         .broker
-        .send(Publish {
-            room: format!("job:{job_id}"),
-            event,
-        })
+        .send(Publish { room: format!("job:{job_id}"), event })
         .await
         .map_err(unavailable)?
         .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -115,9 +115,7 @@ impl AuthError {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidSignature => AuthError::InvalidSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::UnsupportedAlgorithm
-            }
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::UnsupportedAlgorithm,
             ErrorKind::InvalidAudience => AuthError::InvalidAudience,
             ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
             _ => AuthError::Malformed,
@@ -129,17 +127,11 @@ impl AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path} is neither an RSA nor an EC public key in PEM form")]
     BadPem { path: String },
     #[error("cannot keep the generated secret in {path}: {source}")]
-    Secret {
-        path: String,
-        source: std::io::Error,
-    },
+    Secret { path: String, source: std::io::Error },
     #[error("this server verifies with a public key and cannot sign access tokens")]
     CannotSign,
     #[error("signing failed: {0}")]
@@ -164,19 +156,13 @@ pub struct Auth {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Reads the HS256 secret from `data_dir/jwt_secret`, generating and keeping one on first start.
 pub fn load_or_create_secret(data_dir: &Path) -> Result<String, KeyError> {
     let path = data_dir.join("jwt_secret");
-    let err = |source| KeyError::Secret {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| KeyError::Secret { path: path.display().to_string(), source };
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}
@@ -191,9 +177,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<String, KeyError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     use std::io::Write;
-    opts.open(&path)
-        .and_then(|mut f| f.write_all(secret.as_bytes()))
-        .map_err(err)?;
+    opts.open(&path).and_then(|mut f| f.write_all(secret.as_bytes())).map_err(err)?;
     Ok(secret)
 }
 
@@ -202,18 +186,14 @@ impl Auth {
     pub fn new(config: &Config, secret: &str) -> Result<Auth, KeyError> {
         let (access_alg, access_key, access_signer) = match &config.jwt_public_key {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+                let pem = std::fs::read(path)
+                    .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
                 if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
                     (Algorithm::RS256, key, None)
                 } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
                     (Algorithm::ES256, key, None)
                 } else {
-                    return Err(KeyError::BadPem {
-                        path: path.display().to_string(),
-                    });
+                    return Err(KeyError::BadPem { path: path.display().to_string() });
                 }
             }
             None => (
@@ -323,13 +303,7 @@ impl Auth {
     }
 
     /// Mints an access JWT (HS256 mode only): for `jobcast token`, the development admin token and tests.
-    pub fn mint_access(
-        &self,
-        user: &str,
-        tenant: &str,
-        roles: &[String],
-        ttl_s: u64,
-    ) -> Result<String, KeyError> {
+    pub fn mint_access(&self, user: &str, tenant: &str, roles: &[String], ttl_s: u64) -> Result<String, KeyError> {
         let signer = self.access_signer.as_ref().ok_or(KeyError::CannotSign)?;
         let now = unix_now();
         let claims = Claims {
@@ -343,11 +317,7 @@ impl Auth {
             jti: None,
             cred_exp: None,
         };
-        Ok(jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            signer,
-        )?)
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer)?)
     }
 }
 
@@ -363,11 +333,7 @@ fn roles_of(id: &Identity) -> Vec<String> {
 }
 
 fn identity(c: &Claims, expires_at: u64) -> Result<Identity, AuthError> {
-    let tenant = c
-        .tenant
-        .clone()
-        .filter(|t| !t.is_empty())
-        .ok_or(AuthError::MissingTenant)?;
+    let tenant = c.tenant.clone().filter(|t| !t.is_empty()).ok_or(AuthError::MissingTenant)?;
     if c.sub.is_empty() {
         return Err(AuthError::Malformed);
     }
@@ -454,17 +420,12 @@ mod tests {
     #[test]
     fn websocket_tokens_work_once_and_not_as_access_tokens() {
         let a = auth();
-        let access = a
-            .verify_access(&a.mint_access("u1", "t1", &[], 600).unwrap())
-            .unwrap();
+        let access = a.verify_access(&a.mint_access("u1", "t1", &[], 600).unwrap()).unwrap();
         let (ws, ttl) = a.mint_ws_token(&access).unwrap();
         assert!(ttl <= 300 && ttl > 290);
         assert_eq!(a.verify_access(&ws), Err(AuthError::InvalidSignature));
         let id = a.verify_connect(&ws).unwrap();
-        assert_eq!(
-            id.expires_at, access.expires_at,
-            "lives as long as the access token"
-        );
+        assert_eq!(id.expires_at, access.expires_at, "lives as long as the access token");
         assert_eq!(a.verify_connect(&ws), Err(AuthError::Reused));
     }
 
@@ -476,38 +437,17 @@ mod tests {
 
     #[test]
     fn tenancy_rules() {
-        let id = Identity {
-            user_id: "u1".into(),
-            tenant: "t1".into(),
-            admin: false,
-            publisher: false,
-            expires_at: 0,
-        };
+        let id = Identity { user_id: "u1".into(), tenant: "t1".into(), admin: false, publisher: false, expires_at: 0 };
         let none = |_| None;
         assert!(authorize_room(&id, "tenant:t1", none).is_ok());
-        assert_eq!(
-            authorize_room(&id, "tenant:t2", none),
-            Err(RoomRefusal::Forbidden)
-        );
+        assert_eq!(authorize_room(&id, "tenant:t2", none), Err(RoomRefusal::Forbidden));
         assert!(authorize_room(&id, "user:u1", none).is_ok());
-        assert_eq!(
-            authorize_room(&id, "user:u2", none),
-            Err(RoomRefusal::Forbidden)
-        );
-        assert_eq!(
-            authorize_room(&id, "lobby", none),
-            Err(RoomRefusal::Unknown)
-        );
+        assert_eq!(authorize_room(&id, "user:u2", none), Err(RoomRefusal::Forbidden));
+        assert_eq!(authorize_room(&id, "lobby", none), Err(RoomRefusal::Unknown));
         let job = uuid::Uuid::new_v4();
-        assert_eq!(
-            authorize_room(&id, &format!("job:{job}"), none),
-            Err(RoomRefusal::Unknown)
-        );
+        assert_eq!(authorize_room(&id, &format!("job:{job}"), none), Err(RoomRefusal::Unknown));
         assert!(authorize_room(&id, &format!("job:{job}"), |_| Some("t1".into())).is_ok());
-        assert_eq!(
-            authorize_room(&id, &format!("job:{job}"), |_| Some("t2".into())),
-            Err(RoomRefusal::Forbidden)
-        );
+        assert_eq!(authorize_room(&id, &format!("job:{job}"), |_| Some("t2".into())), Err(RoomRefusal::Forbidden));
         let admin = Identity { admin: true, ..id };
         assert!(authorize_room(&admin, "tenant:t2", none).is_ok());
     }

@@ -145,19 +145,8 @@ impl Broker {
         store: Addr<StoreActor>,
         cursors: Vec<RoomCursor>,
     ) -> Self {
-        let cursors = cursors
-            .into_iter()
-            .map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq)))
-            .collect();
-        Broker {
-            rooms: HashMap::new(),
-            cursors,
-            settings,
-            metrics,
-            store,
-            pending: Vec::new(),
-            writing: false,
-        }
+        let cursors = cursors.into_iter().map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq))).collect();
+        Broker { rooms: HashMap::new(), cursors, settings, metrics, store, pending: Vec::new(), writing: false }
     }
 
     fn room(&mut self, name: &str) -> &mut RoomEntry {
@@ -167,22 +156,9 @@ impl Broker {
                 .remove(name)
                 .unwrap_or_else(|| (Arc::from(Uuid::new_v4().simple().to_string().as_str()), 0));
             let name: Arc<str> = Arc::from(name);
-            let addr = Room::new(
-                name.clone(),
-                epoch.clone(),
-                seq,
-                self.settings.clone(),
-                self.store.clone(),
-            )
-            .start();
+            let addr = Room::new(name.clone(), epoch.clone(), seq, self.settings.clone(), self.store.clone()).start();
             self.metrics.rooms.fetch_add(1, Relaxed);
-            let entry = RoomEntry {
-                addr,
-                seq,
-                epoch,
-                members: HashSet::new(),
-                active_at: Instant::now(),
-            };
+            let entry = RoomEntry { addr, seq, epoch, members: HashSet::new(), active_at: Instant::now() };
             self.rooms.insert(name.clone(), entry);
         }
         // Inserted just above when missing.
@@ -229,7 +205,9 @@ impl Broker {
         ctx.spawn(write.into_actor(self).map(move |res, act, ctx| {
             match res {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, events = batch.len(), "events not persisted; delivering them anyway"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, events = batch.len(), "events not persisted; delivering them anyway")
+                }
                 Err(e) => tracing::error!(error = %e, events = batch.len(), "store unreachable; delivering anyway"),
             }
             for p in batch {
@@ -245,10 +223,7 @@ impl Actor for Broker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let every = self
-            .settings
-            .history_ttl
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let every = self.settings.history_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
         ctx.run_interval(every, |broker, _| broker.sweep());
     }
 }
@@ -278,12 +253,7 @@ impl Handler<Publish> for Broker {
             created_ms: now_ms(),
             envelope: encoded.json.to_string(),
         };
-        let pending = Pending {
-            room: entry.addr.clone(),
-            seq,
-            event: encoded,
-            stored,
-        };
+        let pending = Pending { room: entry.addr.clone(), seq, event: encoded, stored };
         let delivered_to = entry.members.len();
         self.pending.push(pending);
         self.flush(ctx);
@@ -300,12 +270,7 @@ impl Handler<Subscribe> for Broker {
         if entry.members.insert(msg.conn) {
             metrics.subscriptions.fetch_add(1, Relaxed);
         }
-        entry.addr.do_send(Join {
-            conn: msg.conn,
-            member: msg.member,
-            since: msg.since,
-            snapshot: msg.snapshot,
-        });
+        entry.addr.do_send(Join { conn: msg.conn, member: msg.member, since: msg.since, snapshot: msg.snapshot });
     }
 }
 

@@ -66,10 +66,7 @@ pub async fn run(file: &Path, server: &str, token: &str) -> Result<Outcome, Impo
                 // Dropped: back off, reconnect, resume after the last event seen.
                 attempt += 1;
                 let delay = Duration::from_millis((200u64 << attempt.min(5)).min(5000));
-                view.line(&format!(
-                    "connection lost; reconnecting in {} ms",
-                    delay.as_millis()
-                ));
+                view.line(&format!("connection lost; reconnecting in {} ms", delay.as_millis()));
                 actix_rt::time::sleep(delay).await;
                 if attempt > 20 {
                     return Err(ImportError::Connect("gave up after 20 attempts".into()));
@@ -97,12 +94,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(
-        ws_base: &str,
-        token: &str,
-        room: &str,
-        since: Option<Since>,
-    ) -> Result<Conn, ImportError> {
+    async fn open(ws_base: &str, token: &str, room: &str, since: Option<Since>) -> Result<Conn, ImportError> {
         let url = format!("{ws_base}/ws?token={token}");
         let (_, framed) = awc::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -112,33 +104,16 @@ impl Conn {
             .connect()
             .await
             .map_err(|e| ImportError::Connect(e.to_string()))?;
-        let (seq, epoch) = since
-            .as_ref()
-            .map(|s| (s.seq, Some(s.epoch.clone())))
-            .unwrap_or((0, None));
-        let mut conn = Conn {
-            framed,
-            room: room.to_string(),
-            seq,
-            epoch,
-        };
-        let subscribe = ClientMessage::Subscribe {
-            room: room.to_string(),
-            since,
-        };
+        let (seq, epoch) = since.as_ref().map(|s| (s.seq, Some(s.epoch.clone()))).unwrap_or((0, None));
+        let mut conn = Conn { framed, room: room.to_string(), seq, epoch };
+        let subscribe = ClientMessage::Subscribe { room: room.to_string(), since };
         let text = serde_json::to_string(&subscribe).unwrap_or_default();
-        conn.framed
-            .send(ws::Message::Text(text.into()))
-            .await
-            .map_err(|e| ImportError::Connect(e.to_string()))?;
+        conn.framed.send(ws::Message::Text(text.into())).await.map_err(|e| ImportError::Connect(e.to_string()))?;
         Ok(conn)
     }
 
     fn position(&self) -> Option<Since> {
-        self.epoch.clone().map(|epoch| Since {
-            seq: self.seq,
-            epoch,
-        })
+        self.epoch.clone().map(|epoch| Since { seq: self.seq, epoch })
     }
 
     /// The next message for the viewer; `None` when the connection is gone.
@@ -178,13 +153,8 @@ impl Conn {
 
 /// Streams the file as a multipart upload (the file is never read whole into memory).
 async fn upload(file: &Path, server: &str, token: &str, batch: Uuid) -> Result<(), ImportError> {
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "upload.csv".into());
-    let f = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| ImportError::File(file.display().to_string(), e))?;
+    let name = file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "upload.csv".into());
+    let f = tokio::fs::File::open(file).await.map_err(|e| ImportError::File(file.display().to_string(), e))?;
     let boundary = format!("jobcast-{}", Uuid::new_v4().simple());
     let head = Bytes::from(format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"batch_id\"\r\n\r\n{batch}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: text/csv\r\n\r\n"
@@ -211,19 +181,12 @@ async fn upload(file: &Path, server: &str, token: &str, batch: Uuid) -> Result<(
         .finish()
         .post(format!("{server}/api/v1/uploads"))
         .insert_header(("Authorization", format!("Bearer {token}")))
-        .insert_header((
-            "Content-Type",
-            format!("multipart/form-data; boundary={boundary}"),
-        ))
+        .insert_header(("Content-Type", format!("multipart/form-data; boundary={boundary}")))
         .send_stream(body)
         .await
         .map_err(|e| ImportError::Connect(e.to_string()))?;
     if res.status().as_u16() != 202 {
-        let body = res
-            .body()
-            .await
-            .map(|b| String::from_utf8_lossy(&b).to_string())
-            .unwrap_or_default();
+        let body = res.body().await.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
         return Err(ImportError::Upload(res.status().as_u16(), body));
     }
     Ok(())
@@ -239,11 +202,7 @@ struct View {
 
 impl View {
     fn new() -> Self {
-        View {
-            tty: std::io::stdout().is_terminal(),
-            dirty: false,
-            last_plain: None,
-        }
+        View { tty: std::io::stdout().is_terminal(), dirty: false, last_plain: None }
     }
 
     fn line(&mut self, text: &str) {
@@ -261,10 +220,7 @@ impl View {
             let _ = write!(out, "\r\x1b[2K{text}");
             let _ = out.flush();
             self.dirty = true;
-        } else if self
-            .last_plain
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
+        } else if self.last_plain.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             self.last_plain = Some(std::time::Instant::now());
             self.line(&text);
         }
@@ -282,33 +238,22 @@ impl View {
             Event::Subscribed(s) => {
                 if let Some(status) = s.snapshot.as_ref().and_then(|v| v["status"].as_str()) {
                     if status != "pending" {
-                        self.line(&format!(
-                            "resumed (recovered: {}, status {status})",
-                            s.recovered
-                        ));
+                        self.line(&format!("resumed (recovered: {}, status {status})", s.recovered));
                     }
                 }
             }
             Event::Status(s) => self.line(&format!(
                 "status: {}{}",
                 s.status,
-                if s.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", s.message)
-                }
+                if s.message.is_empty() { String::new() } else { format!(" ({})", s.message) }
             )),
-            Event::ProcessingStarted(p) => self.line(&format!(
-                "processing {} ({} bytes, {} zones)",
-                p.filename, p.size_bytes, p.zones_total
-            )),
+            Event::ProcessingStarted(p) => {
+                self.line(&format!("processing {} ({} bytes, {} zones)", p.filename, p.size_bytes, p.zones_total))
+            }
             Event::ProcessingProgress(p) => {
                 let width = 30;
                 let filled = ((p.progress / 100.0) * width as f64).round() as usize;
-                let eta = p
-                    .eta_seconds
-                    .map(|s| format!("  ETA {s:.0}s"))
-                    .unwrap_or_default();
+                let eta = p.eta_seconds.map(|s| format!("  ETA {s:.0}s")).unwrap_or_default();
                 self.bar(format!(
                     "[{}{}] {:5.1}% {:<14} zones {}/{}  rows {}/{}{eta}",
                     "#".repeat(filled.min(width)),
@@ -326,18 +271,10 @@ impl View {
                 let r = &c.results;
                 self.line(&format!(
                     "completed: {} rows, {} inserted, {} duplicates, {} invalid, {} flagged cells",
-                    r["processed_rows"],
-                    r["inserted"],
-                    r["duplicates"],
-                    r["invalid_count"],
-                    r["flagged_count"]
+                    r["processed_rows"], r["inserted"], r["duplicates"], r["invalid_count"], r["flagged_count"]
                 ));
                 for row in r["invalid_rows"].as_array().into_iter().flatten().take(10) {
-                    self.line(&format!(
-                        "  invalid line {}: {}",
-                        row["line"],
-                        row["reason"].as_str().unwrap_or("")
-                    ));
+                    self.line(&format!("  invalid line {}: {}", row["line"], row["reason"].as_str().unwrap_or("")));
                 }
                 if let Some(cats) = r["categories"].as_object() {
                     let list: Vec<String> = cats.iter().map(|(k, v)| format!("{k} {v}")).collect();

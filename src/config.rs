@@ -126,15 +126,9 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -144,14 +138,9 @@ impl Config {
     pub fn load(cli: Settings, file: Option<&Path>) -> Result<Config, ConfigError> {
         let from_file = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.into(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.into(),
-                    source,
-                })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?
             }
             None => Settings::default(),
         };
@@ -162,12 +151,7 @@ impl Config {
 
     /// Checks the values that have a narrower range than their type.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if !matches!(self.store.as_str(), "sqlite" | "memory") {
             return invalid("store", "must be sqlite or memory");
         }
@@ -188,12 +172,9 @@ impl Config {
 
     /// The allowed Origins, parsed from the comma list; `None` means any Origin.
     pub fn origins(&self) -> Option<Vec<String>> {
-        self.allowed_origins.as_ref().map(|list| {
-            list.split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
+        self.allowed_origins
+            .as_ref()
+            .map(|list| list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     }
 }
 
@@ -217,40 +198,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("jobcast-cfg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("jobcast.toml");
-        std::fs::write(
-            &path,
-            "history_size = 7\nbind = \"127.0.0.1:9\"\nallowed_origins = \"http://a, http://b\"\n",
-        )
-        .unwrap();
-        let cli = Settings {
-            bind: Some("127.0.0.1:1".into()),
-            ..Default::default()
-        };
+        std::fs::write(&path, "history_size = 7\nbind = \"127.0.0.1:9\"\nallowed_origins = \"http://a, http://b\"\n")
+            .unwrap();
+        let cli = Settings { bind: Some("127.0.0.1:1".into()), ..Default::default() };
         let c = Config::load(cli, Some(&path)).unwrap();
         assert_eq!(c.bind, "127.0.0.1:1");
         assert_eq!(c.history_size, 7);
         assert_eq!(c.heartbeat_interval_s, 30);
-        assert_eq!(
-            c.origins().unwrap(),
-            vec!["http://a".to_string(), "http://b".to_string()]
-        );
+        assert_eq!(c.origins().unwrap(), vec!["http://a".to_string(), "http://b".to_string()]);
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        assert!(matches!(
-            Config::load(Settings::default(), Some(&path)),
-            Err(ConfigError::Parse { .. })
-        ));
+        assert!(matches!(Config::load(Settings::default(), Some(&path)), Err(ConfigError::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn nonsense_values_are_refused() {
-        let cli = Settings {
-            store: Some("mongo".into()),
-            ..Default::default()
-        };
-        assert!(matches!(
-            Config::load(cli, None),
-            Err(ConfigError::Invalid { key: "store", .. })
-        ));
+        let cli = Settings { store: Some("mongo".into()), ..Default::default() };
+        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "store", .. })));
     }
 }

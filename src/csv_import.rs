@@ -25,13 +25,8 @@ pub struct Columns {
 
 /// Finds the required columns in a header, or names the missing ones.
 pub fn parse_header(header: &[String]) -> Result<Columns, String> {
-    let find = |name: &str| {
-        header.iter().position(|h| {
-            h.trim()
-                .trim_start_matches('\u{feff}')
-                .eq_ignore_ascii_case(name)
-        })
-    };
+    let find =
+        |name: &str| header.iter().position(|h| h.trim().trim_start_matches('\u{feff}').eq_ignore_ascii_case(name));
     let (date, amount, description) = (find("date"), find("amount"), find("description"));
     let missing: Vec<&str> = REQUIRED_COLUMNS
         .iter()
@@ -81,25 +76,15 @@ pub fn validate(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Validated, String> {
     let file = File::open(path).map_err(|e| format!("cannot open the upload: {e}"))?;
-    let size = file
-        .metadata()
-        .map_err(|e| format!("cannot read the upload: {e}"))?
-        .len();
+    let size = file.metadata().map_err(|e| format!("cannot read the upload: {e}"))?.len();
     if size == 0 {
-        return Err(
-            "the file is empty; expected a header with date, amount and description".into(),
-        );
+        return Err("the file is empty; expected a header with date, amount and description".into());
     }
     if size > max_bytes {
-        return Err(format!(
-            "the file is {size} bytes; the limit is {max_bytes}"
-        ));
+        return Err(format!("the file is {size} bytes; the limit is {max_bytes}"));
     }
     let mut reader = csv_reader(BufReader::with_capacity(1 << 16, file), true);
-    let header = reader
-        .byte_headers()
-        .map_err(|e| format!("cannot read the header: {e}"))?
-        .clone();
+    let header = reader.byte_headers().map_err(|e| format!("cannot read the header: {e}"))?.clone();
     let header: Vec<String> = header
         .iter()
         .map(|f| std::str::from_utf8(f).map(str::to_string))
@@ -123,11 +108,7 @@ pub fn validate(
         }
         if rows.is_multiple_of(zone_rows) {
             let byte = record.position().map(|p| p.byte()).unwrap_or(pos.byte());
-            zones.push(ZoneStart {
-                byte,
-                line,
-                rows: 0,
-            });
+            zones.push(ZoneStart { byte, line, rows: 0 });
         }
         if let Some(z) = zones.last_mut() {
             z.rows += 1;
@@ -138,25 +119,17 @@ pub fn validate(
         }
     }
     progress(size, size);
-    Ok(Validated {
-        columns,
-        rows,
-        zones,
-    })
+    Ok(Validated { columns, rows, zones })
 }
 
 fn csv_reader<R: std::io::Read>(r: R, has_headers: bool) -> csv::Reader<R> {
-    csv::ReaderBuilder::new()
-        .has_headers(has_headers)
-        .flexible(true)
-        .from_reader(r)
+    csv::ReaderBuilder::new().has_headers(has_headers).flexible(true).from_reader(r)
 }
 
 /// Reads the records of one zone: `(file line, fields)` for each.
 pub fn read_zone(path: &Path, zone: &ZoneStart) -> Result<Vec<(u64, Vec<String>)>, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open the upload: {e}"))?;
-    file.seek(SeekFrom::Start(zone.byte))
-        .map_err(|e| format!("cannot seek in the upload: {e}"))?;
+    file.seek(SeekFrom::Start(zone.byte)).map_err(|e| format!("cannot seek in the upload: {e}"))?;
     let mut reader = csv_reader(BufReader::with_capacity(1 << 16, file), false);
     let mut out = Vec::with_capacity(zone.rows as usize);
     let mut record = csv::StringRecord::new();
@@ -166,12 +139,7 @@ pub fn read_zone(path: &Path, zone: &ZoneStart) -> Result<Vec<(u64, Vec<String>)
                 let line = zone.line + record.position().map(|p| p.line()).unwrap_or(1) - 1;
                 out.push((line, record.iter().map(str::to_string).collect()));
             }
-            Ok(false) => {
-                return Err(format!(
-                    "the upload changed: zone at line {} ended early",
-                    zone.line
-                ))
-            }
+            Ok(false) => return Err(format!("the upload changed: zone at line {} ended early", zone.line)),
             Err(e) => return Err(format!("unreadable CSV in zone at line {}: {e}", zone.line)),
         }
     }
@@ -203,11 +171,7 @@ pub fn scan_cell(cell: &str) -> (Vec<CellIssue>, Option<String>) {
     let mut value: Option<String> = None;
     if cell.chars().any(|c| c.is_control() && c != '\t') {
         issues.push(CellIssue::ControlCharacters);
-        value = Some(
-            cell.chars()
-                .filter(|c| !c.is_control() || *c == '\t')
-                .collect(),
-        );
+        value = Some(cell.chars().filter(|c| !c.is_control() || *c == '\t').collect());
     }
     let current = value.as_deref().unwrap_or(cell);
     let starts_formula = current.starts_with(['=', '+', '-', '@', '\t', '\r']);
@@ -231,9 +195,7 @@ pub fn parse_date(s: &str) -> Option<String> {
         .filter(|p| p.len() >= 8 && p.chars().any(|c| c == '-' || c == '/' || c == '.'))
         .unwrap_or(s);
     let num = |p: &str| -> Option<u32> {
-        (!p.is_empty() && p.len() <= 4 && p.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| p.parse().ok())
-            .flatten()
+        (!p.is_empty() && p.len() <= 4 && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse().ok()).flatten()
     };
     let (y, m, d) = if s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()) {
         (num(&s[..4])?, num(&s[4..6])?, num(&s[6..])?)
@@ -266,19 +228,14 @@ fn split3<'a>(s: &'a str, seps: &[char]) -> Option<(&'a str, &'a str, &'a str)> 
 }
 
 fn parse_month_name(s: &str) -> Option<(u32, u32, u32)> {
-    const MONTHS: [&str; 12] = [
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-    ];
+    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
     let words: Vec<&str> = s.split([' ', ',']).filter(|w| !w.is_empty()).collect();
     if words.len() != 3 {
         return None;
     }
     let month_of = |w: &str| {
         let w = w.to_ascii_lowercase();
-        MONTHS
-            .iter()
-            .position(|m| w.len() >= 3 && w.starts_with(m))
-            .map(|i| i as u32 + 1)
+        MONTHS.iter().position(|m| w.len() >= 3 && w.starts_with(m)).map(|i| i as u32 + 1)
     };
     let n = |w: &str| w.parse::<u32>().ok();
     match (month_of(words[0]), month_of(words[1])) {
@@ -318,20 +275,14 @@ pub fn parse_amount(s: &str) -> Option<i64> {
         None => t.strip_prefix('+').unwrap_or(t),
     };
     let t = t.trim_start_matches(['$', '€', '£', '¥']);
-    if t.is_empty()
-        || !t
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b'.' || b == b',')
-    {
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b',') {
         return None;
     }
     // The last separator is the decimal one when 1-2 digits follow it; a comma followed by exactly
     // three digits is a thousands separator. Other separators must group the integer part by three.
     let last_sep = t.rfind(['.', ',']);
     let (int_part, frac_part, decimal_sep) = match last_sep {
-        Some(i) if (2..=3).contains(&(t.len() - i)) => {
-            (&t[..i], &t[i + 1..], Some(t.as_bytes()[i]))
-        }
+        Some(i) if (2..=3).contains(&(t.len() - i)) => (&t[..i], &t[i + 1..], Some(t.as_bytes()[i])),
         Some(i) if t.len() - i == 4 && t.as_bytes()[i] == b',' => (t, "", None),
         None => (t, "", None),
         _ => return None,
@@ -340,18 +291,10 @@ pub fn parse_amount(s: &str) -> Option<i64> {
     let first = groups.next().unwrap_or("");
     if int_part.contains(['.', ',']) {
         let thousands = int_part.bytes().find(|b| *b == b'.' || *b == b',');
-        if thousands == decimal_sep
-            || first.is_empty()
-            || first.len() > 3
-            || groups.any(|g| g.len() != 3)
-        {
+        if thousands == decimal_sep || first.is_empty() || first.len() > 3 || groups.any(|g| g.len() != 3) {
             return None;
         }
-        if int_part
-            .bytes()
-            .filter(|b| *b == b'.' || *b == b',')
-            .any(|b| Some(b) != thousands)
-        {
+        if int_part.bytes().filter(|b| *b == b'.' || *b == b',').any(|b| Some(b) != thousands) {
             return None;
         }
     }
@@ -362,11 +305,7 @@ pub fn parse_amount(s: &str) -> Option<i64> {
     if int_digits.len() > 15 {
         return None;
     }
-    let int: i64 = if int_digits.is_empty() {
-        0
-    } else {
-        int_digits.parse().ok()?
-    };
+    let int: i64 = if int_digits.is_empty() { 0 } else { int_digits.parse().ok()? };
     let frac: i64 = match frac_part.len() {
         0 => 0,
         1 => frac_part.parse::<i64>().ok()? * 10,
@@ -379,11 +318,7 @@ pub fn parse_amount(s: &str) -> Option<i64> {
 /// Formats cents as a decimal string (`-12.50`).
 pub fn format_cents(cents: i64) -> String {
     let sign = if cents < 0 { "-" } else { "" };
-    format!(
-        "{sign}{}.{:02}",
-        cents.unsigned_abs() / 100,
-        cents.unsigned_abs() % 100
-    )
+    format!("{sign}{}.{:02}", cents.unsigned_abs() / 100, cents.unsigned_abs() % 100)
 }
 
 /// Rule-based categorization: the first category one of whose keywords occurs in the description.
@@ -398,17 +333,7 @@ impl Default for Rules {
         let r = |c: &str, kw: &[&str]| (c.to_string(), kw.iter().map(|k| k.to_string()).collect());
         Rules {
             rules: vec![
-                r(
-                    "income",
-                    &[
-                        "salary",
-                        "payroll",
-                        "paycheck",
-                        "dividend",
-                        "refund",
-                        "interest paid",
-                    ],
-                ),
+                r("income", &["salary", "payroll", "paycheck", "dividend", "refund", "interest paid"]),
                 r("rent", &["rent", "mortgage", "landlord"]),
                 r(
                     "groceries",
@@ -459,34 +384,11 @@ impl Default for Rules {
                 ),
                 r(
                     "utilities",
-                    &[
-                        "electric",
-                        "water bill",
-                        "internet",
-                        "phone",
-                        "mobile",
-                        "utility",
-                        "comcast",
-                        "verizon",
-                    ],
+                    &["electric", "water bill", "internet", "phone", "mobile", "utility", "comcast", "verizon"],
                 ),
-                r(
-                    "entertainment",
-                    &[
-                        "netflix", "spotify", "cinema", "movie", "steam", "concert", "hulu",
-                        "disney",
-                    ],
-                ),
-                r(
-                    "shopping",
-                    &[
-                        "amazon", "ebay", "store", "shop", "ikea", "target", "walmart",
-                    ],
-                ),
-                r(
-                    "health",
-                    &["pharmacy", "doctor", "dental", "hospital", "clinic", "gym"],
-                ),
+                r("entertainment", &["netflix", "spotify", "cinema", "movie", "steam", "concert", "hulu", "disney"]),
+                r("shopping", &["amazon", "ebay", "store", "shop", "ikea", "target", "walmart"]),
+                r("health", &["pharmacy", "doctor", "dental", "hospital", "clinic", "gym"]),
             ],
         }
     }
@@ -542,8 +444,8 @@ pub struct Row {
     pub description: String,
     /// Category from the rules.
     pub category: String,
-    /// Deduplication key (per tenant): date, amount and normalised description.
-    pub key: String,
+    /// Deduplication key (per tenant): a 128-bit hash of date, amount and normalised description.
+    pub key: [u8; 16],
 }
 
 /// A refused row.
@@ -577,16 +479,25 @@ pub struct ZoneRows {
     pub flagged: Vec<FlaggedCell>,
 }
 
+/// The deduplication key of a row: FNV-1a (128 bit) over date, amount and normalised description.
+/// A collision needs about 2^64 distinct rows, so equal keys mean equal rows.
+pub fn content_key(date: &str, cents: i64, normalised_description: &str) -> [u8; 16] {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    let parts: [&[u8]; 5] = [date.as_bytes(), b"|", &cents.to_le_bytes(), b"|", normalised_description.as_bytes()];
+    for part in parts {
+        for b in part {
+            h ^= u128::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    h.to_be_bytes()
+}
+
 /// Scans, parses and categorizes one zone's records.
-pub fn process_records(
-    records: Vec<(u64, Vec<String>)>,
-    columns: &Columns,
-    rules: &Rules,
-) -> ZoneRows {
-    let mut out = ZoneRows {
-        rows: Vec::with_capacity(records.len()),
-        ..Default::default()
-    };
+pub fn process_records(records: Vec<(u64, Vec<String>)>, columns: &Columns, rules: &Rules) -> ZoneRows {
+    let mut out = ZoneRows { rows: Vec::with_capacity(records.len()), ..Default::default() };
     let names = ["date", "amount", "description"];
     for (line, mut fields) in records {
         // Scanning: every cell, neutralised in place.
@@ -598,11 +509,7 @@ pub fn process_records(
                     .position(|c| *c == i)
                     .map(|k| names[k].to_string())
                     .unwrap_or_else(|| format!("column {}", i + 1));
-                out.flagged.push(FlaggedCell {
-                    line,
-                    column,
-                    reason: issue.reason().into(),
-                });
+                out.flagged.push(FlaggedCell { line, column, reason: issue.reason().into() });
             }
             if let Some(fixed) = fixed {
                 *cell = fixed;
@@ -614,51 +521,27 @@ pub fn process_records(
         if fields.len() <= max_col {
             out.invalid.push(InvalidRow {
                 line,
-                reason: format!(
-                    "expected at least {} fields, found {}",
-                    max_col + 1,
-                    fields.len()
-                ),
+                reason: format!("expected at least {} fields, found {}", max_col + 1, fields.len()),
             });
             continue;
         }
         let Some(date) = parse_date(get(columns.date)) else {
-            out.invalid.push(InvalidRow {
-                line,
-                reason: format!("invalid date {:?}", get(columns.date)),
-            });
+            out.invalid.push(InvalidRow { line, reason: format!("invalid date {:?}", get(columns.date)) });
             continue;
         };
         let Some(cents) = parse_amount(get(columns.amount)) else {
-            out.invalid.push(InvalidRow {
-                line,
-                reason: format!("invalid amount {:?}", get(columns.amount)),
-            });
+            out.invalid.push(InvalidRow { line, reason: format!("invalid amount {:?}", get(columns.amount)) });
             continue;
         };
         let description = get(columns.description).to_string();
         if description.is_empty() {
-            out.invalid.push(InvalidRow {
-                line,
-                reason: "empty description".into(),
-            });
+            out.invalid.push(InvalidRow { line, reason: "empty description".into() });
             continue;
         }
-        let normalised = description
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase();
-        let key = format!("{date}|{cents}|{normalised}");
+        let normalised = description.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        let key = content_key(&date, cents, &normalised);
         let category = rules.categorize(&description, cents).to_string();
-        out.rows.push(Row {
-            line,
-            date,
-            cents,
-            description,
-            category,
-            key,
-        });
+        out.rows.push(Row { line, date, cents, description, category, key });
     }
     out
 }
@@ -673,29 +556,15 @@ mod tests {
         let h = |s: &str| s.split(',').map(str::to_string).collect::<Vec<_>>();
         assert_eq!(
             parse_header(&h("Date,Amount,Description")).unwrap(),
-            Columns {
-                date: 0,
-                amount: 1,
-                description: 2
-            }
+            Columns { date: 0, amount: 1, description: 2 }
         );
         assert_eq!(
             parse_header(&h("memo, description ,AMOUNT,date")).unwrap(),
-            Columns {
-                date: 3,
-                amount: 2,
-                description: 1
-            }
+            Columns { date: 3, amount: 2, description: 1 }
         );
         let err = parse_header(&h("date,value,memo")).unwrap_err();
-        assert!(
-            err.contains("lacks the columns amount, description"),
-            "{err}"
-        );
-        assert!(
-            parse_header(&h("\u{feff}date,amount,description")).is_ok(),
-            "a UTF-8 BOM is tolerated"
-        );
+        assert!(err.contains("lacks the columns amount, description"), "{err}");
+        assert!(parse_header(&h("\u{feff}date,amount,description")).is_ok(), "a UTF-8 BOM is tolerated");
     }
 
     #[test]
@@ -715,15 +584,7 @@ mod tests {
         ] {
             assert_eq!(parse_date(input).as_deref(), Some(want), "{input}");
         }
-        for bad in [
-            "2023-02-29",
-            "2024-13-01",
-            "yesterday",
-            "",
-            "31/31/2024",
-            "2024-01",
-            "1/2/3",
-        ] {
+        for bad in ["2023-02-29", "2024-13-01", "yesterday", "", "31/31/2024", "2024-01", "1/2/3"] {
             assert_eq!(parse_date(bad), None, "{bad}");
         }
     }
@@ -756,21 +617,11 @@ mod tests {
     fn formula_injection_is_flagged_and_neutralised() {
         assert_eq!(
             scan_cell("=HYPERLINK(\"x\")"),
-            (
-                vec![CellIssue::FormulaInjection],
-                Some("'=HYPERLINK(\"x\")".into())
-            )
+            (vec![CellIssue::FormulaInjection], Some("'=HYPERLINK(\"x\")".into()))
         );
         assert_eq!(scan_cell("@SUM(A1)").0, vec![CellIssue::FormulaInjection]);
-        assert_eq!(
-            scan_cell("+cmd|' /C calc'!A0").0,
-            vec![CellIssue::FormulaInjection]
-        );
-        assert_eq!(
-            scan_cell("-12.50"),
-            (vec![], None),
-            "a negative number is not a formula"
-        );
+        assert_eq!(scan_cell("+cmd|' /C calc'!A0").0, vec![CellIssue::FormulaInjection]);
+        assert_eq!(scan_cell("-12.50"), (vec![], None), "a negative number is not a formula");
         assert_eq!(scan_cell("coffee"), (vec![], None));
         let (issues, fixed) = scan_cell("bad\u{0}byte\u{7}");
         assert_eq!(issues, vec![CellIssue::ControlCharacters]);
@@ -787,6 +638,8 @@ mod tests {
         let custom = Rules::from_toml("pets = [\"vet\", \"petco\"]\n").unwrap();
         assert_eq!(custom.categorize("City Vet", -100), "pets");
         assert!(Rules::from_toml("pets = 3").is_err());
+        let ordered = Rules::from_toml("zoo = [\"vet\"]\nanimals = [\"vet\"]\n").unwrap();
+        assert_eq!(ordered.categorize("vet", -1), "zoo", "the first rule in the file wins");
     }
 
     #[test]
@@ -801,10 +654,7 @@ mod tests {
         drop(f);
         let v = validate(&path, 1 << 20, 2, |_, _| {}).unwrap();
         assert_eq!(v.rows, 5);
-        assert_eq!(
-            v.zones.iter().map(|z| (z.line, z.rows)).collect::<Vec<_>>(),
-            vec![(2, 2), (6, 2), (10, 1)]
-        );
+        assert_eq!(v.zones.iter().map(|z| (z.line, z.rows)).collect::<Vec<_>>(), vec![(2, 2), (6, 2), (10, 1)]);
         let zone = read_zone(&path, &v.zones[1]).unwrap();
         assert_eq!(zone.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![6, 8]);
         assert_eq!(zone[0].1[2], "item\n2");
@@ -820,25 +670,16 @@ mod tests {
         };
         assert!(check("empty.csv", b"").contains("empty"));
         assert!(check("header.csv", b"when,how much\n").contains("lacks the columns"));
-        assert!(check(
-            "latin1.csv",
-            b"date,amount,description\n2024-01-01,1,caf\xe9\n"
-        )
-        .contains("line 2 is not valid UTF-8"));
+        assert!(check("latin1.csv", b"date,amount,description\n2024-01-01,1,caf\xe9\n")
+            .contains("line 2 is not valid UTF-8"));
         let p = dir.path().join("big.csv");
         std::fs::write(&p, b"date,amount,description\n").unwrap();
-        assert!(validate(&p, 4, 10, |_, _| {})
-            .unwrap_err()
-            .contains("limit"));
+        assert!(validate(&p, 4, 10, |_, _| {}).unwrap_err().contains("limit"));
     }
 
     #[test]
     fn records_become_rows_or_errors_with_lines() {
-        let cols = Columns {
-            date: 0,
-            amount: 1,
-            description: 2,
-        };
+        let cols = Columns { date: 0, amount: 1, description: 2 };
         let rec = |line, f: &[&str]| (line, f.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let out = process_records(
             vec![
@@ -854,17 +695,12 @@ mod tests {
         assert_eq!(out.rows.len(), 2);
         assert_eq!(out.rows[0].category, "dining");
         assert_eq!(out.rows[1].description, "'=cmd()");
-        assert_eq!(
-            out.invalid.iter().map(|r| r.line).collect::<Vec<_>>(),
-            vec![3, 4, 5]
-        );
+        assert_eq!(out.rows[0].key, content_key("2024-01-01", -450, "starbucks"));
+        assert_ne!(content_key("2024-01-01", 1, "a"), content_key("2024-01-01", 1, "b"));
+        assert_eq!(out.invalid.iter().map(|r| r.line).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(
             out.flagged,
-            vec![FlaggedCell {
-                line: 6,
-                column: "description".into(),
-                reason: "formula_injection".into()
-            }]
+            vec![FlaggedCell { line: 6, column: "description".into(), reason: "formula_injection".into() }]
         );
     }
 }

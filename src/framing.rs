@@ -85,18 +85,8 @@ impl Encoded {
     /// Encodes `env` as JSON and, when the JSON is longer than `threshold` bytes, as gzip(msgpack).
     pub fn new(env: &Envelope, threshold: usize) -> Result<Encoded, EncodeError> {
         let json = serde_json::to_string(env)?;
-        let binary = if json.len() > threshold {
-            Some(gzip_msgpack(env)?)
-        } else {
-            None
-        };
-        Ok(Encoded {
-            kind: env.event.kind(),
-            seq: env.seq,
-            json: json.into(),
-            binary,
-            created: Instant::now(),
-        })
+        let binary = if json.len() > threshold { Some(gzip_msgpack(env)?) } else { None };
+        Ok(Encoded { kind: env.event.kind(), seq: env.seq, json: json.into(), binary, created: Instant::now() })
     }
 
     /// The frame a connection with `format` receives.
@@ -120,9 +110,7 @@ pub fn gzip_msgpack(env: &Envelope) -> Result<Bytes, EncodeError> {
 pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
     use std::io::Read;
     let mut packed = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut packed)
-        .map_err(|e| format!("gzip: {e}"))?;
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut packed).map_err(|e| format!("gzip: {e}"))?;
     rmp_serde::from_slice(&packed).map_err(|e| format!("msgpack: {e}"))
 }
 
@@ -153,13 +141,8 @@ mod tests {
         let env = env_with(5000);
         let e = Encoded::new(&env, 1024).unwrap();
         assert!(e.json.len() > 1024);
-        let Frame::Binary(bin) = e.frame(Format::Auto) else {
-            panic!("expected binary")
-        };
-        assert!(
-            bin.len() < e.json.len(),
-            "gzip should shrink a repetitive payload"
-        );
+        let Frame::Binary(bin) = e.frame(Format::Auto) else { panic!("expected binary") };
+        assert!(bin.len() < e.json.len(), "gzip should shrink a repetitive payload");
         assert_eq!(decode_binary(&bin).unwrap(), env);
         assert!(matches!(e.frame(Format::Json), Frame::Text(_)));
     }

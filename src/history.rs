@@ -29,11 +29,7 @@ pub struct HistoryRing {
 impl HistoryRing {
     /// An empty ring.
     pub fn new(capacity: usize, ttl: Duration) -> Self {
-        HistoryRing {
-            events: VecDeque::new(),
-            capacity,
-            ttl,
-        }
+        HistoryRing { events: VecDeque::new(), capacity, ttl }
     }
 
     /// Appends the event with `seq` (one more than the last pushed), trimming to capacity.
@@ -76,13 +72,7 @@ impl HistoryRing {
         match self.events.front() {
             Some((oldest, _, _)) if *oldest <= since + 1 => {
                 let skip = (since + 1 - oldest) as usize;
-                Replay::Recovered(
-                    self.events
-                        .iter()
-                        .skip(skip)
-                        .map(|(_, _, e)| e.clone())
-                        .collect(),
-                )
+                Replay::Recovered(self.events.iter().skip(skip).map(|(_, _, e)| e.clone()).collect())
             }
             _ => Replay::Lost,
         }

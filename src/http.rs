@@ -34,14 +34,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/auth/websocket-token", web::post().to(websocket_token))
                 .route("/admin/stats", web::get().to(admin_stats))
                 .route("/admin/connections", web::get().to(admin_connections))
-                .route(
-                    "/admin/connections/{id}",
-                    web::delete().to(admin_close_connection),
-                )
-                .route(
-                    "/admin/users/{user_id}/connections",
-                    web::delete().to(admin_close_user),
-                )
+                .route("/admin/connections/{id}", web::delete().to(admin_close_connection))
+                .route("/admin/users/{user_id}/connections", web::delete().to(admin_close_user))
                 .route("/admin/broadcast/{room}", web::post().to(admin_broadcast)),
         );
 }
@@ -124,11 +118,7 @@ struct WsQuery {
     ack: Option<String>,
 }
 
-async fn ws(
-    req: HttpRequest,
-    body: web::Payload,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
+async fn ws(req: HttpRequest, body: web::Payload, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     upgrade(req, body, shared.get_ref().clone(), None)
 }
 
@@ -158,15 +148,15 @@ fn upgrade(
     let q = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
         .into_inner();
-    let format = Format::parse(q.format.as_deref())
-        .ok_or_else(|| ApiError::BadRequest("format must be auto or json".into()))?;
+    let format =
+        Format::parse(q.format.as_deref()).ok_or_else(|| ApiError::BadRequest("format must be auto or json".into()))?;
     let ack = match q.ack.as_deref() {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,
         Some(_) => return Err(ApiError::BadRequest("ack must be 1 or 0".into())),
     };
-    let (response, session, stream) = actix_ws::handle(&req, body)
-        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
+    let (response, session, stream) =
+        actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
     let params = SessionParams {
         token: q.token.filter(|t| !t.is_empty()),
         format,
@@ -178,15 +168,9 @@ fn upgrade(
     Ok(response)
 }
 
-async fn websocket_token(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
+async fn websocket_token(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let id = bearer(&req, &shared)?;
-    let (token, expires_in) = shared
-        .auth
-        .mint_ws_token(&id)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (token, expires_in) = shared.auth.mint_ws_token(&id).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(target: "audit", event = "websocket_token", user = %id.user_id, tenant = %id.tenant, "minted");
     Ok(HttpResponse::Created().json(json!({ "token": token, "expires_in": expires_in })))
 }
@@ -210,32 +194,18 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
 }
 
 async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(shared.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(shared.metrics.render())
 }
 
 async fn index() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(include_str!("index.html"))
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(include_str!("index.html"))
 }
 
-async fn admin_stats(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
+async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     admin(&req, &shared)?;
-    let b = shared
-        .broker
-        .send(Stats)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let (queued, running) = shared
-        .scheduler
-        .send(crate::scheduler::Load)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let b = shared.broker.send(Stats).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let (queued, running) =
+        shared.scheduler.send(crate::scheduler::Load).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let m = &shared.metrics;
     use std::sync::atomic::Ordering::Relaxed;
     Ok(HttpResponse::Ok().json(json!({
@@ -255,16 +225,9 @@ async fn admin_stats(
     })))
 }
 
-async fn admin_connections(
-    req: HttpRequest,
-    shared: web::Data<Shared>,
-) -> Result<HttpResponse, ApiError> {
+async fn admin_connections(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     admin(&req, &shared)?;
-    let list = shared
-        .registry
-        .send(ListConnections)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let list = shared.registry.send(ListConnections).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({ "connections": list })))
 }
 
@@ -275,16 +238,8 @@ async fn admin_close_connection(
 ) -> Result<HttpResponse, ApiError> {
     let who = admin(&req, &shared)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such connection".into()))?;
-    let msg = CloseConnection {
-        id,
-        code: close::ADMIN,
-        reason: "disconnected by an admin".into(),
-    };
-    let found = shared
-        .registry
-        .send(msg)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let msg = CloseConnection { id, code: close::ADMIN, reason: "disconnected by an admin".into() };
+    let found = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     info!(target: "audit", event = "admin_disconnect", admin = %who.user_id, conn = %id, found, "admin action");
     if !found {
         return Err(ApiError::NotFound("no such connection".into()));
@@ -299,16 +254,8 @@ async fn admin_close_user(
 ) -> Result<HttpResponse, ApiError> {
     let who = admin(&req, &shared)?;
     let user_id = user_id.into_inner();
-    let msg = CloseUser {
-        user_id: user_id.clone(),
-        code: close::ADMIN,
-        reason: "disconnected by an admin".into(),
-    };
-    let closed = shared
-        .registry
-        .send(msg)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let msg = CloseUser { user_id: user_id.clone(), code: close::ADMIN, reason: "disconnected by an admin".into() };
+    let closed = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     info!(target: "audit", event = "admin_disconnect_user", admin = %who.user_id, user = %user_id, closed, "admin action");
     Ok(HttpResponse::Ok().json(json!({ "closed": closed })))
 }
@@ -327,20 +274,11 @@ pub struct PostedEvent {
 impl PostedEvent {
     /// The typed event, or why it is not one that may be published into a room.
     pub fn into_event(self) -> Result<Event, ApiError> {
-        let allowed = EventType::ALL
-            .iter()
-            .any(|t| t.is_room_event() && t.as_str() == self.kind);
+        let allowed = EventType::ALL.iter().any(|t| t.is_room_event() && t.as_str() == self.kind);
         if !allowed {
-            return Err(ApiError::BadRequest(format!(
-                "type {:?} cannot be published into a room",
-                self.kind
-            )));
+            return Err(ApiError::BadRequest(format!("type {:?} cannot be published into a room", self.kind)));
         }
-        let data = if self.data.is_null() {
-            json!({})
-        } else {
-            self.data
-        };
+        let data = if self.data.is_null() { json!({}) } else { self.data };
         serde_json::from_value(json!({ "type": self.kind, "data": data }))
             .map_err(|e| ApiError::BadRequest(format!("invalid data for {}: {e}", self.kind)))
     }
@@ -355,18 +293,13 @@ async fn admin_broadcast(
     let who = admin(&req, &shared)?;
     let room = room.into_inner();
     if RoomKind::parse(&room).is_none() {
-        return Err(ApiError::BadRequest(format!(
-            "unknown room {room:?}: use job:<uuid>, user:<id> or tenant:<id>"
-        )));
+        return Err(ApiError::BadRequest(format!("unknown room {room:?}: use job:<uuid>, user:<id> or tenant:<id>")));
     }
     let event = body.into_inner().into_event()?;
     let kind = event.kind();
     let published = shared
         .broker
-        .send(Publish {
-            room: room.clone(),
-            event,
-        })
+        .send(Publish { room: room.clone(), event })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -381,30 +314,18 @@ mod tests {
 
     #[test]
     fn query_values_are_redacted() {
-        assert_eq!(
-            redact_query("token=abc.def&format=json"),
-            "token=[redacted]&format=[redacted]"
-        );
+        assert_eq!(redact_query("token=abc.def&format=json"), "token=[redacted]&format=[redacted]");
         assert_eq!(redact_query(""), "");
         assert_eq!(redact_query("flag"), "flag");
     }
 
     #[test]
     fn posted_events_are_typed() {
-        let ok = PostedEvent {
-            kind: "info".into(),
-            data: json!({"message": "hi"}),
-        };
+        let ok = PostedEvent { kind: "info".into(), data: json!({"message": "hi"}) };
         assert_eq!(ok.into_event().unwrap().kind(), EventType::Info);
-        let conn_level = PostedEvent {
-            kind: "authenticated".into(),
-            data: json!({}),
-        };
+        let conn_level = PostedEvent { kind: "authenticated".into(), data: json!({}) };
         assert!(conn_level.into_event().is_err());
-        let bad = PostedEvent {
-            kind: "zone_completed".into(),
-            data: json!({"job_id": 1}),
-        };
+        let bad = PostedEvent { kind: "zone_completed".into(), data: json!({"job_id": 1}) };
         assert!(bad.into_event().is_err());
     }
 }

@@ -19,8 +19,8 @@ use crate::broker::{Broker, Publish};
 use crate::csv_import::{validate, FlaggedCell, InvalidRow, Validated};
 use crate::progress::{validation_progress, zone_progress, Coalescer, Eta, Monotonic, Stage};
 use crate::protocol::{
-    now_rfc3339, Event, JobCancelled, ProcessingCompleted, ProcessingFailed, ProcessingProgress,
-    ProcessingStarted, StatusData,
+    now_rfc3339, Event, JobCancelled, ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted,
+    StatusData,
 };
 use crate::scheduler::{Finished, Scheduler};
 use crate::store::{SaveJob, StoreActor, ZoneReports};
@@ -110,8 +110,7 @@ impl Totals {
         self.duplicates += n("duplicates");
         self.invalid_count += n("invalid_count");
         self.flagged_count += n("flagged_count");
-        if let Ok(rows) = serde_json::from_value::<Vec<InvalidRow>>(report["invalid_rows"].clone())
-        {
+        if let Ok(rows) = serde_json::from_value::<Vec<InvalidRow>>(report["invalid_rows"].clone()) {
             for r in rows {
                 self.invalid.insert(r.line, r);
             }
@@ -119,9 +118,7 @@ impl Totals {
                 self.invalid.pop_last();
             }
         }
-        if let Ok(cells) =
-            serde_json::from_value::<Vec<FlaggedCell>>(report["flagged_cells"].clone())
-        {
+        if let Ok(cells) = serde_json::from_value::<Vec<FlaggedCell>>(report["flagged_cells"].clone()) {
             self.flagged.extend(cells);
             self.flagged.sort_by_key(|c| c.line);
             self.flagged.truncate(KEEP);
@@ -187,12 +184,7 @@ pub struct Job {
 
 impl Job {
     /// A new job, or one resumed from its stored `snapshot`.
-    pub fn new(
-        spec: JobSpec,
-        deps: JobDeps,
-        scheduler: Addr<Scheduler>,
-        snapshot: Option<&Value>,
-    ) -> Self {
+    pub fn new(spec: JobSpec, deps: JobDeps, scheduler: Addr<Scheduler>, snapshot: Option<&Value>) -> Self {
         let mut progress = Monotonic::default();
         if let Some(p) = snapshot.and_then(|s| s["progress"].as_f64()) {
             progress.raise(p);
@@ -201,13 +193,8 @@ impl Job {
         Job {
             room: format!("job:{}", spec.job_id),
             coalescer: Coalescer::new(deps.progress_rate),
-            created_at: snapshot
-                .and_then(|s| s["created_at"].as_str())
-                .map(str::to_string)
-                .unwrap_or_else(now_rfc3339),
-            started_at: snapshot
-                .and_then(|s| s["started_at"].as_str())
-                .map(str::to_string),
+            created_at: snapshot.and_then(|s| s["created_at"].as_str()).map(str::to_string).unwrap_or_else(now_rfc3339),
+            started_at: snapshot.and_then(|s| s["started_at"].as_str()).map(str::to_string),
             resumed: snapshot.is_some(),
             spec,
             deps,
@@ -230,17 +217,11 @@ impl Job {
     }
 
     fn publish(&self, event: Event) {
-        self.deps.broker.do_send(Publish {
-            room: self.room.clone(),
-            event,
-        });
+        self.deps.broker.do_send(Publish { room: self.room.clone(), event });
     }
 
     fn zones_total(&self) -> u64 {
-        self.validated
-            .as_ref()
-            .map(|v| v.zones.len() as u64)
-            .unwrap_or(0)
+        self.validated.as_ref().map(|v| v.zones.len() as u64).unwrap_or(0)
     }
 
     fn total_rows(&self) -> u64 {
@@ -314,10 +295,7 @@ impl Job {
                 Stage::Parsing => "parsing",
                 Stage::Database | Stage::Categorization => "processing",
             };
-            self.set_status(
-                status,
-                format!("{} zones of {}", self.done.len(), self.zones_total()),
-            );
+            self.set_status(status, format!("{} zones of {}", self.done.len(), self.zones_total()));
         }
         if self.coalescer.offer(now, ()).is_some() {
             self.emit_progress();
@@ -326,9 +304,7 @@ impl Job {
                 self.flush_scheduled = true;
                 ctx.run_later(wait, |job, _| {
                     job.flush_scheduled = false;
-                    if job.coalescer.take_due(Instant::now()).is_some()
-                        && job.cancelled_by.is_none()
-                    {
+                    if job.coalescer.take_due(Instant::now()).is_some() && job.cancelled_by.is_none() {
                         job.emit_progress();
                     }
                 });
@@ -343,9 +319,7 @@ impl Job {
         } else {
             format!("zone {} of {}", self.done.len(), self.zones_total())
         };
-        self.publish(Event::ProcessingProgress(
-            self.progress_event(value, operation),
-        ));
+        self.publish(Event::ProcessingProgress(self.progress_event(value, operation)));
         self.save();
     }
 
@@ -360,11 +334,7 @@ impl Job {
             total: self.total_rows(),
             errors: self.totals.invalid_count,
             current_operation,
-            eta_seconds: if value >= 100.0 {
-                None
-            } else {
-                self.eta_seconds
-            },
+            eta_seconds: if value >= 100.0 { None } else { self.eta_seconds },
         }
     }
 
@@ -373,10 +343,7 @@ impl Job {
         let Some(v) = self.validated.clone() else {
             return;
         };
-        while self.cancelled_by.is_none()
-            && self.error.is_none()
-            && self.in_flight < self.deps.parallel_zones
-        {
+        while self.cancelled_by.is_none() && self.error.is_none() && self.in_flight < self.deps.parallel_zones {
             while self.done.contains(&self.next_zone) {
                 self.next_zone += 1;
             }
@@ -394,26 +361,22 @@ impl Job {
                 index,
                 start,
             };
-            ctx.spawn(
-                self.deps
-                    .zones
-                    .send(msg)
-                    .into_actor(self)
-                    .map(move |res, job, ctx| {
-                        job.in_flight -= 1;
-                        match res {
-                            Ok(Ok(report)) => {
-                                job.done.insert(index);
-                                job.totals.add(&report);
-                                let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
-                                job.advance(p, ctx);
-                            }
-                            Ok(Err(e)) => job.fail(format!("zone {index} failed: {e}"), false, ctx),
-                            Err(e) => job.fail(format!("zone {index} was lost: {e}"), true, ctx),
-                        }
-                        job.step(ctx);
-                    }),
-            );
+            ctx.spawn(self.deps.zones.send(msg).into_actor(self).map(move |res, job, ctx| {
+                job.in_flight -= 1;
+                match res {
+                    Ok(Ok(report)) if job.error.is_none() => {
+                        job.done.insert(index);
+                        job.totals.add(&report);
+                        let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
+                        job.advance(p, ctx);
+                    }
+                    // A zone finishing after another failed changes nothing: the job stays failed.
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => job.fail(format!("zone {index} failed: {e}"), false, ctx),
+                    Err(e) => job.fail(format!("zone {index} was lost: {e}"), true, ctx),
+                }
+                job.step(ctx);
+            }));
         }
     }
 
@@ -439,24 +402,12 @@ impl Job {
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
         let results = self.totals.results();
-        self.publish(Event::ProcessingProgress(
-            self.progress_event(100.0, "completed".into()),
-        ));
-        self.publish(Event::ProcessingCompleted(ProcessingCompleted {
-            job_id: self.spec.job_id,
-            results,
-        }));
-        self.set_status(
-            "completed",
-            format!("{} rows imported", self.totals.inserted),
-        );
+        self.publish(Event::ProcessingProgress(self.progress_event(100.0, "completed".into())));
+        self.publish(Event::ProcessingCompleted(ProcessingCompleted { job_id: self.spec.job_id, results }));
+        self.set_status("completed", format!("{} rows imported", self.totals.inserted));
         {
             let _g = self.span.enter();
-            tracing::info!(
-                rows = self.totals.processed,
-                inserted = self.totals.inserted,
-                "job completed"
-            );
+            tracing::info!(rows = self.totals.processed, inserted = self.totals.inserted, "job completed");
         }
         ctx.stop();
     }
@@ -487,10 +438,7 @@ impl Job {
     fn finish_cancelled(&mut self, by: String, ctx: &mut Context<Self>) {
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
-        self.publish(Event::JobCancelled(JobCancelled {
-            job_id: self.spec.job_id,
-            by: by.clone(),
-        }));
+        self.publish(Event::JobCancelled(JobCancelled { job_id: self.spec.job_id, by: by.clone() }));
         self.set_status("cancelled", format!("cancelled by {by}"));
         ctx.stop();
     }
@@ -511,9 +459,7 @@ impl Actor for Job {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.scheduler.do_send(Finished {
-            job_id: self.spec.job_id,
-        });
+        self.scheduler.do_send(Finished { job_id: self.spec.job_id });
     }
 }
 
@@ -535,14 +481,11 @@ impl Handler<Begin> for Job {
             return;
         }
         self.started_at.get_or_insert_with(now_rfc3339);
-        self.set_status(
-            "validating",
-            if self.resumed {
-                "resuming after a restart"
-            } else {
-                "checking the file"
-            },
-        );
+        self.set_status("validating", if self.resumed { "resuming after a restart" } else { "checking the file" });
+        if !self.spec.path.is_file() {
+            // The upload is gone (e.g. the data dir was moved): uploading it again would work.
+            return self.fail(format!("the uploaded file {} is missing", self.spec.filename), true, ctx);
+        }
         let path = self.spec.path.clone();
         let (max, zone_rows) = (self.deps.max_upload_bytes, self.deps.zone_rows);
         let me = ctx.address();
@@ -555,10 +498,7 @@ impl Handler<Begin> for Job {
                 }
             })
         });
-        let reports = self
-            .deps
-            .store
-            .send(ZoneReports(self.spec.job_id.to_string()));
+        let reports = self.deps.store.send(ZoneReports(self.spec.job_id.to_string()));
         let both = async move { (work.await, reports.await) };
         // `spawn`, not `wait`: validation progress and a cancel are handled while it runs.
         ctx.spawn(both.into_actor(self).map(|(validated, reports), job, ctx| {
@@ -597,11 +537,7 @@ impl Handler<Begin> for Job {
 
 impl Handler<ValidationProgress> for Job {
     type Result = ();
-    fn handle(
-        &mut self,
-        ValidationProgress(done, total): ValidationProgress,
-        ctx: &mut Context<Self>,
-    ) {
+    fn handle(&mut self, ValidationProgress(done, total): ValidationProgress, ctx: &mut Context<Self>) {
         if self.validated.is_none() && self.error.is_none() {
             self.advance(validation_progress(done, total).min(19.9), ctx);
         }
@@ -611,10 +547,7 @@ impl Handler<ValidationProgress> for Job {
 impl Handler<Cancel> for Job {
     type Result = bool;
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> bool {
-        if self.cancelled_by.is_some()
-            || self.error.is_some()
-            || matches!(self.status, "finalizing" | "completed")
-        {
+        if self.cancelled_by.is_some() || self.error.is_some() || matches!(self.status, "finalizing" | "completed") {
             return false;
         }
         {

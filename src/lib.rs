@@ -106,10 +106,7 @@ impl Shutdown {
     pub async fn shutdown(&self) {
         let closing = self
             .registry
-            .send(registry::CloseAll {
-                code: protocol::close::GOING_AWAY,
-                reason: "server shutting down".into(),
-            })
+            .send(registry::CloseAll { code: protocol::close::GOING_AWAY, reason: "server shutting down".into() })
             .await
             .unwrap_or(0);
         tracing::info!(target: "audit", event = "shutdown", closing, "closing every connection");
@@ -153,8 +150,8 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let metrics = Arc::new(Metrics::default());
     let rules = Arc::new(match &config.rules_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| StartError::Rules(format!("{}: {e}", path.display())))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| StartError::Rules(format!("{}: {e}", path.display())))?;
             csv_import::Rules::from_toml(&text).map_err(StartError::Rules)?
         }
         None => csv_import::Rules::default(),
@@ -180,13 +177,10 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         compress_threshold: config.compress_threshold_bytes,
     };
     let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors).start();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let (zone_broker, zone_loc) = (broker.clone(), location.clone());
-    let zones = SyncArbiter::start(cores, move || {
-        zone::Zone::new(&zone_loc, rules.clone(), zone_broker.clone())
-    });
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let (zone_broker, zone_store) = (broker.clone(), store.clone());
+    let zones =
+        SyncArbiter::start(cores, move || zone::Zone::new(zone_store.clone(), rules.clone(), zone_broker.clone()));
     let deps = job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
@@ -201,10 +195,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         match serde_json::from_value::<job::JobSpec>(snapshot["spec"].clone()) {
             Ok(spec) => {
                 tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
-                scheduler.do_send(scheduler::Submit {
-                    spec,
-                    resume: Some(snapshot),
-                });
+                scheduler.do_send(scheduler::Submit { spec, resume: Some(snapshot) });
             }
             Err(e) => tracing::error!(error = %e, "a stored job cannot be resumed"),
         }
@@ -237,14 +228,6 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     .disable_signals()
     .shutdown_timeout(5)
     .run();
-    let shutdown = Shutdown {
-        server: server.handle(),
-        registry,
-    };
-    Ok(Running {
-        addr,
-        shared,
-        shutdown,
-        server,
-    })
+    let shutdown = Shutdown { server: server.handle(), registry };
+    Ok(Running { addr, shared, shutdown, server })
 }

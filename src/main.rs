@@ -69,21 +69,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, settings } => serve(settings, config),
-        Command::Token {
-            user,
-            tenant,
-            roles,
-            ttl,
-            config,
-            settings,
-        } => token(settings, config, &user, &tenant, &roles, ttl),
-        Command::Import {
-            file,
-            server,
-            token,
-            config,
-            settings,
-        } => import(&file, &server, token, settings, config),
+        Command::Token { user, tenant, roles, ttl, config, settings } => {
+            token(settings, config, &user, &tenant, &roles, ttl)
+        }
+        Command::Import { file, server, token, config, settings } => import(&file, &server, token, settings, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,10 +102,7 @@ fn token(
     ttl: u64,
 ) -> Result<(), AnyError> {
     let config = Config::load(settings, file.as_deref())?;
-    println!(
-        "{}",
-        auth_for(&config)?.mint_access(user, tenant, roles, ttl)?
-    );
+    println!("{}", auth_for(&config)?.mint_access(user, tenant, roles, ttl)?);
     Ok(())
 }
 
@@ -134,8 +120,7 @@ fn import(
             auth_for(&config)?.mint_access("cli", "default", &[], 86_400)?
         }
     };
-    let outcome =
-        actix_rt::System::new().block_on(jobcast::cli_import::run(file, server, &token))?;
+    let outcome = actix_rt::System::new().block_on(jobcast::cli_import::run(file, server, &token))?;
     match outcome {
         jobcast::cli_import::Outcome::Completed(_) => Ok(()),
         jobcast::cli_import::Outcome::Failed(e) => Err(format!("the import failed: {e}").into()),
@@ -153,17 +138,11 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(settings, file.as_deref())?;
-    let listener = std::net::TcpListener::bind(&config.bind)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
-    let dev_token = auth_for(&config).ok().and_then(|a| {
-        a.mint_access(
-            "dev-admin",
-            "default",
-            &["admin".into(), "publisher".into()],
-            86_400,
-        )
+    let listener =
+        std::net::TcpListener::bind(&config.bind).map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
+    let dev_token = auth_for(&config)
         .ok()
-    });
+        .and_then(|a| a.mint_access("dev-admin", "default", &["admin".into(), "publisher".into()], 86_400).ok());
     actix_rt::System::new().block_on(async move {
         let running = jobcast::start(listener, config)?;
         let addr = running.addr;

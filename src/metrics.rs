@@ -11,9 +11,7 @@ use std::time::Duration;
 use crate::protocol::EventType;
 
 /// Upper bounds (seconds) of the broker-to-socket latency histogram.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// Close codes counted individually; others fall into `other`.
 const CLOSE_CODES: [u16; 9] = [1000, 1001, 1009, 4000, 4001, 4003, 4004, 4008, 4029];
@@ -55,10 +53,7 @@ impl Metrics {
 
     /// Counts one close with `code`.
     pub fn closed(&self, code: u16) {
-        let i = CLOSE_CODES
-            .iter()
-            .position(|c| *c == code)
-            .unwrap_or(CLOSE_CODES.len());
+        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(CLOSE_CODES.len());
         self.closes[i].fetch_add(1, Relaxed);
     }
 
@@ -97,19 +92,13 @@ impl Metrics {
 
     /// Closes with `code` so far.
     pub fn closes_with(&self, code: u16) -> u64 {
-        let i = CLOSE_CODES
-            .iter()
-            .position(|c| *c == code)
-            .unwrap_or(CLOSE_CODES.len());
+        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(CLOSE_CODES.len());
         self.closes[i].load(Relaxed)
     }
 
     /// Authentication failures so far, all reasons.
     pub fn auth_failures_total(&self) -> u64 {
-        self.auth_failures
-            .lock()
-            .map(|l| l.iter().map(|(_, n)| n).sum())
-            .unwrap_or(0)
+        self.auth_failures.lock().map(|l| l.iter().map(|(_, n)| n).sum()).unwrap_or(0)
     }
 
     /// The Prometheus text exposition of every metric.
@@ -118,29 +107,11 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        gauge(
-            &mut out,
-            "jobcast_connections",
-            "Open WebSocket connections.",
-            self.connections.load(Relaxed),
-        );
-        gauge(
-            &mut out,
-            "jobcast_rooms",
-            "Active rooms.",
-            self.rooms.load(Relaxed),
-        );
-        gauge(
-            &mut out,
-            "jobcast_subscriptions",
-            "Room subscriptions.",
-            self.subscriptions.load(Relaxed),
-        );
+        gauge(&mut out, "jobcast_connections", "Open WebSocket connections.", self.connections.load(Relaxed));
+        gauge(&mut out, "jobcast_rooms", "Active rooms.", self.rooms.load(Relaxed));
+        gauge(&mut out, "jobcast_subscriptions", "Room subscriptions.", self.subscriptions.load(Relaxed));
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         counter(
             &mut out,
@@ -148,12 +119,7 @@ impl Metrics {
             "WebSocket connections accepted.",
             self.connections_total.load(Relaxed),
         );
-        counter(
-            &mut out,
-            "jobcast_events_published_total",
-            "Room events published.",
-            self.published.load(Relaxed),
-        );
+        counter(&mut out, "jobcast_events_published_total", "Room events published.", self.published.load(Relaxed));
         counter(
             &mut out,
             "jobcast_messages_dropped_total",
@@ -163,61 +129,31 @@ impl Metrics {
 
         out.push_str("# HELP jobcast_messages_sent_total Messages written to sockets, by type.\n# TYPE jobcast_messages_sent_total counter\n");
         for (t, (n, _)) in EventType::ALL.iter().zip(&self.sent) {
-            let _ = writeln!(
-                out,
-                "jobcast_messages_sent_total{{type=\"{}\"}} {}",
-                t.as_str(),
-                n.load(Relaxed)
-            );
+            let _ = writeln!(out, "jobcast_messages_sent_total{{type=\"{}\"}} {}", t.as_str(), n.load(Relaxed));
         }
         out.push_str("# HELP jobcast_bytes_sent_total Payload bytes written to sockets, by type.\n# TYPE jobcast_bytes_sent_total counter\n");
         for (t, (_, b)) in EventType::ALL.iter().zip(&self.sent) {
-            let _ = writeln!(
-                out,
-                "jobcast_bytes_sent_total{{type=\"{}\"}} {}",
-                t.as_str(),
-                b.load(Relaxed)
-            );
+            let _ = writeln!(out, "jobcast_bytes_sent_total{{type=\"{}\"}} {}", t.as_str(), b.load(Relaxed));
         }
         out.push_str("# HELP jobcast_auth_failures_total Authentication failures, by reason.\n# TYPE jobcast_auth_failures_total counter\n");
         if let Ok(list) = self.auth_failures.lock() {
             for (reason, n) in list.iter() {
-                let _ = writeln!(
-                    out,
-                    "jobcast_auth_failures_total{{reason=\"{reason}\"}} {n}"
-                );
+                let _ = writeln!(out, "jobcast_auth_failures_total{{reason=\"{reason}\"}} {n}");
             }
         }
         out.push_str("# HELP jobcast_closes_total WebSocket closes, by code.\n# TYPE jobcast_closes_total counter\n");
         for (i, n) in self.closes.iter().enumerate() {
-            let code = CLOSE_CODES
-                .get(i)
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "other".into());
-            let _ = writeln!(
-                out,
-                "jobcast_closes_total{{code=\"{code}\"}} {}",
-                n.load(Relaxed)
-            );
+            let code = CLOSE_CODES.get(i).map(|c| c.to_string()).unwrap_or_else(|| "other".into());
+            let _ = writeln!(out, "jobcast_closes_total{{code=\"{code}\"}} {}", n.load(Relaxed));
         }
         out.push_str("# HELP jobcast_delivery_latency_seconds Broker encode to socket write.\n# TYPE jobcast_delivery_latency_seconds histogram\n");
         for (bound, n) in LATENCY_BUCKETS.iter().zip(&self.latency) {
-            let _ = writeln!(
-                out,
-                "jobcast_delivery_latency_seconds_bucket{{le=\"{bound}\"}} {}",
-                n.load(Relaxed)
-            );
+            let _ = writeln!(out, "jobcast_delivery_latency_seconds_bucket{{le=\"{bound}\"}} {}", n.load(Relaxed));
         }
         let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "jobcast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "jobcast_delivery_latency_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "jobcast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ =
+            writeln!(out, "jobcast_delivery_latency_seconds_sum {}", self.latency_sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "jobcast_delivery_latency_seconds_count {count}");
         out
     }

@@ -20,13 +20,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage in order.
-    pub const ALL: [Stage; 5] = [
-        Stage::Validation,
-        Stage::Scanning,
-        Stage::Parsing,
-        Stage::Database,
-        Stage::Categorization,
-    ];
+    pub const ALL: [Stage; 5] =
+        [Stage::Validation, Stage::Scanning, Stage::Parsing, Stage::Database, Stage::Categorization];
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
@@ -106,12 +101,7 @@ impl Eta {
 
     /// A fresh estimator.
     pub fn new(now: Instant) -> Self {
-        Eta {
-            started: now,
-            last: None,
-            rate: None,
-            samples: 0,
-        }
+        Eta { started: now, last: None, rate: None, samples: 0 }
     }
 
     /// Records that progress was `p` at `now`.
@@ -134,10 +124,7 @@ impl Eta {
     /// Seconds left at progress `p`; `None` until there are three samples over at least a second.
     pub fn seconds_left(&self, now: Instant, p: f64) -> Option<f64> {
         let rate = self.rate?;
-        if self.samples < 3
-            || now.saturating_duration_since(self.started) < Duration::from_secs(1)
-            || rate <= 0.0
-        {
+        if self.samples < 3 || now.saturating_duration_since(self.started) < Duration::from_secs(1) || rate <= 0.0 {
             return None;
         }
         Some(((100.0 - p).max(0.0) / rate * 10.0).round() / 10.0)
@@ -155,16 +142,9 @@ pub struct Coalescer<T> {
 impl<T> Coalescer<T> {
     /// At most `rate_per_s` values a second (0 means no limit).
     pub fn new(rate_per_s: u32) -> Self {
-        let interval = if rate_per_s == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(1.0 / f64::from(rate_per_s))
-        };
-        Coalescer {
-            interval,
-            last_emit: None,
-            pending: None,
-        }
+        let interval =
+            if rate_per_s == 0 { Duration::ZERO } else { Duration::from_secs_f64(1.0 / f64::from(rate_per_s)) };
+        Coalescer { interval, last_emit: None, pending: None }
     }
 
     /// Offers a value: returns it when it may go now, else keeps it (replacing an older one).
@@ -185,10 +165,7 @@ impl<T> Coalescer<T> {
     /// How long until the waiting value may go, if one waits.
     pub fn wait(&self, now: Instant) -> Option<Duration> {
         self.pending.as_ref()?;
-        let since = self
-            .last_emit
-            .map(|t| now.saturating_duration_since(t))
-            .unwrap_or(self.interval);
+        let since = self.last_emit.map(|t| now.saturating_duration_since(t)).unwrap_or(self.interval);
         Some(self.interval.saturating_sub(since))
     }
 
@@ -271,16 +248,9 @@ mod tests {
         assert_eq!(c.offer(t0, 1), Some(1));
         assert_eq!(c.offer(t0 + Duration::from_millis(10), 2), None);
         assert_eq!(c.offer(t0 + Duration::from_millis(20), 3), None);
-        assert_eq!(
-            c.wait(t0 + Duration::from_millis(50)),
-            Some(Duration::from_millis(200))
-        );
+        assert_eq!(c.wait(t0 + Duration::from_millis(50)), Some(Duration::from_millis(200)));
         assert_eq!(c.take_due(t0 + Duration::from_millis(100)), None);
-        assert_eq!(
-            c.take_due(t0 + Duration::from_millis(250)),
-            Some(3),
-            "latest wins"
-        );
+        assert_eq!(c.take_due(t0 + Duration::from_millis(250)), Some(3), "latest wins");
         assert_eq!(c.wait(t0 + Duration::from_millis(260)), None);
         assert_eq!(c.offer(t0 + Duration::from_millis(600), 4), Some(4));
         let mut unlimited = Coalescer::new(0);

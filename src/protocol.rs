@@ -455,9 +455,7 @@ impl RoomKind {
         let (prefix, rest) = room.split_once(':')?;
         let valid_id = !rest.is_empty()
             && rest.len() <= 128
-            && rest
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            && rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
         match prefix {
             "job" => Uuid::parse_str(rest).ok().map(RoomKind::Job),
             "user" if valid_id => Some(RoomKind::User(rest.to_string())),
@@ -473,19 +471,11 @@ mod tests {
 
     #[test]
     fn client_messages_parse_flat() {
-        let m: ClientMessage = serde_json::from_str(
-            r#"{"type":"subscribe","room":"tenant:a","since":{"seq":41,"epoch":"e"}}"#,
-        )
-        .unwrap();
+        let m: ClientMessage =
+            serde_json::from_str(r#"{"type":"subscribe","room":"tenant:a","since":{"seq":41,"epoch":"e"}}"#).unwrap();
         assert_eq!(
             m,
-            ClientMessage::Subscribe {
-                room: "tenant:a".into(),
-                since: Some(Since {
-                    seq: 41,
-                    epoch: "e".into()
-                })
-            }
+            ClientMessage::Subscribe { room: "tenant:a".into(), since: Some(Since { seq: 41, epoch: "e".into() }) }
         );
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"dance"}"#).is_err());
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe"}"#).is_err());
@@ -493,10 +483,7 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_with_data_nested() {
-        let mut env = Envelope::direct(Event::Pong(Pong {
-            ts: now_rfc3339(),
-            client_ts: None,
-        }));
+        let mut env = Envelope::direct(Event::Pong(Pong { ts: now_rfc3339(), client_ts: None }));
         env.room = Some("tenant:a".into());
         env.seq = Some(3);
         let text = serde_json::to_string(&env).unwrap();
@@ -519,22 +506,13 @@ mod tests {
 
     #[test]
     fn room_names() {
-        assert_eq!(
-            RoomKind::parse("tenant:acme"),
-            Some(RoomKind::Tenant("acme".into()))
-        );
-        assert_eq!(
-            RoomKind::parse("user:u-1"),
-            Some(RoomKind::User("u-1".into()))
-        );
+        assert_eq!(RoomKind::parse("tenant:acme"), Some(RoomKind::Tenant("acme".into())));
+        assert_eq!(RoomKind::parse("user:u-1"), Some(RoomKind::User("u-1".into())));
         assert!(RoomKind::parse("job:not-a-uuid").is_none());
         assert!(RoomKind::parse("lobby").is_none());
         assert!(RoomKind::parse("tenant:").is_none());
         assert!(RoomKind::parse("tenant:a b").is_none());
         let id = Uuid::new_v4();
-        assert_eq!(
-            RoomKind::parse(&format!("job:{id}")),
-            Some(RoomKind::Job(id))
-        );
+        assert_eq!(RoomKind::parse(&format!("job:{id}")), Some(RoomKind::Job(id)));
     }
 }

@@ -32,13 +32,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate_per_s: u32, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
-        TokenBucket {
-            rate: f64::from(rate_per_s),
-            burst,
-            tokens: burst,
-            updated: now,
-            warned: false,
-        }
+        TokenBucket { rate: f64::from(rate_per_s), burst, tokens: burst, updated: now, warned: false }
     }
 
     /// Takes a token for one message arriving at `now`.

@@ -140,26 +140,13 @@ pub struct Registry {
 impl Registry {
     /// An empty registry enforcing the two connection limits.
     pub fn new(max_connections: usize, max_per_user: usize) -> Self {
-        Registry {
-            conns: HashMap::new(),
-            per_user: HashMap::new(),
-            max_connections,
-            max_per_user,
-        }
+        Registry { conns: HashMap::new(), per_user: HashMap::new(), max_connections, max_per_user }
     }
 
-    fn close_where(
-        &mut self,
-        code: u16,
-        reason: &str,
-        pred: impl Fn(&ConnectionInfo) -> bool,
-    ) -> usize {
+    fn close_where(&mut self, code: u16, reason: &str, pred: impl Fn(&ConnectionInfo) -> bool) -> usize {
         let mut n = 0;
         for e in self.conns.values().filter(|e| pred(&e.info)) {
-            e.session.do_send(Disconnect {
-                code,
-                reason: reason.to_string(),
-            });
+            e.session.do_send(Disconnect { code, reason: reason.to_string() });
             n += 1;
         }
         n
@@ -186,13 +173,7 @@ impl Handler<Connect> for Registry {
             ack: msg.ack,
             rooms: Vec::new(),
         };
-        self.conns.insert(
-            msg.id,
-            Entry {
-                info,
-                session: msg.session,
-            },
-        );
+        self.conns.insert(msg.id, Entry { info, session: msg.session });
         Ok(())
     }
 }
@@ -203,10 +184,7 @@ impl Handler<Identify> for Registry {
         let Some(entry) = self.conns.get_mut(&msg.id) else {
             return Ok(());
         };
-        let count = self
-            .per_user
-            .entry(msg.identity.user_id.clone())
-            .or_insert(0);
+        let count = self.per_user.entry(msg.identity.user_id.clone()).or_insert(0);
         if *count >= self.max_per_user {
             return Err(LimitReached::User);
         }
@@ -262,9 +240,7 @@ impl Handler<CloseConnection> for Registry {
 impl Handler<CloseUser> for Registry {
     type Result = usize;
     fn handle(&mut self, msg: CloseUser, _: &mut Context<Self>) -> usize {
-        self.close_where(msg.code, &msg.reason, |i| {
-            i.user_id.as_deref() == Some(msg.user_id.as_str())
-        })
+        self.close_where(msg.code, &msg.reason, |i| i.user_id.as_deref() == Some(msg.user_id.as_str()))
     }
 }
 

@@ -85,23 +85,9 @@ pub struct Room {
 
 impl Room {
     /// A room whose newest event is `head` (0: none yet).
-    pub fn new(
-        name: Arc<str>,
-        epoch: Arc<str>,
-        head: u64,
-        settings: RoomSettings,
-        store: Addr<StoreActor>,
-    ) -> Self {
+    pub fn new(name: Arc<str>, epoch: Arc<str>, head: u64, settings: RoomSettings, store: Addr<StoreActor>) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);
-        Room {
-            name,
-            epoch,
-            head,
-            history,
-            members: HashMap::new(),
-            settings,
-            store,
-        }
+        Room { name, epoch, head, history, members: HashMap::new(), settings, store }
     }
 
     /// Sends `subscribed`, then the replay, and adds the member.
@@ -115,22 +101,14 @@ impl Room {
             snapshot: msg.snapshot,
         }));
         for event in events {
-            msg.member.do_send(RoomOutput::Event {
-                room: self.name.clone(),
-                event,
-            });
+            msg.member.do_send(RoomOutput::Event { room: self.name.clone(), event });
         }
         self.members.insert(msg.conn, msg.member);
     }
 }
 
 /// Turns stored envelopes `after+1..=head` back into encoded events, or `None` when any is missing.
-fn decode_run(
-    rows: Vec<(u64, String)>,
-    after: u64,
-    head: u64,
-    threshold: usize,
-) -> Option<Vec<Arc<Encoded>>> {
+fn decode_run(rows: Vec<(u64, String)>, after: u64, head: u64, threshold: usize) -> Option<Vec<Arc<Encoded>>> {
     if rows.len() as u64 != head - after {
         return None;
     }
@@ -149,9 +127,7 @@ impl Actor for Room {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(Duration::from_secs(30), |room, _| {
-            room.history.expire(Instant::now())
-        });
+        ctx.run_interval(Duration::from_secs(30), |room, _| room.history.expire(Instant::now()));
     }
 }
 
@@ -159,13 +135,9 @@ impl Handler<Deliver> for Room {
     type Result = ();
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
         self.head = msg.seq;
-        self.history
-            .push(msg.seq, msg.event.clone(), Instant::now());
+        self.history.push(msg.seq, msg.event.clone(), Instant::now());
         for member in self.members.values() {
-            member.do_send(RoomOutput::Event {
-                room: self.name.clone(),
-                event: msg.event.clone(),
-            });
+            member.do_send(RoomOutput::Event { room: self.name.clone(), event: msg.event.clone() });
         }
     }
 }
@@ -193,21 +165,12 @@ impl Handler<Join> for Room {
         };
         let (head, threshold) = (self.head, self.settings.compress_threshold);
         // `wait`: no live event is handled before this member has its replay.
-        ctx.wait(
-            self.store
-                .send(query)
-                .into_actor(self)
-                .map(move |res, room, _| {
-                    match res
-                        .ok()
-                        .and_then(|r| r.ok())
-                        .and_then(|rows| decode_run(rows, since, head, threshold))
-                    {
-                        Some(events) => room.admit(msg, true, events),
-                        None => room.admit(msg, false, Vec::new()),
-                    }
-                }),
-        );
+        ctx.wait(self.store.send(query).into_actor(self).map(move |res, room, _| {
+            match res.ok().and_then(|r| r.ok()).and_then(|rows| decode_run(rows, since, head, threshold)) {
+                Some(events) => room.admit(msg, true, events),
+                None => room.admit(msg, false, Vec::new()),
+            }
+        }));
     }
 }
 

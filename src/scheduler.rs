@@ -64,13 +64,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler running at most `max_running` jobs at once.
     pub fn new(deps: JobDeps, max_running: usize) -> Self {
-        Scheduler {
-            deps,
-            max_running: max_running.max(1),
-            jobs: HashMap::new(),
-            running: 0,
-            queue: VecDeque::new(),
-        }
+        Scheduler { deps, max_running: max_running.max(1), jobs: HashMap::new(), running: 0, queue: VecDeque::new() }
     }
 
     fn start_waiting(&mut self) {
@@ -99,13 +93,7 @@ impl Handler<Submit> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let id = msg.spec.job_id;
-        let job = Job::new(
-            msg.spec,
-            self.deps.clone(),
-            ctx.address(),
-            msg.resume.as_ref(),
-        )
-        .start();
+        let job = Job::new(msg.spec, self.deps.clone(), ctx.address(), msg.resume.as_ref()).start();
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_waiting();

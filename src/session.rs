@@ -22,9 +22,8 @@ use crate::framing::{Encoded, Format, Frame};
 use crate::job::public_snapshot;
 use crate::protocol::RoomKind;
 use crate::protocol::{
-    close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage,
-    ConnectionEstablished, Envelope, ErrorData, Event, EventType, Pong, Since, Subscribed,
-    TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
+    close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage, ConnectionEstablished, Envelope,
+    ErrorData, Event, EventType, Pong, Since, Subscribed, TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
 };
 use crate::rate_limit::{TokenBucket, Verdict};
 use crate::registry::{self, LimitReached};
@@ -59,11 +58,7 @@ pub enum RoomOutput {
 
 /// What the writer task writes.
 enum Outgoing {
-    Frame {
-        frame: Frame,
-        kind: EventType,
-        created: Option<Instant>,
-    },
+    Frame { frame: Frame, kind: EventType, created: Option<Instant> },
     Ping,
     Pong(Bytes),
     Close(u16, String),
@@ -125,11 +120,7 @@ impl Session {
         actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone()));
         let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
         let stream = stream.max_frame_size(shared.config.max_inbound_message_bytes);
-        let bucket = TokenBucket::new(
-            shared.config.inbound_rate_per_s,
-            shared.config.inbound_burst,
-            Instant::now(),
-        );
+        let bucket = TokenBucket::new(shared.config.inbound_rate_per_s, shared.config.inbound_burst, Instant::now());
         Session::create(move |ctx| {
             ctx.add_stream(stream);
             Session {
@@ -157,9 +148,7 @@ impl Session {
         }
         match self.out.try_send(item) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(close::TIMEOUT, "slow consumer", ctx)
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.close(close::TIMEOUT, "slow consumer", ctx),
             Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
         }
     }
@@ -169,26 +158,13 @@ impl Session {
         let kind = event.kind();
         let env = Envelope::direct(event);
         match Encoded::new(&env, self.shared.config.compress_threshold_bytes) {
-            Ok(enc) => self.push(
-                Outgoing::Frame {
-                    frame: enc.frame(self.params.format),
-                    kind,
-                    created: None,
-                },
-                ctx,
-            ),
+            Ok(enc) => self.push(Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None }, ctx),
             Err(e) => warn!(error = %e, "cannot encode a connection message"),
         }
     }
 
     fn send_error(&mut self, code: &str, message: impl Into<String>, ctx: &mut Context<Self>) {
-        self.send(
-            Event::Error(ErrorData {
-                code: code.into(),
-                message: message.into(),
-            }),
-            ctx,
-        );
+        self.send(Event::Error(ErrorData { code: code.into(), message: message.into() }), ctx);
     }
 
     /// Sends a close frame (after everything already queued) and stops the actor.
@@ -200,9 +176,7 @@ impl Session {
         self.shared.metrics.closed(code);
         let _g = self.span.enter();
         info!(target: "audit", event = "close", conn = %self.id, code, reason, "server closed the connection");
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            self.out.try_send(Outgoing::Close(code, reason.into()))
-        {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outgoing::Close(code, reason.into())) {
             if let Some(tx) = self.urgent_close.take() {
                 let _ = tx.send((code, reason.into()));
             }
@@ -216,12 +190,7 @@ impl Session {
             let _g = self.span.enter();
             warn!(target: "audit", event = "auth_failure", conn = %self.id, reason = err.reason(), "authentication failed");
         }
-        self.send(
-            Event::AuthFailure(AuthFailure {
-                reason: err.reason().into(),
-            }),
-            ctx,
-        );
+        self.send(Event::AuthFailure(AuthFailure { reason: err.reason().into() }), ctx);
         self.close(close::UNAUTHORIZED, err.reason(), ctx);
     }
 
@@ -231,18 +200,11 @@ impl Session {
             Ok(id) => id,
             Err(e) => return self.auth_failed(e, ctx),
         };
-        let fut = self.shared.registry.send(registry::Identify {
-            id: self.id,
-            identity: identity.clone(),
-        });
+        let fut = self.shared.registry.send(registry::Identify { id: self.id, identity: identity.clone() });
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => act.authenticated(identity, ctx),
-            Ok(Err(LimitReached::User)) => {
-                act.close(close::TOO_MANY, "too many connections for this user", ctx)
-            }
-            Ok(Err(LimitReached::Node)) | Err(_) => {
-                act.close(close::TOO_MANY, "too many connections", ctx)
-            }
+            Ok(Err(LimitReached::User)) => act.close(close::TOO_MANY, "too many connections for this user", ctx),
+            Ok(Err(LimitReached::Node)) | Err(_) => act.close(close::TOO_MANY, "too many connections", ctx),
         }));
     }
 
@@ -273,16 +235,12 @@ impl Session {
         match (refusal, auto) {
             (RoomRefusal::Unknown, true) => self.close(close::UNKNOWN_JOB, "unknown job", ctx),
             (RoomRefusal::Forbidden, true) => self.close(close::FORBIDDEN, "forbidden", ctx),
-            (RoomRefusal::Unknown, false) => self.send_error(
-                error_code::UNKNOWN_ROOM,
-                format!("no such room: {room}"),
-                ctx,
-            ),
-            (RoomRefusal::Forbidden, false) => self.send_error(
-                error_code::FORBIDDEN,
-                format!("not allowed to join {room}"),
-                ctx,
-            ),
+            (RoomRefusal::Unknown, false) => {
+                self.send_error(error_code::UNKNOWN_ROOM, format!("no such room: {room}"), ctx)
+            }
+            (RoomRefusal::Forbidden, false) => {
+                self.send_error(error_code::FORBIDDEN, format!("not allowed to join {room}"), ctx)
+            }
         }
     }
 
@@ -293,33 +251,19 @@ impl Session {
         }
         let left = exp.saturating_sub(unix_now());
         let warn_in = left.saturating_sub(60);
-        self.expiry_timers.push(
-            ctx.run_later(Duration::from_secs(warn_in), move |act, ctx| {
-                let expires_in_s = exp.saturating_sub(unix_now());
-                act.send(Event::TokenExpiring(TokenExpiring { expires_in_s }), ctx);
-            }),
-        );
-        self.expiry_timers
-            .push(ctx.run_later(Duration::from_secs(left), |act, ctx| {
-                act.shared.metrics.auth_failed(AuthError::Expired.reason());
-                act.send(
-                    Event::AuthFailure(AuthFailure {
-                        reason: AuthError::Expired.reason().into(),
-                    }),
-                    ctx,
-                );
-                act.close(close::UNAUTHORIZED, "token expired", ctx);
-            }));
+        self.expiry_timers.push(ctx.run_later(Duration::from_secs(warn_in), move |act, ctx| {
+            let expires_in_s = exp.saturating_sub(unix_now());
+            act.send(Event::TokenExpiring(TokenExpiring { expires_in_s }), ctx);
+        }));
+        self.expiry_timers.push(ctx.run_later(Duration::from_secs(left), |act, ctx| {
+            act.shared.metrics.auth_failed(AuthError::Expired.reason());
+            act.send(Event::AuthFailure(AuthFailure { reason: AuthError::Expired.reason().into() }), ctx);
+            act.close(close::UNAUTHORIZED, "token expired", ctx);
+        }));
     }
 
     /// Checks a room (job rooms against the store: they exist once their job does) and joins it.
-    fn subscribe(
-        &mut self,
-        room: String,
-        since: Option<Since>,
-        auto: bool,
-        ctx: &mut Context<Self>,
-    ) {
+    fn subscribe(&mut self, room: String, since: Option<Since>, auto: bool, ctx: &mut Context<Self>) {
         let Some(identity) = self.identity.clone() else {
             return;
         };
@@ -335,28 +279,15 @@ impl Session {
         let reserve = (!auto && !identity.admin).then(|| identity.tenant.clone());
         let lookup = async move {
             match reserve {
-                Some(tenant) => store
-                    .send(ReserveJob {
-                        id: job_id.to_string(),
-                        tenant,
-                    })
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok()),
-                None => store
-                    .send(GetJob(job_id.to_string()))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .flatten(),
+                Some(tenant) => {
+                    store.send(ReserveJob { id: job_id.to_string(), tenant }).await.ok().and_then(|r| r.ok())
+                }
+                None => store.send(GetJob(job_id.to_string())).await.ok().and_then(|r| r.ok()).flatten(),
             }
         };
         // `wait`: later messages of this client are handled after this subscription, in order.
         ctx.wait(lookup.into_actor(self).map(move |snapshot, act, ctx| {
-            let tenant = snapshot
-                .as_ref()
-                .and_then(|s| s["tenant"].as_str())
-                .map(str::to_string);
+            let tenant = snapshot.as_ref().and_then(|s| s["tenant"].as_str()).map(str::to_string);
             match authorize_room(&identity, &room, |_| tenant) {
                 Ok(_) => act.join(room, since, snapshot.map(public_snapshot), ctx),
                 Err(refusal) => act.refuse(&room, refusal, auto, ctx),
@@ -372,9 +303,7 @@ impl Session {
         snapshot: Option<serde_json::Value>,
         ctx: &mut Context<Self>,
     ) {
-        if !self.rooms.contains(&room)
-            && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection
-        {
+        if !self.rooms.contains(&room) && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection {
             let max = self.shared.config.max_subscriptions_per_connection;
             return self.send_error(
                 error_code::TOO_MANY_SUBSCRIPTIONS,
@@ -399,58 +328,37 @@ impl Session {
             return;
         };
         let Ok(id) = uuid::Uuid::parse_str(&job_id) else {
-            return self.send_error(
-                error_code::UNKNOWN_JOB,
-                format!("no such job: {job_id}"),
-                ctx,
-            );
+            return self.send_error(error_code::UNKNOWN_JOB, format!("no such job: {job_id}"), ctx);
         };
         let store = self.shared.store.clone();
         let scheduler = self.shared.scheduler.clone();
         let by = identity.user_id.clone();
         let work = async move {
-            let snapshot = store
-                .send(GetJob(id.to_string()))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .flatten();
+            let snapshot = store.send(GetJob(id.to_string())).await.ok().and_then(|r| r.ok()).flatten();
             let Some(snapshot) = snapshot else {
                 return Err(RoomRefusal::Unknown);
             };
             if !identity.admin && snapshot["tenant"].as_str() != Some(identity.tenant.as_str()) {
                 return Err(RoomRefusal::Forbidden);
             }
-            Ok(scheduler
-                .send(CancelJob { job_id: id, by })
-                .await
-                .unwrap_or(CancelOutcome::NotRunning))
+            Ok(scheduler.send(CancelJob { job_id: id, by }).await.unwrap_or(CancelOutcome::NotRunning))
         };
         ctx.spawn(work.into_actor(self).map(move |res, act, ctx| match res {
             Ok(CancelOutcome::Cancelling) => {}
-            Ok(CancelOutcome::NotRunning) => act.send_error(
-                error_code::JOB_FINISHED,
-                format!("job {job_id} is not running"),
-                ctx,
-            ),
-            Err(RoomRefusal::Unknown) => act.send_error(
-                error_code::UNKNOWN_JOB,
-                format!("no such job: {job_id}"),
-                ctx,
-            ),
-            Err(RoomRefusal::Forbidden) => act.send_error(
-                error_code::FORBIDDEN,
-                format!("not allowed to cancel {job_id}"),
-                ctx,
-            ),
+            Ok(CancelOutcome::NotRunning) => {
+                act.send_error(error_code::JOB_FINISHED, format!("job {job_id} is not running"), ctx)
+            }
+            Err(RoomRefusal::Unknown) => act.send_error(error_code::UNKNOWN_JOB, format!("no such job: {job_id}"), ctx),
+            Err(RoomRefusal::Forbidden) => {
+                act.send_error(error_code::FORBIDDEN, format!("not allowed to cancel {job_id}"), ctx)
+            }
         }));
     }
 
     fn report_rooms(&self) {
-        self.shared.registry.do_send(registry::RoomsChanged {
-            id: self.id,
-            rooms: self.rooms.iter().cloned().collect(),
-        });
+        self.shared
+            .registry
+            .do_send(registry::RoomsChanged { id: self.id, rooms: self.rooms.iter().cloned().collect() });
     }
 
     /// One complete client message (text, or binary holding UTF-8 JSON).
@@ -458,23 +366,13 @@ impl Session {
         match self.bucket.take(Instant::now()) {
             Verdict::Allow => {}
             Verdict::Warn => {
-                return self.send_error(
-                    error_code::RATE_LIMITED,
-                    "too many messages; slow down",
-                    ctx,
-                );
+                return self.send_error(error_code::RATE_LIMITED, "too many messages; slow down", ctx);
             }
             Verdict::Close => return self.close(close::TOO_MANY, "too many messages", ctx),
         }
         let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
             Ok(m) => m,
-            Err(e) => {
-                return self.send_error(
-                    error_code::BAD_REQUEST,
-                    format!("invalid message: {e}"),
-                    ctx,
-                )
-            }
+            Err(e) => return self.send_error(error_code::BAD_REQUEST, format!("invalid message: {e}"), ctx),
         };
         if self.identity.is_none() {
             return match msg {
@@ -483,44 +381,27 @@ impl Session {
             };
         }
         match msg {
-            ClientMessage::Authenticate { .. } => self.send_error(
-                error_code::ALREADY_AUTHENTICATED,
-                "this connection is already authenticated",
-                ctx,
-            ),
+            ClientMessage::Authenticate { .. } => {
+                self.send_error(error_code::ALREADY_AUTHENTICATED, "this connection is already authenticated", ctx)
+            }
             ClientMessage::Subscribe { room, since } => self.subscribe(room, since, false, ctx),
             ClientMessage::Unsubscribe { room } => {
                 if self.rooms.remove(&room) {
                     self.report_rooms();
-                    self.shared.broker.do_send(broker::Unsubscribe {
-                        room: room.clone(),
-                        conn: self.id,
-                    });
+                    self.shared.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
                     self.send(Event::Unsubscribed(Unsubscribed { room }), ctx);
                 } else {
-                    self.send_error(
-                        error_code::NOT_SUBSCRIBED,
-                        format!("not subscribed to {room}"),
-                        ctx,
-                    );
+                    self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
                 }
             }
             ClientMessage::Ack { room, .. } => {
                 if !self.rooms.contains(&room) {
-                    self.send_error(
-                        error_code::NOT_SUBSCRIBED,
-                        format!("not subscribed to {room}"),
-                        ctx,
-                    );
+                    self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
                 }
             }
-            ClientMessage::Ping { ts } => self.send(
-                Event::Pong(Pong {
-                    ts: crate::protocol::now_rfc3339(),
-                    client_ts: ts,
-                }),
-                ctx,
-            ),
+            ClientMessage::Ping { ts } => {
+                self.send(Event::Pong(Pong { ts: crate::protocol::now_rfc3339(), client_ts: ts }), ctx)
+            }
             ClientMessage::Cancel { job_id } => self.cancel(job_id, ctx),
             ClientMessage::Refresh { token } => self.refresh(&token, ctx),
         }
@@ -538,18 +419,10 @@ impl Session {
                 self.identity = Some(fresh);
                 self.send(Event::TokenRefreshed(TokenRefreshed { expires_at }), ctx);
             }
-            Ok(_) => self.send_error(
-                error_code::INVALID_TOKEN,
-                "the token belongs to another user",
-                ctx,
-            ),
+            Ok(_) => self.send_error(error_code::INVALID_TOKEN, "the token belongs to another user", ctx),
             Err(e) => {
                 self.shared.metrics.auth_failed(e.reason());
-                self.send_error(
-                    error_code::INVALID_TOKEN,
-                    format!("refresh refused: {e} ({})", e.reason()),
-                    ctx,
-                )
+                self.send_error(error_code::INVALID_TOKEN, format!("refresh refused: {e} ({})", e.reason()), ctx)
             }
         }
     }
@@ -631,14 +504,11 @@ impl Actor for Session {
             match act.params.token.take() {
                 Some(token) => act.authenticate(&token, ctx),
                 None => {
-                    ctx.run_later(
-                        Duration::from_secs(act.shared.config.auth_timeout_s),
-                        |act, ctx| {
-                            if act.identity.is_none() {
-                                act.auth_failed(AuthError::Timeout, ctx);
-                            }
-                        },
-                    );
+                    ctx.run_later(Duration::from_secs(act.shared.config.auth_timeout_s), |act, ctx| {
+                        if act.identity.is_none() {
+                            act.auth_failed(AuthError::Timeout, ctx);
+                        }
+                    });
                 }
             }
         }));
@@ -647,14 +517,9 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.shared.metrics.connections.fetch_sub(1, Relaxed);
         if !self.rooms.is_empty() {
-            self.shared.broker.do_send(broker::Leave {
-                conn: self.id,
-                rooms: self.rooms.drain().collect(),
-            });
+            self.shared.broker.do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().collect() });
         }
-        self.shared
-            .registry
-            .do_send(registry::Disconnected { id: self.id });
+        self.shared.registry.do_send(registry::Disconnected { id: self.id });
         let _g = self.span.enter();
         info!(target: "audit", event = "disconnect", conn = %self.id,
             user = self.identity.as_ref().map(|i| i.user_id.as_str()), "connection closed");
@@ -684,16 +549,12 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
             Ok(WsMessage::Ping(bytes)) => self.push(Outgoing::Pong(bytes), ctx),
             Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
             Ok(WsMessage::Close(reason)) => {
-                let code = reason
-                    .as_ref()
-                    .map(|r| u16::from(r.code))
-                    .unwrap_or(close::NORMAL);
+                let code = reason.as_ref().map(|r| u16::from(r.code)).unwrap_or(close::NORMAL);
                 self.close(code, "closed by the client", ctx);
             }
             Err(ProtocolError::Overflow) => self.close(close::TOO_BIG, "message too big", ctx),
             Err(e) => {
-                self.span
-                    .in_scope(|| info!(conn = %self.id, error = %e, "protocol error"));
+                self.span.in_scope(|| info!(conn = %self.id, error = %e, "protocol error"));
                 self.close(1002, "protocol error", ctx);
             }
         }
@@ -716,14 +577,7 @@ impl Handler<RoomOutput> for Session {
             RoomOutput::Event { room, event } => {
                 if self.rooms.contains(&*room) {
                     let frame = event.frame(self.params.format);
-                    self.push(
-                        Outgoing::Frame {
-                            frame,
-                            kind: event.kind,
-                            created: Some(event.created),
-                        },
-                        ctx,
-                    );
+                    self.push(Outgoing::Frame { frame, kind: event.kind, created: Some(event.created) }, ctx);
                 }
             }
         }
@@ -744,12 +598,8 @@ async fn writer(
     mut urgent: oneshot::Receiver<(u16, String)>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    let close_frame = |code: u16, reason: String| {
-        Some(CloseReason {
-            code: CloseCode::from(code),
-            description: Some(reason),
-        })
-    };
+    let close_frame =
+        |code: u16, reason: String| Some(CloseReason { code: CloseCode::from(code), description: Some(reason) });
     // Whether the actor may still ask for an urgent close (the sender is dropped with the actor).
     let mut urgent_open = true;
     loop {
@@ -773,11 +623,7 @@ async fn writer(
             return;
         };
         let sent = match item {
-            Outgoing::Frame {
-                frame,
-                kind,
-                created,
-            } => {
+            Outgoing::Frame { frame, kind, created } => {
                 let len = frame.len();
                 let r = match frame {
                     Frame::Text(t) => ws.text(t).await,

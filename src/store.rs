@@ -1,7 +1,9 @@
 //! The durable store: room history with its epoch, jobs, zone reports and imported rows, in SQLite.
 //!
 //! [`Store`] is a plain struct over one connection; [`StoreActor`] runs it on a sync arbiter so no
-//! query ever blocks an I/O arbiter. Zone workers open their own [`Store`] on the same database.
+//! query ever blocks an I/O arbiter. Every write goes through that one connection: its page cache
+//! stays warm (a connection that sees another's commit must drop its cache), and writers never wait
+//! on SQLite's busy handler. Zone actors hand their rows to it with [`StoreZone`].
 //! `store = memory` uses a shared in-memory database with the same schema and code.
 //!
 //! Guarantee: a batch of events is committed before any member can see one of them (the broker waits
@@ -9,6 +11,7 @@
 //! either wholly stored or not at all.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -27,7 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
      CREATE INDEX jobs_by_tenant ON jobs (tenant, created_ms);
      CREATE TABLE zones (job_id TEXT NOT NULL, zone_index INTEGER NOT NULL, report TEXT NOT NULL,
          PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
-     CREATE TABLE transactions (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, key TEXT NOT NULL,
+     CREATE TABLE transactions (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, key BLOB NOT NULL,
          job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL, amount_cents INTEGER NOT NULL,
          description TEXT NOT NULL, category TEXT NOT NULL, UNIQUE (tenant, key));",
 )];
@@ -43,9 +46,19 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Where the database lives.
+/// Where the database lives, and the gate every writer of it passes.
+///
+/// SQLite allows one writer at a time; a second one would sleep in its busy handler (up to 100 ms a
+/// try). Writers of one process take this mutex instead, so the next one starts the moment the last
+/// commits.
 #[derive(Debug, Clone)]
-pub enum Location {
+pub struct Location {
+    target: Target,
+    gate: Arc<Mutex<()>>,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
     /// A file (`data_dir/jobcast.db`).
     File(PathBuf),
     /// A named in-memory database shared by this process's connections (lives while one is open).
@@ -53,12 +66,22 @@ pub enum Location {
 }
 
 impl Location {
+    /// A database file.
+    pub fn file(path: PathBuf) -> Location {
+        Location { target: Target::File(path), gate: Arc::default() }
+    }
+
+    /// A fresh in-memory database.
+    pub fn memory() -> Location {
+        Location { target: Target::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple())), gate: Arc::default() }
+    }
+
     /// The location the configuration asks for.
     pub fn from_config(config: &crate::Config) -> Location {
         if config.store == "memory" {
-            Location::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple()))
+            Location::memory()
         } else {
-            Location::File(config.data_dir.join("jobcast.db"))
+            Location::file(config.data_dir.join("jobcast.db"))
         }
     }
 }
@@ -91,31 +114,29 @@ pub struct RoomCursor {
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// One connection to the database.
 pub struct Store {
     conn: Connection,
+    /// Held while writing (see [`Location`]).
+    gate: Arc<Mutex<()>>,
 }
 
 impl Store {
     /// Opens (creating and migrating when needed) the database.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
-        let conn = match location {
-            Location::File(path) => {
+        let conn = match &location.target {
+            Target::File(path) => {
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
                 }
                 let conn = Connection::open(path)?;
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn
             }
-            Location::Memory(name) => Connection::open_with_flags(
+            Target::Memory(name) => Connection::open_with_flags(
                 // The memdb VFS shares one in-memory database between this process's connections
                 // with ordinary locking, so the busy timeout works as it does for files.
                 format!("file:/{name}?vfs=memdb"),
@@ -125,31 +146,28 @@ impl Store {
             )?,
         };
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A bounded page cache large enough to keep the dedup index hot, and fewer checkpoints.
+        conn.pragma_update(None, "cache_size", -32_768)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 32_768)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        let mut store = Store { conn };
+        let mut store = Store { conn, gate: location.gate.clone() };
         store.migrate()?;
         Ok(store)
     }
 
+    /// Takes the write gate (a poisoned gate still serialises: the data is in SQLite, not behind it).
+    fn write_gate(gate: &Mutex<()>) -> MutexGuard<'_, ()> {
+        gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-            [],
-        )?;
-        let current: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-            [],
-            |r| r.get(0),
-        )?;
+        let _w = Self::write_gate(&self.gate);
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", [])?;
+        let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES (?1)",
-                [version],
-            )?;
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
         }
         tx.commit()?;
         Ok(())
@@ -157,24 +175,21 @@ impl Store {
 
     /// Every room's epoch and newest `seq`.
     pub fn room_cursors(&self) -> Result<Vec<RoomCursor>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT room, epoch, last_seq FROM rooms")?;
+        let mut stmt = self.conn.prepare("SELECT room, epoch, last_seq FROM rooms")?;
         let rows = stmt.query_map([], |r| {
-            Ok(RoomCursor {
-                room: r.get(0)?,
-                epoch: r.get(1)?,
-                last_seq: r.get::<_, i64>(2)? as u64,
-            })
+            Ok(RoomCursor { room: r.get(0)?, epoch: r.get(1)?, last_seq: r.get::<_, i64>(2)? as u64 })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Appends events in one transaction, keeping at most `keep` per room.
     pub fn append_events(&mut self, events: &[StoredEvent], keep: usize) -> Result<(), StoreError> {
+        let _w = Self::write_gate(&self.gate);
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO events (room, seq, created_ms, envelope) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO events (room, seq, created_ms, envelope) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             let mut cur = tx.prepare_cached(
                 "INSERT INTO rooms (room, epoch, last_seq) VALUES (?1, ?2, ?3)
                  ON CONFLICT (room) DO UPDATE SET epoch = excluded.epoch, last_seq = MAX(last_seq, excluded.last_seq)",
@@ -209,28 +224,20 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, envelope FROM events WHERE room = ?1 AND seq > ?2 AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
         )?;
-        let rows = stmt.query_map(
-            params![room, seq as i64, min_created_ms, limit as i64],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
-        )?;
+        let rows = stmt.query_map(params![room, seq as i64, min_created_ms, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Deletes events older than `before_ms`.
     pub fn expire_events(&self, before_ms: i64) -> Result<usize, StoreError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM events WHERE created_ms < ?1", [before_ms])?)
+        let _w = Self::write_gate(&self.gate);
+        Ok(self.conn.execute("DELETE FROM events WHERE created_ms < ?1", [before_ms])?)
     }
 
     /// Creates or replaces a job's row.
-    pub fn save_job(
-        &self,
-        id: &str,
-        tenant: &str,
-        status: &str,
-        snapshot: &Value,
-    ) -> Result<(), StoreError> {
+    pub fn save_job(&self, id: &str, tenant: &str, status: &str, snapshot: &Value) -> Result<(), StoreError> {
         let now = now_ms();
         self.conn
             .prepare_cached(
@@ -244,25 +251,23 @@ impl Store {
     /// Reserves a job id for a tenant (a client subscribing before its upload); answers the job's
     /// snapshot, which belongs to another tenant when the id was taken first.
     pub fn reserve_job(&self, id: &str, tenant: &str) -> Result<Value, StoreError> {
-        let pending = serde_json::json!({ "job_id": id, "room": format!("job:{id}"), "tenant": tenant, "status": "pending" });
+        let pending =
+            serde_json::json!({ "job_id": id, "room": format!("job:{id}"), "tenant": tenant, "status": "pending" });
         let now = now_ms();
+        let w = Self::write_gate(&self.gate);
         self.conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
             )?
             .execute(params![id, tenant, pending.to_string(), now])?;
-        self.job(id)?
-            .ok_or_else(|| StoreError(format!("job {id} vanished")))
+        drop(w);
+        self.job(id)?.ok_or_else(|| StoreError(format!("job {id} vanished")))
     }
 
     /// A job's snapshot.
     pub fn job(&self, id: &str) -> Result<Option<Value>, StoreError> {
-        let text: Option<String> = self
-            .conn
-            .query_row("SELECT snapshot FROM jobs WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let text: Option<String> =
+            self.conn.query_row("SELECT snapshot FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
@@ -272,10 +277,7 @@ impl Store {
             "SELECT snapshot FROM jobs WHERE (?1 IS NULL OR tenant = ?1) AND status != 'pending' ORDER BY created_ms DESC, id LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![tenant, limit as i64], |r| r.get::<_, String>(0))?;
-        Ok(rows
-            .filter_map(|r| r.ok())
-            .filter_map(|t| serde_json::from_str(&t).ok())
-            .collect())
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| serde_json::from_str(&t).ok()).collect())
     }
 
     /// Jobs that had not ended when the server stopped.
@@ -284,24 +286,15 @@ impl Store {
             "SELECT snapshot FROM jobs WHERE status NOT IN ('pending', 'completed', 'failed', 'cancelled') ORDER BY created_ms",
         )?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows
-            .filter_map(|r| r.ok())
-            .filter_map(|t| serde_json::from_str(&t).ok())
-            .collect())
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| serde_json::from_str(&t).ok()).collect())
     }
 
     /// Reports of the zones of a job that completed, by index.
     pub fn zone_reports(&self, job_id: &str) -> Result<Vec<(u64, Value)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index",
-        )?;
-        let rows = stmt.query_map([job_id], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-        })?;
-        Ok(rows
-            .filter_map(|r| r.ok())
-            .filter_map(|(i, t)| serde_json::from_str(&t).ok().map(|v| (i, v)))
-            .collect())
+        let mut stmt =
+            self.conn.prepare_cached("SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index")?;
+        let rows = stmt.query_map([job_id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|(i, t)| serde_json::from_str(&t).ok().map(|v| (i, v))).collect())
     }
 
     /// Stores a zone's rows (skipping rows the tenant already has) and its report in one transaction.
@@ -315,9 +308,8 @@ impl Store {
         rows: &[Row],
         mut report: Value,
     ) -> Result<Value, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let _w = Self::write_gate(&self.gate);
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let existing: Option<String> = tx
             .query_row(
                 "SELECT report FROM zones WHERE job_id = ?1 AND zone_index = ?2",
@@ -337,7 +329,7 @@ impl Store {
             for row in rows {
                 inserted += ins.execute(params![
                     tenant,
-                    row.key,
+                    &row.key[..],
                     job_id,
                     row.line as i64,
                     row.date,
@@ -359,11 +351,10 @@ impl Store {
 
     /// How many rows a tenant has (for tests and stats).
     pub fn row_count(&self, tenant: &str) -> Result<u64, StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM transactions WHERE tenant = ?1",
-            [tenant],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM transactions WHERE tenant = ?1", [tenant], |r| r.get::<_, i64>(0))?
+            as u64)
     }
 
     /// A cheap query proving the database answers.
@@ -447,6 +438,25 @@ pub struct ReserveJob {
     pub tenant: String,
 }
 
+/// Store a zone's rows and report (see [`Store::store_zone`]); the answer goes to `reply`, so a zone
+/// actor on another sync arbiter can wait for it without an executor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StoreZone {
+    /// The job.
+    pub job_id: String,
+    /// The job's tenant.
+    pub tenant: String,
+    /// The zone's index.
+    pub index: u64,
+    /// Its valid rows.
+    pub rows: Vec<Row>,
+    /// Its report so far.
+    pub report: Value,
+    /// Where the completed report goes.
+    pub reply: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
+}
+
 /// Jobs of a tenant (`None`: all).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Value>, StoreError>")]
@@ -477,8 +487,7 @@ impl Handler<AppendEvents> for StoreActor {
 impl Handler<EventsAfter> for StoreActor {
     type Result = Result<Vec<(u64, String)>, StoreError>;
     fn handle(&mut self, m: EventsAfter, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store
-            .events_after(&m.room, m.seq, m.limit, m.min_created_ms)
+        self.store.events_after(&m.room, m.seq, m.limit, m.min_created_ms)
     }
 }
 
@@ -492,8 +501,7 @@ impl Handler<ExpireEvents> for StoreActor {
 impl Handler<SaveJob> for StoreActor {
     type Result = Result<(), StoreError>;
     fn handle(&mut self, m: SaveJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store
-            .save_job(&m.id, &m.tenant, &m.status, &m.snapshot)
+        self.store.save_job(&m.id, &m.tenant, &m.status, &m.snapshot)
     }
 }
 
@@ -508,6 +516,14 @@ impl Handler<ReserveJob> for StoreActor {
     type Result = Result<Value, StoreError>;
     fn handle(&mut self, m: ReserveJob, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.reserve_job(&m.id, &m.tenant)
+    }
+}
+
+impl Handler<StoreZone> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, m: StoreZone, _: &mut SyncContext<Self>) {
+        let result = self.store.store_zone(&m.job_id, &m.tenant, m.index, &m.rows, m.report);
+        let _ = m.reply.send(result);
     }
 }
 
@@ -549,44 +565,27 @@ mod tests {
     #[test]
     fn events_survive_reopening_and_are_trimmed_per_room() {
         let dir = tempfile::tempdir().unwrap();
-        let loc = Location::File(dir.path().join("j.db"));
+        let loc = Location::file(dir.path().join("j.db"));
         {
             let mut s = Store::open(&loc).unwrap();
-            s.append_events(&(1..=5).map(|i| ev("tenant:a", i)).collect::<Vec<_>>(), 3)
-                .unwrap();
+            s.append_events(&(1..=5).map(|i| ev("tenant:a", i)).collect::<Vec<_>>(), 3).unwrap();
             s.append_events(&[ev("tenant:b", 1)], 3).unwrap();
         }
         let s = Store::open(&loc).unwrap();
         let mut cursors = s.room_cursors().unwrap();
         cursors.sort_by(|a, b| a.room.cmp(&b.room));
+        assert_eq!(cursors[0], RoomCursor { room: "tenant:a".into(), epoch: "e1".into(), last_seq: 5 });
         assert_eq!(
-            cursors[0],
-            RoomCursor {
-                room: "tenant:a".into(),
-                epoch: "e1".into(),
-                last_seq: 5
-            }
-        );
-        assert_eq!(
-            s.events_after("tenant:a", 0, 100, 0)
-                .unwrap()
-                .iter()
-                .map(|e| e.0)
-                .collect::<Vec<_>>(),
+            s.events_after("tenant:a", 0, 100, 0).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         assert_eq!(s.events_after("tenant:a", 3, 1, 0).unwrap().len(), 1);
-        assert_eq!(
-            s.events_after("tenant:a", 0, 100, now_ms() + 1000)
-                .unwrap()
-                .len(),
-            0
-        );
+        assert_eq!(s.events_after("tenant:a", 0, 100, now_ms() + 1000).unwrap().len(), 0);
     }
 
     #[test]
     fn zones_store_once_and_dedupe_per_tenant() {
-        let loc = Location::Memory(format!("t{}", uuid::Uuid::new_v4().simple()));
+        let loc = Location::memory();
         let mut s = Store::open(&loc).unwrap();
         let row = |line, key: &str| Row {
             line,
@@ -594,30 +593,17 @@ mod tests {
             cents: 1,
             description: "d".into(),
             category: "c".into(),
-            key: key.into(),
+            key: [key.as_bytes()[0]; 16],
         };
         let rows = vec![row(2, "a"), row(3, "b"), row(4, "a")];
-        let r = s
-            .store_zone("j1", "t1", 0, &rows, serde_json::json!({"rows": 3}))
-            .unwrap();
-        assert_eq!(
-            (r["inserted"].as_u64(), r["duplicates"].as_u64()),
-            (Some(2), Some(1))
-        );
+        let r = s.store_zone("j1", "t1", 0, &rows, serde_json::json!({"rows": 3})).unwrap();
+        assert_eq!((r["inserted"].as_u64(), r["duplicates"].as_u64()), (Some(2), Some(1)));
         // The same zone again is a no-op with the same report.
-        assert_eq!(
-            s.store_zone("j1", "t1", 0, &rows, serde_json::json!({}))
-                .unwrap(),
-            r
-        );
+        assert_eq!(s.store_zone("j1", "t1", 0, &rows, serde_json::json!({})).unwrap(), r);
         // Another job of the same tenant inserts nothing new; another tenant does.
-        let r2 = s
-            .store_zone("j2", "t1", 0, &rows, serde_json::json!({}))
-            .unwrap();
+        let r2 = s.store_zone("j2", "t1", 0, &rows, serde_json::json!({})).unwrap();
         assert_eq!(r2["inserted"], 0);
-        let r3 = s
-            .store_zone("j3", "t2", 0, &rows, serde_json::json!({}))
-            .unwrap();
+        let r3 = s.store_zone("j3", "t2", 0, &rows, serde_json::json!({})).unwrap();
         assert_eq!(r3["inserted"], 2);
         assert_eq!(s.row_count("t1").unwrap(), 2);
         assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
@@ -625,22 +611,10 @@ mod tests {
 
     #[test]
     fn jobs_round_trip_and_unfinished_ones_are_found() {
-        let loc = Location::Memory(format!("t{}", uuid::Uuid::new_v4().simple()));
+        let loc = Location::memory();
         let s = Store::open(&loc).unwrap();
-        s.save_job(
-            "a",
-            "t1",
-            "processing",
-            &serde_json::json!({"job_id": "a", "status": "processing"}),
-        )
-        .unwrap();
-        s.save_job(
-            "b",
-            "t2",
-            "completed",
-            &serde_json::json!({"job_id": "b", "status": "completed"}),
-        )
-        .unwrap();
+        s.save_job("a", "t1", "processing", &serde_json::json!({"job_id": "a", "status": "processing"})).unwrap();
+        s.save_job("b", "t2", "completed", &serde_json::json!({"job_id": "b", "status": "completed"})).unwrap();
         assert_eq!(s.job("a").unwrap().unwrap()["status"], "processing");
         assert_eq!(s.jobs(Some("t1"), 10).unwrap().len(), 1);
         assert_eq!(s.jobs(None, 10).unwrap().len(), 2);

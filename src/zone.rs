@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::broker::{Broker, Publish};
 use crate::csv_import::{process_records, read_zone, Columns, Rules, ZoneStart};
 use crate::protocol::{Event, ZoneCompleted, ZoneProcessing};
-use crate::store::{Location, Store};
+use crate::store::{StoreActor, StoreZone};
 
 /// How many invalid rows and flagged cells a zone report keeps (the job keeps the first 100 overall).
 const KEEP_PER_ZONE: usize = 100;
@@ -41,19 +41,15 @@ pub struct ProcessZone {
 
 /// The zone actor.
 pub struct Zone {
-    store: Result<Store, String>,
+    store: Addr<StoreActor>,
     rules: Arc<Rules>,
     broker: Addr<Broker>,
 }
 
 impl Zone {
-    /// A zone actor with its own connection to the store at `location`.
-    pub fn new(location: &Location, rules: Arc<Rules>, broker: Addr<Broker>) -> Self {
-        Zone {
-            store: Store::open(location).map_err(|e| e.to_string()),
-            rules,
-            broker,
-        }
+    /// A zone actor that stores through `store` and reports to `broker`.
+    pub fn new(store: Addr<StoreActor>, rules: Arc<Rules>, broker: Addr<Broker>) -> Self {
+        Zone { store, rules, broker }
     }
 }
 
@@ -88,10 +84,7 @@ impl Handler<ProcessZone> for Zone {
         let out = process_records(records, &m.columns, &self.rules);
         let mut categories = serde_json::Map::new();
         for row in &out.rows {
-            let n = categories
-                .get(&row.category)
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
+            let n = categories.get(&row.category).and_then(Value::as_u64).unwrap_or(0);
             categories.insert(row.category.clone(), (n + 1).into());
         }
         let report = json!({
@@ -104,10 +97,11 @@ impl Handler<ProcessZone> for Zone {
             "flagged_cells": out.flagged.iter().take(KEEP_PER_ZONE).collect::<Vec<_>>(),
             "categories": categories,
         });
-        let store = self.store.as_mut().map_err(|e| e.clone())?;
-        let report = store
-            .store_zone(&m.job_id.to_string(), &m.tenant, m.index, &out.rows, report)
-            .map_err(|e| e.to_string())?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job_id = m.job_id.to_string();
+        self.store.do_send(StoreZone { job_id, tenant: m.tenant, index: m.index, rows: out.rows, report, reply });
+        // This thread is a zone thread of a sync arbiter: waiting here blocks no I/O arbiter.
+        let report = answer.blocking_recv().map_err(|_| "the store stopped".to_string())?.map_err(|e| e.to_string())?;
         let duration_ms = started.elapsed().as_millis() as u64;
         self.broker.do_send(Publish {
             room,

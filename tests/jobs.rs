@@ -37,9 +37,7 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
     let mut c = s.connect_as("alice", "acme").await;
     let joined = c.subscribe(&format!("job:{batch}")).await;
     assert_eq!(joined["snapshot"]["status"], "pending");
-    let (status, body) = s
-        .upload(&token, "bank.csv", "text/csv", &csv.bytes, Some(batch))
-        .await;
+    let (status, body) = s.upload(&token, "bank.csv", "text/csv", &csv.bytes, Some(batch)).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["job_id"], batch.to_string());
     assert_eq!(body["room"], format!("job:{batch}"));
@@ -60,15 +58,9 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
         .collect();
     assert_eq!(statuses.first().map(String::as_str), Some("queued"));
     for want in ["validating", "scanning", "processing", "finalizing"] {
-        assert!(
-            statuses.iter().any(|s| s == want),
-            "no {want} status in {statuses:?}"
-        );
+        assert!(statuses.iter().any(|s| s == want), "no {want} status in {statuses:?}");
     }
-    let started = events
-        .iter()
-        .find(|e| e.event.kind() == EventType::ProcessingStarted)
-        .expect("processing_started");
+    let started = events.iter().find(|e| e.event.kind() == EventType::ProcessingStarted).expect("processing_started");
     assert_eq!(data(started)["zones_total"], 11);
     assert_eq!(data(started)["filename"], "bank.csv");
     // Every zone reported exactly once, started before it completed.
@@ -81,13 +73,7 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
         .collect();
     completed.sort();
     assert_eq!(completed, (0..11).collect::<Vec<_>>());
-    assert_eq!(
-        kinds
-            .iter()
-            .filter(|k| **k == EventType::ZoneProcessing)
-            .count(),
-        11
-    );
+    assert_eq!(kinds.iter().filter(|k| **k == EventType::ZoneProcessing).count(), 11);
     let rows: u64 = events
         .iter()
         .filter_map(|e| match &e.event {
@@ -111,78 +97,37 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
 
     let results = data(events.last().unwrap())["results"].clone();
     assert_eq!(results["processed_rows"], 1050);
-    assert_eq!(
-        results["invalid_count"].as_u64(),
-        Some(csv.invalid_lines.len() as u64)
-    );
-    let invalid: Vec<u64> = results["invalid_rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["line"].as_u64().unwrap())
-        .collect();
+    assert_eq!(results["invalid_count"].as_u64(), Some(csv.invalid_lines.len() as u64));
+    let invalid: Vec<u64> =
+        results["invalid_rows"].as_array().unwrap().iter().map(|r| r["line"].as_u64().unwrap()).collect();
     assert_eq!(invalid, csv.invalid_lines);
-    assert!(results["invalid_rows"][0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("date"));
-    let flagged: Vec<u64> = results["flagged_cells"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["line"].as_u64().unwrap())
-        .collect();
+    assert!(results["invalid_rows"][0]["reason"].as_str().unwrap().contains("date"));
+    let flagged: Vec<u64> =
+        results["flagged_cells"].as_array().unwrap().iter().map(|r| r["line"].as_u64().unwrap()).collect();
     assert_eq!(flagged, csv.flagged_lines);
     assert_eq!(results["flagged_cells"][0]["column"], "description");
     assert_eq!(results["flagged_cells"][0]["reason"], "formula_injection");
     assert_eq!(results["duplicates"].as_u64(), Some(csv.duplicates));
-    assert_eq!(
-        results["inserted"].as_u64(),
-        Some(csv.valid() - csv.duplicates)
-    );
-    let categorized: u64 = results["categories"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates));
+    let categorized: u64 = results["categories"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(categorized, csv.valid());
     assert!(results["categories"]["groceries"].as_u64().unwrap() > 900);
 
     // The snapshot agrees, and the job is listed for its tenant only.
-    let (status, snap) = s
-        .request("GET", &format!("/api/v1/jobs/{batch}"), Some(&token), None)
-        .await;
+    let (status, snap) = s.request("GET", &format!("/api/v1/jobs/{batch}"), Some(&token), None).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        (snap["status"].as_str(), snap["progress"].as_f64()),
-        (Some("completed"), Some(100.0))
-    );
+    assert_eq!((snap["status"].as_str(), snap["progress"].as_f64()), (Some("completed"), Some(100.0)));
     assert_eq!(snap["results"], results);
     assert!(snap.get("spec").is_none(), "server paths stay inside");
     let (_, list) = s.request("GET", "/api/v1/jobs", Some(&token), None).await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
-    let (_, other) = s
-        .request(
-            "GET",
-            "/api/v1/jobs",
-            Some(&s.token("gus", "globex", &[])),
-            None,
-        )
-        .await;
+    let (_, other) = s.request("GET", "/api/v1/jobs", Some(&s.token("gus", "globex", &[])), None).await;
     assert_eq!(other["jobs"], json!([]));
 
     // Re-importing the same file inserts nothing new.
-    let (status, body) = s
-        .upload(&token, "bank.csv", "text/csv", &csv.bytes, None)
-        .await;
+    let (status, body) = s.upload(&token, "bank.csv", "text/csv", &csv.bytes, None).await;
     assert_eq!(status, 202);
-    let mut w = s
-        .connect(&format!(
-            "/ws/jobs/{}?token={token}&format=json",
-            body["job_id"].as_str().unwrap()
-        ))
-        .await;
+    let mut w = s.connect(&format!("/ws/jobs/{}?token={token}&format=json", body["job_id"].as_str().unwrap())).await;
     w.expect(EventType::ConnectionEstablished).await;
     w.expect(EventType::Authenticated).await;
     let sub = w.expect_data(EventType::Subscribed).await;
@@ -198,97 +143,40 @@ async fn upload_errors_are_clear() {
     let s = TestServer::with(|c| c.max_upload_bytes = 2000);
     let token = s.token("alice", "acme", &[]);
     let big = generate_csv(200, "big");
-    let (status, body) = s
-        .upload(&token, "big.csv", "text/csv", &big.bytes, None)
-        .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
-    );
-    let (status, body) = s
-        .upload(&token, "photo.png", "image/png", b"\x89PNG\r\n\x1a\n", None)
-        .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (415, Some("unsupported_media_type"))
-    );
-    let (status, _) = s
-        .upload(
-            &token,
-            "sneaky.csv",
-            "text/csv",
-            b"date,amount\0\x01\x02",
-            None,
-        )
-        .await;
+    let (status, body) = s.upload(&token, "big.csv", "text/csv", &big.bytes, None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")));
+    let (status, body) = s.upload(&token, "photo.png", "image/png", b"\x89PNG\r\n\x1a\n", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (415, Some("unsupported_media_type")));
+    let (status, _) = s.upload(&token, "sneaky.csv", "text/csv", b"date,amount\0\x01\x02", None).await;
     assert_eq!(status, 415, "binary content is not CSV text");
-    let (status, body) = s
-        .upload(
-            "bad-token",
-            "a.csv",
-            "text/csv",
-            b"date,amount,description\n",
-            None,
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
-    let (status, body) = s
-        .request("POST", "/api/v1/uploads", Some(&token), Some(json!({})))
-        .await;
+    let (status, body) = s.upload("bad-token", "a.csv", "text/csv", b"date,amount,description\n", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (status, body) = s.request("POST", "/api/v1/uploads", Some(&token), Some(json!({}))).await;
     assert_eq!(status, 400, "{body}");
     // A header without the required columns: accepted upload, the job fails naming what is missing.
     let batch = Uuid::new_v4();
     let mut c = s.connect_as("alice", "acme").await;
     c.subscribe(&format!("job:{batch}")).await;
-    let (status, _) = s
-        .upload(
-            &token,
-            "wrong.csv",
-            "text/csv",
-            b"when,how much,memo\n2024-01-01,1,x\n",
-            Some(batch),
-        )
-        .await;
+    let (status, _) =
+        s.upload(&token, "wrong.csv", "text/csv", b"when,how much,memo\n2024-01-01,1,x\n", Some(batch)).await;
     assert_eq!(status, 202);
     let job = batch.to_string();
     let events = collect_until(&mut c, EventType::ProcessingFailed).await;
     let failed = data(events.last().unwrap());
-    assert!(
-        failed["error"]
-            .as_str()
-            .unwrap()
-            .contains("lacks the columns date, amount, description"),
-        "{failed}"
-    );
+    assert!(failed["error"].as_str().unwrap().contains("lacks the columns date, amount, description"), "{failed}");
     assert_eq!(failed["recoverable"], false);
     // A watcher arriving later finds the outcome in the snapshot.
-    let mut late = s
-        .connect(&format!("/ws/jobs/{job}?token={token}&format=json"))
-        .await;
+    let mut late = s.connect(&format!("/ws/jobs/{job}?token={token}&format=json")).await;
     late.expect(EventType::ConnectionEstablished).await;
     late.expect(EventType::Authenticated).await;
     let joined = late.expect_data(EventType::Subscribed).await;
     assert_eq!(joined["snapshot"]["status"], "failed");
-    assert!(joined["snapshot"]["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("lacks the columns"));
-    let (_, snap) = s
-        .request("GET", &format!("/api/v1/jobs/{job}"), Some(&token), None)
-        .await;
+    assert!(joined["snapshot"]["error"]["message"].as_str().unwrap().contains("lacks the columns"));
+    let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&token), None).await;
     assert_eq!(snap["status"], "failed");
     // A batch id another job has is refused.
     let (status, _) = s
-        .upload(
-            &token,
-            "again.csv",
-            "text/csv",
-            b"date,amount,description\n",
-            Some(Uuid::parse_str(&job).unwrap()),
-        )
+        .upload(&token, "again.csv", "text/csv", b"date,amount,description\n", Some(Uuid::parse_str(&job).unwrap()))
         .await;
     assert_eq!(status, 409);
 }
@@ -301,9 +189,7 @@ async fn running_job(s: &TestServer, token: &str) -> (String, Client) {
     c.expect(EventType::ConnectionEstablished).await;
     c.expect(EventType::Authenticated).await;
     c.subscribe(&format!("job:{batch}")).await;
-    let (status, _) = s
-        .upload(token, "long.csv", "text/csv", &csv.bytes, Some(batch))
-        .await;
+    let (status, _) = s.upload(token, "long.csv", "text/csv", &csv.bytes, Some(batch)).await;
     assert_eq!(status, 202);
     collect_until(&mut c, EventType::ZoneCompleted).await;
     (batch.to_string(), c)
@@ -312,18 +198,12 @@ async fn running_job(s: &TestServer, token: &str) -> (String, Client) {
 /// After `job_cancelled`, nothing but the final status follows.
 async fn assert_cancelled(c: &mut Client, by: &str) {
     let events = collect_until(c, EventType::JobCancelled).await;
-    assert!(events
-        .iter()
-        .all(|e| e.event.kind() != EventType::ProcessingCompleted));
+    assert!(events.iter().all(|e| e.event.kind() != EventType::ProcessingCompleted));
     assert_eq!(data(events.last().unwrap())["by"], by);
     let status = c.expect_data(EventType::Status).await;
     assert_eq!(status["status"], "cancelled");
     c.send(&ClientMessage::Ping { ts: None }).await;
-    assert_eq!(
-        c.recv().await.event.kind(),
-        EventType::Pong,
-        "no zone event after job_cancelled"
-    );
+    assert_eq!(c.recv().await.event.kind(), EventType::Pong, "no zone event after job_cancelled");
 }
 
 #[actix_rt::test]
@@ -331,38 +211,15 @@ async fn cancel_over_http_stops_between_zones() {
     let s = TestServer::with(|c| c.zone_rows = 10);
     let token = s.token("alice", "acme", &[]);
     let (job, mut c) = running_job(&s, &token).await;
-    let (status, body) = s
-        .request(
-            "POST",
-            &format!("/api/v1/jobs/{job}/cancel"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, body) = s.request("POST", &format!("/api/v1/jobs/{job}/cancel"), Some(&token), None).await;
     assert_eq!((status, body["status"].as_str()), (202, Some("cancelling")));
     assert_cancelled(&mut c, "alice").await;
-    let (_, snap) = s
-        .request("GET", &format!("/api/v1/jobs/{job}"), Some(&token), None)
-        .await;
+    let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&token), None).await;
     assert_eq!(snap["status"], "cancelled");
     assert!(snap["zones_completed"].as_u64().unwrap() < snap["zones_total"].as_u64().unwrap());
-    let (status, _) = s
-        .request(
-            "POST",
-            &format!("/api/v1/jobs/{job}/cancel"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, _) = s.request("POST", &format!("/api/v1/jobs/{job}/cancel"), Some(&token), None).await;
     assert_eq!(status, 409, "a cancelled job cannot be cancelled again");
-    let (status, _) = s
-        .request(
-            "POST",
-            &format!("/api/v1/jobs/{}/cancel", Uuid::new_v4()),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, _) = s.request("POST", &format!("/api/v1/jobs/{}/cancel", Uuid::new_v4()), Some(&token), None).await;
     assert_eq!(status, 404);
 }
 
@@ -371,20 +228,11 @@ async fn cancel_over_websocket_stops_between_zones() {
     let s = TestServer::with(|c| c.zone_rows = 10);
     let token = s.token("alice", "acme", &[]);
     let (job, mut c) = running_job(&s, &token).await;
-    c.send(&ClientMessage::Cancel {
-        job_id: job.clone(),
-    })
-    .await;
+    c.send(&ClientMessage::Cancel { job_id: job.clone() }).await;
     assert_cancelled(&mut c, "alice").await;
     c.send(&ClientMessage::Cancel { job_id: job }).await;
-    assert_eq!(
-        c.expect_data(EventType::Error).await["code"],
-        "job_finished"
-    );
-    c.send(&ClientMessage::Cancel {
-        job_id: Uuid::new_v4().to_string(),
-    })
-    .await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "job_finished");
+    c.send(&ClientMessage::Cancel { job_id: Uuid::new_v4().to_string() }).await;
     assert_eq!(c.expect_data(EventType::Error).await["code"], "unknown_job");
 }
 
@@ -392,28 +240,13 @@ async fn cancel_over_websocket_stops_between_zones() {
 async fn other_tenants_cannot_see_or_touch_a_job() {
     let s = TestServer::start();
     let token = s.token("alice", "acme", &[]);
-    let (status, body) = s
-        .upload(
-            &token,
-            "a.csv",
-            "text/csv",
-            &generate_csv(20, "t").bytes,
-            None,
-        )
-        .await;
+    let (status, body) = s.upload(&token, "a.csv", "text/csv", &generate_csv(20, "t").bytes, None).await;
     assert_eq!(status, 202);
     let job = body["job_id"].as_str().unwrap().to_string();
     let mallory = s.token("mallory", "globex", &["publisher"]);
-    for (method, path) in [
-        ("GET", format!("/api/v1/jobs/{job}")),
-        ("POST", format!("/api/v1/jobs/{job}/cancel")),
-    ] {
+    for (method, path) in [("GET", format!("/api/v1/jobs/{job}")), ("POST", format!("/api/v1/jobs/{job}/cancel"))] {
         let (status, body) = s.request(method, &path, Some(&mallory), None).await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (404, Some("not_found")),
-            "{method} {path}"
-        );
+        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")), "{method} {path}");
     }
     let (status, _) = s
         .request(
@@ -425,29 +258,15 @@ async fn other_tenants_cannot_see_or_touch_a_job() {
         .await;
     assert_eq!(status, 404);
     let mut m = s.connect_as("mallory", "globex").await;
-    m.send(&ClientMessage::Subscribe {
-        room: format!("job:{job}"),
-        since: None,
-    })
-    .await;
+    m.send(&ClientMessage::Subscribe { room: format!("job:{job}"), since: None }).await;
     assert_eq!(m.expect_data(EventType::Error).await["code"], "forbidden");
-    m.send(&ClientMessage::Cancel {
-        job_id: job.clone(),
-    })
-    .await;
+    m.send(&ClientMessage::Cancel { job_id: job.clone() }).await;
     assert_eq!(m.expect_data(EventType::Error).await["code"], "forbidden");
     let mut direct = s.connect(&format!("/ws/jobs/{job}?token={mallory}")).await;
     let (code, _, _) = direct.expect_close().await;
     assert_eq!(code, 4003);
     // The admin sees it.
-    let (status, _) = s
-        .request(
-            "GET",
-            &format!("/api/v1/jobs/{job}"),
-            Some(&s.admin_token()),
-            None,
-        )
-        .await;
+    let (status, _) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&s.admin_token()), None).await;
     assert_eq!(status, 200);
 }
 
@@ -458,17 +277,10 @@ async fn publishers_report_their_own_work_into_a_job_room() {
     let job = Uuid::new_v4();
     let post = |body: Value| {
         let (s, publisher) = (&s, publisher.clone());
-        async move {
-            s.request(
-                "POST",
-                &format!("/api/v1/jobs/{job}/events"),
-                Some(&publisher),
-                Some(body),
-            )
-            .await
-        }
+        async move { s.request("POST", &format!("/api/v1/jobs/{job}/events"), Some(&publisher), Some(body)).await }
     };
-    let (status, body) = post(json!({"type": "status", "data": {"job_id": job, "status": "processing", "message": "pages"}})).await;
+    let (status, body) =
+        post(json!({"type": "status", "data": {"job_id": job, "status": "processing", "message": "pages"}})).await;
     assert_eq!((status, body), (201, json!({"seq": 1})));
     // Now the job exists for its tenant: a member can watch it and sees what comes next.
     let mut c = s.connect_as("alice", "acme").await;
@@ -480,14 +292,7 @@ async fn publishers_report_their_own_work_into_a_job_room() {
     assert_eq!(post(progress).await, (201, json!({"seq": 2})));
     let env = c.expect(EventType::ProcessingProgress).await;
     assert_eq!(env.seq, Some(2));
-    let (_, snap) = s
-        .request(
-            "GET",
-            &format!("/api/v1/jobs/{job}"),
-            Some(&publisher),
-            None,
-        )
-        .await;
+    let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&publisher), None).await;
     assert_eq!(snap["progress"], 42.5);
     // A plain user may not publish; a bad type is refused.
     let (status, _) = s
@@ -514,15 +319,7 @@ async fn jobs_beyond_the_concurrency_limit_wait_as_queued() {
     let batch = Uuid::new_v4();
     let mut c = s.connect_as("alice", "acme").await;
     c.subscribe(&format!("job:{batch}")).await;
-    let (status, _) = s
-        .upload(
-            &token,
-            "second.csv",
-            "text/csv",
-            &generate_csv(10, "q").bytes,
-            Some(batch),
-        )
-        .await;
+    let (status, _) = s.upload(&token, "second.csv", "text/csv", &generate_csv(10, "q").bytes, Some(batch)).await;
     assert_eq!(status, 202);
     let first = c.expect_data(EventType::Status).await;
     assert_eq!(first["status"], "queued");
@@ -541,25 +338,11 @@ async fn a_late_watcher_resumes_a_job_room_with_since() {
     let token = s.token("alice", "acme", &[]);
     let batch = Uuid::new_v4();
     let mut c = s.connect_as("alice", "acme").await;
-    let epoch = c.subscribe(&format!("job:{batch}")).await["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    s.upload(
-        &token,
-        "a.csv",
-        "text/csv",
-        &generate_csv(40, "late").bytes,
-        Some(batch),
-    )
-    .await;
+    let epoch = c.subscribe(&format!("job:{batch}")).await["epoch"].as_str().unwrap().to_string();
+    s.upload(&token, "a.csv", "text/csv", &generate_csv(40, "late").bytes, Some(batch)).await;
     let all = collect_until(&mut c, EventType::ProcessingCompleted).await;
     let mut late = s.connect_as("alice", "acme").await;
-    late.send(&ClientMessage::Subscribe {
-        room: format!("job:{batch}"),
-        since: Some(Since { seq: 3, epoch }),
-    })
-    .await;
+    late.send(&ClientMessage::Subscribe { room: format!("job:{batch}"), since: Some(Since { seq: 3, epoch }) }).await;
     let joined = late.expect_data(EventType::Subscribed).await;
     assert_eq!(joined["recovered"], true);
     assert_eq!(joined["snapshot"]["status"], "completed");

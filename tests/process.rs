@@ -23,11 +23,7 @@ struct Proc {
 impl Proc {
     fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .args(args)
-            .current_dir(cwd)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("serve").args(args).current_dir(cwd).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -42,38 +38,24 @@ impl Proc {
                 if n == 0 {
                     break;
                 }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut stdout = Vec::new();
         let mut addr = None;
         while stdout.len() < 3 {
-            let line = lines
-                .next()
-                .expect("jobcast printed its banner")
-                .expect("utf-8");
+            let line = lines.next().expect("jobcast printed its banner").expect("utf-8");
             if let Some(a) = line.strip_prefix("jobcast listening on http://") {
                 addr = Some(a.to_string());
             }
             stdout.push(line);
         }
-        Proc {
-            child,
-            addr: addr.expect("listening line"),
-            stdout,
-            logs,
-        }
+        Proc { child, addr: addr.expect("listening line"), stdout, logs }
     }
 
     fn admin_token(&self) -> String {
-        let line = self
-            .stdout
-            .iter()
-            .find(|l| l.starts_with("development admin token"))
-            .expect("admin token line");
+        let line = self.stdout.iter().find(|l| l.starts_with("development admin token")).expect("admin token line");
         line.rsplit(' ').next().unwrap().to_string()
     }
 
@@ -82,10 +64,7 @@ impl Proc {
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         self.child.wait().unwrap()
     }
@@ -99,11 +78,7 @@ impl Drop for Proc {
 }
 
 async fn get_status(url: &str, bearer: &str) -> u16 {
-    let res = awc::Client::default()
-        .get(url)
-        .insert_header(("Authorization", format!("Bearer {bearer}")))
-        .send()
-        .await;
+    let res = awc::Client::default().get(url).insert_header(("Authorization", format!("Bearer {bearer}"))).send().await;
     res.expect("request").status().as_u16()
 }
 
@@ -111,32 +86,17 @@ async fn get_status(url: &str, bearer: &str) -> u16 {
 async fn serve_needs_no_configuration_and_keeps_its_secret() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
-    assert!(
-        p.stdout
-            .iter()
-            .any(|l| l == &format!("demo page: http://{}/", p.addr)),
-        "{:?}",
-        p.stdout
-    );
-    let secret = std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret"))
-        .expect("secret kept in ./jobcast-data");
+    assert!(p.stdout.iter().any(|l| l == &format!("demo page: http://{}/", p.addr)), "{:?}", p.stdout);
+    let secret =
+        std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).expect("secret kept in ./jobcast-data");
     assert!(secret.len() >= 32);
     let token = p.admin_token();
-    assert_eq!(
-        get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await,
-        200
-    );
+    assert_eq!(get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await, 200);
     assert!(p.terminate().success());
     // A restart on the same data dir keeps the secret, so earlier tokens stay valid.
     let p2 = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).unwrap(),
-        secret
-    );
-    assert_eq!(
-        get_status(&format!("http://{}/api/v1/admin/stats", p2.addr), &token).await,
-        200
-    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).unwrap(), secret);
+    assert_eq!(get_status(&format!("http://{}/api/v1/admin/stats", p2.addr), &token).await, 200);
 }
 
 #[actix_rt::test]
@@ -144,22 +104,13 @@ async fn token_command_mints_what_the_server_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
     let out = Command::new(BIN)
-        .args([
-            "token", "--user", "ops", "--tenant", "acme", "--role", "admin", "--ttl", "600",
-        ])
+        .args(["token", "--user", "ops", "--tenant", "acme", "--role", "admin", "--ttl", "600"])
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(
-        get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await,
-        200
-    );
+    assert_eq!(get_status(&format!("http://{}/api/v1/admin/stats", p.addr), &token).await, 200);
     let bad = Command::new(BIN)
         .args(["token", "--user", "x", "--tenant", "y", "--role", "root"])
         .current_dir(dir.path())
@@ -173,16 +124,8 @@ async fn flag_beats_env_beats_file() {
     let dir = tempfile::tempdir().unwrap();
     // 192.0.2.1 (TEST-NET-1) is no address of this machine, so binding it fails at once; whichever
     // layer wins must be the one with 127.0.0.1:0.
-    std::fs::write(
-        dir.path().join("jobcast.toml"),
-        "bind = \"192.0.2.1:8080\"\n",
-    )
-    .unwrap();
-    let env_wins = Proc::serve(
-        dir.path(),
-        &["--config", "jobcast.toml"],
-        &[("JOBCAST_BIND", "127.0.0.1:0")],
-    );
+    std::fs::write(dir.path().join("jobcast.toml"), "bind = \"192.0.2.1:8080\"\n").unwrap();
+    let env_wins = Proc::serve(dir.path(), &["--config", "jobcast.toml"], &[("JOBCAST_BIND", "127.0.0.1:0")]);
     assert!(env_wins.addr.starts_with("127.0.0.1:"));
     let flag_wins = Proc::serve(
         dir.path(),
@@ -190,11 +133,8 @@ async fn flag_beats_env_beats_file() {
         &[("JOBCAST_BIND", "192.0.2.1:8080")],
     );
     assert!(flag_wins.addr.starts_with("127.0.0.1:"));
-    let file_only = Command::new(BIN)
-        .args(["serve", "--config", "jobcast.toml"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let file_only =
+        Command::new(BIN).args(["serve", "--config", "jobcast.toml"]).current_dir(dir.path()).output().unwrap();
     assert!(!file_only.status.success(), "the file's address was used");
     assert!(String::from_utf8_lossy(&file_only.stderr).contains("192.0.2.1:8080"));
 }
@@ -226,38 +166,20 @@ async fn tokens_never_reach_the_logs() {
     bad.expect_close().await;
     let mut late = Client::connect(&format!("ws://{}/ws", p.addr)).await;
     late.expect(EventType::ConnectionEstablished).await;
-    late.send(&ClientMessage::Authenticate {
-        token: "SECRET-BAD-TOKEN-2".into(),
-    })
-    .await;
+    late.send(&ClientMessage::Authenticate { token: "SECRET-BAD-TOKEN-2".into() }).await;
     late.expect_close().await;
-    c.send(&ClientMessage::Refresh {
-        token: "SECRET-BAD-TOKEN-3".into(),
-    })
-    .await;
+    c.send(&ClientMessage::Refresh { token: "SECRET-BAD-TOKEN-3".into() }).await;
     c.expect(EventType::Error).await;
     c.close().await;
     // The access log line for the upgrade is written when the request completes; wait for it.
     let deadline = std::time::Instant::now() + common::WAIT;
     while !p.logs().contains("query=token=[redacted]") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no redacted access log line:\n{}",
-            p.logs()
-        );
+        assert!(std::time::Instant::now() < deadline, "no redacted access log line:\n{}", p.logs());
         actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let logs = p.logs();
-    assert!(
-        logs.contains("event=\"auth_failure\"") || logs.contains("auth_failure"),
-        "audit lines are there:\n{logs}"
-    );
-    for secret in [
-        token.as_str(),
-        "SECRET-BAD-TOKEN-1",
-        "SECRET-BAD-TOKEN-2",
-        "SECRET-BAD-TOKEN-3",
-    ] {
+    assert!(logs.contains("event=\"auth_failure\"") || logs.contains("auth_failure"), "audit lines are there:\n{logs}");
+    for secret in [token.as_str(), "SECRET-BAD-TOKEN-1", "SECRET-BAD-TOKEN-2", "SECRET-BAD-TOKEN-3"] {
         assert!(!logs.contains(secret), "a token reached the log:\n{logs}");
     }
     // Only one of the three JWT parts would still be a leak.
@@ -266,11 +188,7 @@ async fn tokens_never_reach_the_logs() {
 }
 
 fn mint(dir: &Path, user: &str, tenant: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["token", "--user", user, "--tenant", tenant])
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["token", "--user", user, "--tenant", tenant]).current_dir(dir).output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -287,10 +205,7 @@ async fn kill_9_mid_job_then_restart_loses_nothing_and_resumes() {
     let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
     c.expect(EventType::ConnectionEstablished).await;
     c.expect(EventType::Authenticated).await;
-    let epoch = c.subscribe(&room).await["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let epoch = c.subscribe(&room).await["epoch"].as_str().unwrap().to_string();
     let (status, _) = common::upload_to(
         &format!("http://{}/api/v1/uploads", p.addr),
         &token,
@@ -321,23 +236,13 @@ async fn kill_9_mid_job_then_restart_loses_nothing_and_resumes() {
     c.expect(EventType::Authenticated).await;
     c.send(&ClientMessage::Subscribe {
         room: room.clone(),
-        since: Some(jobcast::protocol::Since {
-            seq: last_seq,
-            epoch: epoch.clone(),
-        }),
+        since: Some(jobcast::protocol::Since { seq: last_seq, epoch: epoch.clone() }),
     })
     .await;
     let joined = c.expect_data(EventType::Subscribed).await;
     assert_eq!(joined["recovered"], true, "{joined}");
-    assert_eq!(
-        joined["epoch"],
-        epoch.as_str(),
-        "history survived, so the epoch did"
-    );
-    assert!(
-        joined["seq"].as_u64().unwrap() >= last_seq,
-        "no event the client saw was lost"
-    );
+    assert_eq!(joined["epoch"], epoch.as_str(), "history survived, so the epoch did");
+    assert!(joined["seq"].as_u64().unwrap() >= last_seq, "no event the client saw was lost");
     // Every later event, replayed then live, with no gap, until the resumed job completes.
     let mut resumed = false;
     let results = loop {
@@ -345,28 +250,16 @@ async fn kill_9_mid_job_then_restart_loses_nothing_and_resumes() {
         assert_eq!(env.seq, Some(last_seq + 1), "gap after restart: {env:?}");
         last_seq += 1;
         match env.event {
-            jobcast::protocol::Event::Status(s) if s.message == "resuming after a restart" => {
-                resumed = true
-            }
+            jobcast::protocol::Event::Status(s) if s.message == "resuming after a restart" => resumed = true,
             jobcast::protocol::Event::ProcessingCompleted(done) => break done.results,
             _ => {}
         }
     };
-    assert!(
-        resumed,
-        "the job was interrupted and resumed, not finished before the kill"
-    );
+    assert!(resumed, "the job was interrupted and resumed, not finished before the kill");
     assert_eq!(results["processed_rows"], 30_000);
-    assert_eq!(
-        results["inserted"].as_u64(),
-        Some(csv.valid() - csv.duplicates),
-        "every row stored exactly once"
-    );
+    assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates), "every row stored exactly once");
     assert_eq!(results["duplicates"].as_u64(), Some(csv.duplicates));
-    assert_eq!(
-        results["invalid_count"].as_u64(),
-        Some(csv.invalid_lines.len() as u64)
-    );
+    assert_eq!(results["invalid_count"].as_u64(), Some(csv.invalid_lines.len() as u64));
     let res = awc::Client::default()
         .get(format!("http://{}/api/v1/jobs/{batch}", p2.addr))
         .insert_header(("Authorization", format!("Bearer {token}")))
@@ -384,21 +277,12 @@ async fn import_command_shows_the_job_and_its_results() {
     let csv = common::generate_csv(500, "cli");
     std::fs::write(dir.path().join("bank.csv"), &csv.bytes).unwrap();
     let out = Command::new(BIN)
-        .args([
-            "import",
-            "bank.csv",
-            "--server",
-            &format!("http://{}", p.addr),
-        ])
+        .args(["import", "bank.csv", "--server", &format!("http://{}", p.addr)])
         .current_dir(dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let want = format!(
         "completed: 500 rows, {} inserted, {} duplicates, {} invalid",
         csv.valid() - csv.duplicates,
@@ -406,19 +290,11 @@ async fn import_command_shows_the_job_and_its_results() {
         csv.invalid_lines.len()
     );
     assert!(stdout.contains(&want), "{stdout}");
-    assert!(
-        stdout.contains(&format!("invalid line {}", csv.invalid_lines[0])),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("invalid line {}", csv.invalid_lines[0])), "{stdout}");
     assert!(stdout.contains("status: validating"), "{stdout}");
     // A file that is not there is a clear error.
     let out = Command::new(BIN)
-        .args([
-            "import",
-            "nope.csv",
-            "--server",
-            &format!("http://{}", p.addr),
-        ])
+        .args(["import", "nope.csv", "--server", &format!("http://{}", p.addr)])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -429,21 +305,12 @@ async fn import_command_shows_the_job_and_its_results() {
 #[actix_rt::test]
 async fn import_command_reconnects_and_resumes_when_dropped_mid_job() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::serve(
-        dir.path(),
-        &["--bind", "127.0.0.1:0", "--zone-rows", "10"],
-        &[],
-    );
+    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0", "--zone-rows", "10"], &[]);
     let admin = p.admin_token();
     let csv = common::generate_csv(30_000, "drop");
     std::fs::write(dir.path().join("big.csv"), &csv.bytes).unwrap();
     let child = Command::new(BIN)
-        .args([
-            "import",
-            "big.csv",
-            "--server",
-            &format!("http://{}", p.addr),
-        ])
+        .args(["import", "big.csv", "--server", &format!("http://{}", p.addr)])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -468,17 +335,11 @@ async fn import_command_reconnects_and_resumes_when_dropped_mid_job() {
             );
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job never started"
-        );
+        assert!(std::time::Instant::now() < deadline, "the job never started");
         actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let res = http
-        .delete(format!(
-            "http://{}/api/v1/admin/users/cli/connections",
-            p.addr
-        ))
+        .delete(format!("http://{}/api/v1/admin/users/cli/connections", p.addr))
         .insert_header(("Authorization", format!("Bearer {admin}")))
         .send()
         .await;
@@ -486,18 +347,8 @@ async fn import_command_reconnects_and_resumes_when_dropped_mid_job() {
     assert_eq!(closed["closed"], 1);
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("reconnected; resuming"), "{stdout}");
     assert!(stdout.contains("resumed (recovered: true"), "{stdout}");
-    assert!(
-        stdout.contains(&format!(
-            "completed: 30000 rows, {} inserted",
-            csv.valid() - csv.duplicates
-        )),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("completed: 30000 rows, {} inserted", csv.valid() - csv.duplicates)), "{stdout}");
 }

@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use jobcast::auth::AuthError;
-use jobcast::protocol::{close, error_code, ClientMessage, Envelope, EventType};
+use jobcast::error::ApiError;
+use jobcast::protocol::{close, error_code, ClientMessage, Envelope, Event, EventType};
 use serde_json::Value;
 
 /// Which side of the connection an example speaks for.
@@ -38,14 +39,9 @@ impl Block {
 
     /// The block as one JSON object.
     fn object(&self) -> Value {
-        let value: Value = serde_json::from_str(&self.text).unwrap_or_else(|e| {
-            panic!("{} is not one JSON value: {e}\n{}", self.name(), self.text)
-        });
-        assert!(
-            value.is_object(),
-            "{} must hold one JSON object, not {value}",
-            self.name()
-        );
+        let value: Value = serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("{} is not one JSON value: {e}\n{}", self.name(), self.text));
+        assert!(value.is_object(), "{} must hold one JSON object, not {value}", self.name());
         value
     }
 }
@@ -90,20 +86,13 @@ fn blocks(text: &str) -> Vec<Block> {
                     ),
                     _ => None,
                 };
-                let block = side.map(|side| Block {
-                    side,
-                    line: i + 1,
-                    text: String::new(),
-                });
+                let block = side.map(|side| Block { side, line: i + 1, text: String::new() });
                 open = Some((ticks, block));
             }
             None => {}
         }
     }
-    assert!(
-        open.is_none(),
-        "proto-docs/protocol.md ends inside a fenced block"
-    );
+    assert!(open.is_none(), "proto-docs/protocol.md ends inside a fenced block");
     out
 }
 
@@ -131,15 +120,7 @@ fn assert_round_trip(block: &Block, emitted: &Value, written: &Value) {
     );
 }
 
-const CLIENT_TYPES: &[&str] = &[
-    "authenticate",
-    "subscribe",
-    "unsubscribe",
-    "ack",
-    "ping",
-    "cancel",
-    "refresh",
-];
+const CLIENT_TYPES: &[&str] = &["authenticate", "subscribe", "unsubscribe", "ack", "ping", "cancel", "refresh"];
 
 #[test]
 fn server_examples_are_envelopes_exactly_as_the_code_emits_them() {
@@ -172,15 +153,8 @@ fn server_examples_are_envelopes_exactly_as_the_code_emits_them() {
         }
         seen.insert(kind);
     }
-    let missing: Vec<&str> = EventType::ALL
-        .iter()
-        .filter(|t| !seen.contains(*t))
-        .map(|t| t.as_str())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "event types without a `json server` example: {missing:?}"
-    );
+    let missing: Vec<&str> = EventType::ALL.iter().filter(|t| !seen.contains(*t)).map(|t| t.as_str()).collect();
+    assert!(missing.is_empty(), "event types without a `json server` example: {missing:?}");
 }
 
 #[test]
@@ -189,33 +163,70 @@ fn client_examples_are_client_messages_that_round_trip() {
     let mut seen = HashSet::new();
     for block in all.iter().filter(|b| b.side == Side::Client) {
         let value = block.object();
-        let msg: ClientMessage = serde_json::from_str(&block.text).unwrap_or_else(|e| {
-            panic!(
-                "{} is not a ClientMessage: {e}\n{}",
-                block.name(),
-                block.text
-            )
-        });
+        let msg: ClientMessage = serde_json::from_str(&block.text)
+            .unwrap_or_else(|e| panic!("{} is not a ClientMessage: {e}\n{}", block.name(), block.text));
         let back = serde_json::to_value(&msg).expect("a ClientMessage serialises");
         assert_round_trip(block, &back, &value);
         seen.insert(client_type(&msg));
     }
-    let missing: Vec<&&str> = CLIENT_TYPES
-        .iter()
-        .filter(|t| !seen.contains(**t))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "client message types without a `json client` example: {missing:?}"
-    );
+    let missing: Vec<&&str> = CLIENT_TYPES.iter().filter(|t| !seen.contains(**t)).collect();
+    assert!(missing.is_empty(), "client message types without a `json client` example: {missing:?}");
 }
 
 #[test]
 fn there_are_enough_examples() {
     let n = blocks(&doc()).len();
-    assert!(
-        n >= 26,
-        "expected at least 26 `json server`/`json client` blocks, found {n}"
+    assert!(n >= 60, "expected at least 60 `json server`/`json client` blocks, found {n}");
+}
+
+/// The blocks under the `###` heading `title`, up to the next heading of that level or above.
+fn section_blocks(text: &str, title: &str) -> Vec<Block> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == format!("### {title}"))
+        .unwrap_or_else(|| panic!("proto-docs/protocol.md has no section `### {title}`"));
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## ") || l.starts_with("### "))
+        .map_or(lines.len(), |i| start + 1 + i);
+    blocks(text).into_iter().filter(|b| b.line > start && b.line <= end).collect()
+}
+
+#[test]
+fn the_worked_import_is_one_room_in_order_with_progress_reaching_100_last() {
+    let text = doc();
+    let envs: Vec<Envelope> = section_blocks(&text, "A full import, event by event")
+        .iter()
+        .filter(|b| b.side == Side::Server)
+        .map(|b| serde_json::from_str(&b.text).expect("checked by the round-trip test"))
+        .collect();
+    let Some((Event::Subscribed(joined), events)) = envs.split_first().map(|(f, r)| (&f.event, r)) else {
+        panic!("the worked import starts with `subscribed`");
+    };
+    assert_eq!(joined.snapshot.as_ref().map(|s| s["status"].clone()), Some("pending".into()));
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.room.as_deref(), Some(joined.room.as_str()), "event {i} is in another room");
+        assert_eq!(e.epoch.as_deref(), Some(joined.epoch.as_str()), "event {i} has another epoch");
+        assert_eq!(e.seq, Some(joined.seq + 1 + i as u64), "seq must rise by exactly one");
+    }
+    let kinds: Vec<EventType> = events.iter().map(|e| e.event.kind()).collect();
+    let progress: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ProcessingProgress(p) => Some(p.progress),
+            _ => None,
+        })
+        .collect();
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "progress goes down: {progress:?}");
+    assert_eq!(progress.iter().filter(|p| **p >= 100.0).count(), 1, "{progress:?}");
+    assert_eq!(progress.last(), Some(&100.0));
+    let n = kinds.len();
+    assert!(n >= 3, "the worked import is too short");
+    assert_eq!(
+        kinds[n - 3..],
+        [EventType::ProcessingProgress, EventType::ProcessingCompleted, EventType::Status],
+        "100 comes right before processing_completed, and the final status is last"
     );
 }
 
@@ -233,13 +244,39 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         error_code::NOT_SUBSCRIBED,
         error_code::INVALID_TOKEN,
         error_code::UNKNOWN_JOB,
+        error_code::JOB_FINISHED,
         error_code::INVALID_ACK,
     ];
     for code in error_codes {
-        assert!(
-            text.contains(&format!("`{code}`")),
-            "error code `{code}` is not in proto-docs/protocol.md"
-        );
+        assert!(text.contains(&format!("`{code}`")), "error code `{code}` is not in proto-docs/protocol.md");
+    }
+    // HTTP error codes: every `ApiError` variant, so a new one fails to compile here until listed.
+    let http_codes = [
+        ApiError::BadRequest(String::new()),
+        ApiError::Unauthorized(String::new()),
+        ApiError::Forbidden(String::new()),
+        ApiError::NotFound(String::new()),
+        ApiError::Conflict(String::new()),
+        ApiError::PayloadTooLarge(String::new()),
+        ApiError::UnsupportedMediaType(String::new()),
+        ApiError::Unavailable(String::new()),
+        ApiError::Internal(String::new()),
+    ];
+    for e in &http_codes {
+        // Exhaustive on purpose: a new variant must be added to `http_codes` above.
+        match e {
+            ApiError::BadRequest(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::Forbidden(_)
+            | ApiError::NotFound(_)
+            | ApiError::Conflict(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Internal(_) => {}
+        }
+        let code = e.code();
+        assert!(text.contains(&format!("`{code}`")), "HTTP error code `{code}` is not in proto-docs/protocol.md");
     }
     let close_codes = [
         close::NORMAL,
@@ -253,10 +290,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         close::TOO_MANY,
     ];
     for code in close_codes {
-        assert!(
-            text.contains(&format!("| {code} |")),
-            "close code {code} has no row in the close codes table"
-        );
+        assert!(text.contains(&format!("| {code} |")), "close code {code} has no row in the close codes table");
     }
     let reasons = [
         AuthError::Missing,

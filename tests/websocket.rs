@@ -10,13 +10,7 @@ use jobcast::protocol::{ClientMessage, Event, EventType, Since};
 use serde_json::{json, Value};
 
 fn sub(room: &str, since: Option<(u64, &str)>) -> ClientMessage {
-    ClientMessage::Subscribe {
-        room: room.into(),
-        since: since.map(|(seq, epoch)| Since {
-            seq,
-            epoch: epoch.into(),
-        }),
-    }
+    ClientMessage::Subscribe { room: room.into(), since: since.map(|(seq, epoch)| Since { seq, epoch: epoch.into() }) }
 }
 
 #[actix_rt::test]
@@ -27,23 +21,11 @@ async fn connect_with_query_token_sends_established_then_authenticated() {
     let est = c.expect_data(EventType::ConnectionEstablished).await;
     assert!(est["connection_id"].is_string());
     assert_eq!(est["heartbeat_interval_s"], 30);
-    assert!(est["server_version"]
-        .as_str()
-        .unwrap()
-        .starts_with("jobcast/"));
-    assert!(est["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|f| f == "history"));
+    assert!(est["server_version"].as_str().unwrap().starts_with("jobcast/"));
+    assert!(est["features"].as_array().unwrap().iter().any(|f| f == "history"));
     let env = c.expect(EventType::Authenticated).await;
-    assert!(
-        env.room.is_none() && env.seq.is_none() && env.epoch.is_none(),
-        "connection-level: {env:?}"
-    );
-    let Event::Authenticated(a) = env.event else {
-        unreachable!()
-    };
+    assert!(env.room.is_none() && env.seq.is_none() && env.epoch.is_none(), "connection-level: {env:?}");
+    let Event::Authenticated(a) = env.event else { unreachable!() };
     assert_eq!((a.user_id.as_str(), a.tenant.as_str()), ("alice", "acme"));
     assert!(a.expires_at.ends_with('Z'));
 }
@@ -53,20 +35,11 @@ async fn authenticate_message_when_no_token_in_url() {
     let s = TestServer::start();
     let mut c = s.connect("/ws").await;
     c.expect(EventType::ConnectionEstablished).await;
-    c.send(&ClientMessage::Authenticate {
-        token: s.token("bob", "acme", &[]),
-    })
-    .await;
+    c.send(&ClientMessage::Authenticate { token: s.token("bob", "acme", &[]) }).await;
     let a = c.expect_data(EventType::Authenticated).await;
     assert_eq!(a["user_id"], "bob");
-    c.send(&ClientMessage::Authenticate {
-        token: s.token("bob", "acme", &[]),
-    })
-    .await;
-    assert_eq!(
-        c.expect_data(EventType::Error).await["code"],
-        "already_authenticated"
-    );
+    c.send(&ClientMessage::Authenticate { token: s.token("bob", "acme", &[]) }).await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "already_authenticated");
 }
 
 #[actix_rt::test]
@@ -75,14 +48,8 @@ async fn auth_timeout_closes_4001() {
     let mut c = s.connect("/ws").await;
     let (code, _, before) = c.expect_close().await;
     assert_eq!(code, 4001);
-    let failure = before
-        .iter()
-        .find(|e| e.event.kind() == EventType::AuthFailure)
-        .expect("auth_failure first");
-    assert_eq!(
-        serde_json::to_value(failure).unwrap()["data"]["reason"],
-        "timeout"
-    );
+    let failure = before.iter().find(|e| e.event.kind() == EventType::AuthFailure).expect("auth_failure first");
+    assert_eq!(serde_json::to_value(failure).unwrap()["data"]["reason"], "timeout");
 }
 
 #[actix_rt::test]
@@ -98,14 +65,9 @@ async fn other_message_before_authenticate_closes_4001() {
 async fn refused(s: &TestServer, token: &str) -> (String, u16) {
     let mut c = s.connect(&format!("/ws?token={token}")).await;
     let (code, _, before) = c.expect_close().await;
-    let failure = before
-        .iter()
-        .find(|e| e.event.kind() == EventType::AuthFailure)
-        .expect("an auth_failure before the close");
-    let reason = serde_json::to_value(failure).unwrap()["data"]["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let failure =
+        before.iter().find(|e| e.event.kind() == EventType::AuthFailure).expect("an auth_failure before the close");
+    let reason = serde_json::to_value(failure).unwrap()["data"]["reason"].as_str().unwrap().to_string();
     (reason, code)
 }
 
@@ -126,28 +88,13 @@ fn now() -> u64 {
 async fn every_bad_token_is_refused_with_4001_and_a_reason() {
     let s = TestServer::start();
     let secret = "integration-test-secret";
-    let expired = hs256(
-        secret,
-        json!({"sub": "u", "tenant": "t", "exp": now() - 120}),
-    );
+    let expired = hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() - 120}));
     assert_eq!(refused(&s, &expired).await, ("expired".into(), 4001));
-    let wrong = hs256(
-        "another-secret",
-        json!({"sub": "u", "tenant": "t", "exp": now() + 600}),
-    );
-    assert_eq!(
-        refused(&s, &wrong).await,
-        ("invalid_signature".into(), 4001)
-    );
+    let wrong = hs256("another-secret", json!({"sub": "u", "tenant": "t", "exp": now() + 600}));
+    assert_eq!(refused(&s, &wrong).await, ("invalid_signature".into(), 4001));
     let no_tenant = hs256(secret, json!({"sub": "u", "exp": now() + 600}));
-    assert_eq!(
-        refused(&s, &no_tenant).await,
-        ("missing_tenant".into(), 4001)
-    );
-    let not_yet = hs256(
-        secret,
-        json!({"sub": "u", "tenant": "t", "exp": now() + 600, "nbf": now() + 300}),
-    );
+    assert_eq!(refused(&s, &no_tenant).await, ("missing_tenant".into(), 4001));
+    let not_yet = hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "nbf": now() + 300}));
     assert_eq!(refused(&s, &not_yet).await, ("not_yet_valid".into(), 4001));
     use base64::Engine;
     let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
@@ -156,23 +103,11 @@ async fn every_bad_token_is_refused_with_4001_and_a_reason() {
         b64(json!({"alg": "none", "typ": "JWT"})),
         b64(json!({"sub": "u", "tenant": "t", "exp": now() + 600}))
     );
-    assert_eq!(
-        refused(&s, &none).await,
-        ("unsupported_algorithm".into(), 4001)
-    );
-    assert_eq!(
-        refused(&s, "not-a-jwt").await,
-        ("malformed_token".into(), 4001)
-    );
+    assert_eq!(refused(&s, &none).await, ("unsupported_algorithm".into(), 4001));
+    assert_eq!(refused(&s, "not-a-jwt").await, ("malformed_token".into(), 4001));
     let metrics = s.metrics().await;
-    assert!(
-        metrics.contains("jobcast_auth_failures_total{reason=\"expired\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("jobcast_closes_total{code=\"4001\"} 6"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("jobcast_auth_failures_total{reason=\"expired\"} 1"), "{metrics}");
+    assert!(metrics.contains("jobcast_closes_total{code=\"4001\"} 6"), "{metrics}");
 }
 
 #[actix_rt::test]
@@ -191,10 +126,7 @@ async fn rs256_server_refuses_hs256_signed_with_the_public_key() {
     c.expect(EventType::Authenticated).await;
     let public = std::fs::read_to_string("tests/fixtures/rs256_public.pem").unwrap();
     let confused = hs256(&public, claims);
-    assert_eq!(
-        refused(&s, &confused).await,
-        ("unsupported_algorithm".into(), 4001)
-    );
+    assert_eq!(refused(&s, &confused).await, ("unsupported_algorithm".into(), 4001));
 }
 
 #[actix_rt::test]
@@ -209,10 +141,7 @@ async fn es256_public_key_verifies_es256_tokens() {
     .unwrap();
     let mut c = s.connect(&format!("/ws?token={token}")).await;
     c.expect(EventType::ConnectionEstablished).await;
-    assert_eq!(
-        c.expect_data(EventType::Authenticated).await["user_id"],
-        "u"
-    );
+    assert_eq!(c.expect_data(EventType::Authenticated).await["user_id"], "u");
 }
 
 #[actix_rt::test]
@@ -234,10 +163,8 @@ async fn audience_and_issuer_are_checked_when_configured() {
         json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "other", "iss": "https://id.example"}),
     );
     assert_eq!(refused(&s, &bad_aud).await.0, "invalid_audience");
-    let bad_iss = hs256(
-        secret,
-        json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "jobcast", "iss": "https://evil"}),
-    );
+    let bad_iss =
+        hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "jobcast", "iss": "https://evil"}));
     assert_eq!(refused(&s, &bad_iss).await.0, "invalid_issuer");
 }
 
@@ -245,32 +172,18 @@ async fn audience_and_issuer_are_checked_when_configured() {
 async fn websocket_tokens_are_single_use() {
     let s = TestServer::start();
     let access = s.token("carol", "acme", &[]);
-    let (status, body) = s
-        .request("POST", "/api/v1/auth/websocket-token", Some(&access), None)
-        .await;
+    let (status, body) = s.request("POST", "/api/v1/auth/websocket-token", Some(&access), None).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["expires_in"], 300);
     let ws_token = body["token"].as_str().unwrap().to_string();
     let mut c = s.connect(&format!("/ws?token={ws_token}")).await;
     c.expect(EventType::ConnectionEstablished).await;
-    assert_eq!(
-        c.expect_data(EventType::Authenticated).await["user_id"],
-        "carol"
-    );
+    assert_eq!(c.expect_data(EventType::Authenticated).await["user_id"], "carol");
     assert_eq!(refused(&s, &ws_token).await, ("token_reused".into(), 4001));
     // A WebSocket token is not an access token.
-    let (status, _) = s
-        .request(
-            "POST",
-            "/api/v1/auth/websocket-token",
-            Some(&ws_token),
-            None,
-        )
-        .await;
+    let (status, _) = s.request("POST", "/api/v1/auth/websocket-token", Some(&ws_token), None).await;
     assert_eq!(status, 401);
-    let (status, body) = s
-        .request("POST", "/api/v1/auth/websocket-token", None, None)
-        .await;
+    let (status, body) = s.request("POST", "/api/v1/auth/websocket-token", None, None).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
 }
@@ -298,10 +211,7 @@ async fn rooms_of_other_tenants_and_users_are_forbidden() {
     assert_eq!(joined["snapshot"]["status"], "pending");
     let mut other = s.connect_as("gus", "globex").await;
     other.send(&sub(&format!("job:{batch}"), None)).await;
-    assert_eq!(
-        other.expect_data(EventType::Error).await["code"],
-        "forbidden"
-    );
+    assert_eq!(other.expect_data(EventType::Error).await["code"], "forbidden");
     // Admins may join any tenant's room.
     let admin = s.admin_token();
     let mut a = s.connect(&format!("/ws?token={admin}&format=json")).await;
@@ -314,9 +224,7 @@ async fn rooms_of_other_tenants_and_users_are_forbidden() {
 async fn job_socket_for_an_unknown_job_closes_4004() {
     let s = TestServer::start();
     let token = s.token("alice", "acme", &[]);
-    let mut c = s
-        .connect(&format!("/ws/jobs/{}?token={token}", uuid::Uuid::new_v4()))
-        .await;
+    let mut c = s.connect(&format!("/ws/jobs/{}?token={token}", uuid::Uuid::new_v4())).await;
     let (code, reason, _) = c.expect_close().await;
     assert_eq!((code, reason.as_str()), (4004, "unknown job"));
 }
@@ -325,20 +233,13 @@ async fn job_socket_for_an_unknown_job_closes_4004() {
 async fn malformed_and_unknown_messages_get_bad_request_and_the_connection_stays() {
     let s = TestServer::start();
     let mut c = s.connect_as("alice", "acme").await;
-    for text in [
-        "{not json",
-        r#"{"type":"dance"}"#,
-        r#"{"type":"subscribe"}"#,
-        "[]",
-        r#"{"room":"tenant:acme"}"#,
-    ] {
+    for text in ["{not json", r#"{"type":"dance"}"#, r#"{"type":"subscribe"}"#, "[]", r#"{"room":"tenant:acme"}"#] {
         c.send_text(text).await;
         let err = c.expect_data(EventType::Error).await;
         assert_eq!(err["code"], "bad_request", "{text}");
         assert!(!err["message"].as_str().unwrap().is_empty());
     }
-    c.send_frame(ws::Message::Binary(r#"{"type":"ping","ts":5}"#.into()))
-        .await;
+    c.send_frame(ws::Message::Binary(r#"{"type":"ping","ts":5}"#.into())).await;
     let pong = c.expect_data(EventType::Pong).await;
     assert_eq!(pong["client_ts"], 5);
     assert!(pong["ts"].as_str().unwrap().ends_with('Z'));
@@ -348,8 +249,7 @@ async fn malformed_and_unknown_messages_get_bad_request_and_the_connection_stays
 async fn oversized_message_closes_1009() {
     let s = TestServer::with(|c| c.max_inbound_message_bytes = 256);
     let mut c = s.connect_as("alice", "acme").await;
-    c.send_text(&format!(r#"{{"type":"ping","ts":"{}"}}"#, "x".repeat(300)))
-        .await;
+    c.send_text(&format!(r#"{{"type":"ping","ts":"{}"}}"#, "x".repeat(300))).await;
     assert_eq!(c.expect_close().await.0, 1009);
 }
 
@@ -358,18 +258,10 @@ async fn fragmented_message_adding_up_past_the_limit_closes_1009() {
     let s = TestServer::with(|c| c.max_inbound_message_bytes = 256);
     let mut c = s.connect_as("alice", "acme").await;
     // Within the limit, fragments are reassembled.
-    c.send_fragmented(r#"{"type":"ping","ts":"fragmented"}"#, 8)
-        .await;
-    assert_eq!(
-        c.expect_data(EventType::Pong).await["client_ts"],
-        "fragmented"
-    );
+    c.send_fragmented(r#"{"type":"ping","ts":"fragmented"}"#, 8).await;
+    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], "fragmented");
     // Every frame is small, the message is not.
-    c.send_fragmented(
-        &format!(r#"{{"type":"ping","ts":"{}"}}"#, "y".repeat(400)),
-        100,
-    )
-    .await;
+    c.send_fragmented(&format!(r#"{{"type":"ping","ts":"{}"}}"#, "y".repeat(400)), 100).await;
     assert_eq!(c.expect_close().await.0, 1009);
 }
 
@@ -385,10 +277,7 @@ async fn flooding_gets_an_error_then_4029() {
         c.expect(EventType::Pong).await;
     }
     c.send(&ClientMessage::Ping { ts: None }).await;
-    assert_eq!(
-        c.expect_data(EventType::Error).await["code"],
-        "rate_limited"
-    );
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "rate_limited");
     c.send(&ClientMessage::Ping { ts: None }).await;
     let (code, reason, _) = c.expect_close().await;
     assert_eq!((code, reason.as_str()), (4029, "too many messages"));
@@ -405,10 +294,7 @@ async fn connection_limits_close_4029() {
     let token = s.token("alice", "acme", &[]);
     let mut third = s.connect(&format!("/ws?token={token}")).await;
     let (code, reason, _) = third.expect_close().await;
-    assert_eq!(
-        (code, reason.as_str()),
-        (4029, "too many connections for this user")
-    );
+    assert_eq!((code, reason.as_str()), (4029, "too many connections for this user"));
     // Wait until the refused connection is gone, then fill the node.
     wait_for_connections(&s, 2).await;
     let _c = s.connect_as("bob", "acme").await;
@@ -421,16 +307,11 @@ async fn connection_limits_close_4029() {
 async fn wait_for_connections(s: &TestServer, n: u64) {
     let deadline = std::time::Instant::now() + common::WAIT;
     loop {
-        let (_, stats) = s
-            .request("GET", "/api/v1/admin/stats", Some(&s.admin_token()), None)
-            .await;
+        let (_, stats) = s.request("GET", "/api/v1/admin/stats", Some(&s.admin_token()), None).await;
         if stats["connections"] == n {
             return;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "connections never reached {n}: {stats}"
-        );
+        assert!(std::time::Instant::now() < deadline, "connections never reached {n}: {stats}");
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -450,10 +331,7 @@ async fn subscription_limit_answers_an_error() {
     a.subscribe("tenant:x").await;
     a.subscribe("tenant:y").await;
     a.send(&sub("tenant:z", None)).await;
-    assert_eq!(
-        a.expect_data(EventType::Error).await["code"],
-        "too_many_subscriptions"
-    );
+    assert_eq!(a.expect_data(EventType::Error).await["code"], "too_many_subscriptions");
 }
 
 #[actix_rt::test]
@@ -468,10 +346,7 @@ async fn server_pings_and_closes_a_silent_client_with_4008() {
     use futures_util::StreamExt;
     let mut pings = 0;
     let close = loop {
-        match tokio::time::timeout(common::WAIT, framed.next())
-            .await
-            .expect("server went quiet")
-        {
+        match tokio::time::timeout(common::WAIT, framed.next()).await.expect("server went quiet") {
             Some(Ok(ws::Frame::Ping(_))) => pings += 1, // never answered
             Some(Ok(ws::Frame::Close(reason))) => break reason.expect("close reason"),
             Some(Ok(_)) => {}
@@ -522,20 +397,14 @@ async fn admin_broadcast_reaches_exactly_the_members_with_rising_seq() {
             assert!(!env.redelivered);
             epoch.get_or_insert(env.epoch.clone());
             assert_eq!(Some(env.epoch), epoch);
-            let Event::Info(data) = env.event else {
-                unreachable!()
-            };
+            let Event::Info(data) = env.event else { unreachable!() };
             assert_eq!(data["i"], i);
         }
     }
     // The other tenant's member got nothing of it: the next thing it sees is its own room's event.
-    s.broadcast("tenant:globex", "warning", json!({"w": 1}))
-        .await;
+    s.broadcast("tenant:globex", "warning", json!({"w": 1})).await;
     let env = g.expect(EventType::Warning).await;
-    assert_eq!(
-        (env.room.as_deref(), env.seq),
-        (Some("tenant:globex"), Some(1))
-    );
+    assert_eq!((env.room.as_deref(), env.seq), (Some("tenant:globex"), Some(1)));
 }
 
 #[actix_rt::test]
@@ -564,9 +433,7 @@ async fn replays_exactly_the_missed_events_after_reconnect() {
     for i in 4..=8 {
         let env = c.recv().await;
         assert_eq!(env.seq, Some(i));
-        let Event::Info(data) = env.event else {
-            unreachable!()
-        };
+        let Event::Info(data) = env.event else { unreachable!() };
         assert_eq!(data["i"], i);
     }
     // Then live events continue with no gap.
@@ -578,10 +445,7 @@ async fn replays_exactly_the_missed_events_after_reconnect() {
 async fn recovery_edges_answer_recovered_false() {
     let s = TestServer::with(|c| c.history_size = 3);
     let mut c = s.connect_as("alice", "acme").await;
-    let epoch = c.subscribe("tenant:acme").await["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let epoch = c.subscribe("tenant:acme").await["epoch"].as_str().unwrap().to_string();
     for i in 1..=6 {
         s.broadcast("tenant:acme", "info", json!({"i": i})).await;
         c.recv().await;
@@ -614,30 +478,15 @@ async fn large_messages_are_binary_gzip_msgpack_and_decode_to_the_same_envelope(
     auto.subscribe("tenant:acme").await;
     let mut json_client = s.connect_as("amy", "acme").await;
     json_client.subscribe("tenant:acme").await;
-    s.broadcast("tenant:acme", "info", json!({"text": "z".repeat(4000)}))
-        .await;
-    let Incoming::Message {
-        env: binary_env,
-        binary: true,
-    } = auto.next().await
-    else {
+    s.broadcast("tenant:acme", "info", json!({"text": "z".repeat(4000)})).await;
+    let Incoming::Message { env: binary_env, binary: true } = auto.next().await else {
         panic!("expected a binary frame")
     };
-    let Incoming::Message {
-        env: text_env,
-        binary: false,
-    } = json_client.next().await
-    else {
-        panic!("expected text")
-    };
+    let Incoming::Message { env: text_env, binary: false } = json_client.next().await else { panic!("expected text") };
     assert_eq!(binary_env, text_env, "the same envelope, the same id");
     // Small ones stay text in auto format.
-    s.broadcast("tenant:acme", "info", json!({"text": "small"}))
-        .await;
-    assert!(matches!(
-        auto.next().await,
-        Incoming::Message { binary: false, .. }
-    ));
+    s.broadcast("tenant:acme", "info", json!({"text": "small"})).await;
+    assert!(matches!(auto.next().await, Incoming::Message { binary: false, .. }));
 }
 
 #[actix_rt::test]
@@ -646,28 +495,13 @@ async fn unsubscribe_stops_events() {
     let mut c = s.connect_as("alice", "acme").await;
     c.subscribe("tenant:acme").await;
     c.subscribe("user:alice").await;
-    c.send(&ClientMessage::Unsubscribe {
-        room: "tenant:acme".into(),
-    })
-    .await;
-    assert_eq!(
-        c.expect_data(EventType::Unsubscribed).await["room"],
-        "tenant:acme"
-    );
-    assert_eq!(
-        s.broadcast("tenant:acme", "info", json!({})).await["delivered_to"],
-        0
-    );
+    c.send(&ClientMessage::Unsubscribe { room: "tenant:acme".into() }).await;
+    assert_eq!(c.expect_data(EventType::Unsubscribed).await["room"], "tenant:acme");
+    assert_eq!(s.broadcast("tenant:acme", "info", json!({})).await["delivered_to"], 0);
     s.broadcast("user:alice", "info", json!({})).await;
     assert_eq!(c.recv().await.room.as_deref(), Some("user:alice"));
-    c.send(&ClientMessage::Unsubscribe {
-        room: "tenant:acme".into(),
-    })
-    .await;
-    assert_eq!(
-        c.expect_data(EventType::Error).await["code"],
-        "not_subscribed"
-    );
+    c.send(&ClientMessage::Unsubscribe { room: "tenant:acme".into() }).await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "not_subscribed");
 }
 
 #[actix_rt::test]
@@ -681,18 +515,9 @@ async fn token_expiring_then_refresh_extends_the_connection() {
     let expiring = c.expect_data(EventType::TokenExpiring).await;
     assert!(expiring["expires_in_s"].as_u64().unwrap() <= 60);
     // A token of another user is refused; the connection stays.
-    c.send(&ClientMessage::Refresh {
-        token: s.token("mallory", "acme", &[]),
-    })
-    .await;
-    assert_eq!(
-        c.expect_data(EventType::Error).await["code"],
-        "invalid_token"
-    );
-    c.send(&ClientMessage::Refresh {
-        token: s.token("alice", "acme", &[]),
-    })
-    .await;
+    c.send(&ClientMessage::Refresh { token: s.token("mallory", "acme", &[]) }).await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "invalid_token");
+    c.send(&ClientMessage::Refresh { token: s.token("alice", "acme", &[]) }).await;
     let refreshed = c.expect_data(EventType::TokenRefreshed).await;
     let at = humantime::parse_rfc3339(refreshed["expires_at"].as_str().unwrap()).unwrap();
     assert!(at > std::time::SystemTime::now() + Duration::from_secs(3000));
@@ -711,28 +536,15 @@ async fn an_unrefreshed_credential_closes_4001_when_it_expires() {
 
 #[actix_rt::test]
 async fn origins_are_matched_exactly() {
-    let s = TestServer::with(|c| {
-        c.allowed_origins = Some("https://app.example.com, http://localhost:3000".into())
-    });
+    let s = TestServer::with(|c| c.allowed_origins = Some("https://app.example.com, http://localhost:3000".into()));
     let token = s.token("alice", "acme", &[]);
     let url = s.ws_url(&format!("/ws?token={token}"));
-    assert!(Client::try_connect(&url, Some("https://app.example.com"))
-        .await
-        .is_ok());
-    assert!(Client::try_connect(&url, Some("http://localhost:3000"))
-        .await
-        .is_ok());
-    for bad in [
-        "https://app.example.com.evil.io",
-        "http://app.example.com",
-        "https://evil.io",
-        "http://localhost:30000",
-    ] {
-        assert_eq!(
-            Client::try_connect(&url, Some(bad)).await.err(),
-            Some(403),
-            "{bad}"
-        );
+    assert!(Client::try_connect(&url, Some("https://app.example.com")).await.is_ok());
+    assert!(Client::try_connect(&url, Some("http://localhost:3000")).await.is_ok());
+    for bad in
+        ["https://app.example.com.evil.io", "http://app.example.com", "https://evil.io", "http://localhost:30000"]
+    {
+        assert_eq!(Client::try_connect(&url, Some(bad)).await.err(), Some(403), "{bad}");
     }
     assert_eq!(Client::try_connect(&url, None).await.err(), Some(403));
 }

@@ -49,31 +49,18 @@ impl TestServer {
             sys.block_on(async move {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
                 let running = jobcast::start(listener, config).expect("start");
-                tx.send((
-                    running.addr,
-                    running.shared.clone(),
-                    running.shutdown.clone(),
-                ))
-                .expect("send");
+                tx.send((running.addr, running.shared.clone(), running.shutdown.clone())).expect("send");
                 let _ = running.wait().await;
             });
         });
         let (addr, shared, shutdown) = rx.recv_timeout(WAIT).expect("server started");
-        TestServer {
-            addr,
-            shared,
-            shutdown,
-            data_dir,
-        }
+        TestServer { addr, shared, shutdown, data_dir }
     }
 
     /// An access JWT signed with the server's secret.
     pub fn token(&self, user: &str, tenant: &str, roles: &[&str]) -> String {
         let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-        self.shared
-            .auth
-            .mint_access(user, tenant, &roles, 3600)
-            .expect("mint")
+        self.shared.auth.mint_access(user, tenant, &roles, 3600).expect("mint")
     }
 
     /// An admin access JWT.
@@ -97,9 +84,7 @@ impl TestServer {
     /// Connects with an access token in the URL, reads `connection_established` and `authenticated`.
     pub async fn connect_as(&self, user: &str, tenant: &str) -> Client {
         let token = self.token(user, tenant, &[]);
-        let mut c = self
-            .connect(&format!("/ws?token={token}&format=json"))
-            .await;
+        let mut c = self.connect(&format!("/ws?token={token}&format=json")).await;
         c.expect(EventType::ConnectionEstablished).await;
         c.expect(EventType::Authenticated).await;
         c
@@ -120,13 +105,7 @@ impl TestServer {
     }
 
     /// An HTTP request with an optional bearer token and JSON body; returns status and JSON body.
-    pub async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        bearer: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    pub async fn request(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> (u16, Value) {
         let client = awc::Client::default();
         let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = client.request(method, self.http(path)).timeout(WAIT);
@@ -140,8 +119,8 @@ impl TestServer {
         .expect("request");
         let status = res.status().as_u16();
         let bytes = res.body().limit(16 << 20).await.expect("body");
-        let json = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        let json =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, json)
     }
 
@@ -173,18 +152,12 @@ pub struct Client {
 impl Client {
     /// Connects, failing the test if the upgrade is refused.
     pub async fn connect(url: &str) -> Client {
-        Self::try_connect(url, None)
-            .await
-            .expect("websocket upgrade")
+        Self::try_connect(url, None).await.expect("websocket upgrade")
     }
 
     /// Connects with an optional Origin header; the error is the HTTP status of a refused upgrade.
     pub async fn try_connect(url: &str, origin: Option<&str>) -> Result<Client, u16> {
-        let mut req = awc::Client::builder()
-            .timeout(WAIT)
-            .finish()
-            .ws(url)
-            .max_frame_size(64 << 20);
+        let mut req = awc::Client::builder().timeout(WAIT).finish().ws(url).max_frame_size(64 << 20);
         if let Some(o) = origin {
             req = req.origin(o);
         }
@@ -198,17 +171,12 @@ impl Client {
     /// The next thing from the server (server pings are answered and skipped).
     pub async fn next(&mut self) -> Incoming {
         loop {
-            let frame = tokio::time::timeout(WAIT, self.framed.next())
-                .await
-                .expect("timed out waiting for the server");
+            let frame = tokio::time::timeout(WAIT, self.framed.next()).await.expect("timed out waiting for the server");
             match frame {
                 None | Some(Err(_)) => return Incoming::Ended,
                 Some(Ok(Frame::Text(t))) => {
                     let env: Envelope = serde_json::from_slice(&t).unwrap_or_else(|e| {
-                        panic!(
-                            "server sent an invalid envelope {e}: {}",
-                            String::from_utf8_lossy(&t)
-                        )
+                        panic!("server sent an invalid envelope {e}: {}", String::from_utf8_lossy(&t))
                     });
                     return Incoming::Message { env, binary: false };
                 }
@@ -252,9 +220,7 @@ impl Client {
         loop {
             match self.next().await {
                 Incoming::Message { env, .. } => before.push(env),
-                Incoming::Close(Some(r)) => {
-                    return (u16::from(r.code), r.description.unwrap_or_default(), before)
-                }
+                Incoming::Close(Some(r)) => return (u16::from(r.code), r.description.unwrap_or_default(), before),
                 Incoming::Close(None) => return (1005, String::new(), before),
                 Incoming::Ended => {
                     panic!("connection ended without a close frame; before it: {before:?}")
@@ -265,16 +231,12 @@ impl Client {
 
     /// Sends a client message.
     pub async fn send(&mut self, msg: &ClientMessage) {
-        self.send_text(&serde_json::to_string(msg).expect("json"))
-            .await;
+        self.send_text(&serde_json::to_string(msg).expect("json")).await;
     }
 
     /// Sends raw text.
     pub async fn send_text(&mut self, text: &str) {
-        self.framed
-            .send(ws::Message::Text(text.to_string().into()))
-            .await
-            .expect("send");
+        self.framed.send(ws::Message::Text(text.to_string().into())).await.expect("send");
     }
 
     /// Sends any frame.
@@ -300,38 +262,23 @@ impl Client {
 
     /// Subscribes and returns the `subscribed` data.
     pub async fn subscribe(&mut self, room: &str) -> Value {
-        self.send(&ClientMessage::Subscribe {
-            room: room.into(),
-            since: None,
-        })
-        .await;
+        self.send(&ClientMessage::Subscribe { room: room.into(), since: None }).await;
         self.expect_data(EventType::Subscribed).await
     }
 
     /// Closes politely.
     pub async fn close(mut self) {
-        let _ = self
-            .framed
-            .send(ws::Message::Close(Some(ws::CloseCode::Normal.into())))
-            .await;
+        let _ = self.framed.send(ws::Message::Close(Some(ws::CloseCode::Normal.into()))).await;
     }
 }
 
 /// A multipart body with a `file` part (and an optional `batch_id`), as browsers send it.
-pub fn multipart(
-    filename: &str,
-    content_type: &str,
-    data: &[u8],
-    batch_id: Option<uuid::Uuid>,
-) -> (String, Vec<u8>) {
+pub fn multipart(filename: &str, content_type: &str, data: &[u8], batch_id: Option<uuid::Uuid>) -> (String, Vec<u8>) {
     let boundary = format!("jobcast-test-{}", uuid::Uuid::new_v4().simple());
     let mut body = Vec::new();
     if let Some(id) = batch_id {
         body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"batch_id\"\r\n\r\n{id}\r\n"
-            )
-            .as_bytes(),
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"batch_id\"\r\n\r\n{id}\r\n").as_bytes(),
         );
     }
     body.extend_from_slice(
@@ -353,15 +300,7 @@ impl TestServer {
         data: &[u8],
         batch_id: Option<uuid::Uuid>,
     ) -> (u16, Value) {
-        upload_to(
-            &self.http("/api/v1/uploads"),
-            token,
-            filename,
-            content_type,
-            data,
-            batch_id,
-        )
-        .await
+        upload_to(&self.http("/api/v1/uploads"), token, filename, content_type, data, batch_id).await
     }
 }
 
@@ -388,10 +327,7 @@ pub async fn upload_to(
     };
     let status = res.status().as_u16();
     let bytes = res.body().await.expect("body");
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 /// What a generated CSV holds, so tests can check results exactly.
@@ -425,21 +361,12 @@ pub fn generate_csv(rows: u64, salt: &str) -> GeneratedCsv {
             format!("not-a-date,{i}.00,item {salt} {i}\n")
         } else if i % 100 == 3 {
             flagged_lines.push(i + 2);
-            format!(
-                "2024-01-{:02},-{i}.50,\"=HYPERLINK(\"\"http://x/{salt}{i}\"\")\"\n",
-                i % 28 + 1
-            )
+            format!("2024-01-{:02},-{i}.50,\"=HYPERLINK(\"\"http://x/{salt}{i}\"\")\"\n", i % 28 + 1)
         } else {
             format!("2024-01-{:02},-{i}.25,grocery {salt} {i}\n", i % 28 + 1)
         };
         out.push_str(&line);
         previous = line;
     }
-    GeneratedCsv {
-        bytes: out.into_bytes(),
-        rows,
-        invalid_lines,
-        flagged_lines,
-        duplicates,
-    }
+    GeneratedCsv { bytes: out.into_bytes(), rows, invalid_lines, flagged_lines, duplicates }
 }
