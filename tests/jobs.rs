@@ -350,3 +350,56 @@ async fn a_late_watcher_resumes_a_job_room_with_since() {
         assert_eq!(&late.recv().await, want);
     }
 }
+
+#[actix_rt::test]
+async fn a_watcher_dropped_mid_job_resumes_with_every_zone() {
+    let s = TestServer::with(|c| c.zone_rows = 10);
+    let token = s.token("alice", "acme", &[]);
+    let batch = Uuid::new_v4();
+    let room = format!("job:{batch}");
+    let mut c = s.connect_as("alice", "acme").await;
+    let epoch = c.subscribe(&room).await["epoch"].as_str().unwrap().to_string();
+    let csv = generate_csv(5_000, "drop");
+    s.upload(&token, "a.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    let mut seen = collect_until(&mut c, EventType::ZoneCompleted).await;
+    drop(c); // the TCP connection goes away without a close frame
+    let mut c = s.connect_as("alice", "acme").await;
+    let last = seen.last().unwrap().seq.unwrap();
+    c.send(&ClientMessage::Subscribe { room, since: Some(Since { seq: last, epoch }) }).await;
+    assert_eq!(c.expect_data(EventType::Subscribed).await["recovered"], true);
+    seen.extend(collect_until(&mut c, EventType::ProcessingCompleted).await);
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq.unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap, no duplicate");
+    let mut zones: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ZoneCompleted(z) => Some(z.zone_index),
+            _ => None,
+        })
+        .collect();
+    zones.sort();
+    assert_eq!(zones, (0..500).collect::<Vec<_>>());
+}
+
+#[actix_rt::test]
+async fn a_file_that_is_not_utf8_fails_with_its_line() {
+    let s = TestServer::start();
+    let token = s.token("alice", "acme", &[]);
+    let batch = Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe(&format!("job:{batch}")).await;
+    let body = b"date,amount,description\n2024-01-01,1.00,ok\n2024-01-02,2.00,caf\xe9 latin-1\n";
+    assert_eq!(s.upload(&token, "latin1.csv", "text/csv", body, Some(batch)).await.0, 202);
+    let events = collect_until(&mut c, EventType::ProcessingFailed).await;
+    let failed = data(events.last().unwrap());
+    assert_eq!(failed["error"], "line 3 is not valid UTF-8");
+    assert_eq!(c.expect_data(EventType::Status).await["status"], "failed");
+    // An unterminated quote swallows the rest of the file into one field: that row is invalid, not a crash.
+    let batch = Uuid::new_v4();
+    c.subscribe(&format!("job:{batch}")).await;
+    let body = b"date,amount,description\n2024-01-01,1.00,ok\n2024-01-02,2.00,\"never closed\n2024-01-03,3.00,x\n";
+    assert_eq!(s.upload(&token, "quote.csv", "text/csv", body, Some(batch)).await.0, 202);
+    let events = collect_until(&mut c, EventType::ProcessingCompleted).await;
+    let results = data(events.last().unwrap())["results"].clone();
+    assert_eq!((results["processed_rows"].as_u64(), results["inserted"].as_u64()), (Some(2), Some(2)));
+}
