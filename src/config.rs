@@ -88,6 +88,8 @@ settings! {
         max_delivery_attempts: u32 = 3, "JOBCAST_MAX_DELIVERY_ATTEMPTS";
         /// Messages waiting for one connection before it counts as a slow consumer.
         max_queued_messages: usize = 1000, "JOBCAST_MAX_QUEUED_MESSAGES";
+        /// Bytes waiting for one connection before it counts as a slow consumer.
+        max_queued_bytes: usize = 16 << 20, "JOBCAST_MAX_QUEUED_BYTES";
         /// `processing_progress` events per job per second.
         progress_max_rate_per_s: u32 = 4, "JOBCAST_PROGRESS_MAX_RATE_PER_S";
         /// Largest upload, bytes.

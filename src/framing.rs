@@ -89,6 +89,13 @@ impl Encoded {
         Ok(Encoded { kind: env.event.kind(), seq: env.seq, json: json.into(), binary, created: Instant::now() })
     }
 
+    /// The same event marked `redelivered: true`, for a retry.
+    pub fn redelivered(&self, threshold: usize) -> Result<Encoded, EncodeError> {
+        let mut env: Envelope = serde_json::from_str(&self.json)?;
+        env.redelivered = true;
+        Encoded::new(&env, threshold)
+    }
+
     /// The frame a connection with `format` receives.
     pub fn frame(&self, format: Format) -> Frame {
         match (format, &self.binary) {
@@ -153,6 +160,17 @@ mod tests {
         let len = serde_json::to_string(&env).unwrap().len();
         assert!(Encoded::new(&env, len).unwrap().binary.is_none());
         assert!(Encoded::new(&env, len - 1).unwrap().binary.is_some());
+    }
+
+    #[test]
+    fn redelivered_copies_carry_the_flag_and_nothing_else_changes() {
+        let env = env_with(10);
+        let first = Encoded::new(&env, 1024).unwrap();
+        let again = first.redelivered(1024).unwrap();
+        let back: Envelope = serde_json::from_str(&again.json).unwrap();
+        assert!(back.redelivered);
+        assert_eq!(Envelope { redelivered: false, ..back }, env);
+        assert_eq!(again.seq, Some(7));
     }
 
     #[test]

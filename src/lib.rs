@@ -14,6 +14,7 @@
 //! [`start`] takes an already-bound listener, so tests bind port 0 and call it; `main.rs` only parses
 //! the command line.
 
+pub mod ack_buffer;
 pub mod api_jobs;
 pub mod auth;
 pub mod broker;

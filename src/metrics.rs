@@ -31,6 +31,14 @@ pub struct Metrics {
     pub published: AtomicU64,
     /// Messages dropped without the client being told; must stay 0.
     pub dropped: AtomicU64,
+    /// Room events released by client acks (`ack=1`).
+    pub acknowledged: AtomicU64,
+    /// Room events sent again after `ack_timeout_ms`.
+    pub redelivered: AtomicU64,
+    /// Connections closed with 4008 "slow consumer".
+    pub slow_consumers: AtomicU64,
+    /// Connections closed with 4008 "ack timeout".
+    pub ack_timeouts: AtomicU64,
     /// Messages and bytes written to sockets, by event type.
     sent: [(AtomicU64, AtomicU64); 19],
     /// Closes by code (index into `CLOSE_CODES`, last slot for other codes).
@@ -120,12 +128,15 @@ impl Metrics {
             self.connections_total.load(Relaxed),
         );
         counter(&mut out, "jobcast_events_published_total", "Room events published.", self.published.load(Relaxed));
-        counter(
-            &mut out,
-            "jobcast_messages_dropped_total",
-            "Messages dropped silently (always 0).",
-            self.dropped.load(Relaxed),
-        );
+        for (name, help, value) in [
+            ("jobcast_messages_dropped_total", "Messages dropped silently (always 0).", &self.dropped),
+            ("jobcast_acknowledged_total", "Room events acknowledged by clients.", &self.acknowledged),
+            ("jobcast_redelivered_total", "Room events sent again for want of an ack.", &self.redelivered),
+            ("jobcast_slow_consumer_closes_total", "Connections closed as slow consumers.", &self.slow_consumers),
+            ("jobcast_ack_timeout_closes_total", "Connections closed for unacknowledged events.", &self.ack_timeouts),
+        ] {
+            counter(&mut out, name, help, value.load(Relaxed));
+        }
 
         out.push_str("# HELP jobcast_messages_sent_total Messages written to sockets, by type.\n# TYPE jobcast_messages_sent_total counter\n");
         for (t, (n, _)) in EventType::ALL.iter().zip(&self.sent) {

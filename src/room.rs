@@ -101,7 +101,7 @@ impl Room {
             snapshot: msg.snapshot,
         }));
         for event in events {
-            msg.member.do_send(RoomOutput::Event { room: self.name.clone(), event });
+            msg.member.do_send(RoomOutput::Event { room: self.name.clone(), event, replay: true });
         }
         self.members.insert(msg.conn, msg.member);
     }
@@ -137,7 +137,7 @@ impl Handler<Deliver> for Room {
         self.head = msg.seq;
         self.history.push(msg.seq, msg.event.clone(), Instant::now());
         for member in self.members.values() {
-            member.do_send(RoomOutput::Event { room: self.name.clone(), event: msg.event.clone() });
+            member.do_send(RoomOutput::Event { room: self.name.clone(), event: msg.event.clone(), replay: false });
         }
     }
 }

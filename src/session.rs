@@ -5,7 +5,7 @@
 //! actor never waits on a socket. Only this file touches WebSocket frames.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::ack_buffer::{self, AckBuffer};
 use crate::auth::{authorize_room, unix_now, AuthError, Identity, RoomRefusal};
 use crate::broker;
 use crate::framing::{Encoded, Format, Frame};
@@ -53,12 +54,27 @@ pub enum RoomOutput {
         room: Arc<str>,
         /// The encoded envelope, shared by every member.
         event: Arc<Encoded>,
+        /// Part of the replay after `subscribed` (not counted against the slow-consumer bound).
+        replay: bool,
     },
+}
+
+/// Live messages and bytes waiting for the writer (replayed ones are not counted).
+#[derive(Default)]
+struct Queued {
+    msgs: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 /// What the writer task writes.
 enum Outgoing {
-    Frame { frame: Frame, kind: EventType, created: Option<Instant> },
+    /// `live`: counted against the slow-consumer bounds (everything but a replay).
+    Frame {
+        frame: Frame,
+        kind: EventType,
+        created: Option<Instant>,
+        live: bool,
+    },
     Ping,
     Pong(Bytes),
     Close(u16, String),
@@ -84,8 +100,8 @@ pub struct Session {
     id: Uuid,
     shared: Shared,
     params: SessionParams,
-    /// Outbound queue to the writer task (bounded: a full queue is a slow consumer).
-    out: mpsc::Sender<Outgoing>,
+    /// Outbound queue to the writer task; its live part is bounded by [`Session::push`].
+    out: mpsc::UnboundedSender<Outgoing>,
     /// Closes the writer at once when the queue is too full to carry a close frame.
     urgent_close: Option<oneshot::Sender<(u16, String)>>,
     /// Set once authentication succeeded.
@@ -104,6 +120,10 @@ pub struct Session {
     expiry_timers: Vec<SpawnHandle>,
     /// Span around everything this connection does.
     span: tracing::Span,
+    /// Live messages and bytes queued for the writer and not yet written (shared with it).
+    queued: Arc<Queued>,
+    /// The acknowledgement buffer, with `ack=1`.
+    acks: Option<Addr<AckBuffer>>,
 }
 
 impl Session {
@@ -115,9 +135,10 @@ impl Session {
         stream: actix_ws::MessageStream,
     ) -> Addr<Session> {
         let id = Uuid::new_v4();
-        let (out, rx) = mpsc::channel(shared.config.max_queued_messages.max(16));
+        let (out, rx) = mpsc::unbounded_channel();
         let (urgent_tx, urgent_rx) = oneshot::channel();
-        actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone()));
+        let queued = Arc::new(Queued::default());
+        actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone(), queued.clone()));
         let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
         let stream = stream.max_frame_size(shared.config.max_inbound_message_bytes);
         let bucket = TokenBucket::new(shared.config.inbound_rate_per_s, shared.config.inbound_burst, Instant::now());
@@ -137,20 +158,47 @@ impl Session {
                 closing: false,
                 expiry_timers: Vec::new(),
                 span,
+                queued,
+                acks: None,
             }
         })
     }
 
-    /// Queues a frame; a full queue closes the connection as a slow consumer.
+    /// Queues a frame. A connection with more than `max_queued_messages` live messages or
+    /// `max_queued_bytes` live bytes waiting is a slow consumer: it is closed with 4008 rather than
+    /// buffered without limit, and it recovers from history when it comes back. A replay is not
+    /// counted: its burst is the server's doing, and it is bounded by the history size.
     fn push(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
-        match self.out.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.close(close::TIMEOUT, "slow consumer", ctx),
-            Err(mpsc::error::TrySendError::Closed(_)) => ctx.stop(),
+        let live_len = match &item {
+            Outgoing::Frame { frame, live: true, .. } => Some(frame.len()),
+            Outgoing::Frame { .. } => None,
+            _ => Some(0),
+        };
+        if let Some(len) = live_len {
+            let cfg = &self.shared.config;
+            if self.queued.msgs.load(Relaxed) >= cfg.max_queued_messages
+                || self.queued.bytes.load(Relaxed) + len > cfg.max_queued_bytes
+            {
+                return self.slow_consumer(ctx);
+            }
+            self.queued.msgs.fetch_add(1, Relaxed);
+            self.queued.bytes.fetch_add(len, Relaxed);
         }
+        if self.out.send(item).is_err() {
+            ctx.stop();
+        }
+    }
+
+    /// Closes at once, ahead of everything queued (which the client is not reading).
+    fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
+        self.shared.metrics.slow_consumers.fetch_add(1, Relaxed);
+        if let Some(tx) = self.urgent_close.take() {
+            let _ = tx.send((close::TIMEOUT, "slow consumer".into()));
+        }
+        self.close(close::TIMEOUT, "slow consumer", ctx);
     }
 
     /// Sends a connection-level message.
@@ -158,7 +206,8 @@ impl Session {
         let kind = event.kind();
         let env = Envelope::direct(event);
         match Encoded::new(&env, self.shared.config.compress_threshold_bytes) {
-            Ok(enc) => self.push(Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None }, ctx),
+            Ok(enc) => self
+                .push(Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None, live: true }, ctx),
             Err(e) => warn!(error = %e, "cannot encode a connection message"),
         }
     }
@@ -176,11 +225,7 @@ impl Session {
         self.shared.metrics.closed(code);
         let _g = self.span.enter();
         info!(target: "audit", event = "close", conn = %self.id, code, reason, "server closed the connection");
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outgoing::Close(code, reason.into())) {
-            if let Some(tx) = self.urgent_close.take() {
-                let _ = tx.send((code, reason.into()));
-            }
-        }
+        let _ = self.out.send(Outgoing::Close(code, reason.into()));
         ctx.stop();
     }
 
@@ -389,22 +434,38 @@ impl Session {
                 if self.rooms.remove(&room) {
                     self.report_rooms();
                     self.shared.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
+                    if let Some(acks) = &self.acks {
+                        acks.do_send(ack_buffer::Forget { room: room.clone() });
+                    }
                     self.send(Event::Unsubscribed(Unsubscribed { room }), ctx);
                 } else {
                     self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
                 }
             }
-            ClientMessage::Ack { room, .. } => {
-                if !self.rooms.contains(&room) {
-                    self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
-                }
-            }
+            ClientMessage::Ack { room, seq } => self.ack(room, seq, ctx),
             ClientMessage::Ping { ts } => {
                 self.send(Event::Pong(Pong { ts: crate::protocol::now_rfc3339(), client_ts: ts }), ctx)
             }
             ClientMessage::Cancel { job_id } => self.cancel(job_id, ctx),
             ClientMessage::Refresh { token } => self.refresh(&token, ctx),
         }
+    }
+
+    /// A cumulative `ack`: releases the room's events up to `seq` from the acknowledgement buffer.
+    fn ack(&mut self, room: String, seq: u64, ctx: &mut Context<Self>) {
+        if !self.rooms.contains(&room) {
+            return self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
+        }
+        // Without `ack=1` nothing waits for acks; an ack is harmless.
+        let Some(acks) = &self.acks else { return };
+        let fut = acks.send(ack_buffer::Acked { room, seq });
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(Ok(released)) => {
+                act.shared.metrics.acknowledged.fetch_add(released as u64, Relaxed);
+            }
+            Ok(Err(e)) => act.send_error(error_code::INVALID_ACK, e.to_string(), ctx),
+            Err(_) => {}
+        }));
     }
 
     /// Extends the connection's life with a fresh access token of the same user.
@@ -468,6 +529,17 @@ impl Actor for Session {
             let _g = self.span.enter();
             info!(target: "audit", event = "connect", conn = %self.id, remote = ?self.params.remote, "connection opened");
         }
+        if self.params.ack {
+            let window = Duration::from_millis(self.shared.config.ack_timeout_ms);
+            let me = ctx.address();
+            let buffer = AckBuffer::new(
+                window,
+                self.shared.config.max_delivery_attempts,
+                me.clone().recipient(),
+                me.recipient(),
+            );
+            self.acks = Some(buffer.start());
+        }
         let connect = registry::Connect {
             id: self.id,
             session: ctx.address().recipient(),
@@ -516,6 +588,7 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.shared.metrics.connections.fetch_sub(1, Relaxed);
+        self.acks = None; // the buffer stops with its last address
         if !self.rooms.is_empty() {
             self.shared.broker.do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().collect() });
         }
@@ -574,13 +647,43 @@ impl Handler<RoomOutput> for Session {
                     self.send(Event::Subscribed(sub), ctx);
                 }
             }
-            RoomOutput::Event { room, event } => {
+            RoomOutput::Event { room, event, replay } => {
                 if self.rooms.contains(&*room) {
                     let frame = event.frame(self.params.format);
-                    self.push(Outgoing::Frame { frame, kind: event.kind, created: Some(event.created) }, ctx);
+                    let created = Some(event.created);
+                    self.push(Outgoing::Frame { frame, kind: event.kind, created, live: !replay }, ctx);
+                    if let Some(acks) = &self.acks {
+                        acks.do_send(ack_buffer::Sent { room, event });
+                    }
                 }
             }
         }
+    }
+}
+
+impl Handler<ack_buffer::Redeliver> for Session {
+    type Result = ();
+    fn handle(&mut self, msg: ack_buffer::Redeliver, ctx: &mut Context<Self>) {
+        if !self.rooms.contains(&*msg.room) {
+            return;
+        }
+        match msg.event.redelivered(self.shared.config.compress_threshold_bytes) {
+            Ok(again) => {
+                self.shared.metrics.redelivered.fetch_add(1, Relaxed);
+                let frame = again.frame(self.params.format);
+                self.push(Outgoing::Frame { frame, kind: again.kind, created: None, live: true }, ctx);
+            }
+            Err(e) => warn!(error = %e, "cannot encode a redelivery"),
+        }
+    }
+}
+
+impl Handler<ack_buffer::AckTimedOut> for Session {
+    type Result = ();
+    fn handle(&mut self, msg: ack_buffer::AckTimedOut, ctx: &mut Context<Self>) {
+        self.span.in_scope(|| info!(room = %msg.room, seq = msg.seq, "event never acknowledged"));
+        self.shared.metrics.ack_timeouts.fetch_add(1, Relaxed);
+        self.close(close::TIMEOUT, "ack timeout", ctx);
     }
 }
 
@@ -594,9 +697,10 @@ impl Handler<Disconnect> for Session {
 /// Owns the actix-ws handle and writes queued messages in order until a close or the queue ends.
 async fn writer(
     mut ws: actix_ws::Session,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     mut urgent: oneshot::Receiver<(u16, String)>,
     metrics: Arc<crate::metrics::Metrics>,
+    queued: Arc<Queued>,
 ) {
     let close_frame =
         |code: u16, reason: String| Some(CloseReason { code: CloseCode::from(code), description: Some(reason) });
@@ -623,12 +727,16 @@ async fn writer(
             return;
         };
         let sent = match item {
-            Outgoing::Frame { frame, kind, created } => {
+            Outgoing::Frame { frame, kind, created, live } => {
                 let len = frame.len();
                 let r = match frame {
                     Frame::Text(t) => ws.text(t).await,
                     Frame::Binary(b) => ws.binary(b).await,
                 };
+                if live {
+                    queued.msgs.fetch_sub(1, Relaxed);
+                    queued.bytes.fetch_sub(len, Relaxed);
+                }
                 if r.is_ok() {
                     metrics.sent(kind, len);
                     if let Some(c) = created {
@@ -637,8 +745,14 @@ async fn writer(
                 }
                 r
             }
-            Outgoing::Ping => ws.ping(b"").await,
-            Outgoing::Pong(b) => ws.pong(&b).await,
+            Outgoing::Ping => {
+                queued.msgs.fetch_sub(1, Relaxed);
+                ws.ping(b"").await
+            }
+            Outgoing::Pong(b) => {
+                queued.msgs.fetch_sub(1, Relaxed);
+                ws.pong(&b).await
+            }
             Outgoing::Close(code, reason) => {
                 let _ = ws.close(close_frame(code, reason)).await;
                 return;
