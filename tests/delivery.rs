@@ -100,7 +100,7 @@ async fn a_slow_reader_is_closed_4008_while_a_healthy_one_keeps_up_then_recovers
         let env = healthy.recv().await;
         assert_eq!(env.seq, Some(total));
         worst = worst.max(sent.elapsed());
-        if total % 50 == 0 {
+        if total.is_multiple_of(50) {
             let m = s.metrics().await;
             slow_closed = m.contains("jobcast_slow_consumer_closes_total 1");
         }
@@ -186,7 +186,7 @@ async fn chaos_client(s: &TestServer, n: u64, total: u64, drops: u32) -> Vec<u64
             assert_eq!(seq, seen.last().copied().unwrap_or(0) + 1, "client {n}: out of order");
             seen.push(seq);
             read += 1;
-            if seq % 50 == 0 {
+            if seq.is_multiple_of(50) {
                 c.send(&ClientMessage::Ack { room: "tenant:acme".into(), seq }).await;
             }
         }
