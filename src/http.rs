@@ -27,7 +27,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
-        .route("/", web::get().to(index))
+        .route("/", web::get().to(demo))
+        .route("/demo/{file}", web::get().to(demo))
         .service(
             web::scope("/api/v1")
                 .configure(crate::api_jobs::routes)
@@ -197,8 +198,22 @@ async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(shared.metrics.render())
 }
 
-async fn index() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(include_str!("index.html"))
+/// The demo page, embedded at build time (its sources are in `clients/demo`; no Node at run time).
+const DEMO: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", include_str!("demo/index.html")),
+    ("/demo/app.js", "text/javascript; charset=utf-8", include_str!("demo/app.js")),
+    ("/demo/app.css", "text/css; charset=utf-8", include_str!("demo/app.css")),
+    ("/demo/sample.csv", "text/csv; charset=utf-8", include_str!("sample.csv")),
+];
+
+async fn demo(req: HttpRequest) -> HttpResponse {
+    match DEMO.iter().find(|(path, _, _)| *path == req.path()) {
+        Some((_, content_type, body)) => HttpResponse::Ok()
+            .content_type(*content_type)
+            .insert_header(("Cache-Control", "no-cache"))
+            .body(*body),
+        None => HttpResponse::NotFound().finish(),
+    }
 }
 
 async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
