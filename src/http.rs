@@ -208,10 +208,9 @@ const DEMO: &[(&str, &str, &str)] = &[
 
 async fn demo(req: HttpRequest) -> HttpResponse {
     match DEMO.iter().find(|(path, _, _)| *path == req.path()) {
-        Some((_, content_type, body)) => HttpResponse::Ok()
-            .content_type(*content_type)
-            .insert_header(("Cache-Control", "no-cache"))
-            .body(*body),
+        Some((_, content_type, body)) => {
+            HttpResponse::Ok().content_type(*content_type).insert_header(("Cache-Control", "no-cache")).body(*body)
+        }
         None => HttpResponse::NotFound().finish(),
     }
 }
