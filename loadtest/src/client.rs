@@ -243,8 +243,11 @@ fn tenant_of(room: &str) -> &str {
     room.strip_prefix("tenant:").unwrap_or(room)
 }
 
+/// `n` rooms no earlier run on this server has used, so every run's `seq`s start at 1.
 fn rooms(n: usize) -> Vec<String> {
-    (0..n.max(1)).map(|i| format!("tenant:load-{i}")).collect()
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Relaxed);
+    (0..n.max(1)).map(|i| format!("tenant:load{run}-{i}")).collect()
 }
 
 /// The outcome of one fanout run.
@@ -432,68 +435,94 @@ pub async fn storm(s: &Server, n: usize, room_count: usize) -> Result<(), String
     if status != 200 {
         return Err(format!("admin disconnect answered {status}"));
     }
-    // Events during the storm.
-    let during = json!({"type": "info", "data": {"phase": "during"}});
-    for _ in 0..10 {
-        for room in &rooms {
-            let (_, a) = http.json("POST", &format!("/api/v1/admin/broadcast/{room}"), &admin, &during).await?;
-            last.insert(room.clone(), a["seq"].as_u64().unwrap_or(0));
-        }
-    }
+    // Events during the storm, published while the clients come back.
+    let during_pub = {
+        let (addr, admin, rooms, mut last) = (s.addr.clone(), admin.clone(), rooms.clone(), last.clone());
+        tokio::spawn(async move {
+            let mut http = Http::connect(&addr).await?;
+            let during = json!({"type": "info", "data": {"phase": "during"}});
+            for _ in 0..10 {
+                for room in &rooms {
+                    let (_, a) = http.json("POST", &format!("/api/v1/admin/broadcast/{room}"), &admin, &during).await?;
+                    last.insert(room.clone(), a["seq"].as_u64().unwrap_or(0));
+                }
+            }
+            Ok::<HashMap<String, u64>, String>(last)
+        })
+    };
+    let (final_tx, final_rx) = tokio::sync::watch::channel(None::<Arc<HashMap<String, u64>>>);
     let mut positions = Vec::new();
     for r in readers {
         positions.push(r.await.map_err(|e| e.to_string())?);
     }
     let lost_before: u64 = positions.iter().map(|(_, seq, _, want)| want.saturating_sub(*seq)).sum();
-    // Reconnect everyone with a fresh token and `since`; count until each has every event.
+    // Every client reconnects with a fresh token and `since`. It has resumed once it holds every event
+    // up to the room's position at its `subscribed`; then it reads on until the last event published.
     let resumed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for chunk in positions.chunks(500) {
-        for (room, seq, epoch, _) in chunk.iter().cloned() {
-            let token = s.token("storm", tenant_of(&room), &[]);
-            let target = last[&room];
-            let resumed = resumed.clone();
-            let s_addr = s.addr.clone();
-            tasks.push(tokio::spawn(async move {
-                let since = Some(Since { seq, epoch });
-                let url = format!("ws://{s_addr}/ws?token={token}&format=auto");
-                let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
-                    return Err("reconnect failed".to_string());
-                };
-                let sub =
-                    serde_json::to_string(&ClientMessage::Subscribe { room: room.clone(), since }).unwrap_or_default();
-                let mut at = seq;
-                let mut recovered = None;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while at < target && Instant::now() < deadline {
-                    let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await else {
-                        break;
-                    };
-                    let Some(env) = envelope(&msg) else { continue };
-                    match &env.event {
-                        Event::Authenticated(_) => {
-                            let _ = ws.send(Message::Text(sub.clone())).await;
-                        }
-                        Event::Subscribed(s) => recovered = Some(s.recovered),
-                        _ if env.room.as_deref() == Some(room.as_str()) => {
-                            let got = env.seq.unwrap_or(0);
-                            if got != at + 1 {
-                                return Err(format!("gap: expected {} got {got}", at + 1));
-                            }
-                            at = got;
-                        }
-                        _ => {}
+    for (room, seq, epoch, _) in positions {
+        let token = s.token("storm", tenant_of(&room), &[]);
+        let resumed = resumed.clone();
+        let s_addr = s.addr.clone();
+        let mut final_rx = final_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let since = Some(Since { seq, epoch });
+            let url = format!("ws://{s_addr}/ws?token={token}&format=auto");
+            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+                return Err("reconnect failed".to_string());
+            };
+            let sub =
+                serde_json::to_string(&ClientMessage::Subscribe { room: room.clone(), since }).unwrap_or_default();
+            let mut at = seq;
+            let mut caught_up_to: Option<u64> = None;
+            let mut resumed_after = None;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                if let (Some(c), None) = (caught_up_to, resumed_after) {
+                    if at >= c {
+                        resumed_after = Some(storm_at.elapsed());
+                        resumed.fetch_add(1, Relaxed);
                     }
                 }
-                let _ = ws.close(None).await;
-                if at < target || recovered != Some(true) {
-                    return Err(format!("resumed only to {at} of {target} (recovered {recovered:?})"));
+                let target = final_rx.borrow().as_ref().map(|m| m.get(&room).copied().unwrap_or(0));
+                if resumed_after.is_some() && target.is_some_and(|t| at >= t) {
+                    break;
                 }
-                resumed.fetch_add(1, Relaxed);
-                Ok(storm_at.elapsed())
-            }));
-        }
+                if Instant::now() > deadline {
+                    return Err(format!("stuck at {at} (target {target:?})"));
+                }
+                let msg = tokio::select! {
+                    m = ws.next() => m,
+                    _ = final_rx.changed() => continue,
+                };
+                let Some(Ok(msg)) = msg else { return Err(format!("connection ended at {at}")) };
+                let Some(env) = envelope(&msg) else { continue };
+                match &env.event {
+                    Event::Authenticated(_) => {
+                        let _ = ws.send(Message::Text(sub.clone())).await;
+                    }
+                    Event::Subscribed(s) => {
+                        if !s.recovered {
+                            return Err("not recovered".into());
+                        }
+                        caught_up_to = Some(s.seq);
+                    }
+                    _ if env.room.as_deref() == Some(room.as_str()) => {
+                        let got = env.seq.unwrap_or(0);
+                        if got != at + 1 {
+                            return Err(format!("gap: expected {} got {got}", at + 1));
+                        }
+                        at = got;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = ws.close(None).await;
+            resumed_after.ok_or_else(|| "never resumed".to_string())
+        }));
     }
+    let last = during_pub.await.map_err(|e| e.to_string())??;
+    let _ = final_tx.send(Some(Arc::new(last)));
     let mut resume_hist = histogram();
     let mut failures = Vec::new();
     for t in tasks {

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the README's load-test figures, one scenario after another, and appends their JSON lines to
+# loadtest/results.jsonl. Each run is bounded (durations below); the harness starts its own server.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -q
+out=loadtest/results.jsonl
+run() { echo "== jobcast-loadtest $*" >&2; ./target/release/jobcast-loadtest "$@" 2>/dev/null | head -n 1 | tee -a "$out"; }
+run fanout -c 1000 -r 10 -p 1500 -b 256 -d 10
+run step -c 1000 -r 10 -p 600 -b 256 -d 5 --factor 1.25 --steps 6 --p99-ms 50
+run ack -c 1000 -r 10 -p 1500 -b 256 -d 10
+run fanout -c 10000 -r 100 -p 1000 -b 256 -d 10
+run idle -c 10000 -d 5
+run storm -c 10000 -r 100
+run jobs -u 20 -n 100000 -w 5
