@@ -559,3 +559,22 @@ async fn graceful_shutdown_closes_every_socket_with_1001() {
     assert_eq!(a.expect_close().await.0, 1001);
     assert_eq!(b.expect_close().await.0, 1001);
 }
+
+#[actix_rt::test]
+async fn a_client_close_is_answered_with_1000_and_counted() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe("tenant:acme").await;
+    c.send_frame(ws::Message::Close(Some(ws::CloseCode::Normal.into()))).await;
+    assert_eq!(c.expect_close().await.0, 1000);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let m = s.metrics().await;
+        if m.contains("jobcast_closes_total{code=\"1000\"} 1") && m.contains("jobcast_connections 0") {
+            assert!(m.contains("jobcast_subscriptions 0"), "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
