@@ -39,6 +39,8 @@ async fn a_client_that_never_acks_gets_redelivered_copies_then_4008() {
     assert!(rest.is_empty(), "three deliveries in all: {rest:?}");
     // 200 ms, then 400 ms, then 800 ms of backoff: not before 1.4 s.
     assert!(started.elapsed() >= Duration::from_millis(1300), "{:?}", started.elapsed());
+    let (_, stats) = s.request("GET", "/api/v1/admin/stats", Some(&s.admin_token()), None).await;
+    assert_eq!((stats["redelivered"].as_u64(), stats["ack_timeout_closes"].as_u64()), (Some(2), Some(1)), "{stats}");
     let m = s.metrics().await;
     assert!(m.contains("jobcast_redelivered_total 2"), "{m}");
     assert!(m.contains("jobcast_ack_timeout_closes_total 1"), "{m}");
@@ -237,4 +239,24 @@ async fn chaos_100_clients_dropping_and_resuming_each_see_every_event_once_in_or
         assert_eq!((set.first(), set.last()), (Some(&1), Some(&EVENTS)));
     }
     assert!(s.metrics().await.contains("jobcast_messages_dropped_total 0"));
+}
+
+#[actix_rt::test]
+async fn since_older_than_the_history_ttl_is_not_recovered() {
+    let s = TestServer::with(|c| c.history_ttl_s = 1);
+    let mut c = s.connect_as("alice", "acme").await;
+    let epoch = c.subscribe("tenant:acme").await["epoch"].as_str().unwrap().to_string();
+    s.broadcast("tenant:acme", "info", json!({"n": 1})).await;
+    s.broadcast("tenant:acme", "info", json!({"n": 2})).await;
+    c.recv().await;
+    c.recv().await;
+    // Expiry is about time passing: wait past the ttl.
+    actix_rt::time::sleep(Duration::from_millis(1500)).await;
+    let mut d = s.connect_as("alice", "acme").await;
+    d.send(&ClientMessage::Subscribe { room: "tenant:acme".into(), since: Some(Since { seq: 1, epoch }) }).await;
+    let joined = d.expect_data(EventType::Subscribed).await;
+    assert_eq!(
+        (joined["recovered"].as_bool(), joined["replayed"].as_u64(), joined["seq"].as_u64()),
+        (Some(false), Some(0), Some(2))
+    );
 }
