@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test jobcast has: formatting, lints, unit and integration tests.
-# This is the README's test command; .ci/run calls it on a fresh clone with CI=true.
+# Runs every test jobcast has: formatting, lints, Rust unit and integration tests, then the clients'
+# tests (TypeScript client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
+# This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
+# it needs itself (npm packages with npm ci, chromium with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 log=$(mktemp)
@@ -15,6 +17,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee "$log"
 
+echo "== clients"
+bash clients/test.sh 2>&1 | tee -a "$log"
+
 # One closing line for every runner above: N passed, N failed.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^[0-9]+ passed, [0-9]+ failed$/ { split($0, a, " "); p += a[1]; f += a[3] }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

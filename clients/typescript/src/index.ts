@@ -1,0 +1,6 @@
+// @jobcast/client: the jobcast WebSocket client. React hooks live in '@jobcast/client/react'.
+export * from './protocol.js';
+export * from './client.js';
+export * from './job.js';
+export { backoffCeiling, backoffDelay, DEFAULT_BACKOFF, type BackoffOptions } from './backoff.js';
+export { bytesToUuid, binaryUuidsToStrings, decodeBinaryFrame, decodeFrame, gunzip, type FramePayload } from './decode.js';

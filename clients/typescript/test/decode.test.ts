@@ -1,0 +1,61 @@
+import { encode } from '@msgpack/msgpack';
+import { describe, expect, it } from 'vitest';
+
+import { binaryUuidsToStrings, bytesToUuid, decodeBinaryFrame, decodeFrame, gunzip } from '../src/decode.js';
+
+async function gzip(bytes: Uint8Array): Promise<Uint8Array> {
+  const cs = new CompressionStream('gzip');
+  const w = cs.writable.getWriter();
+  void w.write(bytes as Uint8Array<ArrayBuffer>).then(() => w.close());
+  return new Uint8Array(await new Response(cs.readable).arrayBuffer());
+}
+
+const uuid = '5f0c2a7e-8b3d-4c1e-9a6f-2d4b7e9c1a30';
+const uuidBytes = Uint8Array.from(uuid.replace(/-/g, '').match(/../g)!.map((h) => parseInt(h, 16)));
+
+describe('binary frames', () => {
+  it('formats 16 bytes as a canonical UUID', () => {
+    expect(bytesToUuid(uuidBytes)).toBe(uuid);
+    expect(() => bytesToUuid(new Uint8Array(3))).toThrow();
+  });
+
+  it('turns nested 16-byte binaries into UUID strings and leaves everything else', () => {
+    expect(binaryUuidsToStrings({ a: [uuidBytes], b: { c: 1, d: 'x', e: null }, f: new Uint8Array(2) })).toEqual({
+      a: [uuid],
+      b: { c: 1, d: 'x', e: null },
+      f: new Uint8Array(2),
+    });
+  });
+
+  it('gunzips what CompressionStream gzipped, also large payloads', async () => {
+    const big = new TextEncoder().encode('x'.repeat(300_000) + 'end');
+    const out = await gunzip(await gzip(big));
+    expect(out.length).toBe(big.length);
+    expect(Buffer.compare(Buffer.from(out), Buffer.from(big))).toBe(0);
+  });
+
+  it('decodes gzip(msgpack(envelope)) to the same object as the JSON text', async () => {
+    const json = {
+      type: 'zone_completed',
+      data: { job_id: uuid, zone_id: `${uuid}:0`, zone_index: 0, rows: 1000, errors: 1, duration_ms: 578 },
+      id: 'a9b8c7d6-e5f4-4a3b-8c2d-1e0f9a8b7c6d',
+      room: `job:${uuid}`,
+      seq: 8,
+      epoch: 'c3a9e1f47b2d4e8a9f0b1c2d3e4f5a6b',
+      ts: '2026-11-22T08:10:00.811Z',
+    };
+    const asServerWritesIt = {
+      ...json,
+      id: Uint8Array.from(json.id.replace(/-/g, '').match(/../g)!.map((h) => parseInt(h, 16))),
+      data: { ...json.data, job_id: uuidBytes },
+    };
+    const frame = await gzip(encode(asServerWritesIt));
+    expect(await decodeBinaryFrame(frame)).toEqual(json);
+    expect(await decodeBinaryFrame(frame.buffer as ArrayBuffer)).toEqual(json);
+    expect(await decodeFrame(JSON.stringify(json))).toEqual(json);
+  });
+
+  it('rejects a frame that is not gzip', async () => {
+    await expect(decodeBinaryFrame(new Uint8Array([1, 2, 3, 4]))).rejects.toThrow();
+  });
+});
