@@ -147,7 +147,10 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         let running = jobcast::start(listener, config)?;
         let addr = running.addr;
         println!("jobcast listening on http://{addr}");
-        println!("demo page: http://{addr}/");
+        match &dev_token {
+            Some(t) => println!("demo page: http://{addr}/?token={t}"),
+            None => println!("demo page: http://{addr}/"),
+        }
         match dev_token {
             Some(t) => println!("development admin token (24 h, tenant \"default\"): {t}"),
             None => {

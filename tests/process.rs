@@ -86,7 +86,8 @@ async fn get_status(url: &str, bearer: &str) -> u16 {
 async fn serve_needs_no_configuration_and_keeps_its_secret() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
-    assert!(p.stdout.iter().any(|l| l == &format!("demo page: http://{}/", p.addr)), "{:?}", p.stdout);
+    let demo = format!("demo page: http://{}/?token={}", p.addr, p.admin_token());
+    assert!(p.stdout.iter().any(|l| *l == demo), "{:?}", p.stdout);
     let secret =
         std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).expect("secret kept in ./jobcast-data");
     assert!(secret.len() >= 32);
