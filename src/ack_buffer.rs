@@ -45,6 +45,11 @@ pub struct Forget {
     pub room: String,
 }
 
+/// The connection closed: stop (the buffer's timer would otherwise keep it alive).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
 /// Sent to the session: write this event again, marked `redelivered`.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -248,6 +253,13 @@ impl Handler<Acked> for AckBuffer {
     type Result = Result<usize, AckError>;
     fn handle(&mut self, msg: Acked, _: &mut Context<Self>) -> Self::Result {
         self.window.ack(&msg.room, msg.seq)
+    }
+}
+
+impl Handler<Stop> for AckBuffer {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

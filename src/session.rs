@@ -588,7 +588,9 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.shared.metrics.connections.fetch_sub(1, Relaxed);
-        self.acks = None; // the buffer stops with its last address
+        if let Some(acks) = self.acks.take() {
+            acks.do_send(ack_buffer::Stop);
+        }
         if !self.rooms.is_empty() {
             self.shared.broker.do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().collect() });
         }
