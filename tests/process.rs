@@ -87,7 +87,7 @@ async fn serve_needs_no_configuration_and_keeps_its_secret() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0"], &[]);
     let demo = format!("demo page: http://{}/?token={}", p.addr, p.admin_token());
-    assert!(p.stdout.iter().any(|l| *l == demo), "{:?}", p.stdout);
+    assert!(p.stdout.contains(&demo), "{:?}", p.stdout);
     let secret =
         std::fs::read_to_string(dir.path().join("jobcast-data/jwt_secret")).expect("secret kept in ./jobcast-data");
     assert!(secret.len() >= 32);
