@@ -460,6 +460,16 @@ impl Actor for Job {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.scheduler.do_send(Finished { job_id: self.spec.job_id });
+        // The upload is kept only while the job may still run (or resume after a restart).
+        let recoverable = self.error.as_ref().is_some_and(|e| e["recoverable"] == true);
+        if matches!(self.status, "completed" | "cancelled" | "failed") && !recoverable {
+            let path = self.spec.path.clone();
+            actix_rt::spawn(async move {
+                if let Err(e) = tokio::fs::remove_file(&path).await {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot remove a finished upload");
+                }
+            });
+        }
     }
 }
 

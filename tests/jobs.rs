@@ -403,3 +403,20 @@ async fn a_file_that_is_not_utf8_fails_with_its_line() {
     let results = data(events.last().unwrap())["results"].clone();
     assert_eq!((results["processed_rows"].as_u64(), results["inserted"].as_u64()), (Some(2), Some(2)));
 }
+
+#[actix_rt::test]
+async fn a_finished_job_leaves_no_upload_behind() {
+    let s = TestServer::start();
+    let token = s.token("alice", "acme", &[]);
+    let batch = Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe(&format!("job:{batch}")).await;
+    s.upload(&token, "a.csv", "text/csv", &generate_csv(30, "gone").bytes, Some(batch)).await;
+    collect_until(&mut c, EventType::ProcessingCompleted).await;
+    let uploads = s.data_dir.path().join("uploads");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while std::fs::read_dir(&uploads).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the upload is still there");
+        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
