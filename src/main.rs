@@ -136,6 +136,8 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not turn a log line into a panic (it would stop the shutdown task).
+        .log_internal_errors(false)
         .init();
     let config = Config::load(settings, file.as_deref())?;
     let listener =
@@ -144,22 +146,26 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         .ok()
         .and_then(|a| a.mint_access("dev-admin", "default", &["admin".into(), "publisher".into()], 86_400).ok());
     actix_rt::System::new().block_on(async move {
+        let signal = shutdown_signal()?;
         let running = jobcast::start(listener, config)?;
         let addr = running.addr;
-        println!("jobcast listening on http://{addr}");
+        // The banner goes to stdout; a closed stdout must not stop the server (no println! panic).
+        let say = |line: String| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        };
+        say(format!("jobcast listening on http://{addr}"));
         match &dev_token {
-            Some(t) => println!("demo page: http://{addr}/?token={t}"),
-            None => println!("demo page: http://{addr}/"),
+            Some(t) => say(format!("demo page: http://{addr}/?token={t}")),
+            None => say(format!("demo page: http://{addr}/")),
         }
         match dev_token {
-            Some(t) => println!("development admin token (24 h, tenant \"default\"): {t}"),
-            None => {
-                println!("verifying with a public key: mint tokens with your identity provider")
-            }
+            Some(t) => say(format!("development admin token (24 h, tenant \"default\"): {t}")),
+            None => say("verifying with a public key: mint tokens with your identity provider".into()),
         }
         let shutdown = running.shutdown.clone();
         actix_rt::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             shutdown.shutdown().await;
         });
         running.wait().await?;
@@ -167,24 +173,16 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
     })
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Listens for SIGTERM and SIGINT from the moment it is called (so a signal sent right after the
+/// banner is not missed); the returned future ends at the first one.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }

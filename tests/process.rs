@@ -398,3 +398,31 @@ async fn a_million_row_import_runs_in_bounded_memory() {
     let peak_mib = peak_rss_kib(p.child.id()) / 1024;
     assert!(peak_mib < 96, "peak RSS {peak_mib} MiB");
 }
+
+#[actix_rt::test]
+async fn sigterm_stops_the_server_even_when_its_output_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("jobcast listening on"), "{first}");
+    // Whoever read its output is gone: every log line now fails to write.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "jobcast ignored SIGTERM");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
