@@ -11,7 +11,6 @@
 //! either wholly stored or not at all.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -46,15 +45,10 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Where the database lives, and the gate every writer of it passes.
-///
-/// SQLite allows one writer at a time; a second one would sleep in its busy handler (up to 100 ms a
-/// try). Writers of one process take this mutex instead, so the next one starts the moment the last
-/// commits.
+/// Where the database lives.
 #[derive(Debug, Clone)]
 pub struct Location {
     target: Target,
-    gate: Arc<Mutex<()>>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,12 +62,12 @@ enum Target {
 impl Location {
     /// A database file.
     pub fn file(path: PathBuf) -> Location {
-        Location { target: Target::File(path), gate: Arc::default() }
+        Location { target: Target::File(path) }
     }
 
     /// A fresh in-memory database.
     pub fn memory() -> Location {
-        Location { target: Target::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple())), gate: Arc::default() }
+        Location { target: Target::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple())) }
     }
 
     /// The location the configuration asks for.
@@ -120,8 +114,6 @@ pub fn now_ms() -> i64 {
 /// One connection to the database.
 pub struct Store {
     conn: Connection,
-    /// Held while writing (see [`Location`]).
-    gate: Arc<Mutex<()>>,
 }
 
 impl Store {
@@ -150,18 +142,12 @@ impl Store {
         conn.pragma_update(None, "cache_size", -32_768)?;
         conn.pragma_update(None, "wal_autocheckpoint", 32_768)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        let mut store = Store { conn, gate: location.gate.clone() };
+        let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
     }
 
-    /// Takes the write gate (a poisoned gate still serialises: the data is in SQLite, not behind it).
-    fn write_gate(gate: &Mutex<()>) -> MutexGuard<'_, ()> {
-        gate.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let _w = Self::write_gate(&self.gate);
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", [])?;
         let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
@@ -184,7 +170,6 @@ impl Store {
 
     /// Appends events in one transaction, keeping at most `keep` per room.
     pub fn append_events(&mut self, events: &[StoredEvent], keep: usize) -> Result<(), StoreError> {
-        let _w = Self::write_gate(&self.gate);
         let tx = self.conn.transaction()?;
         {
             let mut ins = tx.prepare_cached(
@@ -232,7 +217,6 @@ impl Store {
 
     /// Deletes events older than `before_ms`.
     pub fn expire_events(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let _w = Self::write_gate(&self.gate);
         Ok(self.conn.execute("DELETE FROM events WHERE created_ms < ?1", [before_ms])?)
     }
 
@@ -254,13 +238,11 @@ impl Store {
         let pending =
             serde_json::json!({ "job_id": id, "room": format!("job:{id}"), "tenant": tenant, "status": "pending" });
         let now = now_ms();
-        let w = Self::write_gate(&self.gate);
         self.conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
             )?
             .execute(params![id, tenant, pending.to_string(), now])?;
-        drop(w);
         self.job(id)?.ok_or_else(|| StoreError(format!("job {id} vanished")))
     }
 
@@ -308,7 +290,6 @@ impl Store {
         rows: &[Row],
         mut report: Value,
     ) -> Result<Value, StoreError> {
-        let _w = Self::write_gate(&self.gate);
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let existing: Option<String> = tx
             .query_row(
