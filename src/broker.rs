@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::framing::Encoded;
@@ -25,7 +26,8 @@ use crate::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 use crate::session::RoomOutput;
 use crate::store::{now_ms, AppendEvents, RoomCursor, StoreActor, StoredEvent};
 
-/// Publish an event into a room.
+/// Publish an event into a room. The answer comes once the event is stored and handed to the room, so a
+/// client that subscribes with `since` after it has the answer finds the event in the history.
 #[derive(Message)]
 #[rtype(result = "Result<Published, PublishError>")]
 pub struct Publish {
@@ -120,6 +122,8 @@ struct Pending {
     seq: u64,
     event: Arc<Encoded>,
     stored: StoredEvent,
+    /// Told once the event is in the room's mailbox.
+    done: oneshot::Sender<()>,
 }
 
 /// The broker actor.
@@ -212,6 +216,8 @@ impl Broker {
             }
             for p in batch {
                 p.room.do_send(Deliver { seq: p.seq, event: p.event });
+                // The publisher may have stopped waiting; nothing to do then.
+                let _ = p.done.send(());
             }
             act.writing = false;
             act.flush(ctx);
@@ -229,7 +235,7 @@ impl Actor for Broker {
 }
 
 impl Handler<Publish> for Broker {
-    type Result = Result<Published, PublishError>;
+    type Result = ResponseFuture<Result<Published, PublishError>>;
     fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) -> Self::Result {
         let threshold = self.settings.compress_threshold;
         let entry = self.room(&msg.room);
@@ -243,7 +249,10 @@ impl Handler<Publish> for Broker {
             ts: now_rfc3339(),
             redelivered: false,
         };
-        let encoded = Arc::new(Encoded::new(&env, threshold)?);
+        let encoded = match Encoded::new(&env, threshold) {
+            Ok(encoded) => Arc::new(encoded),
+            Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
+        };
         entry.seq = seq;
         entry.active_at = Instant::now();
         let stored = StoredEvent {
@@ -253,12 +262,17 @@ impl Handler<Publish> for Broker {
             created_ms: now_ms(),
             envelope: encoded.json.to_string(),
         };
-        let pending = Pending { room: entry.addr.clone(), seq, event: encoded, stored };
+        let (done, delivered) = oneshot::channel();
+        let pending = Pending { room: entry.addr.clone(), seq, event: encoded, stored, done };
         let delivered_to = entry.members.len();
         self.pending.push(pending);
         self.flush(ctx);
         self.metrics.published.fetch_add(1, Relaxed);
-        Ok(Published { seq, delivered_to })
+        Box::pin(async move {
+            // The sender goes only with the broker itself; the event is then as far as it will get.
+            let _ = delivered.await;
+            Ok(Published { seq, delivered_to })
+        })
     }
 }
 
