@@ -23,7 +23,7 @@ use crate::framing::Encoded;
 use crate::metrics::Metrics;
 use crate::protocol::{now_rfc3339, Envelope, Event, Since};
 use crate::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
-use crate::session::RoomOutput;
+use crate::session::Member;
 use crate::store::{now_ms, AppendEvents, RoomCursor, StoreActor, StoredEvent};
 
 /// Publish an event into a room. The answer comes once the event is stored and handed to the room, so a
@@ -65,7 +65,7 @@ pub struct Subscribe {
     /// Resume position.
     pub since: Option<Since>,
     /// Where the room's output goes.
-    pub member: Recipient<RoomOutput>,
+    pub member: Member,
     /// For job rooms, the job's state.
     pub snapshot: Option<Value>,
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::framing::Encoded;
 use crate::history::{HistoryRing, Replay};
 use crate::protocol::{Envelope, Since, Subscribed};
-use crate::session::RoomOutput;
+use crate::session::Member;
 use crate::store::{now_ms, EventsAfter, StoreActor};
 
 /// What every room needs to know.
@@ -46,7 +46,7 @@ pub struct Join {
     /// The connection.
     pub conn: Uuid,
     /// Where its events go.
-    pub member: Recipient<RoomOutput>,
+    pub member: Member,
     /// Resume position, if any.
     pub since: Option<Since>,
     /// For job rooms, the job's state for `subscribed.snapshot`.
@@ -77,7 +77,7 @@ pub struct Room {
     /// The last `history_size` events.
     history: HistoryRing,
     /// Members by connection id.
-    members: HashMap<Uuid, Recipient<RoomOutput>>,
+    members: HashMap<Uuid, Member>,
     settings: RoomSettings,
     /// Where older history is read from when the ring does not hold it (after a restart).
     store: Addr<StoreActor>,
@@ -92,16 +92,16 @@ impl Room {
 
     /// Sends `subscribed`, then the replay, and adds the member.
     fn admit(&mut self, msg: Join, recovered: bool, events: Vec<Arc<Encoded>>) {
-        msg.member.do_send(RoomOutput::Joined(Subscribed {
+        msg.member.joined(Subscribed {
             room: self.name.to_string(),
             seq: self.head,
             epoch: self.epoch.to_string(),
             recovered,
             replayed: events.len() as u64,
             snapshot: msg.snapshot,
-        }));
-        for event in events {
-            msg.member.do_send(RoomOutput::Event { room: self.name.clone(), event, replay: true });
+        });
+        for event in &events {
+            msg.member.event(&self.name, event, true);
         }
         self.members.insert(msg.conn, msg.member);
     }
@@ -137,7 +137,7 @@ impl Handler<Deliver> for Room {
         self.head = msg.seq;
         self.history.push(msg.seq, msg.event.clone(), Instant::now());
         for member in self.members.values() {
-            member.do_send(RoomOutput::Event { room: self.name.clone(), event: msg.event.clone(), replay: false });
+            member.event(&self.name, &msg.event, false);
         }
     }
 }

@@ -1,15 +1,18 @@
 //! The session actor: one per WebSocket connection.
 //!
 //! Inbound frames arrive as a stream (`ctx.add_stream` over actix-ws's `MessageStream`); outbound
-//! messages go through a bounded queue to a writer task that owns the actix-ws `Session` handle, so the
-//! actor never waits on a socket. Only this file touches WebSocket frames.
+//! messages go through a bounded queue (the [`Outbox`]) to a writer task that owns the actix-ws `Session`
+//! handle, so the actor never waits on a socket. Rooms write live events and replays of connections
+//! without `ack=1` straight into that queue ([`Member::Direct`]): one hop per member instead of an actor
+//! message and a hop. Only this file touches WebSocket frames.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix::WeakAddr;
 use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
@@ -59,11 +62,131 @@ pub enum RoomOutput {
     },
 }
 
-/// Live messages and bytes waiting for the writer (replayed ones are not counted).
-#[derive(Default)]
+/// A connection with `ack=1` or without it, as its rooms see it.
+#[derive(Clone)]
+pub enum Member {
+    /// Events go straight into the connection's outbound queue.
+    Direct(Outbox),
+    /// Events go through the session actor, which hands them to its acknowledgement buffer.
+    Acked(Recipient<RoomOutput>),
+}
+
+impl Member {
+    /// The `subscribed` answer of a join.
+    pub fn joined(&self, sub: Subscribed) {
+        match self {
+            Member::Direct(out) => out.subscribed(sub),
+            Member::Acked(r) => r.do_send(RoomOutput::Joined(sub)),
+        }
+    }
+
+    /// A room event; `replay` for the events that follow `subscribed`.
+    pub fn event(&self, room: &Arc<str>, event: &Arc<Encoded>, replay: bool) {
+        match self {
+            Member::Direct(out) => out.event(event, replay),
+            Member::Acked(r) => r.do_send(RoomOutput::Event { room: room.clone(), event: event.clone(), replay }),
+        }
+    }
+}
+
+/// The connection's slow-consumer bound was crossed by a room writing into its outbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SlowConsumer;
+
+/// Live messages and bytes waiting for the writer (replayed ones are not counted), and their bounds.
 struct Queued {
     msgs: AtomicUsize,
     bytes: AtomicUsize,
+    max_msgs: usize,
+    max_bytes: usize,
+    /// Set when a bound was crossed; nothing live is queued after it.
+    overflowed: AtomicBool,
+}
+
+/// Why a message was not queued.
+enum Refused {
+    /// A slow-consumer bound was crossed.
+    Full,
+    /// The writer is gone.
+    Closed,
+}
+
+/// The writing end of a connection's outbound queue. The session holds one; each room membership of a
+/// connection without `ack=1` holds a clone with a gate of its own, closed on `unsubscribe`, so the
+/// writer drops what the room queued after it.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    queued: Arc<Queued>,
+    format: Format,
+    compress_threshold: usize,
+    gate: Option<Arc<AtomicBool>>,
+    session: WeakAddr<Session>,
+}
+
+impl Outbox {
+    /// Queues `item`, counting live frames against the slow-consumer bounds.
+    fn push(&self, item: Outgoing) -> Result<(), Refused> {
+        let live_len = match &item {
+            Outgoing::Frame { frame, live: true, .. } => Some(frame.len()),
+            Outgoing::Frame { .. } => None,
+            _ => Some(0),
+        };
+        if let Some(len) = live_len {
+            let q = &self.queued;
+            if q.overflowed.load(Relaxed)
+                || q.msgs.load(Relaxed) >= q.max_msgs
+                || q.bytes.load(Relaxed) + len > q.max_bytes
+            {
+                return Err(Refused::Full);
+            }
+            q.msgs.fetch_add(1, Relaxed);
+            q.bytes.fetch_add(len, Relaxed);
+        }
+        self.tx.send(item).map_err(|_| Refused::Closed)
+    }
+
+    /// The same queue behind a new gate, for one room membership.
+    fn gated(&self) -> (Outbox, Arc<AtomicBool>) {
+        let gate = Arc::new(AtomicBool::new(true));
+        (Outbox { gate: Some(gate.clone()), ..self.clone() }, gate)
+    }
+
+    /// From a room: tells the session when the bound is crossed (once; it then closes with 4008).
+    fn push_from_room(&self, item: Outgoing) {
+        if let Err(Refused::Full) = self.push(item) {
+            if !self.queued.overflowed.swap(true, Relaxed) {
+                if let Some(session) = self.session.upgrade() {
+                    session.do_send(SlowConsumer);
+                }
+            }
+        }
+    }
+
+    fn subscribed(&self, sub: Subscribed) {
+        let env = Envelope::direct(Event::Subscribed(sub));
+        match Encoded::new(&env, self.compress_threshold) {
+            Ok(enc) => self.push_from_room(Outgoing::Frame {
+                frame: enc.frame(self.format),
+                kind: EventType::Subscribed,
+                created: None,
+                live: true,
+                gate: self.gate.clone(),
+            }),
+            Err(e) => warn!(error = %e, "cannot encode subscribed"),
+        }
+    }
+
+    fn event(&self, event: &Arc<Encoded>, replay: bool) {
+        self.push_from_room(Outgoing::Frame {
+            frame: event.frame(self.format),
+            kind: event.kind,
+            created: Some(event.created),
+            live: !replay,
+            gate: self.gate.clone(),
+        });
+    }
 }
 
 /// What the writer task writes.
@@ -74,6 +197,8 @@ enum Outgoing {
         kind: EventType,
         created: Option<Instant>,
         live: bool,
+        /// A room membership's gate: the frame is dropped once it is closed.
+        gate: Option<Arc<AtomicBool>>,
     },
     Ping,
     Pong(Bytes),
@@ -100,14 +225,14 @@ pub struct Session {
     id: Uuid,
     shared: Shared,
     params: SessionParams,
-    /// Outbound queue to the writer task; its live part is bounded by [`Session::push`].
-    out: mpsc::UnboundedSender<Outgoing>,
+    /// Outbound queue to the writer task; its live part is bounded.
+    out: Outbox,
     /// Closes the writer at once when the queue is too full to carry a close frame.
     urgent_close: Option<oneshot::Sender<(u16, String)>>,
     /// Set once authentication succeeded.
     identity: Option<Identity>,
-    /// Rooms this connection is in.
-    rooms: HashSet<String>,
+    /// Rooms this connection is in, with the gate of each membership.
+    rooms: HashMap<String, Arc<AtomicBool>>,
     /// Inbound message rate limit.
     bucket: TokenBucket,
     /// Last time anything arrived from the client.
@@ -120,8 +245,6 @@ pub struct Session {
     expiry_timers: Vec<SpawnHandle>,
     /// Span around everything this connection does.
     span: tracing::Span,
-    /// Live messages and bytes queued for the writer and not yet written (shared with it).
-    queued: Arc<Queued>,
     /// The acknowledgement buffer, with `ack=1`.
     acks: Option<Addr<AckBuffer>>,
 }
@@ -137,13 +260,27 @@ impl Session {
         let id = Uuid::new_v4();
         let (out, rx) = mpsc::unbounded_channel();
         let (urgent_tx, urgent_rx) = oneshot::channel();
-        let queued = Arc::new(Queued::default());
+        let queued = Arc::new(Queued {
+            msgs: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_msgs: shared.config.max_queued_messages,
+            max_bytes: shared.config.max_queued_bytes,
+            overflowed: AtomicBool::new(false),
+        });
         actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone(), queued.clone()));
         let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
         let stream = stream.max_frame_size(shared.config.max_inbound_message_bytes);
         let bucket = TokenBucket::new(shared.config.inbound_rate_per_s, shared.config.inbound_burst, Instant::now());
         Session::create(move |ctx| {
             ctx.add_stream(stream);
+            let out = Outbox {
+                tx: out,
+                queued,
+                format: params.format,
+                compress_threshold: shared.config.compress_threshold_bytes,
+                gate: None,
+                session: ctx.address().downgrade(),
+            };
             Session {
                 id,
                 shared,
@@ -151,14 +288,13 @@ impl Session {
                 out,
                 urgent_close: Some(urgent_tx),
                 identity: None,
-                rooms: HashSet::new(),
+                rooms: HashMap::new(),
                 bucket,
                 last_seen: Instant::now(),
                 fragments: None,
                 closing: false,
                 expiry_timers: Vec::new(),
                 span,
-                queued,
                 acks: None,
             }
         })
@@ -172,28 +308,19 @@ impl Session {
         if self.closing {
             return;
         }
-        let live_len = match &item {
-            Outgoing::Frame { frame, live: true, .. } => Some(frame.len()),
-            Outgoing::Frame { .. } => None,
-            _ => Some(0),
-        };
-        if let Some(len) = live_len {
-            let cfg = &self.shared.config;
-            if self.queued.msgs.load(Relaxed) >= cfg.max_queued_messages
-                || self.queued.bytes.load(Relaxed) + len > cfg.max_queued_bytes
-            {
-                return self.slow_consumer(ctx);
-            }
-            self.queued.msgs.fetch_add(1, Relaxed);
-            self.queued.bytes.fetch_add(len, Relaxed);
-        }
-        if self.out.send(item).is_err() {
-            ctx.stop();
+        match self.out.push(item) {
+            Ok(()) => {}
+            Err(Refused::Full) => self.slow_consumer(ctx),
+            Err(Refused::Closed) => ctx.stop(),
         }
     }
 
     /// Closes at once, ahead of everything queued (which the client is not reading).
     fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.out.queued.overflowed.store(true, Relaxed);
         self.shared.metrics.slow_consumers.fetch_add(1, Relaxed);
         if let Some(tx) = self.urgent_close.take() {
             let _ = tx.send((close::TIMEOUT, "slow consumer".into()));
@@ -206,8 +333,10 @@ impl Session {
         let kind = event.kind();
         let env = Envelope::direct(event);
         match Encoded::new(&env, self.shared.config.compress_threshold_bytes) {
-            Ok(enc) => self
-                .push(Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None, live: true }, ctx),
+            Ok(enc) => self.push(
+                Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None, live: true, gate: None },
+                ctx,
+            ),
             Err(e) => warn!(error = %e, "cannot encode a connection message"),
         }
     }
@@ -225,7 +354,7 @@ impl Session {
         self.shared.metrics.closed(code);
         let _g = self.span.enter();
         info!(target: "audit", event = "close", conn = %self.id, code, reason, "server closed the connection");
-        let _ = self.out.send(Outgoing::Close(code, reason.into()));
+        let _ = self.out.tx.send(Outgoing::Close(code, reason.into()));
         ctx.stop();
     }
 
@@ -348,7 +477,7 @@ impl Session {
         snapshot: Option<serde_json::Value>,
         ctx: &mut Context<Self>,
     ) {
-        if !self.rooms.contains(&room) && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection {
+        if !self.rooms.contains_key(&room) && self.rooms.len() >= self.shared.config.max_subscriptions_per_connection {
             let max = self.shared.config.max_subscriptions_per_connection;
             return self.send_error(
                 error_code::TOO_MANY_SUBSCRIPTIONS,
@@ -356,15 +485,19 @@ impl Session {
                 ctx,
             );
         }
-        self.rooms.insert(room.clone());
+        // A repeated subscribe keeps its membership (and its gate); the room answers it again.
+        let member = match (&self.acks, self.rooms.get(&room)) {
+            (Some(_), _) => Member::Acked(ctx.address().recipient()),
+            (None, Some(gate)) => Member::Direct(Outbox { gate: Some(gate.clone()), ..self.out.clone() }),
+            (None, None) => {
+                let (out, gate) = self.out.gated();
+                self.rooms.insert(room.clone(), gate);
+                Member::Direct(out)
+            }
+        };
+        self.rooms.entry(room.clone()).or_insert_with(|| Arc::new(AtomicBool::new(true)));
         self.report_rooms();
-        self.shared.broker.do_send(broker::Subscribe {
-            room,
-            conn: self.id,
-            since,
-            member: ctx.address().recipient(),
-            snapshot,
-        });
+        self.shared.broker.do_send(broker::Subscribe { room, conn: self.id, since, member, snapshot });
     }
 
     /// Cancels a job of the user's tenant; `job_cancelled` arrives in the job's room.
@@ -403,7 +536,7 @@ impl Session {
     fn report_rooms(&self) {
         self.shared
             .registry
-            .do_send(registry::RoomsChanged { id: self.id, rooms: self.rooms.iter().cloned().collect() });
+            .do_send(registry::RoomsChanged { id: self.id, rooms: self.rooms.keys().cloned().collect() });
     }
 
     /// One complete client message (text, or binary holding UTF-8 JSON).
@@ -431,7 +564,9 @@ impl Session {
             }
             ClientMessage::Subscribe { room, since } => self.subscribe(room, since, false, ctx),
             ClientMessage::Unsubscribe { room } => {
-                if self.rooms.remove(&room) {
+                if let Some(gate) = self.rooms.remove(&room) {
+                    // Whatever the room queued from here on is dropped by the writer.
+                    gate.store(false, Relaxed);
                     self.report_rooms();
                     self.shared.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
                     if let Some(acks) = &self.acks {
@@ -453,7 +588,7 @@ impl Session {
 
     /// A cumulative `ack`: releases the room's events up to `seq` from the acknowledgement buffer.
     fn ack(&mut self, room: String, seq: u64, ctx: &mut Context<Self>) {
-        if !self.rooms.contains(&room) {
+        if !self.rooms.contains_key(&room) {
             return self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
         }
         // Without `ack=1` nothing waits for acks; an ack is harmless.
@@ -592,7 +727,9 @@ impl Actor for Session {
             acks.do_send(ack_buffer::Stop);
         }
         if !self.rooms.is_empty() {
-            self.shared.broker.do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().collect() });
+            self.shared
+                .broker
+                .do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().map(|(r, _)| r).collect() });
         }
         self.shared.registry.do_send(registry::Disconnected { id: self.id });
         let _g = self.span.enter();
@@ -645,15 +782,15 @@ impl Handler<RoomOutput> for Session {
     fn handle(&mut self, msg: RoomOutput, ctx: &mut Context<Self>) {
         match msg {
             RoomOutput::Joined(sub) => {
-                if self.rooms.contains(&sub.room) {
+                if self.rooms.contains_key(&sub.room) {
                     self.send(Event::Subscribed(sub), ctx);
                 }
             }
             RoomOutput::Event { room, event, replay } => {
-                if self.rooms.contains(&*room) {
+                if self.rooms.contains_key(&*room) {
                     let frame = event.frame(self.params.format);
                     let created = Some(event.created);
-                    self.push(Outgoing::Frame { frame, kind: event.kind, created, live: !replay }, ctx);
+                    self.push(Outgoing::Frame { frame, kind: event.kind, created, live: !replay, gate: None }, ctx);
                     if let Some(acks) = &self.acks {
                         acks.do_send(ack_buffer::Sent { room, event });
                     }
@@ -666,14 +803,14 @@ impl Handler<RoomOutput> for Session {
 impl Handler<ack_buffer::Redeliver> for Session {
     type Result = ();
     fn handle(&mut self, msg: ack_buffer::Redeliver, ctx: &mut Context<Self>) {
-        if !self.rooms.contains(&*msg.room) {
+        if !self.rooms.contains_key(&*msg.room) {
             return;
         }
         match msg.event.redelivered(self.shared.config.compress_threshold_bytes) {
             Ok(again) => {
                 self.shared.metrics.redelivered.fetch_add(1, Relaxed);
                 let frame = again.frame(self.params.format);
-                self.push(Outgoing::Frame { frame, kind: again.kind, created: None, live: true }, ctx);
+                self.push(Outgoing::Frame { frame, kind: again.kind, created: None, live: true, gate: None }, ctx);
             }
             Err(e) => warn!(error = %e, "cannot encode a redelivery"),
         }
@@ -686,6 +823,13 @@ impl Handler<ack_buffer::AckTimedOut> for Session {
         self.span.in_scope(|| info!(room = %msg.room, seq = msg.seq, "event never acknowledged"));
         self.shared.metrics.ack_timeouts.fetch_add(1, Relaxed);
         self.close(close::TIMEOUT, "ack timeout", ctx);
+    }
+}
+
+impl Handler<SlowConsumer> for Session {
+    type Result = ();
+    fn handle(&mut self, _: SlowConsumer, ctx: &mut Context<Self>) {
+        self.slow_consumer(ctx);
     }
 }
 
@@ -729,8 +873,16 @@ async fn writer(
             return;
         };
         let sent = match item {
-            Outgoing::Frame { frame, kind, created, live } => {
+            Outgoing::Frame { frame, kind, created, live, gate } => {
                 let len = frame.len();
+                if gate.is_some_and(|g| !g.load(Relaxed)) {
+                    // Queued by a room the client has left since.
+                    if live {
+                        queued.msgs.fetch_sub(1, Relaxed);
+                        queued.bytes.fetch_sub(len, Relaxed);
+                    }
+                    continue;
+                }
                 let r = match frame {
                     Frame::Text(t) => ws.text(t).await,
                     Frame::Binary(b) => ws.binary(b).await,
