@@ -96,6 +96,14 @@ impl Encoded {
         Encoded::new(&env, threshold)
     }
 
+    /// The payload length of the frame a connection with `format` receives.
+    pub fn len(&self, format: Format) -> usize {
+        match (format, &self.binary) {
+            (Format::Auto, Some(bin)) => bin.len(),
+            _ => self.json.len(),
+        }
+    }
+
     /// The frame a connection with `format` receives.
     pub fn frame(&self, format: Format) -> Frame {
         match (format, &self.binary) {

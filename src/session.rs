@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::WeakAddr;
 use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -27,7 +27,7 @@ use crate::job::public_snapshot;
 use crate::protocol::RoomKind;
 use crate::protocol::{
     close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage, ConnectionEstablished, Envelope,
-    ErrorData, Event, EventType, Pong, Since, Subscribed, TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
+    ErrorData, Event, Pong, Since, Subscribed, TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
 };
 use crate::rate_limit::{TokenBucket, Verdict};
 use crate::registry::{self, LimitReached};
@@ -129,7 +129,7 @@ impl Outbox {
     /// Queues `item`, counting live frames against the slow-consumer bounds.
     fn push(&self, item: Outgoing) -> Result<(), Refused> {
         let live_len = match &item {
-            Outgoing::Frame { frame, live: true, .. } => Some(frame.len()),
+            Outgoing::Frame { event, live: true, .. } => Some(event.len(self.format)),
             Outgoing::Frame { .. } => None,
             _ => Some(0),
         };
@@ -168,10 +168,9 @@ impl Outbox {
         let env = Envelope::direct(Event::Subscribed(sub));
         match Encoded::new(&env, self.compress_threshold) {
             Ok(enc) => self.push_from_room(Outgoing::Frame {
-                frame: enc.frame(self.format),
-                kind: EventType::Subscribed,
-                created: None,
+                event: Arc::new(enc),
                 live: true,
+                timed: false,
                 gate: self.gate.clone(),
             }),
             Err(e) => warn!(error = %e, "cannot encode subscribed"),
@@ -180,29 +179,30 @@ impl Outbox {
 
     fn event(&self, event: &Arc<Encoded>, replay: bool) {
         self.push_from_room(Outgoing::Frame {
-            frame: event.frame(self.format),
-            kind: event.kind,
-            created: Some(event.created),
+            event: event.clone(),
             live: !replay,
+            timed: true,
             gate: self.gate.clone(),
         });
     }
 }
 
 /// What the writer task writes.
+/// Kept small: each connection's queue allocates room for 32 of them up front.
 enum Outgoing {
-    /// `live`: counted against the slow-consumer bounds (everything but a replay).
     Frame {
-        frame: Frame,
-        kind: EventType,
-        created: Option<Instant>,
+        /// The message, in every format; the writer picks the connection's.
+        event: Arc<Encoded>,
+        /// Counted against the slow-consumer bounds (everything but a replay).
         live: bool,
+        /// A room event, timed for the broker-to-socket latency histogram.
+        timed: bool,
         /// A room membership's gate: the frame is dropped once it is closed.
         gate: Option<Arc<AtomicBool>>,
     },
     Ping,
-    Pong(Bytes),
-    Close(u16, String),
+    Pong(Box<[u8]>),
+    Close(u16, Box<str>),
 }
 
 /// How a connection starts.
@@ -267,7 +267,7 @@ impl Session {
             max_bytes: shared.config.max_queued_bytes,
             overflowed: AtomicBool::new(false),
         });
-        actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone(), queued.clone()));
+        actix_rt::spawn(writer(ws, rx, urgent_rx, shared.metrics.clone(), queued.clone(), params.format));
         let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
         let stream = stream.max_frame_size(shared.config.max_inbound_message_bytes);
         let bucket = TokenBucket::new(shared.config.inbound_rate_per_s, shared.config.inbound_burst, Instant::now());
@@ -330,13 +330,9 @@ impl Session {
 
     /// Sends a connection-level message.
     fn send(&mut self, event: Event, ctx: &mut Context<Self>) {
-        let kind = event.kind();
         let env = Envelope::direct(event);
         match Encoded::new(&env, self.shared.config.compress_threshold_bytes) {
-            Ok(enc) => self.push(
-                Outgoing::Frame { frame: enc.frame(self.params.format), kind, created: None, live: true, gate: None },
-                ctx,
-            ),
+            Ok(enc) => self.push(Outgoing::Frame { event: Arc::new(enc), live: true, timed: false, gate: None }, ctx),
             Err(e) => warn!(error = %e, "cannot encode a connection message"),
         }
     }
@@ -758,7 +754,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
                 self.on_message(&bytes, ctx)
             }
             Ok(WsMessage::Continuation(item)) => self.on_fragment(item, ctx),
-            Ok(WsMessage::Ping(bytes)) => self.push(Outgoing::Pong(bytes), ctx),
+            Ok(WsMessage::Ping(bytes)) => self.push(Outgoing::Pong(bytes.as_ref().into()), ctx),
             Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
             Ok(WsMessage::Close(reason)) => {
                 let code = reason.as_ref().map(|r| u16::from(r.code)).unwrap_or(close::NORMAL);
@@ -788,9 +784,7 @@ impl Handler<RoomOutput> for Session {
             }
             RoomOutput::Event { room, event, replay } => {
                 if self.rooms.contains_key(&*room) {
-                    let frame = event.frame(self.params.format);
-                    let created = Some(event.created);
-                    self.push(Outgoing::Frame { frame, kind: event.kind, created, live: !replay, gate: None }, ctx);
+                    self.push(Outgoing::Frame { event: event.clone(), live: !replay, timed: true, gate: None }, ctx);
                     if let Some(acks) = &self.acks {
                         acks.do_send(ack_buffer::Sent { room, event });
                     }
@@ -809,8 +803,7 @@ impl Handler<ack_buffer::Redeliver> for Session {
         match msg.event.redelivered(self.shared.config.compress_threshold_bytes) {
             Ok(again) => {
                 self.shared.metrics.redelivered.fetch_add(1, Relaxed);
-                let frame = again.frame(self.params.format);
-                self.push(Outgoing::Frame { frame, kind: again.kind, created: None, live: true, gate: None }, ctx);
+                self.push(Outgoing::Frame { event: Arc::new(again), live: true, timed: false, gate: None }, ctx);
             }
             Err(e) => warn!(error = %e, "cannot encode a redelivery"),
         }
@@ -847,6 +840,7 @@ async fn writer(
     mut urgent: oneshot::Receiver<(u16, String)>,
     metrics: Arc<crate::metrics::Metrics>,
     queued: Arc<Queued>,
+    format: Format,
 ) {
     let close_frame =
         |code: u16, reason: String| Some(CloseReason { code: CloseCode::from(code), description: Some(reason) });
@@ -873,7 +867,8 @@ async fn writer(
             return;
         };
         let sent = match item {
-            Outgoing::Frame { frame, kind, created, live, gate } => {
+            Outgoing::Frame { event, live, timed, gate } => {
+                let frame = event.frame(format);
                 let len = frame.len();
                 if gate.is_some_and(|g| !g.load(Relaxed)) {
                     // Queued by a room the client has left since.
@@ -892,9 +887,9 @@ async fn writer(
                     queued.bytes.fetch_sub(len, Relaxed);
                 }
                 if r.is_ok() {
-                    metrics.sent(kind, len);
-                    if let Some(c) = created {
-                        metrics.observe_latency(c.elapsed());
+                    metrics.sent(event.kind, len);
+                    if timed {
+                        metrics.observe_latency(event.created.elapsed());
                     }
                 }
                 r
@@ -908,7 +903,7 @@ async fn writer(
                 ws.pong(&b).await
             }
             Outgoing::Close(code, reason) => {
-                let _ = ws.close(close_frame(code, reason)).await;
+                let _ = ws.close(close_frame(code, reason.into())).await;
                 return;
             }
         };
