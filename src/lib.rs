@@ -140,7 +140,25 @@ impl Running {
     }
 }
 
-/// Starts jobcast on `listener`. Must be called inside an actix `System`.
+/// Listens on `addr` (`host:port`) with a backlog of 4096. `std::net::TcpListener::bind` asks for 128,
+/// which drops the SYNs of a burst of reconnecting clients and costs each of them a one-second retry.
+pub fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing");
+    for addr in addr.to_socket_addrs()? {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        match socket.bind(&addr.into()).and_then(|()| socket.listen(4096)) {
+            Ok(()) => return Ok(socket.into()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Starts jobcast on `listener` (made by [`listen`], or any bound listener). Must be called inside an
+/// actix `System`.
 pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let secret = match &config.jwt_secret {
@@ -224,7 +242,6 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
             .default_service(web::to(http::not_found))
     })
     .listen(listener)?
-    .backlog(4096)
     .max_connections(100_000)
     .disable_signals()
     .shutdown_timeout(5)

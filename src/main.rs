@@ -140,8 +140,7 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         .log_internal_errors(false)
         .init();
     let config = Config::load(settings, file.as_deref())?;
-    let listener =
-        std::net::TcpListener::bind(&config.bind).map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
+    let listener = jobcast::listen(&config.bind).map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
     let dev_token = auth_for(&config)
         .ok()
         .and_then(|a| a.mint_access("dev-admin", "default", &["admin".into(), "publisher".into()], 86_400).ok());

@@ -47,7 +47,7 @@ impl TestServer {
         std::thread::spawn(move || {
             let sys = actix_rt::System::new();
             sys.block_on(async move {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let listener = jobcast::listen("127.0.0.1:0").expect("bind");
                 let running = jobcast::start(listener, config).expect("start");
                 tx.send((running.addr, running.shared.clone(), running.shutdown.clone())).expect("send");
                 let _ = running.wait().await;
