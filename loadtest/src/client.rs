@@ -149,6 +149,7 @@ async fn publish(
     delivered: &AtomicU64,
 ) -> Result<HashMap<String, u64>, String> {
     let admin = s.token("loadtest-admin", "ops", &["admin"]);
+    let publisher = s.token("loadtest-publisher", JOB_TENANT, &["publisher"]);
     // Each publisher waits for its answer, so a loaded server (answers in tens of ms) must not hold the
     // offered rate down: one publisher per 20 events/s.
     let publishers = ((rate / 20.0).ceil() as usize).clamp(16, 256);
@@ -158,8 +159,15 @@ async fn publish(
     let published = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for p in 0..publishers {
-        let (addr, admin, pad, rooms, last, published) =
-            (s.addr.clone(), admin.clone(), pad.clone(), rooms.to_vec(), last.clone(), published.clone());
+        let (addr, admin, publisher, pad, rooms, last, published) = (
+            s.addr.clone(),
+            admin.clone(),
+            publisher.clone(),
+            pad.clone(),
+            rooms.to_vec(),
+            last.clone(),
+            published.clone(),
+        );
         let per = rate / publishers as f64;
         tasks.push(tokio::spawn(async move {
             let mut http = Http::connect(&addr).await?;
@@ -172,10 +180,14 @@ async fn publish(
                 }
                 let room = &rooms[(n as usize * publishers + p) % rooms.len()];
                 let body = json!({"type": "info", "data": {"t": unix_nanos(), "pad": pad}});
-                let (status, answer) =
-                    http.json("POST", &format!("/api/v1/admin/broadcast/{room}"), &admin, &body).await?;
-                if status != 200 {
-                    return Err(format!("broadcast answered {status}: {answer}"));
+                // A job room gets publisher events (201), a tenant room admin broadcasts (200).
+                let (path, token, ok) = match room.strip_prefix("job:") {
+                    Some(id) => (format!("/api/v1/jobs/{id}/events"), &publisher, 201),
+                    None => (format!("/api/v1/admin/broadcast/{room}"), &admin, 200),
+                };
+                let (status, answer) = http.json("POST", &path, token, &body).await?;
+                if status != ok {
+                    return Err(format!("{path} answered {status}: {answer}"));
                 }
                 let seq = answer["seq"].as_u64().unwrap_or(0);
                 let mut l = last.lock().await;
@@ -240,16 +252,25 @@ async fn connect_many(
     Ok((out, connect_hist))
 }
 
-/// The tenant whose members may join `tenant:<id>`.
+/// The tenant of the harness's job rooms.
+const JOB_TENANT: &str = "load";
+
+/// The tenant whose members may join `room`: `tenant:<id>` for tenant rooms, [`JOB_TENANT`] for job rooms.
 fn tenant_of(room: &str) -> &str {
-    room.strip_prefix("tenant:").unwrap_or(room)
+    room.strip_prefix("tenant:").unwrap_or(JOB_TENANT)
 }
 
-/// `n` rooms no earlier run on this server has used, so every run's `seq`s start at 1.
-fn rooms(n: usize) -> Vec<String> {
+/// `n` rooms no earlier run on this server has used, so every run's `seq`s start at 1: `tenant:` rooms,
+/// or `job:` rooms of fresh ids (joined first, they are reserved for [`JOB_TENANT`]).
+fn rooms(n: usize, job_rooms: bool) -> Vec<String> {
     static RUN: AtomicU64 = AtomicU64::new(0);
     let run = RUN.fetch_add(1, Relaxed);
-    (0..n.max(1)).map(|i| format!("tenant:load{run}-{i}")).collect()
+    (0..n.max(1))
+        .map(|i| match job_rooms {
+            true => format!("job:{}", uuid::Uuid::new_v4()),
+            false => format!("tenant:load{run}-{i}"),
+        })
+        .collect()
 }
 
 /// The outcome of one fanout run.
@@ -260,7 +281,7 @@ struct FanoutRun {
 }
 
 async fn fanout_run(s: &Server, f: &Fanout, ack: bool, label: &str) -> Result<FanoutRun, String> {
-    let rooms = rooms(f.rooms);
+    let rooms = rooms(f.rooms, f.job_rooms);
     let (conns, connect_hist) = connect_many(s, f.connections, &rooms, ack, "loadtest-watcher").await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let before = s.figures();
@@ -300,6 +321,7 @@ async fn fanout_run(s: &Server, f: &Fanout, ack: bool, label: &str) -> Result<Fa
     let mut fields = Map::new();
     fields.insert("connections".into(), f.connections.into());
     fields.insert("rooms".into(), f.rooms.into());
+    fields.insert("room_kind".into(), (if f.job_rooms { "job" } else { "tenant" }).into());
     fields.insert("rate_per_s".into(), f.rate.into());
     fields.insert("payload_bytes".into(), f.bytes.into());
     fields.insert("ack".into(), ack.into());
@@ -363,7 +385,7 @@ pub async fn step(s: &Server, f: &Fanout, bound_ms: f64, factor: f64, steps: u32
 /// `idle`: memory per held connection.
 pub async fn idle(s: &Server, n: usize, hold: Duration) -> Result<(), String> {
     let before = s.figures().ok_or("idle needs the server's pid (start it from the harness or pass --server-pid)")?;
-    let (conns, connect_hist) = connect_many(s, n, &rooms(10), false, "loadtest-idle").await?;
+    let (conns, connect_hist) = connect_many(s, n, &rooms(10, false), false, "loadtest-idle").await?;
     let started = Instant::now();
     let mut sockets: Vec<Ws> = conns.into_iter().map(|(ws, _)| ws).collect();
     // Hold them, answering the server's pings (tungstenite queues pongs when reading).
@@ -394,9 +416,10 @@ pub async fn idle(s: &Server, n: usize, hold: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// `storm`: every client dropped at once, then resuming with fresh tokens and `since`.
-pub async fn storm(s: &Server, n: usize, room_count: usize) -> Result<(), String> {
-    let rooms = rooms(room_count);
+/// `storm`: every client dropped at once (by an admin disconnect, or with `cut` by the harness dropping
+/// its sockets without a close handshake), then resuming with fresh tokens and `since`.
+pub async fn storm(s: &Server, n: usize, room_count: usize, cut: bool) -> Result<(), String> {
+    let rooms = rooms(room_count, false);
     let (conns, connect_hist) = connect_many(s, n, &rooms, false, "storm").await?;
     let admin = s.token("loadtest-admin", "ops", &["admin"]);
     let mut http = Http::connect(&s.addr).await?;
@@ -409,14 +432,22 @@ pub async fn storm(s: &Server, n: usize, room_count: usize) -> Result<(), String
             last.insert(room.clone(), a["seq"].as_u64().unwrap_or(0));
         }
     }
-    // Every client reads what it has, then waits for the server to drop it.
+    // Every client reads what it has, then waits for the server to drop it (or for the cut).
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
     let mut readers = Vec::new();
     for (mut ws, room) in conns {
         let want = last[&room];
+        let mut cut_rx = cut_rx.clone();
         readers.push(tokio::spawn(async move {
             let mut seq = 0;
             let mut epoch = String::new();
-            while let Some(Ok(msg)) = ws.next().await {
+            loop {
+                let msg = tokio::select! {
+                    m = ws.next() => m,
+                    // Dropping the socket closes it without a WebSocket close frame.
+                    _ = cut_rx.wait_for(|cut| *cut) => break,
+                };
+                let Some(Ok(msg)) = msg else { break };
                 if let Some(env) = envelope(&msg) {
                     if env.room.as_deref() == Some(room.as_str()) {
                         seq = env.seq.unwrap_or(seq);
@@ -427,16 +458,24 @@ pub async fn storm(s: &Server, n: usize, room_count: usize) -> Result<(), String
                     break;
                 }
             }
+            drop(ws);
             (room, seq, epoch, want)
         }));
     }
     // Wait until every client has read the events before the storm (their readers hold them).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let storm_at = Instant::now();
-    let (status, closed) = http.json("DELETE", "/api/v1/admin/users/storm/connections", &admin, &Value::Null).await?;
-    if status != 200 {
-        return Err(format!("admin disconnect answered {status}"));
-    }
+    let closed = if cut {
+        let _ = cut_tx.send(true);
+        Value::Null
+    } else {
+        let (status, answer) =
+            http.json("DELETE", "/api/v1/admin/users/storm/connections", &admin, &Value::Null).await?;
+        if status != 200 {
+            return Err(format!("admin disconnect answered {status}"));
+        }
+        answer["closed"].clone()
+    };
     // Events during the storm, published while the clients come back.
     let during_pub = {
         let (addr, admin, rooms, mut last) = (s.addr.clone(), admin.clone(), rooms.clone(), last.clone());
@@ -537,7 +576,8 @@ pub async fn storm(s: &Server, n: usize, room_count: usize) -> Result<(), String
     }
     let mut fields = Map::new();
     fields.insert("connections".into(), n.into());
-    fields.insert("closed_by_server".into(), closed["closed"].clone());
+    fields.insert("dropped_by".into(), (if cut { "harness" } else { "server" }).into());
+    fields.insert("closed_by_server".into(), closed);
     fields.insert("resumed".into(), resumed.load(Relaxed).into());
     fields.insert("all_resumed_s".into(), ((resume_hist.max() as f64 / 1e4).round() / 100.0).into());
     fields.insert("resume".into(), percentiles(&resume_hist));

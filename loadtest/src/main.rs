@@ -2,7 +2,8 @@
 //!
 //! Scenarios: `fanout` (C connections over R rooms, P events/s of B bytes for D seconds), `ack`
 //! (fanout with `ack=1`), `step` (fanout with P raised until p99 or loss gives), `storm` (every client
-//! dropped at once by the server, then resuming with fresh tokens and `since`), `idle` (C connections
+//! dropped at once, by the server or by the harness cutting its sockets, then resuming with fresh tokens
+//! and `since`), `idle` (C connections
 //! holding on heartbeats, for memory per connection) and `jobs` (U concurrent CSV uploads of N rows,
 //! each watched by W clients).
 //!
@@ -47,7 +48,8 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         steps: u32,
     },
-    /// C clients dropped at once by the server, resuming with fresh tokens and `since`.
+    /// C clients dropped at once (by the server, or `--cut` by the harness), resuming with fresh
+    /// tokens and `since`.
     Storm {
         /// Connections.
         #[arg(long, short = 'c', default_value_t = 1000)]
@@ -55,6 +57,9 @@ enum Scenario {
         /// Rooms.
         #[arg(long, short = 'r', default_value_t = 10)]
         rooms: usize,
+        /// The harness cuts its own sockets (no close handshake) instead of an admin disconnect.
+        #[arg(long)]
+        cut: bool,
     },
     /// C connections holding on heartbeats only, for memory per connection.
     Idle {
@@ -85,9 +90,13 @@ pub struct Fanout {
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 1000)]
     pub connections: usize,
-    /// Rooms (`tenant:` rooms; connections spread evenly).
+    /// Rooms (connections spread evenly).
     #[arg(long, short = 'r', default_value_t = 10)]
     pub rooms: usize,
+    /// Use `job:<uuid>` rooms (joined before any job exists) fed by publisher events
+    /// (`POST /api/v1/jobs/{id}/events`) instead of `tenant:` rooms fed by admin broadcasts.
+    #[arg(long)]
+    pub job_rooms: bool,
     /// Events per second published in total.
     #[arg(long, short = 'p', default_value_t = 100.0)]
     pub rate: f64,
@@ -117,7 +126,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Step { fanout, p99_ms, factor, steps } => {
                 client::step(&target, &fanout, p99_ms, factor, steps).await
             }
-            Scenario::Storm { connections, rooms } => client::storm(&target, connections, rooms).await,
+            Scenario::Storm { connections, rooms, cut } => client::storm(&target, connections, rooms, cut).await,
             Scenario::Idle { connections, duration } => {
                 client::idle(&target, connections, Duration::from_secs(duration)).await
             }
