@@ -1,7 +1,7 @@
 //! The acknowledgement buffer actor: one per `ack=1` connection.
 //!
-//! The session tells it every room event it wrote ([`Sent`]) and every cumulative `ack` the client
-//! sent ([`Acked`]). Events wait in an [`Unacked`] window, ordered by deadline; one timer per buffer
+//! The connection's rooms tell it every room event they queue for the connection ([`Sent`]), and the
+//! session every cumulative `ack` the client sent ([`Acked`]). Events wait in an [`Unacked`] window, ordered by deadline; one timer per buffer
 //! (not per message) finds those past `ack_timeout_ms`, and the buffer asks the session to send them
 //! again marked `redelivered` ([`Redeliver`]), backing off, up to `max_delivery_attempts` deliveries in
 //! all; then it asks the session to close with 4008 "ack timeout" ([`AckTimedOut`]).
@@ -10,6 +10,7 @@
 //! with it; the broker and the rooms never see acknowledgements.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use actix::prelude::*;
 
 use crate::framing::Encoded;
 
-/// The session wrote a room event to the socket.
+/// A room queued an event for the connection.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Sent {
@@ -25,6 +26,9 @@ pub struct Sent {
     pub room: Arc<str>,
     /// The event.
     pub event: Arc<Encoded>,
+    /// The room membership's gate. The session closes it before it sends [`Forget`], so an event a
+    /// room sent just as the client left is not awaited.
+    pub gate: Arc<AtomicBool>,
 }
 
 /// The client acknowledged every event of `room` up to `seq`.
@@ -245,7 +249,9 @@ impl Actor for AckBuffer {
 impl Handler<Sent> for AckBuffer {
     type Result = ();
     fn handle(&mut self, msg: Sent, _: &mut Context<Self>) {
-        self.window.sent(msg.room, msg.event, Instant::now());
+        if msg.gate.load(Relaxed) {
+            self.window.sent(msg.room, msg.event, Instant::now());
+        }
     }
 }
 

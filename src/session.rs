@@ -2,9 +2,9 @@
 //!
 //! Inbound frames arrive as a stream (`ctx.add_stream` over actix-ws's `MessageStream`); outbound
 //! messages go through a bounded queue (the [`Outbox`]) to a writer task that owns the actix-ws `Session`
-//! handle, so the actor never waits on a socket. Rooms write live events and replays of connections
-//! without `ack=1` straight into that queue ([`Member::Direct`]): one hop per member instead of an actor
-//! message and a hop. Only this file touches WebSocket frames.
+//! handle, so the actor never waits on a socket. Rooms write events straight into that queue
+//! ([`Member`]): one hop per member instead of an actor message and a hop. Only this file touches
+//! WebSocket frames.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -45,47 +45,27 @@ pub struct Disconnect {
     pub reason: String,
 }
 
-/// What a room sends its members.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub enum RoomOutput {
-    /// The join was accepted; the replayed events follow.
-    Joined(Subscribed),
-    /// A room event (live or replayed).
-    Event {
-        /// The room.
-        room: Arc<str>,
-        /// The encoded envelope, shared by every member.
-        event: Arc<Encoded>,
-        /// Part of the replay after `subscribed` (not counted against the slow-consumer bound).
-        replay: bool,
-    },
-}
-
-/// A connection with `ack=1` or without it, as its rooms see it.
+/// A connection as its rooms see it: its outbound queue behind the membership's gate, and with
+/// `ack=1` its acknowledgement buffer, told of each event before the event is queued (so an `ack` from
+/// the client can never reach the buffer before the event it acknowledges).
 #[derive(Clone)]
-pub enum Member {
-    /// Events go straight into the connection's outbound queue.
-    Direct(Outbox),
-    /// Events go through the session actor, which hands them to its acknowledgement buffer.
-    Acked(Recipient<RoomOutput>),
+pub struct Member {
+    out: Outbox,
+    acks: Option<Addr<AckBuffer>>,
 }
 
 impl Member {
     /// The `subscribed` answer of a join.
     pub fn joined(&self, sub: Subscribed) {
-        match self {
-            Member::Direct(out) => out.subscribed(sub),
-            Member::Acked(r) => r.do_send(RoomOutput::Joined(sub)),
-        }
+        self.out.subscribed(sub);
     }
 
     /// A room event; `replay` for the events that follow `subscribed`.
     pub fn event(&self, room: &Arc<str>, event: &Arc<Encoded>, replay: bool) {
-        match self {
-            Member::Direct(out) => out.event(event, replay),
-            Member::Acked(r) => r.do_send(RoomOutput::Event { room: room.clone(), event: event.clone(), replay }),
+        if let (Some(acks), Some(gate)) = (&self.acks, &self.out.gate) {
+            acks.do_send(ack_buffer::Sent { room: room.clone(), event: event.clone(), gate: gate.clone() });
         }
+        self.out.event(event, replay);
     }
 }
 
@@ -145,12 +125,6 @@ impl Outbox {
             q.bytes.fetch_add(len, Relaxed);
         }
         self.tx.send(item).map_err(|_| Refused::Closed)
-    }
-
-    /// The same queue behind a new gate, for one room membership.
-    fn gated(&self) -> (Outbox, Arc<AtomicBool>) {
-        let gate = Arc::new(AtomicBool::new(true));
-        (Outbox { gate: Some(gate.clone()), ..self.clone() }, gate)
     }
 
     /// From a room: tells the session when the bound is crossed (once; it then closes with 4008).
@@ -482,16 +456,8 @@ impl Session {
             );
         }
         // A repeated subscribe keeps its membership (and its gate); the room answers it again.
-        let member = match (&self.acks, self.rooms.get(&room)) {
-            (Some(_), _) => Member::Acked(ctx.address().recipient()),
-            (None, Some(gate)) => Member::Direct(Outbox { gate: Some(gate.clone()), ..self.out.clone() }),
-            (None, None) => {
-                let (out, gate) = self.out.gated();
-                self.rooms.insert(room.clone(), gate);
-                Member::Direct(out)
-            }
-        };
-        self.rooms.entry(room.clone()).or_insert_with(|| Arc::new(AtomicBool::new(true)));
+        let gate = self.rooms.entry(room.clone()).or_insert_with(|| Arc::new(AtomicBool::new(true))).clone();
+        let member = Member { out: Outbox { gate: Some(gate), ..self.out.clone() }, acks: self.acks.clone() };
         self.report_rooms();
         self.shared.broker.do_send(broker::Subscribe { room, conn: self.id, since, member, snapshot });
     }
@@ -770,27 +736,6 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-impl Handler<RoomOutput> for Session {
-    type Result = ();
-    fn handle(&mut self, msg: RoomOutput, ctx: &mut Context<Self>) {
-        match msg {
-            RoomOutput::Joined(sub) => {
-                if self.rooms.contains_key(&sub.room) {
-                    self.send(Event::Subscribed(sub), ctx);
-                }
-            }
-            RoomOutput::Event { room, event, replay } => {
-                if self.rooms.contains_key(&*room) {
-                    self.push(Outgoing::Frame { event: event.clone(), live: !replay, timed: true, gate: None }, ctx);
-                    if let Some(acks) = &self.acks {
-                        acks.do_send(ack_buffer::Sent { room, event });
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -72,6 +72,40 @@ async fn acked_events_are_not_sent_again_and_bad_acks_are_errors() {
 }
 
 #[actix_rt::test]
+async fn leaving_a_room_drops_its_unacked_events_and_nothing_of_it_comes_back() {
+    let s = TestServer::with(|c| {
+        c.ack_timeout_ms = 100;
+        c.max_delivery_attempts = 2;
+    });
+    let (mut c, _) = ack_client(&s, "alice", "tenant:acme").await;
+    c.subscribe("user:alice").await;
+    s.broadcast("tenant:acme", "info", json!({"n": 1})).await;
+    assert_eq!(c.recv().await.seq, Some(1));
+    let left = Instant::now();
+    c.send(&ClientMessage::Unsubscribe { room: "tenant:acme".into() }).await;
+    c.expect(EventType::Unsubscribed).await;
+    // Kept, tenant:acme's event would be redelivered at 100 ms and close the connection with 4008
+    // "ack timeout" at 300 ms. user:alice's redeliveries are the clock: each unacked event there comes
+    // back once, is acked, and the next one follows, until 500 ms have passed.
+    let mut seq = 0;
+    while left.elapsed() < Duration::from_millis(500) {
+        seq += 1;
+        s.broadcast("user:alice", "info", json!({"n": seq})).await;
+        let first = c.recv().await;
+        assert_eq!((first.room.as_deref(), first.seq, first.redelivered), (Some("user:alice"), Some(seq), false));
+        let again = c.recv().await;
+        assert_eq!((again.room.as_deref(), again.seq, again.redelivered), (Some("user:alice"), Some(seq), true));
+        c.send(&ClientMessage::Ack { room: "user:alice".into(), seq }).await;
+    }
+    // Still open, and nothing of tenant:acme arrived: the next message is the answer to this ping.
+    c.send(&ClientMessage::Ping { ts: None }).await;
+    let pong = c.recv().await;
+    assert_eq!(pong.event.kind(), EventType::Pong, "{pong:?}");
+    let m = s.metrics().await;
+    assert!(m.contains("jobcast_ack_timeout_closes_total 0"), "{m}");
+}
+
+#[actix_rt::test]
 async fn a_slow_reader_is_closed_4008_while_a_healthy_one_keeps_up_then_recovers_everything() {
     let s = TestServer::with(|c| {
         c.max_queued_messages = 64;
