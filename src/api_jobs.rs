@@ -245,15 +245,19 @@ async fn publish_event(
     let job_id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no job {id}")))?;
     let event = body.into_inner().into_event()?;
     let existing = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
-    let mut snapshot = match existing {
-        Some(s) if who.admin || s["tenant"].as_str() == Some(who.tenant.as_str()) => s,
+    let (mut snapshot, new) = match existing {
+        Some(s) if who.admin || s["tenant"].as_str() == Some(who.tenant.as_str()) => (s, false),
         Some(_) => return Err(ApiError::NotFound(format!("no job {job_id}"))),
         None => {
-            json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": who.tenant, "user_id": who.user_id,
-            "kind": "external", "status": "processing", "progress": 0.0, "created_at": crate::protocol::now_rfc3339() })
+            let s = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": who.tenant,
+                "user_id": who.user_id, "kind": "external", "status": "processing", "progress": 0.0,
+                "created_at": crate::protocol::now_rfc3339() });
+            (s, true)
         }
     };
-    if snapshot.get("spec").is_none() {
+    // A CSV job's snapshot is its own; an external one is written when it is new or the event changes it
+    // (an `info` is only published: no store write for it).
+    if snapshot.get("spec").is_none() && (new || changes_snapshot(&event)) {
         follow(&mut snapshot, &event);
         let tenant = snapshot["tenant"].as_str().unwrap_or(&who.tenant).to_string();
         let status = snapshot["status"].as_str().unwrap_or("processing").to_string();
@@ -269,6 +273,18 @@ async fn publish_event(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(target: "audit", event = "publisher_event", user = %who.user_id, job = %job_id, kind = kind.as_str(), seq = published.seq, "published");
     Ok(HttpResponse::Created().json(json!({ "seq": published.seq })))
+}
+
+/// Whether [`follow`] changes a snapshot for this event.
+fn changes_snapshot(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Status(_)
+            | Event::ProcessingProgress(_)
+            | Event::ProcessingCompleted(_)
+            | Event::ProcessingFailed(_)
+            | Event::JobCancelled(_)
+    )
 }
 
 /// Updates an external job's snapshot from an event posted into its room.

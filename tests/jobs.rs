@@ -294,6 +294,18 @@ async fn publishers_report_their_own_work_into_a_job_room() {
     assert_eq!(env.seq, Some(2));
     let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&publisher), None).await;
     assert_eq!(snap["progress"], 42.5);
+    // An `info` is published but leaves the snapshot as it was (no store write for it)...
+    assert_eq!(post(json!({"type": "info", "data": {"note": "page 3"}})).await, (201, json!({"seq": 3})));
+    assert_eq!(c.expect(EventType::Info).await.seq, Some(3));
+    let (_, after) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&publisher), None).await;
+    assert_eq!(after, snap);
+    // ...except that an event of any type creates the external job of an unknown id.
+    let other = Uuid::new_v4();
+    let path = format!("/api/v1/jobs/{other}/events");
+    let (status, _) = s.request("POST", &path, Some(&publisher), Some(json!({"type": "info", "data": {}}))).await;
+    assert_eq!(status, 201);
+    let (status, created) = s.request("GET", &format!("/api/v1/jobs/{other}"), Some(&publisher), None).await;
+    assert_eq!((status, created["kind"].as_str(), created["tenant"].as_str()), (200, Some("external"), Some("acme")));
     // A plain user may not publish; a bad type is refused.
     let (status, _) = s
         .request(
