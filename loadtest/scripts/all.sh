@@ -12,8 +12,10 @@ run() { echo "== jobcast-loadtest $*" >&2; ./target/release/jobcast-loadtest "$@
 run fanout -c 1000 -r 10 -p 1600 -b 256 -d 10
 run step -c 1000 -r 10 -p 1500 -b 256 -d 5 --factor 1.15 --steps 6 --p99-ms 50
 run ack -c 1000 -r 10 -p 1600 -b 256 -d 10
+run fanout -c 1000 -r 10 -p 1600 -b 256 -d 10 --job-rooms
 run fanout -c 10000 -r 100 -p 1000 -b 256 -d 10
 run step -c 10000 -r 100 -p 300 -b 256 -d 5 --factor 1.25 --steps 5 --p99-ms 50
 run idle -c 10000 -d 5
 run storm -c 10000 -r 100
+run storm -c 10000 -r 100 --cut
 run jobs -u 20 -n 100000 -w 5
