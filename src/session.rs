@@ -92,9 +92,9 @@ enum Refused {
     Closed,
 }
 
-/// The writing end of a connection's outbound queue. The session holds one; each room membership of a
-/// connection without `ack=1` holds a clone with a gate of its own, closed on `unsubscribe`, so the
-/// writer drops what the room queued after it.
+/// The writing end of a connection's outbound queue. The session holds one; each room membership holds
+/// a clone with a gate of its own, closed on `unsubscribe`, so the writer drops what the room queued
+/// after it.
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Outgoing>,

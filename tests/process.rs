@@ -306,7 +306,9 @@ async fn import_command_shows_the_job_and_its_results() {
 #[actix_rt::test]
 async fn import_command_reconnects_and_resumes_when_dropped_mid_job() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0", "--zone-rows", "10"], &[]);
+    // 3,000 zones send over 6,000 events, most of them in the half second the importer is away: the
+    // history must hold them all for the resume to be a recovery (the default keeps 1,000 per room).
+    let p = Proc::serve(dir.path(), &["--bind", "127.0.0.1:0", "--zone-rows", "10", "--history-size", "20000"], &[]);
     let admin = p.admin_token();
     let csv = common::generate_csv(30_000, "drop");
     std::fs::write(dir.path().join("big.csv"), &csv.bytes).unwrap();
