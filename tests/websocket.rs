@@ -246,6 +246,27 @@ async fn malformed_and_unknown_messages_get_bad_request_and_the_connection_stays
 }
 
 #[actix_rt::test]
+async fn pong_echoes_a_fractional_ts_exactly() {
+    // Clients match pongs to pings by `ts` (the TypeScript client sends `Date.now() + Math.random() / 2`),
+    // so the echo must be the same number to the last bit, not the nearest parse.
+    let s = TestServer::with(|c| {
+        c.inbound_rate_per_s = 1000;
+        c.inbound_burst = 1000;
+    });
+    let mut c = s.connect_as("alice", "acme").await;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let ts = 1_764_165_432_123.0 + (x % 1_000_000) as f64 / 1_000_000.0 * 0.5;
+        c.send_text(&format!(r#"{{"type":"ping","ts":{ts}}}"#)).await;
+        let pong = c.expect_data(EventType::Pong).await;
+        assert_eq!(pong["client_ts"].as_f64().map(f64::to_bits), Some(ts.to_bits()), "sent {ts}, got {pong}");
+    }
+}
+
+#[actix_rt::test]
 async fn oversized_message_closes_1009() {
     let s = TestServer::with(|c| c.max_inbound_message_bytes = 256);
     let mut c = s.connect_as("alice", "acme").await;
