@@ -270,7 +270,7 @@ async fn publish_event(
         .send(Publish { room: format!("job:{job_id}"), event })
         .await
         .map_err(unavailable)?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(crate::error::publish_failed)?;
     info!(target: "audit", event = "publisher_event", user = %who.user_id, job = %job_id, kind = kind.as_str(), seq = published.seq, "published");
     Ok(HttpResponse::Created().json(json!({ "seq": published.seq })))
 }

@@ -26,8 +26,9 @@ use crate::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 use crate::session::Member;
 use crate::store::{now_ms, AppendEvents, RoomCursor, StoreActor, StoredEvent};
 
-/// Publish an event into a room. The answer comes once the event is stored and handed to the room, so a
-/// client that subscribes with `since` after it has the answer finds the event in the history.
+/// Publish an event into a room. The answer comes once the event's batch has been written to the store
+/// (a store error is logged and the event delivered anyway) and the event handed to the room, so a client
+/// that subscribes with `since` after it has the answer finds the event in the history.
 #[derive(Message)]
 #[rtype(result = "Result<Published, PublishError>")]
 pub struct Publish {
@@ -52,6 +53,9 @@ pub enum PublishError {
     /// Only a bug can cause this: every event serialises.
     #[error("cannot encode the event: {0}")]
     Encode(#[from] crate::framing::EncodeError),
+    /// The broker stopped (the server is shutting down) before the event reached its room.
+    #[error("the server stopped before the event was delivered")]
+    Stopped,
 }
 
 /// A connection joins a room (already authorised by the session).
@@ -269,8 +273,8 @@ impl Handler<Publish> for Broker {
         self.flush(ctx);
         self.metrics.published.fetch_add(1, Relaxed);
         Box::pin(async move {
-            // The sender goes only with the broker itself; the event is then as far as it will get.
-            let _ = delivered.await;
+            // The sender is dropped unanswered only when the broker itself goes.
+            delivered.await.map_err(|_| PublishError::Stopped)?;
             Ok(Published { seq, delivered_to })
         })
     }

@@ -320,7 +320,7 @@ async fn admin_broadcast(
         .send(Publish { room: room.clone(), event })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(crate::error::publish_failed)?;
     info!(target: "audit", event = "admin_broadcast", admin = %who.user_id, room = %room, kind = kind.as_str(),
         seq = published.seq, "admin action");
     Ok(HttpResponse::Ok().json(published))

@@ -1,7 +1,7 @@
 //! The session actor: one per WebSocket connection.
 //!
 //! Inbound frames arrive as a stream (`ctx.add_stream` over actix-ws's `MessageStream`); outbound
-//! messages go through a bounded queue (the [`Outbox`]) to a writer task that owns the actix-ws `Session`
+//! messages go through a queue with counted bounds (the [`Outbox`]) to a writer task that owns the actix-ws `Session`
 //! handle, so the actor never waits on a socket. Rooms write events straight into that queue
 //! ([`Member`]): one hop per member instead of an actor message and a hop. Only this file touches
 //! WebSocket frames.
@@ -123,6 +123,13 @@ impl Outbox {
             }
             q.msgs.fetch_add(1, Relaxed);
             q.bytes.fetch_add(len, Relaxed);
+            if self.tx.send(item).is_err() {
+                // The writer is gone: nothing will take these back.
+                q.msgs.fetch_sub(1, Relaxed);
+                q.bytes.fetch_sub(len, Relaxed);
+                return Err(Refused::Closed);
+            }
+            return Ok(());
         }
         self.tx.send(item).map_err(|_| Refused::Closed)
     }
@@ -177,6 +184,9 @@ enum Outgoing {
     Ping,
     Pong(Box<[u8]>),
     Close(u16, Box<str>),
+    /// The session stopped without a close of its own (the client's stream ended): end the socket
+    /// now rather than when the last room lets go of its outbox.
+    End,
 }
 
 /// How a connection starts.
@@ -684,6 +694,9 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        if !self.closing {
+            let _ = self.out.tx.send(Outgoing::End);
+        }
         self.shared.metrics.connections.fetch_sub(1, Relaxed);
         if let Some(acks) = self.acks.take() {
             acks.do_send(ack_buffer::Stop);
@@ -849,6 +862,10 @@ async fn writer(
             }
             Outgoing::Close(code, reason) => {
                 let _ = ws.close(close_frame(code, reason.into())).await;
+                return;
+            }
+            Outgoing::End => {
+                let _ = ws.close(None).await;
                 return;
             }
         };
