@@ -15,7 +15,7 @@ use crate::http::{bearer, PostedEvent};
 use crate::job::{public_snapshot, JobSpec};
 use crate::protocol::Event;
 use crate::scheduler::{CancelJob, CancelOutcome, Submit};
-use crate::store::{GetJob, ListJobs, SaveJob};
+use crate::store::{GetJob, JobChange, ListJobs, SaveJob, UpdateJob};
 use crate::Shared;
 
 /// Registers the job routes under `/api/v1`.
@@ -244,25 +244,31 @@ async fn publish_event(
     }
     let job_id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no job {id}")))?;
     let event = body.into_inner().into_event()?;
-    let existing = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
-    let (mut snapshot, new) = match existing {
-        Some(s) if who.admin || s["tenant"].as_str() == Some(who.tenant.as_str()) => (s, false),
-        Some(_) => return Err(ApiError::NotFound(format!("no job {job_id}"))),
-        None => {
-            let s = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": who.tenant,
-                "user_id": who.user_id, "kind": "external", "status": "processing", "progress": 0.0,
-                "created_at": crate::protocol::now_rfc3339() });
-            (s, true)
+    let (posted, publisher) = (event.clone(), who.clone());
+    // Read, follow and save in one step of the store, so concurrent posts for one job cannot undo
+    // each other's changes.
+    let change = move |current: Option<&Value>| {
+        let (mut snapshot, new) = match current {
+            Some(s) if publisher.admin || s["tenant"].as_str() == Some(publisher.tenant.as_str()) => (s.clone(), false),
+            Some(_) => return JobChange::Refuse,
+            None => {
+                let s = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": publisher.tenant,
+                    "user_id": publisher.user_id, "kind": "external", "status": "processing", "progress": 0.0,
+                    "created_at": crate::protocol::now_rfc3339() });
+                (s, true)
+            }
+        };
+        // A CSV job's snapshot is its own; an external one is written when it is new or the event
+        // changes it (an `info` is only published: no store write for it).
+        if snapshot.get("spec").is_some() || !(new || changes_snapshot(&posted)) {
+            return JobChange::Keep;
         }
+        follow(&mut snapshot, &posted);
+        JobChange::Save(snapshot)
     };
-    // A CSV job's snapshot is its own; an external one is written when it is new or the event changes it
-    // (an `info` is only published: no store write for it).
-    if snapshot.get("spec").is_none() && (new || changes_snapshot(&event)) {
-        follow(&mut snapshot, &event);
-        let tenant = snapshot["tenant"].as_str().unwrap_or(&who.tenant).to_string();
-        let status = snapshot["status"].as_str().unwrap_or("processing").to_string();
-        let save = SaveJob { id: job_id.to_string(), tenant, status, snapshot };
-        shared.store.send(save).await.map_err(unavailable)?.map_err(unavailable)?;
+    let update = UpdateJob { id: job_id.to_string(), change: Box::new(change) };
+    if !shared.store.send(update).await.map_err(unavailable)?.map_err(unavailable)? {
+        return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
     let kind = event.kind();
     let published = shared

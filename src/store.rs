@@ -409,6 +409,31 @@ pub struct SaveJob {
 #[rtype(result = "Result<Option<Value>, StoreError>")]
 pub struct GetJob(pub String);
 
+/// What [`UpdateJob`] does with a snapshot.
+pub enum JobChange {
+    /// Save this snapshot (its `tenant` and `status` fields index it).
+    Save(Value),
+    /// Leave the stored snapshot as it is.
+    Keep,
+    /// The caller may not touch this job; nothing is saved.
+    Refuse,
+}
+
+/// How [`UpdateJob`] decides, given the stored snapshot (`None`: no such job).
+pub type DecideChange = Box<dyn FnOnce(Option<&Value>) -> JobChange + Send>;
+
+/// Reads a job's snapshot (`None`: no such job), decides on it and saves the result, all in one step
+/// of the store's single writer, so two updates of the same job cannot interleave. Answers false when
+/// refused.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct UpdateJob {
+    /// Job id.
+    pub id: String,
+    /// The decision.
+    pub change: DecideChange,
+}
+
 /// Reserve a job id for a tenant; answers the job's snapshot.
 #[derive(Message)]
 #[rtype(result = "Result<Value, StoreError>")]
@@ -490,6 +515,23 @@ impl Handler<GetJob> for StoreActor {
     type Result = Result<Option<Value>, StoreError>;
     fn handle(&mut self, m: GetJob, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.job(&m.0)
+    }
+}
+
+impl Handler<UpdateJob> for StoreActor {
+    type Result = Result<bool, StoreError>;
+    fn handle(&mut self, m: UpdateJob, _: &mut SyncContext<Self>) -> Self::Result {
+        let current = self.store.job(&m.id)?;
+        match (m.change)(current.as_ref()) {
+            JobChange::Save(snapshot) => {
+                let tenant = snapshot["tenant"].as_str().unwrap_or_default().to_string();
+                let status = snapshot["status"].as_str().unwrap_or_default().to_string();
+                self.store.save_job(&m.id, &tenant, &status, &snapshot)?;
+                Ok(true)
+            }
+            JobChange::Keep => Ok(true),
+            JobChange::Refuse => Ok(false),
+        }
     }
 }
 

@@ -321,6 +321,26 @@ async fn publishers_report_their_own_work_into_a_job_room() {
 }
 
 #[actix_rt::test]
+async fn concurrent_publisher_events_for_one_job_lose_no_update() {
+    let s = TestServer::start();
+    let publisher = s.token("etl", "acme", &["publisher"]);
+    let job = Uuid::new_v4();
+    let path = format!("/api/v1/jobs/{job}/events");
+    // Forty progress reports at once: the snapshot keeps the highest, whatever order they are stored in.
+    let posts = (1..=40).map(|i| {
+        let body = json!({"type": "processing_progress", "data": {"job_id": job, "stage": "parsing",
+            "progress": i as f64, "zones_completed": i, "zones_total": 40, "processed": i, "total": 40,
+            "errors": 0, "current_operation": format!("page {i}")}});
+        let (s, publisher, path) = (&s, publisher.clone(), path.clone());
+        async move { s.request("POST", &path, Some(&publisher), Some(body)).await.0 }
+    });
+    let statuses = futures_util::future::join_all(posts).await;
+    assert!(statuses.iter().all(|&st| st == 201), "{statuses:?}");
+    let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&publisher), None).await;
+    assert_eq!((snap["progress"].as_f64(), snap["kind"].as_str()), (Some(40.0), Some("external")), "{snap}");
+}
+
+#[actix_rt::test]
 async fn jobs_beyond_the_concurrency_limit_wait_as_queued() {
     let s = TestServer::with(|c| {
         c.max_concurrent_jobs = 1;
