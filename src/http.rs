@@ -200,9 +200,9 @@ async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
 
 /// The demo page, embedded at build time (its sources are in `clients/demo`; no Node at run time).
 const DEMO: &[(&str, &str, &str)] = &[
-    ("/", "text/html; charset=utf-8", include_str!("demo/index.html")),
+    ("/", "text/html; charset=utf-8", include_str!("../clients/demo/src/index.html")),
     ("/demo/app.js", "text/javascript; charset=utf-8", include_str!("demo/app.js")),
-    ("/demo/app.css", "text/css; charset=utf-8", include_str!("demo/app.css")),
+    ("/demo/app.css", "text/css; charset=utf-8", include_str!("../clients/demo/src/app.css")),
     ("/demo/sample.csv", "text/csv; charset=utf-8", include_str!("sample.csv")),
 ];
 

@@ -1,9 +1,10 @@
-// Builds the demo page into the three files the jobcast binary embeds: index.html, app.js, app.css.
+// Bundles the demo page's script into OUT_DIR/app.js, which the jobcast binary embeds; index.html and
+// app.css need no build, so the binary embeds them straight from demo/src.
 // Usage: node demo/build.mjs OUT_DIR   (from clients/; `npm run build:demo` writes ../src/demo).
 // The output is reproducible byte for byte: fixed names, no hashes, no timestamps, no absolute paths.
 
 import { build } from 'esbuild';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -41,8 +42,4 @@ const result = await build({
 });
 const js = result.outputFiles[0].text;
 writeFileSync(join(outDir, 'app.js'), js.endsWith('\n') ? js : js + '\n');
-
-const css = readFileSync(join(here, 'src', 'app.css'), 'utf8');
-writeFileSync(join(outDir, 'app.css'), css);
-writeFileSync(join(outDir, 'index.html'), readFileSync(join(here, 'src', 'index.html'), 'utf8'));
-console.log(`demo page built into ${outDir}: index.html, app.js (${js.length} bytes), app.css (${css.length} bytes)`);
+console.log(`demo script built into ${outDir}: app.js (${js.length} bytes)`);
