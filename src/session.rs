@@ -123,15 +123,16 @@ impl Outbox {
             }
             q.msgs.fetch_add(1, Relaxed);
             q.bytes.fetch_add(len, Relaxed);
-            if self.tx.send(item).is_err() {
-                // The writer is gone: nothing will take these back.
-                q.msgs.fetch_sub(1, Relaxed);
-                q.bytes.fetch_sub(len, Relaxed);
-                return Err(Refused::Closed);
-            }
-            return Ok(());
         }
-        self.tx.send(item).map_err(|_| Refused::Closed)
+        if self.tx.send(item).is_err() {
+            // The writer is gone: nothing will take the count back.
+            if let Some(len) = live_len {
+                self.queued.msgs.fetch_sub(1, Relaxed);
+                self.queued.bytes.fetch_sub(len, Relaxed);
+            }
+            return Err(Refused::Closed);
+        }
+        Ok(())
     }
 
     /// From a room: tells the session when the bound is crossed (once; it then closes with 4008).
@@ -828,15 +829,10 @@ async fn writer(
             Outgoing::Frame { event, live, timed, gate } => {
                 let frame = event.frame(format);
                 let len = frame.len();
-                if gate.is_some_and(|g| !g.load(Relaxed)) {
-                    // Queued by a room the client has left since.
-                    if live {
-                        queued.msgs.fetch_sub(1, Relaxed);
-                        queued.bytes.fetch_sub(len, Relaxed);
-                    }
-                    continue;
-                }
+                // A frame queued by a room the client has left since is dropped.
+                let open = gate.is_none_or(|g| g.load(Relaxed));
                 let r = match frame {
+                    _ if !open => Ok(()),
                     Frame::Text(t) => ws.text(t).await,
                     Frame::Binary(b) => ws.binary(b).await,
                 };
@@ -844,7 +840,7 @@ async fn writer(
                     queued.msgs.fetch_sub(1, Relaxed);
                     queued.bytes.fetch_sub(len, Relaxed);
                 }
-                if r.is_ok() {
+                if open && r.is_ok() {
                     metrics.sent(event.kind, len);
                     if timed {
                         metrics.observe_latency(event.created.elapsed());
