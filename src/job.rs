@@ -1,12 +1,13 @@
 //! The job actor: one per document job, owning its state machine
 //! (queued → validating → scanning → parsing → processing → finalizing → completed | failed | cancelled).
 //!
-//! It validates the file off the I/O arbiter, fans zones out to zone actors (at most one per core in
-//! flight), alone computes overall progress and ETA, coalesces `processing_progress`, and keeps its
+//! It validates the file off the I/O arbiter, fans zones out to its zone actor (a window of
+//! `zones_in_flight`, refilled as each zone is stored), alone computes overall progress and ETA, coalesces `processing_progress`, and keeps its
 //! snapshot in the store. It knows nothing of sessions: everything it says goes to the broker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,10 @@ use crate::protocol::{
     now_rfc3339, Event, JobCancelled, ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted,
     StatusData,
 };
+use crate::row_store::ZoneReports;
 use crate::scheduler::{Finished, Scheduler};
-use crate::store::{SaveJob, StoreActor, ZoneReports};
-use crate::zone::{ProcessZone, Zone};
+use crate::store::{SaveJob, StoreActor};
+use crate::zone::{ProcessZone, Zone, ZoneDeps};
 
 /// Results keep this many invalid rows and flagged cells.
 const KEEP: usize = 100;
@@ -53,16 +55,16 @@ pub struct JobDeps {
     pub broker: Addr<Broker>,
     /// Where snapshots go.
     pub store: Addr<StoreActor>,
-    /// The zone actors.
-    pub zones: Addr<Zone>,
+    /// What the job's zone actor needs.
+    pub zone: ZoneDeps,
     /// Limits from the configuration.
     pub max_upload_bytes: u64,
     /// Rows per zone.
     pub zone_rows: usize,
     /// `processing_progress` per second.
     pub progress_rate: u32,
-    /// Zones in flight per job.
-    pub parallel_zones: usize,
+    /// Zones in flight per job (being worked on or waiting for their group commit).
+    pub zones_in_flight: usize,
 }
 
 /// Start working (a run slot was granted).
@@ -170,6 +172,10 @@ pub struct Job {
     done: BTreeSet<u64>,
     next_zone: u64,
     in_flight: usize,
+    /// The job's zone actor, started with its first zone.
+    zone: Option<Addr<Zone>>,
+    /// Tells zones in flight that have not begun to skip their work (set on cancel and failure).
+    stop_zones: Arc<AtomicBool>,
     totals: Totals,
     /// Set when a cancel arrived; the job stops once no zone is in flight.
     cancelled_by: Option<String>,
@@ -208,6 +214,8 @@ impl Job {
             done: BTreeSet::new(),
             next_zone: 0,
             in_flight: 0,
+            zone: None,
+            stop_zones: Arc::new(AtomicBool::new(false)),
             totals: Totals::default(),
             cancelled_by: None,
             error: None,
@@ -338,12 +346,12 @@ impl Job {
         }
     }
 
-    /// Sends zones to the zone actors until `parallel_zones` are in flight.
+    /// Sends zones to the job's zone actor until `zones_in_flight` are in flight.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         let Some(v) = self.validated.clone() else {
             return;
         };
-        while self.cancelled_by.is_none() && self.error.is_none() && self.in_flight < self.deps.parallel_zones {
+        while self.cancelled_by.is_none() && self.error.is_none() && self.in_flight < self.deps.zones_in_flight {
             while self.done.contains(&self.next_zone) {
                 self.next_zone += 1;
             }
@@ -360,18 +368,23 @@ impl Job {
                 columns: v.columns,
                 index,
                 start,
+                stop: self.stop_zones.clone(),
             };
-            ctx.spawn(self.deps.zones.send(msg).into_actor(self).map(move |res, job, ctx| {
+            let deps = &self.deps.zone;
+            let zone = self.zone.get_or_insert_with(|| Zone::new(deps.clone()).start());
+            ctx.spawn(zone.send(msg).into_actor(self).map(move |res, job, ctx| {
                 job.in_flight -= 1;
                 match res {
-                    Ok(Ok(report)) if job.error.is_none() => {
+                    Ok(Ok(Some(report))) if job.error.is_none() => {
                         job.done.insert(index);
                         job.totals.add(&report);
                         let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
                         job.advance(p, ctx);
                     }
                     // A zone finishing after another failed changes nothing: the job stays failed.
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(Some(_))) => {}
+                    // Skipped: the job was stopped before the zone began, and nothing of it was stored.
+                    Ok(Ok(None)) => {}
                     Ok(Err(e)) => job.fail(format!("zone {index} failed: {e}"), false, ctx),
                     Err(e) => job.fail(format!("zone {index} was lost: {e}"), true, ctx),
                 }
@@ -380,19 +393,19 @@ impl Job {
         }
     }
 
-    /// Decides what comes next after a zone finished or a cancel arrived.
+    /// Decides what comes next after a zone finished or a cancel arrived: a cancelled or failed job
+    /// ends once no zone is in flight; otherwise the window of zones in flight is refilled.
     fn step(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight > 0 {
-            return;
-        }
-        if let Some(by) = self.cancelled_by.clone() {
-            return self.finish_cancelled(by, ctx);
-        }
-        if self.error.is_some() {
-            return ctx.stop();
-        }
-        if self.done.len() as u64 == self.zones_total() && self.validated.is_some() {
-            return self.complete(ctx);
+        if self.in_flight == 0 {
+            if let Some(by) = self.cancelled_by.clone() {
+                return self.finish_cancelled(by, ctx);
+            }
+            if self.error.is_some() {
+                return ctx.stop();
+            }
+            if self.validated.is_some() && self.done.len() as u64 == self.zones_total() {
+                return self.complete(ctx);
+            }
         }
         self.dispatch(ctx);
     }
@@ -421,6 +434,7 @@ impl Job {
             tracing::warn!(%error, "job failed");
         }
         self.error = Some(json!({ "message": error, "recoverable": recoverable }));
+        self.stop_zones.store(true, Ordering::Release);
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
         self.publish(Event::ProcessingFailed(ProcessingFailed {
@@ -508,7 +522,7 @@ impl Handler<Begin> for Job {
                 }
             })
         });
-        let reports = self.deps.store.send(ZoneReports(self.spec.job_id.to_string()));
+        let reports = self.deps.zone.rows.send(ZoneReports(self.spec.job_id.to_string()));
         let both = async move { (work.await, reports.await) };
         // `spawn`, not `wait`: validation progress and a cancel are handled while it runs.
         ctx.spawn(both.into_actor(self).map(|(validated, reports), job, ctx| {
@@ -565,6 +579,7 @@ impl Handler<Cancel> for Job {
             tracing::info!(by = %msg.by, "cancel requested");
         }
         self.cancelled_by = Some(msg.by);
+        self.stop_zones.store(true, Ordering::Release);
         self.step(ctx);
         true
     }

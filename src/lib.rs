@@ -32,6 +32,7 @@ pub mod protocol;
 pub mod rate_limit;
 pub mod registry;
 pub mod room;
+pub mod row_store;
 pub mod scheduler;
 pub mod session;
 pub mod store;
@@ -53,6 +54,11 @@ use crate::registry::Registry;
 use crate::room::RoomSettings;
 use crate::scheduler::Scheduler;
 use crate::store::StoreActor;
+
+/// Zones a job keeps in flight: enough for the row store's group commits to take many zones at once
+/// (its cost is the dedup index pages each commit writes), few enough to bound memory (about 64,000
+/// parsed rows per job).
+const ZONES_IN_FLIGHT: usize = 64;
 
 /// What every handler and session is handed at construction.
 #[derive(Clone)]
@@ -181,6 +187,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let first = store::Store::open(&location)?;
     let cursors = first.room_cursors()?;
     let unfinished = first.unfinished_jobs()?;
+    let rows_first = std::sync::Mutex::new(Some(row_store::RowStore::open(&location)?));
     let first = std::sync::Mutex::new(Some(first));
     let (loc, keep) = (location.clone(), config.history_size);
     let store = SyncArbiter::start(1, move || {
@@ -188,6 +195,11 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         // Only a restart of the store thread reopens; the first open proved the database works.
         let store = opened.unwrap_or_else(|| store::Store::open(&loc).expect("store reopens"));
         StoreActor::new(store, keep)
+    });
+    let loc = location.clone();
+    let rows = SyncArbiter::start(1, move || {
+        let opened = rows_first.lock().ok().and_then(|mut f| f.take());
+        opened.unwrap_or_else(|| row_store::RowStore::open(&loc).expect("row store reopens"))
     });
 
     let room_settings = RoomSettings {
@@ -197,17 +209,14 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     };
     let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors).start();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let (zone_broker, zone_store) = (broker.clone(), store.clone());
-    let zones =
-        SyncArbiter::start(cores, move || zone::Zone::new(zone_store.clone(), rules.clone(), zone_broker.clone()));
     let deps = job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
-        zones,
+        zone: zone::ZoneDeps { rows, rules, broker: broker.clone(), cpu: Arc::new(tokio::sync::Semaphore::new(cores)) },
         max_upload_bytes: config.max_upload_bytes,
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,
-        parallel_zones: cores,
+        zones_in_flight: ZONES_IN_FLIGHT,
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).start();
     for snapshot in unfinished {

@@ -1,14 +1,14 @@
-//! The durable store: room history with its epoch, jobs, zone reports and imported rows, in SQLite.
+//! The durable store: room history with its epoch, and jobs, in SQLite (imported rows and zone
+//! reports are in [`crate::row_store`], a database of their own).
 //!
 //! [`Store`] is a plain struct over one connection; [`StoreActor`] runs it on a sync arbiter so no
 //! query ever blocks an I/O arbiter. Every write goes through that one connection: its page cache
 //! stays warm (a connection that sees another's commit must drop its cache), and writers never wait
-//! on SQLite's busy handler. Zone actors hand their rows to it with [`StoreZone`].
-//! `store = memory` uses a shared in-memory database with the same schema and code.
+//! on SQLite's busy handler. `store = memory` uses shared in-memory databases with the same schema
+//! and code.
 //!
 //! Guarantee: a batch of events is committed before any member can see one of them (the broker waits
-//! for [`AppendEvents`]), and a zone's rows and its report commit in one transaction, so a zone is
-//! either wholly stored or not at all.
+//! for [`AppendEvents`]).
 
 use std::path::PathBuf;
 
@@ -16,11 +16,8 @@ use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use crate::csv_import::Row;
-
-/// Versioned migrations, applied in order; a database records the highest applied.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+/// The first schema; its `zones` and `transactions` moved to `rows.db` (see [`crate::row_store`]).
+pub(crate) const LEGACY_V1: &str =
     "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL);
      CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, created_ms INTEGER NOT NULL,
          envelope TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
@@ -31,13 +28,23 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
      CREATE TABLE transactions (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, key BLOB NOT NULL,
          job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL, amount_cents INTEGER NOT NULL,
-         description TEXT NOT NULL, category TEXT NOT NULL, UNIQUE (tenant, key));",
-)];
+         description TEXT NOT NULL, category TEXT NOT NULL, UNIQUE (tenant, key));";
+
+/// Versioned migrations, applied in order; a database records the highest applied. Before 2 runs,
+/// the rows and zone reports of version 1 are copied to `rows.db`.
+const MIGRATIONS: &[(i64, &str)] = &[(1, LEGACY_V1), (2, "DROP TABLE zones; DROP TABLE transactions;")];
 
 /// A store error, with the operation that failed.
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(String);
+
+impl StoreError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError(message.into())
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -78,6 +85,83 @@ impl Location {
             Location::file(config.data_dir.join("jobcast.db"))
         }
     }
+
+    /// Where the imported rows live: `rows.db` beside the main database.
+    pub fn rows(&self) -> Location {
+        Location {
+            target: match &self.target {
+                Target::File(path) => Target::File(path.with_file_name("rows.db")),
+                Target::Memory(name) => Target::Memory(format!("{name}-rows")),
+            },
+        }
+    }
+
+    /// Whether the database may hold anything (a file that exists, or any in-memory database).
+    pub fn exists(&self) -> bool {
+        match &self.target {
+            Target::File(path) => path.exists(),
+            Target::Memory(_) => true,
+        }
+    }
+
+    /// The name `ATTACH` takes.
+    pub fn uri(&self) -> String {
+        match &self.target {
+            Target::File(path) => path.display().to_string(),
+            Target::Memory(name) => format!("file:/{name}?vfs=memdb"),
+        }
+    }
+}
+
+/// Opens a connection to `location` in WAL mode with a page cache of `cache_kib` KiB.
+pub(crate) fn connect(location: &Location, cache_kib: i64) -> Result<Connection, StoreError> {
+    let conn = match &location.target {
+        Target::File(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+            }
+            let conn = Connection::open(path)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn
+        }
+        Target::Memory(_) => Connection::open_with_flags(
+            // The memdb VFS shares one in-memory database between this process's connections
+            // with ordinary locking, so the busy timeout works as it does for files.
+            location.uri(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )?,
+    };
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // A bounded page cache, and checkpoints every 128 MiB of WAL rather than every 4 MiB.
+    conn.pragma_update(None, "cache_size", -cache_kib)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 32_768)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(conn)
+}
+
+/// Applies the `migrations` newer than the database's version, calling `before(version)` ahead of each.
+pub(crate) fn migrate(
+    conn: &Connection,
+    migrations: &[(i64, &str)],
+    mut before: impl FnMut(i64) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", [])?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    for (version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
+        before(*version)?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let applied = conn
+            .execute_batch(sql)
+            .and_then(|()| conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [version]))
+            .and_then(|_| conn.execute_batch("COMMIT"));
+        if let Err(e) = applied {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// One event to append.
@@ -119,44 +203,15 @@ pub struct Store {
 impl Store {
     /// Opens (creating and migrating when needed) the database.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
-        let conn = match &location.target {
-            Target::File(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
-                }
-                let conn = Connection::open(path)?;
-                conn.pragma_update(None, "journal_mode", "WAL")?;
-                conn
+        let conn = connect(location, 8_192)?;
+        migrate(&conn, MIGRATIONS, |version| {
+            if version == 2 {
+                // Version 2 drops the rows of version 1: they go to `rows.db` first.
+                crate::row_store::RowStore::open(location)?.adopt_legacy(location)?;
             }
-            Target::Memory(name) => Connection::open_with_flags(
-                // The memdb VFS shares one in-memory database between this process's connections
-                // with ordinary locking, so the busy timeout works as it does for files.
-                format!("file:/{name}?vfs=memdb"),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-            )?,
-        };
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // A bounded page cache large enough to keep the dedup index hot, and fewer checkpoints.
-        conn.pragma_update(None, "cache_size", -32_768)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 32_768)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        let mut store = Store { conn };
-        store.migrate()?;
-        Ok(store)
-    }
-
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", [])?;
-        let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            tx.execute_batch(sql)?;
-            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })?;
+        Ok(Store { conn })
     }
 
     /// Every room's epoch and newest `seq`.
@@ -271,73 +326,6 @@ impl Store {
         Ok(rows.filter_map(|r| r.ok()).filter_map(|t| serde_json::from_str(&t).ok()).collect())
     }
 
-    /// Reports of the zones of a job that completed, by index.
-    pub fn zone_reports(&self, job_id: &str) -> Result<Vec<(u64, Value)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index")?;
-        let rows = stmt.query_map([job_id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
-        Ok(rows.filter_map(|r| r.ok()).filter_map(|(i, t)| serde_json::from_str(&t).ok().map(|v| (i, v))).collect())
-    }
-
-    /// Stores a zone's rows (skipping rows the tenant already has) and its report in one transaction.
-    /// `report` is completed with `inserted` and `duplicates`; returns it. A zone already stored is
-    /// not stored again: its earlier report is returned.
-    pub fn store_zone(
-        &mut self,
-        job_id: &str,
-        tenant: &str,
-        zone_index: u64,
-        rows: &[Row],
-        mut report: Value,
-    ) -> Result<Value, StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT report FROM zones WHERE job_id = ?1 AND zone_index = ?2",
-                params![job_id, zone_index as i64],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(text) = existing {
-            return serde_json::from_str(&text).map_err(|e| StoreError(e.to_string()));
-        }
-        let mut inserted = 0u64;
-        {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO transactions (tenant, key, job_id, line, date, amount_cents, description, category)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            for row in rows {
-                inserted += ins.execute(params![
-                    tenant,
-                    &row.key[..],
-                    job_id,
-                    row.line as i64,
-                    row.date,
-                    row.cents,
-                    row.description,
-                    row.category
-                ])? as u64;
-            }
-        }
-        report["inserted"] = inserted.into();
-        report["duplicates"] = (rows.len() as u64 - inserted).into();
-        tx.execute(
-            "INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)",
-            params![job_id, zone_index as i64, report.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(report)
-    }
-
-    /// How many rows a tenant has (for tests and stats).
-    pub fn row_count(&self, tenant: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM transactions WHERE tenant = ?1", [tenant], |r| r.get::<_, i64>(0))?
-            as u64)
-    }
-
     /// A cheap query proving the database answers.
     pub fn ping(&self) -> Result<(), StoreError> {
         self.conn.query_row("SELECT 1", [], |_| Ok(()))?;
@@ -444,25 +432,6 @@ pub struct ReserveJob {
     pub tenant: String,
 }
 
-/// Store a zone's rows and report (see [`Store::store_zone`]); the answer goes to `reply`, so a zone
-/// actor on another sync arbiter can wait for it without an executor.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StoreZone {
-    /// The job.
-    pub job_id: String,
-    /// The job's tenant.
-    pub tenant: String,
-    /// The zone's index.
-    pub index: u64,
-    /// Its valid rows.
-    pub rows: Vec<Row>,
-    /// Its report so far.
-    pub report: Value,
-    /// Where the completed report goes.
-    pub reply: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
-}
-
 /// Jobs of a tenant (`None`: all).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Value>, StoreError>")]
@@ -472,11 +441,6 @@ pub struct ListJobs {
     /// At most this many.
     pub limit: usize,
 }
-
-/// A job's completed zone reports.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<(u64, Value)>, StoreError>")]
-pub struct ZoneReports(pub String);
 
 /// Whether the database answers.
 #[derive(Message)]
@@ -542,25 +506,10 @@ impl Handler<ReserveJob> for StoreActor {
     }
 }
 
-impl Handler<StoreZone> for StoreActor {
-    type Result = ();
-    fn handle(&mut self, m: StoreZone, _: &mut SyncContext<Self>) {
-        let result = self.store.store_zone(&m.job_id, &m.tenant, m.index, &m.rows, m.report);
-        let _ = m.reply.send(result);
-    }
-}
-
 impl Handler<ListJobs> for StoreActor {
     type Result = Result<Vec<Value>, StoreError>;
     fn handle(&mut self, m: ListJobs, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.jobs(m.tenant.as_deref(), m.limit)
-    }
-}
-
-impl Handler<ZoneReports> for StoreActor {
-    type Result = Result<Vec<(u64, Value)>, StoreError>;
-    fn handle(&mut self, m: ZoneReports, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store.zone_reports(&m.0)
     }
 }
 
@@ -604,32 +553,6 @@ mod tests {
         );
         assert_eq!(s.events_after("tenant:a", 3, 1, 0).unwrap().len(), 1);
         assert_eq!(s.events_after("tenant:a", 0, 100, now_ms() + 1000).unwrap().len(), 0);
-    }
-
-    #[test]
-    fn zones_store_once_and_dedupe_per_tenant() {
-        let loc = Location::memory();
-        let mut s = Store::open(&loc).unwrap();
-        let row = |line, key: &str| Row {
-            line,
-            date: "2024-01-01".into(),
-            cents: 1,
-            description: "d".into(),
-            category: "c".into(),
-            key: [key.as_bytes()[0]; 16],
-        };
-        let rows = vec![row(2, "a"), row(3, "b"), row(4, "a")];
-        let r = s.store_zone("j1", "t1", 0, &rows, serde_json::json!({"rows": 3})).unwrap();
-        assert_eq!((r["inserted"].as_u64(), r["duplicates"].as_u64()), (Some(2), Some(1)));
-        // The same zone again is a no-op with the same report.
-        assert_eq!(s.store_zone("j1", "t1", 0, &rows, serde_json::json!({})).unwrap(), r);
-        // Another job of the same tenant inserts nothing new; another tenant does.
-        let r2 = s.store_zone("j2", "t1", 0, &rows, serde_json::json!({})).unwrap();
-        assert_eq!(r2["inserted"], 0);
-        let r3 = s.store_zone("j3", "t2", 0, &rows, serde_json::json!({})).unwrap();
-        assert_eq!(r3["inserted"], 2);
-        assert_eq!(s.row_count("t1").unwrap(), 2);
-        assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
     }
 
     #[test]

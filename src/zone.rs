@@ -1,29 +1,36 @@
-//! The zone actor: scans, parses, stores and categorizes one zone of a CSV file.
+//! The zone actor: scans, parses, stores and categorizes the zones of one job's CSV file.
 //!
-//! Zone actors run on a sync arbiter sized to the cores, so CPU and SQLite work never blocks an I/O
-//! arbiter. Each has its own database connection. A zone reports `zone_processing` and
-//! `zone_completed` straight to the broker, and its numbers to the job actor, which alone computes
-//! progress. Zones are idempotent: a zone already stored (before a restart) is not stored again.
+//! Each job starts its own zone actor, which works on several zones at once: the CPU-heavy part of a
+//! zone (reading, scanning, parsing, categorizing) runs on `spawn_blocking`, at most one per core
+//! across all jobs (a shared semaphore), so no I/O arbiter ever waits on it; the zone's rows then go to
+//! the row store, whose group commits take many zones at once. A zone reports `zone_processing` when
+//! its work starts and `zone_completed` once its rows are committed, straight to the broker, and its
+//! numbers to the job actor, which alone computes progress. Zones are idempotent: a zone already
+//! stored (before a restart) is not stored again.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::{Broker, Publish};
 use crate::csv_import::{process_records, read_zone, Columns, Rules, ZoneStart};
 use crate::protocol::{Event, ZoneCompleted, ZoneProcessing};
-use crate::store::{StoreActor, StoreZone};
+use crate::row_store::{RowStore, StoreZone};
 
 /// How many invalid rows and flagged cells a zone report keeps (the job keeps the first 100 overall).
 const KEEP_PER_ZONE: usize = 100;
 
-/// Process one zone.
+/// Process one zone; answers its report once its rows are committed, or `None` when the job was
+/// stopped (`stop`) before the zone's work began.
 #[derive(Message)]
-#[rtype(result = "Result<Value, String>")]
+#[rtype(result = "Result<Option<Value>, String>")]
 pub struct ProcessZone {
     /// The job.
     pub job_id: Uuid,
@@ -37,24 +44,37 @@ pub struct ProcessZone {
     pub index: u64,
     /// Where the zone starts.
     pub start: ZoneStart,
+    /// Set when the job is cancelled or failed: zones not begun yet are skipped.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What zone actors share.
+#[derive(Clone)]
+pub struct ZoneDeps {
+    /// Where rows go.
+    pub rows: Addr<RowStore>,
+    /// Categorization rules.
+    pub rules: Arc<Rules>,
+    /// Where events go.
+    pub broker: Addr<Broker>,
+    /// One permit per core: zones doing CPU work at once, across all jobs.
+    pub cpu: Arc<Semaphore>,
 }
 
 /// The zone actor.
 pub struct Zone {
-    store: Addr<StoreActor>,
-    rules: Arc<Rules>,
-    broker: Addr<Broker>,
+    deps: ZoneDeps,
 }
 
 impl Zone {
-    /// A zone actor that stores through `store` and reports to `broker`.
-    pub fn new(store: Addr<StoreActor>, rules: Arc<Rules>, broker: Addr<Broker>) -> Self {
-        Zone { store, rules, broker }
+    /// A zone actor that stores through `deps.rows` and reports to `deps.broker`.
+    pub fn new(deps: ZoneDeps) -> Self {
+        Zone { deps }
     }
 }
 
 impl Actor for Zone {
-    type Context = SyncContext<Self>;
+    type Context = Context<Self>;
 }
 
 /// The id a zone goes by in events.
@@ -63,25 +83,36 @@ pub fn zone_id(job_id: Uuid, index: u64) -> String {
 }
 
 impl Handler<ProcessZone> for Zone {
-    type Result = Result<Value, String>;
+    type Result = ResponseFuture<Result<Option<Value>, String>>;
 
-    fn handle(&mut self, m: ProcessZone, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, m: ProcessZone, _: &mut Context<Self>) -> Self::Result {
         let span = tracing::info_span!("zone", job = %m.job_id, zone = m.index);
-        let _g = span.enter();
-        let started = Instant::now();
-        let room = format!("job:{}", m.job_id);
-        let id = zone_id(m.job_id, m.index);
-        self.broker.do_send(Publish {
-            room: room.clone(),
-            event: Event::ZoneProcessing(ZoneProcessing {
-                job_id: m.job_id,
-                zone_id: id.clone(),
-                zone_index: m.index,
-                processing_tool: "csv".into(),
-            }),
-        });
-        let records = read_zone(&m.path, &m.start)?;
-        let out = process_records(records, &m.columns, &self.rules);
+        Box::pin(process(self.deps.clone(), m).instrument(span))
+    }
+}
+
+async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String> {
+    let permit = deps.cpu.clone().acquire_owned().await.map_err(|_| "the server is stopping".to_string())?;
+    if m.stop.load(Ordering::Acquire) {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let room = format!("job:{}", m.job_id);
+    let id = zone_id(m.job_id, m.index);
+    deps.broker.do_send(Publish {
+        room: room.clone(),
+        event: Event::ZoneProcessing(ZoneProcessing {
+            job_id: m.job_id,
+            zone_id: id.clone(),
+            zone_index: m.index,
+            processing_tool: "csv".into(),
+        }),
+    });
+    let (path, start, columns, rules) = (m.path.clone(), m.start, m.columns, deps.rules.clone());
+    let parsed = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let records = read_zone(&path, &start)?;
+        let out = process_records(records, &columns, &rules);
         let mut categories = serde_json::Map::new();
         for row in &out.rows {
             let n = categories.get(&row.category).and_then(Value::as_u64).unwrap_or(0);
@@ -89,7 +120,7 @@ impl Handler<ProcessZone> for Zone {
         }
         let report = json!({
             "index": m.index,
-            "rows": m.start.rows,
+            "rows": start.rows,
             "valid": out.rows.len(),
             "invalid_count": out.invalid.len(),
             "invalid_rows": out.invalid.iter().take(KEEP_PER_ZONE).collect::<Vec<_>>(),
@@ -97,23 +128,23 @@ impl Handler<ProcessZone> for Zone {
             "flagged_cells": out.flagged.iter().take(KEEP_PER_ZONE).collect::<Vec<_>>(),
             "categories": categories,
         });
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job_id = m.job_id.to_string();
-        self.store.do_send(StoreZone { job_id, tenant: m.tenant, index: m.index, rows: out.rows, report, reply });
-        // This thread is a zone thread of a sync arbiter: waiting here blocks no I/O arbiter.
-        let report = answer.blocking_recv().map_err(|_| "the store stopped".to_string())?.map_err(|e| e.to_string())?;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        self.broker.do_send(Publish {
-            room,
-            event: Event::ZoneCompleted(ZoneCompleted {
-                job_id: m.job_id,
-                zone_id: id,
-                zone_index: m.index,
-                rows: m.start.rows,
-                errors: report["invalid_count"].as_u64().unwrap_or(0),
-                duration_ms,
-            }),
-        });
-        Ok(report)
-    }
+        Ok::<_, String>((out.rows, report))
+    });
+    let (rows, report) = parsed.await.map_err(|e| format!("zone work stopped: {e}"))??;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job_id = m.job_id.to_string();
+    deps.rows.do_send(StoreZone { job_id, tenant: m.tenant, index: m.index, rows, report, reply });
+    let report = answer.await.map_err(|_| "the row store stopped".to_string())?.map_err(|e| e.to_string())?;
+    deps.broker.do_send(Publish {
+        room,
+        event: Event::ZoneCompleted(ZoneCompleted {
+            job_id: m.job_id,
+            zone_id: id,
+            zone_index: m.index,
+            rows: m.start.rows,
+            errors: report["invalid_count"].as_u64().unwrap_or(0),
+            duration_ms: started.elapsed().as_millis() as u64,
+        }),
+    });
+    Ok(Some(report))
 }

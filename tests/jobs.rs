@@ -199,6 +199,10 @@ async fn running_job(s: &TestServer, token: &str) -> (String, Client) {
 async fn assert_cancelled(c: &mut Client, by: &str) {
     let events = collect_until(c, EventType::JobCancelled).await;
     assert!(events.iter().all(|e| e.event.kind() != EventType::ProcessingCompleted));
+    // Stopping between zones: every zone that began also completed before `job_cancelled`.
+    let zones = |kind| events.iter().filter(move |e| e.event.kind() == kind).map(|e| data(e)["zone_index"].clone());
+    let completed: Vec<_> = zones(EventType::ZoneCompleted).collect();
+    assert!(zones(EventType::ZoneProcessing).all(|z| completed.contains(&z)), "a zone began and never ended");
     assert_eq!(data(events.last().unwrap())["by"], by);
     let status = c.expect_data(EventType::Status).await;
     assert_eq!(status["status"], "cancelled");

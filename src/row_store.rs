@@ -1,0 +1,414 @@
+//! The row store actor: imported rows and zone reports, in a database of their own (`rows.db`).
+//!
+//! Rows live apart from events and jobs so that bulk imports and room history never wait for each
+//! other's writes. Zones are written in group commits: the first [`StoreZone`] of a group opens a
+//! transaction and queues a [`Flush`] behind everything already in the mailbox, so every zone that
+//! arrived while the previous group was committing joins the next one. Each zone is wholly in or out
+//! (a savepoint each), and no zone is answered before its group is committed. A group closes at
+//! [`GROUP_ROWS`] rows or when any other message arrives, so reads always see committed data.
+//!
+//! Deduplication is per tenant: the unique index holds a 128-bit hash of the tenant and the row's
+//! content key, which keeps index entries small (the index takes rows at random positions, and its
+//! pages written per commit are what an import costs).
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::csv_import::Row;
+use crate::store::{connect, Location, StoreError};
+
+/// A group commit closes once it holds this many rows.
+pub const GROUP_ROWS: usize = 64 * 1024;
+
+/// Versioned migrations of `rows.db`, applied in order.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE zones (job_id TEXT NOT NULL, zone_index INTEGER NOT NULL, report TEXT NOT NULL,
+         PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
+     CREATE TABLE transactions (id INTEGER PRIMARY KEY, dedup BLOB NOT NULL UNIQUE, tenant TEXT NOT NULL,
+         key BLOB NOT NULL, job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL,
+         amount_cents INTEGER NOT NULL, description TEXT NOT NULL, category TEXT NOT NULL);",
+)];
+
+/// The per-tenant deduplication key: FNV-1a (128 bit) over the tenant and the row's content key.
+pub fn dedup_key(tenant: &str, key: &[u8; 16]) -> [u8; 16] {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    for b in tenant.as_bytes().iter().chain(&[0u8]).chain(key) {
+        h ^= u128::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h.to_be_bytes()
+}
+
+/// A zone waiting for its group to commit.
+type Reply = oneshot::Sender<Result<Value, StoreError>>;
+
+/// The row store: one connection to `rows.db` and the group being written.
+pub struct RowStore {
+    conn: Connection,
+    /// Zones written into the open transaction, with their answers.
+    group: Vec<(Reply, Value)>,
+    group_rows: usize,
+    /// A transaction is open.
+    open: bool,
+}
+
+impl RowStore {
+    /// Opens (creating and migrating when needed) the row database that goes with `main`.
+    pub fn open(main: &Location) -> Result<RowStore, StoreError> {
+        let conn = connect(&main.rows(), 32_768)?;
+        crate::store::migrate(&conn, MIGRATIONS, |_| Ok(()))?;
+        Ok(RowStore { conn, group: Vec::new(), group_rows: 0, open: false })
+    }
+
+    /// Copies rows and zone reports kept in the main database by versions before `rows.db` existed
+    /// (the main store's migration 2 then drops them). Copying again is harmless.
+    pub fn adopt_legacy(&mut self, main: &Location) -> Result<u64, StoreError> {
+        if !main.exists() {
+            return Ok(0);
+        }
+        self.commit_group();
+        self.conn.execute("ATTACH DATABASE ?1 AS legacy", [main.uri()])?;
+        let copied = self.copy_legacy();
+        self.conn.execute("DETACH DATABASE legacy", [])?;
+        copied
+    }
+
+    fn copy_legacy(&mut self) -> Result<u64, StoreError> {
+        let has: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT name FROM legacy.sqlite_master WHERE type = 'table' AND name = 'transactions'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if has.is_none() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut copied = 0;
+        {
+            let mut read = tx.prepare(
+                "SELECT tenant, key, job_id, line, date, amount_cents, description, category FROM legacy.transactions ORDER BY id",
+            )?;
+            let mut ins = tx.prepare(
+                "INSERT OR IGNORE INTO main.transactions (dedup, tenant, key, job_id, line, date, amount_cents, description, category)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut rows = read.query([])?;
+            while let Some(r) = rows.next()? {
+                let tenant: String = r.get(0)?;
+                let key: Vec<u8> = r.get(1)?;
+                let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) else { continue };
+                copied += ins.execute(params![
+                    &dedup_key(&tenant, &key)[..],
+                    tenant,
+                    &key[..],
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?
+                ])? as u64;
+            }
+            tx.execute("INSERT OR IGNORE INTO main.zones SELECT job_id, zone_index, report FROM legacy.zones", [])?;
+        }
+        tx.commit()?;
+        Ok(copied)
+    }
+
+    /// Writes a zone's rows (skipping rows the tenant already has) and its report into the open
+    /// group, opening one when needed; answers the report completed with `inserted` and
+    /// `duplicates`. A zone stored before answers its earlier report and writes nothing. Nothing is
+    /// durable before [`RowStore::commit_group`].
+    pub fn write_zone(
+        &mut self,
+        job_id: &str,
+        tenant: &str,
+        zone_index: u64,
+        rows: &[Row],
+        mut report: Value,
+    ) -> Result<Value, StoreError> {
+        if !self.open {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.open = true;
+        }
+        let existing: Option<String> = self
+            .conn
+            .prepare_cached("SELECT report FROM zones WHERE job_id = ?1 AND zone_index = ?2")?
+            .query_row(params![job_id, zone_index as i64], |r| r.get(0))
+            .optional()?;
+        if let Some(text) = existing {
+            return serde_json::from_str(&text).map_err(|e| StoreError::new(e.to_string()));
+        }
+        // No savepoint per zone: a savepoint copies every page a zone touches to a sub-journal, which
+        // cost more than the inserts. A zone that fails spoils its group, which is rolled back whole.
+        if let Err(e) = self.insert_zone(job_id, tenant, zone_index, rows, &mut report) {
+            self.fail_group(&e);
+            return Err(e);
+        }
+        self.group_rows += rows.len();
+        Ok(report)
+    }
+
+    fn insert_zone(
+        &mut self,
+        job_id: &str,
+        tenant: &str,
+        zone_index: u64,
+        rows: &[Row],
+        report: &mut Value,
+    ) -> Result<(), StoreError> {
+        let mut inserted = 0u64;
+        let mut ins = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO transactions (dedup, tenant, key, job_id, line, date, amount_cents, description, category)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for row in rows {
+            inserted += ins.execute(params![
+                &dedup_key(tenant, &row.key)[..],
+                tenant,
+                &row.key[..],
+                job_id,
+                row.line as i64,
+                row.date,
+                row.cents,
+                row.description,
+                row.category
+            ])? as u64;
+        }
+        report["inserted"] = inserted.into();
+        report["duplicates"] = (rows.len() as u64 - inserted).into();
+        self.conn
+            .prepare_cached("INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)")?
+            .execute(params![job_id, zone_index as i64, report.to_string()])?;
+        Ok(())
+    }
+
+    /// Commits the open group and answers its zones (all with the error when the commit fails).
+    pub fn commit_group(&mut self) {
+        if !self.open {
+            return;
+        }
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                self.open = false;
+                self.group_rows = 0;
+                let group = std::mem::take(&mut self.group);
+                tracing::debug!(zones = group.len(), "row group committed");
+                for (reply, report) in group {
+                    let _ = reply.send(Ok(report));
+                }
+            }
+            Err(e) => self.fail_group(&e.into()),
+        }
+    }
+
+    /// Rolls the open group back and answers its zones with `error`.
+    fn fail_group(&mut self, error: &StoreError) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.open = false;
+        self.group_rows = 0;
+        let group = std::mem::take(&mut self.group);
+        tracing::error!(zones = group.len(), %error, "row group rolled back");
+        for (reply, _) in group {
+            let _ = reply.send(Err(StoreError::new(format!("rolled back with its group: {error}"))));
+        }
+    }
+
+    /// Reports of the zones of a job that completed, by index.
+    pub fn zone_reports(&mut self, job_id: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        self.commit_group();
+        let mut stmt =
+            self.conn.prepare_cached("SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index")?;
+        let rows = stmt.query_map([job_id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|(i, t)| serde_json::from_str(&t).ok().map(|v| (i, v))).collect())
+    }
+
+    /// How many rows a tenant has (for tests and stats).
+    pub fn row_count(&mut self, tenant: &str) -> Result<u64, StoreError> {
+        self.commit_group();
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM transactions WHERE tenant = ?1", [tenant], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+}
+
+impl Actor for RowStore {
+    type Context = SyncContext<Self>;
+}
+
+/// Store a zone's rows and report (see [`RowStore::write_zone`]); the answer goes to `reply` once
+/// the zone's group is committed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StoreZone {
+    /// The job.
+    pub job_id: String,
+    /// The job's tenant.
+    pub tenant: String,
+    /// The zone's index.
+    pub index: u64,
+    /// Its valid rows.
+    pub rows: Vec<Row>,
+    /// Its report so far.
+    pub report: Value,
+    /// Where the completed report goes.
+    pub reply: Reply,
+}
+
+/// Commit the open group (the row store sends it to itself).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+/// A job's completed zone reports.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(u64, Value)>, StoreError>")]
+pub struct ZoneReports(pub String);
+
+impl Handler<StoreZone> for RowStore {
+    type Result = ();
+    fn handle(&mut self, m: StoreZone, ctx: &mut SyncContext<Self>) {
+        if !self.open {
+            // Behind every message already queued: they join this group.
+            ctx.address().do_send(Flush);
+        }
+        match self.write_zone(&m.job_id, &m.tenant, m.index, &m.rows, m.report) {
+            Ok(report) => self.group.push((m.reply, report)),
+            Err(e) => {
+                let _ = m.reply.send(Err(e));
+            }
+        }
+        if self.group_rows >= GROUP_ROWS {
+            self.commit_group();
+        }
+    }
+}
+
+impl Handler<Flush> for RowStore {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _: &mut SyncContext<Self>) {
+        self.commit_group();
+    }
+}
+
+impl Handler<ZoneReports> for RowStore {
+    type Result = Result<Vec<(u64, Value)>, StoreError>;
+    fn handle(&mut self, m: ZoneReports, _: &mut SyncContext<Self>) -> Self::Result {
+        self.zone_reports(&m.0)
+    }
+}
+
+impl Drop for RowStore {
+    fn drop(&mut self) {
+        self.commit_group();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(line: u64, key: u8) -> Row {
+        Row { line, date: "2024-01-01".into(), cents: 1, description: "d".into(), category: "c".into(), key: [key; 16] }
+    }
+
+    fn store_zone(s: &mut RowStore, job: &str, tenant: &str, index: u64, rows: &[Row]) -> Value {
+        let report = s.write_zone(job, tenant, index, rows, serde_json::json!({"rows": rows.len()})).unwrap();
+        s.commit_group();
+        report
+    }
+
+    #[test]
+    fn zones_store_once_and_dedupe_per_tenant() {
+        let loc = Location::memory();
+        let mut s = RowStore::open(&loc).unwrap();
+        let rows = vec![row(2, 1), row(3, 2), row(4, 1)];
+        let r = store_zone(&mut s, "j1", "t1", 0, &rows);
+        assert_eq!((r["inserted"].as_u64(), r["duplicates"].as_u64()), (Some(2), Some(1)));
+        // The same zone again is a no-op with the same report.
+        assert_eq!(store_zone(&mut s, "j1", "t1", 0, &rows), r);
+        // Another job of the same tenant inserts nothing new; another tenant does.
+        assert_eq!(store_zone(&mut s, "j2", "t1", 0, &rows)["inserted"], 0);
+        assert_eq!(store_zone(&mut s, "j3", "t2", 0, &rows)["inserted"], 2);
+        assert_eq!(s.row_count("t1").unwrap(), 2);
+        assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_group_is_durable_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::file(dir.path().join("jobcast.db"));
+        {
+            let mut s = RowStore::open(&loc).unwrap();
+            s.write_zone("j", "t", 0, &[row(2, 1)], serde_json::json!({})).unwrap();
+            s.write_zone("j", "t", 1, &[row(3, 2)], serde_json::json!({})).unwrap();
+            s.commit_group();
+            s.write_zone("j", "t", 2, &[row(4, 3)], serde_json::json!({})).unwrap();
+            // The process dies here: the connection closes without a commit, so zone 2 is lost whole.
+            s.open = false;
+            drop(s);
+        }
+        let mut s = RowStore::open(&loc).unwrap();
+        assert_eq!(s.zone_reports("j").unwrap().iter().map(|z| z.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(s.row_count("t").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_failing_zone_rolls_its_group_back_and_answers_every_zone() {
+        let mut s = RowStore::open(&Location::memory()).unwrap();
+        let (reply, earlier) = oneshot::channel();
+        let report = s.write_zone("j", "t", 0, &[row(2, 1)], serde_json::json!({})).unwrap();
+        s.group.push((reply, report));
+        // The store refuses zone 1's report, after its rows were written.
+        s.conn
+            .execute_batch(
+                "CREATE TRIGGER no_zone_1 BEFORE INSERT ON zones WHEN NEW.zone_index = 1
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .unwrap();
+        assert!(s.write_zone("j", "t", 1, &[row(3, 2)], serde_json::json!({})).is_err());
+        let answer = earlier.blocking_recv().unwrap();
+        assert!(answer.unwrap_err().to_string().contains("refused"), "zone 0 learns why its group failed");
+        assert_eq!(s.zone_reports("j").unwrap().len(), 0);
+        assert_eq!(s.row_count("t").unwrap(), 0, "nothing of the group stayed");
+        // The next group works.
+        assert_eq!(store_zone(&mut s, "j", "t", 0, &[row(2, 1)])["inserted"], 1);
+    }
+
+    #[test]
+    fn rows_of_an_older_main_database_move_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::file(dir.path().join("jobcast.db"));
+        {
+            // A main database as version 1 left it, with one zone of two rows.
+            let conn = Connection::open(dir.path().join("jobcast.db")).unwrap();
+            conn.execute_batch(crate::store::LEGACY_V1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+                 INSERT INTO zones VALUES ('j', 0, '{\"inserted\":2}');
+                 INSERT INTO transactions (tenant, key, job_id, line, date, amount_cents, description, category)
+                 VALUES ('t', x'01010101010101010101010101010101', 'j', 2, '2024-01-01', 1, 'd', 'c'),
+                        ('t', x'02020202020202020202020202020202', 'j', 3, '2024-01-01', 1, 'd', 'c');",
+            )
+            .unwrap();
+        }
+        let mut s = RowStore::open(&loc).unwrap();
+        assert_eq!(s.adopt_legacy(&loc).unwrap(), 2);
+        assert_eq!(s.adopt_legacy(&loc).unwrap(), 0, "copying again adds nothing");
+        crate::store::Store::open(&loc).unwrap();
+        assert_eq!(s.adopt_legacy(&loc).unwrap(), 0, "the main store dropped the old tables");
+        assert_eq!(s.zone_reports("j").unwrap().len(), 1);
+        // The moved rows still deduplicate what comes after them.
+        assert_eq!(store_zone(&mut s, "j2", "t", 0, &[row(2, 1), row(3, 3)])["inserted"], 1);
+        assert_eq!(s.row_count("t").unwrap(), 3);
+    }
+}
