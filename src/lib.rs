@@ -212,7 +212,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let deps = job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
-        zone: zone::ZoneDeps { rows, rules, broker: broker.clone(), cpu: Arc::new(tokio::sync::Semaphore::new(cores)) },
+        zone: zone::ZoneDeps::new(rows, rules, broker.clone(), cores),
         max_upload_bytes: config.max_upload_bytes,
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,

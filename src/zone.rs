@@ -3,7 +3,8 @@
 //! Each job starts its own zone actor, which works on several zones at once: the CPU-heavy part of a
 //! zone (reading, scanning, parsing, categorizing) runs on `spawn_blocking`, at most one per core
 //! across all jobs (a shared semaphore), so no I/O arbiter ever waits on it; the zone's rows then go to
-//! the row store, whose group commits take many zones at once. A zone reports `zone_processing` when
+//! the row store, whose group commits take many zones at once. Rows read and not yet committed are
+//! bounded across all jobs by [`ROWS_IN_FLIGHT`]. A zone reports `zone_processing` when
 //! its work starts and `zone_completed` once its rows are committed, straight to the broker, and its
 //! numbers to the job actor, which alone computes progress. Zones are idempotent: a zone already
 //! stored (before a restart) is not stored again.
@@ -59,6 +60,25 @@ pub struct ZoneDeps {
     pub broker: Addr<Broker>,
     /// One permit per core: zones doing CPU work at once, across all jobs.
     pub cpu: Arc<Semaphore>,
+    /// One permit per row, [`ROWS_IN_FLIGHT`] in all: rows read and not yet committed, across all jobs.
+    pub rows_in_flight: Arc<Semaphore>,
+}
+
+/// Rows that may be parsed and waiting for the row store at once, across all jobs: this bounds the
+/// memory of imports (about 16 MiB) however many run, and is enough for large group commits.
+pub const ROWS_IN_FLIGHT: usize = 64 * 1024;
+
+impl ZoneDeps {
+    /// Zone dependencies with one CPU permit per `cores`.
+    pub fn new(rows: Addr<RowStore>, rules: Arc<Rules>, broker: Addr<Broker>, cores: usize) -> Self {
+        ZoneDeps {
+            rows,
+            rules,
+            broker,
+            cpu: Arc::new(Semaphore::new(cores)),
+            rows_in_flight: Arc::new(Semaphore::new(ROWS_IN_FLIGHT)),
+        }
+    }
 }
 
 /// The zone actor.
@@ -92,7 +112,11 @@ impl Handler<ProcessZone> for Zone {
 }
 
 async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String> {
-    let permit = deps.cpu.clone().acquire_owned().await.map_err(|_| "the server is stopping".to_string())?;
+    let stopping = |_| "the server is stopping".to_string();
+    // Held until the zone's rows are committed; a zone larger than the whole budget takes all of it.
+    let budget = m.start.rows.min(ROWS_IN_FLIGHT as u64) as u32;
+    let _rows = deps.rows_in_flight.clone().acquire_many_owned(budget).await.map_err(stopping)?;
+    let permit = deps.cpu.clone().acquire_owned().await.map_err(stopping)?;
     if m.stop.load(Ordering::Acquire) {
         return Ok(None);
     }

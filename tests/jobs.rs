@@ -456,3 +456,21 @@ async fn a_finished_job_leaves_no_upload_behind() {
         actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[actix_rt::test]
+async fn a_zone_larger_than_the_rows_in_flight_budget_still_runs() {
+    // One zone of 70,000 rows, more than jobcast lets wait for the store at once (65,536).
+    let s = TestServer::with(|c| c.zone_rows = 100_000);
+    let csv = generate_csv(70_000, "one big zone");
+    let token = s.token("alice", "acme", &[]);
+    let batch = Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe(&format!("job:{batch}")).await;
+    let (status, body) = s.upload(&token, "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202, "{body}");
+    let events = collect_until(&mut c, EventType::ProcessingCompleted).await;
+    assert_eq!(events.iter().filter(|e| e.event.kind() == EventType::ZoneCompleted).count(), 1);
+    let results = data(events.last().unwrap())["results"].clone();
+    assert_eq!(results["processed_rows"], 70_000);
+    assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates));
+}
