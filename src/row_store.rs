@@ -3,9 +3,11 @@
 //! Rows live apart from events and jobs so that bulk imports and room history never wait for each
 //! other's writes. Zones are written in group commits: the first [`StoreZone`] of a group opens a
 //! transaction and queues a [`Flush`] behind everything already in the mailbox, so every zone that
-//! arrived while the previous group was committing joins the next one. Each zone is wholly in or out
-//! (a savepoint each), and no zone is answered before its group is committed. A group closes at
-//! [`GROUP_ROWS`] rows or when any other message arrives, so reads always see committed data.
+//! arrived while the previous group was committing joins the next one. No zone is answered before its
+//! group is committed. A zone that fails spoils the transaction: the group is rolled back, that zone
+//! gets its error, and the other zones are written again into a new group, so a zone fails alone and
+//! is stored wholly or not at all. A group closes once it holds [`GROUP_ROWS`] rows or more, or when any
+//! other message arrives, so reads always see committed data.
 //!
 //! Deduplication is per tenant: the unique index holds a 64-bit slot hashed from the tenant and the
 //! row's content key, checked against the stored tenant and key (see [`dedup_slot`]). Small integer
@@ -85,17 +87,12 @@ impl<'c> RowWriter<'c> {
     }
 }
 
-/// A zone waiting for its group to commit.
-type Reply = oneshot::Sender<Result<Value, StoreError>>;
-
 /// The row store: one connection to `rows.db` and the group being written.
 pub struct RowStore {
     conn: Connection,
-    /// Zones written into the open transaction, with their answers.
-    group: Vec<(Reply, Value)>,
+    /// Zones written into the open transaction, with their completed reports.
+    group: Vec<(StoreZone, Value)>,
     group_rows: usize,
-    /// A transaction is open.
-    open: bool,
 }
 
 impl RowStore {
@@ -103,7 +100,7 @@ impl RowStore {
     pub fn open(main: &Location) -> Result<RowStore, StoreError> {
         let conn = connect(&main.rows(), 32_768)?;
         crate::store::migrate(&conn, MIGRATIONS, |_| Ok(()))?;
-        Ok(RowStore { conn, group: Vec::new(), group_rows: 0, open: false })
+        Ok(RowStore { conn, group: Vec::new(), group_rows: 0 })
     }
 
     /// Copies rows and zone reports kept in the main database by versions before `rows.db` existed
@@ -141,7 +138,11 @@ impl RowStore {
             let mut rows = read.query([])?;
             while let Some(r) = rows.next()? {
                 let tenant: String = r.get(0)?;
-                let Ok(key) = <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(1)?.as_slice()) else { continue };
+                let Ok(key) = <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(1)?.as_slice()) else {
+                    // Version 1 always wrote 16-byte keys; a row without one cannot be deduplicated.
+                    tracing::warn!(tenant = %tenant, "an old row without a 16-byte key is not copied");
+                    continue;
+                };
                 let job_id: String = r.get(2)?;
                 let row = Row {
                     line: r.get::<_, i64>(3)? as u64,
@@ -159,10 +160,15 @@ impl RowStore {
         Ok(copied)
     }
 
+    /// Whether a group's transaction is open.
+    fn in_group(&self) -> bool {
+        !self.conn.is_autocommit()
+    }
+
     /// Writes a zone's rows (skipping rows the tenant already has) and its report into the open
     /// group, opening one when needed; answers the report completed with `inserted` and
     /// `duplicates`. A zone stored before answers its earlier report and writes nothing. Nothing is
-    /// durable before [`RowStore::commit_group`].
+    /// durable before [`RowStore::commit_group`]; after an error the transaction must be rolled back.
     pub fn write_zone(
         &mut self,
         job_id: &str,
@@ -171,9 +177,8 @@ impl RowStore {
         rows: &[Row],
         mut report: Value,
     ) -> Result<Value, StoreError> {
-        if !self.open {
+        if !self.in_group() {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.open = true;
         }
         let existing: Option<String> = self
             .conn
@@ -184,13 +189,34 @@ impl RowStore {
             return serde_json::from_str(&text).map_err(|e| StoreError::new(e.to_string()));
         }
         // No savepoint per zone: a savepoint copies every page a zone touches to a sub-journal, which
-        // cost more than the inserts. A zone that fails spoils its group, which is rolled back whole.
-        if let Err(e) = self.insert_zone(job_id, tenant, zone_index, rows, &mut report) {
-            self.fail_group(&e);
-            return Err(e);
-        }
-        self.group_rows += rows.len();
+        // cost more than the inserts. A failing zone rolls back its group instead (see `add`).
+        self.insert_zone(job_id, tenant, zone_index, rows, &mut report)?;
         Ok(report)
+    }
+
+    /// Adds a zone to the open group (opening one when needed); its answer waits for the commit.
+    /// When the zone fails, the group is rolled back, the zone answered with its error, and the
+    /// group's other zones written again.
+    fn add(&mut self, zone: StoreZone) {
+        match self.write_zone(&zone.job_id, &zone.tenant, zone.index, &zone.rows, zone.report.clone()) {
+            Ok(report) => {
+                self.group_rows += zone.rows.len();
+                self.group.push((zone, report));
+            }
+            Err(error) => {
+                if self.in_group() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                self.group_rows = 0;
+                let others = std::mem::take(&mut self.group);
+                tracing::error!(job = %zone.job_id, zone = zone.index, %error, others = others.len(),
+                    "zone not stored; its group is written again without it");
+                let _ = zone.reply.send(Err(error));
+                for (other, _) in others {
+                    self.add(other);
+                }
+            }
+        }
     }
 
     fn insert_zone(
@@ -217,32 +243,21 @@ impl RowStore {
 
     /// Commits the open group and answers its zones (all with the error when the commit fails).
     pub fn commit_group(&mut self) {
-        if !self.open {
+        if !self.in_group() {
             return;
         }
-        match self.conn.execute_batch("COMMIT") {
-            Ok(()) => {
-                self.open = false;
-                self.group_rows = 0;
-                let group = std::mem::take(&mut self.group);
-                tracing::debug!(zones = group.len(), "row group committed");
-                for (reply, report) in group {
-                    let _ = reply.send(Ok(report));
-                }
-            }
-            Err(e) => self.fail_group(&e.into()),
-        }
-    }
-
-    /// Rolls the open group back and answers its zones with `error`.
-    fn fail_group(&mut self, error: &StoreError) {
-        let _ = self.conn.execute_batch("ROLLBACK");
-        self.open = false;
         self.group_rows = 0;
         let group = std::mem::take(&mut self.group);
-        tracing::error!(zones = group.len(), %error, "row group rolled back");
-        for (reply, _) in group {
-            let _ = reply.send(Err(StoreError::new(format!("rolled back with its group: {error}"))));
+        let committed = self.conn.execute_batch("COMMIT");
+        if committed.is_err() && self.in_group() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        tracing::debug!(zones = group.len(), ok = committed.is_ok(), "row group committed");
+        for (zone, report) in group {
+            let _ = zone.reply.send(match &committed {
+                Ok(()) => Ok(report),
+                Err(e) => Err(StoreError::new(format!("the group commit failed: {e}"))),
+            });
         }
     }
 
@@ -285,7 +300,7 @@ pub struct StoreZone {
     /// Its report so far.
     pub report: Value,
     /// Where the completed report goes.
-    pub reply: Reply,
+    pub reply: oneshot::Sender<Result<Value, StoreError>>,
 }
 
 /// Commit the open group (the row store sends it to itself).
@@ -300,17 +315,12 @@ pub struct ZoneReports(pub String);
 
 impl Handler<StoreZone> for RowStore {
     type Result = ();
-    fn handle(&mut self, m: StoreZone, ctx: &mut SyncContext<Self>) {
-        if !self.open {
+    fn handle(&mut self, zone: StoreZone, ctx: &mut SyncContext<Self>) {
+        if !self.in_group() {
             // Behind every message already queued: they join this group.
             ctx.address().do_send(Flush);
         }
-        match self.write_zone(&m.job_id, &m.tenant, m.index, &m.rows, m.report) {
-            Ok(report) => self.group.push((m.reply, report)),
-            Err(e) => {
-                let _ = m.reply.send(Err(e));
-            }
-        }
+        self.add(zone);
         if self.group_rows >= GROUP_ROWS {
             self.commit_group();
         }
@@ -333,7 +343,12 @@ impl Handler<ZoneReports> for RowStore {
 
 impl Drop for RowStore {
     fn drop(&mut self) {
-        self.commit_group();
+        if std::thread::panicking() {
+            // A panic may have stopped in the middle of a zone: keep nothing of the group.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        } else {
+            self.commit_group();
+        }
     }
 }
 
@@ -395,27 +410,31 @@ mod tests {
     fn a_group_is_durable_only_once_committed() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::file(dir.path().join("jobcast.db"));
-        {
+        let died = std::panic::catch_unwind(|| {
             let mut s = RowStore::open(&loc).unwrap();
             s.write_zone("j", "t", 0, &[row(2, 1)], serde_json::json!({})).unwrap();
             s.write_zone("j", "t", 1, &[row(3, 2)], serde_json::json!({})).unwrap();
             s.commit_group();
             s.write_zone("j", "t", 2, &[row(4, 3)], serde_json::json!({})).unwrap();
-            // The process dies here: the connection closes without a commit, so zone 2 is lost whole.
-            s.open = false;
-            drop(s);
-        }
+            panic!("the row store dies with zone 2 written and not committed");
+        });
+        assert!(died.is_err());
         let mut s = RowStore::open(&loc).unwrap();
         assert_eq!(s.zone_reports("j").unwrap().iter().map(|z| z.0).collect::<Vec<_>>(), vec![0, 1]);
-        assert_eq!(s.row_count("t").unwrap(), 2);
+        assert_eq!(s.row_count("t").unwrap(), 2, "nothing of zone 2 was kept");
+    }
+
+    /// Adds a zone as the actor does; the answer arrives once its group is committed.
+    fn add(s: &mut RowStore, index: u64, rows: Vec<Row>) -> oneshot::Receiver<Result<Value, StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let report = serde_json::json!({ "rows": rows.len() });
+        s.add(StoreZone { job_id: "j".into(), tenant: "t".into(), index, rows, report, reply });
+        answer
     }
 
     #[test]
-    fn a_failing_zone_rolls_its_group_back_and_answers_every_zone() {
+    fn a_failing_zone_fails_alone_and_its_group_is_written_again() {
         let mut s = RowStore::open(&Location::memory()).unwrap();
-        let (reply, earlier) = oneshot::channel();
-        let report = s.write_zone("j", "t", 0, &[row(2, 1)], serde_json::json!({})).unwrap();
-        s.group.push((reply, report));
         // The store refuses zone 1's report, after its rows were written.
         s.conn
             .execute_batch(
@@ -423,13 +442,16 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'refused'); END",
             )
             .unwrap();
-        assert!(s.write_zone("j", "t", 1, &[row(3, 2)], serde_json::json!({})).is_err());
-        let answer = earlier.blocking_recv().unwrap();
-        assert!(answer.unwrap_err().to_string().contains("refused"), "zone 0 learns why its group failed");
-        assert_eq!(s.zone_reports("j").unwrap().len(), 0);
-        assert_eq!(s.row_count("t").unwrap(), 0, "nothing of the group stayed");
-        // The next group works.
-        assert_eq!(store_zone(&mut s, "j", "t", 0, &[row(2, 1)])["inserted"], 1);
+        let mut zone0 = add(&mut s, 0, vec![row(2, 1)]);
+        let zone1 = add(&mut s, 1, vec![row(3, 2)]);
+        let zone2 = add(&mut s, 2, vec![row(4, 3)]);
+        assert!(zone1.blocking_recv().unwrap().unwrap_err().to_string().contains("refused"));
+        assert!(zone0.try_recv().is_err(), "zone 0 is answered only when its group commits");
+        s.commit_group();
+        assert_eq!(zone0.blocking_recv().unwrap().unwrap()["inserted"], 1);
+        assert_eq!(zone2.blocking_recv().unwrap().unwrap()["inserted"], 1);
+        assert_eq!(s.zone_reports("j").unwrap().iter().map(|z| z.0).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(s.row_count("t").unwrap(), 2, "nothing of zone 1 stayed");
     }
 
     #[test]
