@@ -401,7 +401,7 @@ impl Job {
                 return self.finish_cancelled(by, ctx);
             }
             if self.error.is_some() {
-                return ctx.stop();
+                return self.finish_failed(ctx);
             }
             if self.validated.is_some() && self.done.len() as u64 == self.zones_total() {
                 return self.complete(ctx);
@@ -425,6 +425,8 @@ impl Job {
         ctx.stop();
     }
 
+    /// Fails the job. Zones in flight that have begun finish first (zones not begun are skipped), so
+    /// `processing_failed` and `failed` come after every zone event, as `job_cancelled` does.
     fn fail(&mut self, error: String, recoverable: bool, ctx: &mut Context<Self>) {
         if self.error.is_some() || matches!(self.status, "completed" | "failed" | "cancelled") {
             return;
@@ -435,18 +437,27 @@ impl Job {
         }
         self.error = Some(json!({ "message": error, "recoverable": recoverable }));
         self.stop_zones.store(true, Ordering::Release);
+        self.coalescer.clear();
+        if self.in_flight == 0 {
+            self.finish_failed(ctx);
+        }
+    }
+
+    fn finish_failed(&mut self, ctx: &mut Context<Self>) {
+        let Some(error) = self.error.clone() else {
+            return;
+        };
+        let message = error["message"].as_str().unwrap_or("failed").to_string();
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
         self.publish(Event::ProcessingFailed(ProcessingFailed {
             job_id: self.spec.job_id,
-            error: error.clone(),
+            error: message.clone(),
             details: json!({ "stage": Stage::at(self.progress.get()).as_str(), "zones_completed": self.done.len() }),
-            recoverable,
+            recoverable: error["recoverable"].as_bool().unwrap_or(false),
         }));
-        self.set_status("failed", error);
-        if self.in_flight == 0 {
-            ctx.stop();
-        }
+        self.set_status("failed", message);
+        ctx.stop();
     }
 
     fn finish_cancelled(&mut self, by: String, ctx: &mut Context<Self>) {

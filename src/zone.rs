@@ -112,11 +112,15 @@ impl Handler<ProcessZone> for Zone {
 }
 
 async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String> {
+    if m.stop.load(Ordering::Acquire) {
+        return Ok(None);
+    }
     let stopping = |_| "the server is stopping".to_string();
     // Held until the zone's rows are committed; a zone larger than the whole budget takes all of it.
     let budget = m.start.rows.min(ROWS_IN_FLIGHT as u64) as u32;
     let _rows = deps.rows_in_flight.clone().acquire_many_owned(budget).await.map_err(stopping)?;
     let permit = deps.cpu.clone().acquire_owned().await.map_err(stopping)?;
+    // Checked again: the job may have stopped while this zone waited for its permits.
     if m.stop.load(Ordering::Acquire) {
         return Ok(None);
     }

@@ -181,9 +181,10 @@ async fn upload_errors_are_clear() {
     assert_eq!(status, 409);
 }
 
-/// Uploads a file big enough to take a while, waits for its first zone, and returns the watcher.
+/// Uploads a file big enough to take a while (about 3 s with 10-row zones in a debug build, so a
+/// test has time to act on a running job), waits for its first zone, and returns the watcher.
 async fn running_job(s: &TestServer, token: &str) -> (String, Client) {
-    let csv = generate_csv(30_000, &Uuid::new_v4().to_string());
+    let csv = generate_csv(100_000, &Uuid::new_v4().to_string());
     let batch = Uuid::new_v4();
     let mut c = s.connect(&format!("/ws?token={token}&format=json")).await;
     c.expect(EventType::ConnectionEstablished).await;
@@ -473,4 +474,25 @@ async fn a_zone_larger_than_the_rows_in_flight_budget_still_runs() {
     let results = data(events.last().unwrap())["results"].clone();
     assert_eq!(results["processed_rows"], 70_000);
     assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates));
+}
+
+#[actix_rt::test]
+async fn a_job_whose_file_vanishes_mid_job_fails_after_its_last_zone_event() {
+    let s = TestServer::with(|c| c.zone_rows = 10);
+    let token = s.token("alice", "acme", &[]);
+    let (job, mut c) = running_job(&s, &token).await;
+    // Zones open the upload when they begin: the zones after this cannot read their rows.
+    std::fs::remove_file(s.data_dir.path().join("uploads").join(format!("{job}.csv"))).unwrap();
+    let events = collect_until(&mut c, EventType::ProcessingFailed).await;
+    assert!(events.iter().all(|e| e.event.kind() != EventType::ProcessingCompleted));
+    let failed = data(events.last().unwrap());
+    assert!(failed["error"].as_str().unwrap().contains("failed"), "{failed}");
+    let status = c.expect_data(EventType::Status).await;
+    assert_eq!(status["status"], "failed");
+    // `failed` is final: no zone that was still running sends anything after it.
+    c.send(&ClientMessage::Ping { ts: None }).await;
+    assert_eq!(c.recv().await.event.kind(), EventType::Pong, "a zone event followed failed");
+    let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&token), None).await;
+    assert_eq!(snap["status"], "failed");
+    assert!(snap["zones_completed"].as_u64().unwrap() < snap["zones_total"].as_u64().unwrap());
 }
