@@ -2,8 +2,9 @@
 //! (queued → validating → scanning → parsing → processing → finalizing → completed | failed | cancelled).
 //!
 //! It validates the file off the I/O arbiter, fans zones out to its zone actor (a window of
-//! `zones_in_flight`, refilled as each zone is stored), alone computes overall progress and ETA, coalesces `processing_progress`, and keeps its
-//! snapshot in the store. It knows nothing of sessions: everything it says goes to the broker.
+//! `zones_in_flight`, refilled as each zone is stored), alone computes overall progress and ETA,
+//! coalesces `processing_progress`, and keeps its snapshot in the store. It knows nothing of sessions:
+//! everything it says goes to the broker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

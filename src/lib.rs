@@ -56,8 +56,8 @@ use crate::scheduler::Scheduler;
 use crate::store::StoreActor;
 
 /// Zones a job keeps in flight: enough for the row store's group commits to take many zones at once
-/// (its cost is the dedup index pages each commit writes), few enough to bound memory (about 64,000
-/// parsed rows per job).
+/// (an import's cost is the dedup index pages each commit writes). Memory is bounded across all jobs by
+/// `zone::ROWS_IN_FLIGHT`; this bounds only the zone messages a job has queued.
 const ZONES_IN_FLIGHT: usize = 64;
 
 /// What every handler and session is handed at construction.

@@ -65,7 +65,8 @@ pub struct ZoneDeps {
 }
 
 /// Rows that may be parsed and waiting for the row store at once, across all jobs: this bounds the
-/// memory of imports (about 16 MiB) however many run, and is enough for large group commits.
+/// memory of imports (some 16 MB at about 250 bytes a parsed row) however many run, and is enough for
+/// large group commits.
 pub const ROWS_IN_FLIGHT: usize = 64 * 1024;
 
 impl ZoneDeps {
