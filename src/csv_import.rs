@@ -479,20 +479,22 @@ pub struct ZoneRows {
     pub flagged: Vec<FlaggedCell>,
 }
 
-/// The deduplication key of a row: FNV-1a (128 bit) over date, amount and normalised description.
-/// A collision needs about 2^64 distinct rows, so equal keys mean equal rows.
-pub fn content_key(date: &str, cents: i64, normalised_description: &str) -> [u8; 16] {
+/// FNV-1a (128 bit) over the concatenation of `parts`.
+pub fn fnv1a_128(parts: &[&[u8]]) -> u128 {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013B;
     let mut h = OFFSET;
-    let parts: [&[u8]; 5] = [date.as_bytes(), b"|", &cents.to_le_bytes(), b"|", normalised_description.as_bytes()];
-    for part in parts {
-        for b in part {
-            h ^= u128::from(*b);
-            h = h.wrapping_mul(PRIME);
-        }
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u128::from(*b);
+        h = h.wrapping_mul(PRIME);
     }
-    h.to_be_bytes()
+    h
+}
+
+/// The deduplication key of a row: FNV-1a (128 bit) over date, amount and normalised description.
+/// A collision needs about 2^64 distinct rows, so equal keys mean equal rows.
+pub fn content_key(date: &str, cents: i64, normalised_description: &str) -> [u8; 16] {
+    fnv1a_128(&[date.as_bytes(), b"|", &cents.to_le_bytes(), b"|", normalised_description.as_bytes()]).to_be_bytes()
 }
 
 /// Scans, parses and categorizes one zone's records.

@@ -163,6 +163,18 @@ pub fn listen(addr: &str) -> std::io::Result<TcpListener> {
     Err(last)
 }
 
+/// Starts a one-thread sync actor from an already opened `first` (opening may block, so it is done
+/// before anything is accepted, and proves the database works); only a restart of the thread calls
+/// `reopen`.
+fn start_opened<A, F>(first: A, reopen: F) -> Addr<A>
+where
+    A: Actor<Context = SyncContext<A>> + Send,
+    F: Fn() -> A + Send + Sync + 'static,
+{
+    let first = std::sync::Mutex::new(Some(first));
+    SyncArbiter::start(1, move || first.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(&reopen))
+}
+
 /// Starts jobcast on `listener` (made by [`listen`], or any bound listener). Must be called inside an
 /// actix `System`.
 pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
@@ -187,19 +199,13 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let first = store::Store::open(&location)?;
     let cursors = first.room_cursors()?;
     let unfinished = first.unfinished_jobs()?;
-    let rows_first = std::sync::Mutex::new(Some(row_store::RowStore::open(&location)?));
-    let first = std::sync::Mutex::new(Some(first));
     let (loc, keep) = (location.clone(), config.history_size);
-    let store = SyncArbiter::start(1, move || {
-        let opened = first.lock().ok().and_then(|mut f| f.take());
-        // Only a restart of the store thread reopens; the first open proved the database works.
-        let store = opened.unwrap_or_else(|| store::Store::open(&loc).expect("store reopens"));
-        StoreActor::new(store, keep)
+    let store = start_opened(StoreActor::new(first, keep), move || {
+        StoreActor::new(store::Store::open(&loc).expect("store reopens"), keep)
     });
     let loc = location.clone();
-    let rows = SyncArbiter::start(1, move || {
-        let opened = rows_first.lock().ok().and_then(|mut f| f.take());
-        opened.unwrap_or_else(|| row_store::RowStore::open(&loc).expect("row store reopens"))
+    let rows = start_opened(row_store::RowStore::open(&location)?, move || {
+        row_store::RowStore::open(&loc).expect("row store reopens")
     });
 
     let room_settings = RoomSettings {

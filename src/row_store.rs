@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::csv_import::Row;
+use crate::csv_import::{fnv1a_128, Row};
 use crate::store::{connect, Location, StoreError};
 
 /// A group commit closes once it holds this many rows.
@@ -40,13 +40,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 /// in 2^64) moves the new one to the next free slot, so the unique index stays on 8-byte integers,
 /// which SQLite maintains about twice as fast as 16-byte blobs.
 pub fn dedup_slot(tenant: &str, key: &[u8; 16]) -> i64 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013B;
-    let mut h = OFFSET;
-    for b in tenant.as_bytes().iter().chain(&[0u8]).chain(key) {
-        h ^= u128::from(*b);
-        h = h.wrapping_mul(PRIME);
-    }
+    let h = fnv1a_128(&[tenant.as_bytes(), &[0], key]);
     ((h >> 64) as u64 ^ h as u64) as i64
 }
 
