@@ -154,6 +154,13 @@ pub struct Auth {
     used: Mutex<HashMap<String, u64>>,
 }
 
+impl Identity {
+    /// The tenancy rule, for rooms and jobs alike: a tenant's things are its members', and admins'.
+    pub fn may_access(&self, tenant: &str) -> bool {
+        self.admin || self.tenant == tenant
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -377,23 +384,16 @@ pub enum RoomRefusal {
     Forbidden,
 }
 
-/// Whether `id` may join `room`. `job_tenant` looks up the tenant of a job (`None`: no such job).
-pub fn authorize_room(
-    id: &Identity,
-    room: &str,
-    job_tenant: impl FnOnce(uuid::Uuid) -> Option<String>,
-) -> Result<RoomKind, RoomRefusal> {
-    let kind = RoomKind::parse(room).ok_or(RoomRefusal::Unknown)?;
-    let allowed = match &kind {
+/// Whether `id` may join `room`; for a job room, `job_tenant` is the job's tenant (`None`: no such
+/// job). The tenancy rule itself is [`Identity::may_access`].
+pub fn authorize_room(id: &Identity, room: &RoomKind, job_tenant: Option<&str>) -> Result<(), RoomRefusal> {
+    let allowed = match room {
         RoomKind::User(u) => id.admin || *u == id.user_id,
-        RoomKind::Tenant(t) => id.admin || *t == id.tenant,
-        RoomKind::Job(job) => {
-            let tenant = job_tenant(*job).ok_or(RoomRefusal::Unknown)?;
-            id.admin || tenant == id.tenant
-        }
+        RoomKind::Tenant(t) => id.may_access(t),
+        RoomKind::Job(_) => id.may_access(job_tenant.ok_or(RoomRefusal::Unknown)?),
     };
     if allowed {
-        Ok(kind)
+        Ok(())
     } else {
         Err(RoomRefusal::Forbidden)
     }
@@ -438,17 +438,18 @@ mod tests {
     #[test]
     fn tenancy_rules() {
         let id = Identity { user_id: "u1".into(), tenant: "t1".into(), admin: false, publisher: false, expires_at: 0 };
-        let none = |_| None;
-        assert!(authorize_room(&id, "tenant:t1", none).is_ok());
-        assert_eq!(authorize_room(&id, "tenant:t2", none), Err(RoomRefusal::Forbidden));
-        assert!(authorize_room(&id, "user:u1", none).is_ok());
-        assert_eq!(authorize_room(&id, "user:u2", none), Err(RoomRefusal::Forbidden));
-        assert_eq!(authorize_room(&id, "lobby", none), Err(RoomRefusal::Unknown));
-        let job = uuid::Uuid::new_v4();
-        assert_eq!(authorize_room(&id, &format!("job:{job}"), none), Err(RoomRefusal::Unknown));
-        assert!(authorize_room(&id, &format!("job:{job}"), |_| Some("t1".into())).is_ok());
-        assert_eq!(authorize_room(&id, &format!("job:{job}"), |_| Some("t2".into())), Err(RoomRefusal::Forbidden));
+        let room = |name: &str| RoomKind::parse(name).unwrap();
+        assert!(authorize_room(&id, &room("tenant:t1"), None).is_ok());
+        assert_eq!(authorize_room(&id, &room("tenant:t2"), None), Err(RoomRefusal::Forbidden));
+        assert!(authorize_room(&id, &room("user:u1"), None).is_ok());
+        assert_eq!(authorize_room(&id, &room("user:u2"), None), Err(RoomRefusal::Forbidden));
+        let job = room(&format!("job:{}", uuid::Uuid::new_v4()));
+        assert_eq!(authorize_room(&id, &job, None), Err(RoomRefusal::Unknown));
+        assert!(authorize_room(&id, &job, Some("t1")).is_ok());
+        assert_eq!(authorize_room(&id, &job, Some("t2")), Err(RoomRefusal::Forbidden));
         let admin = Identity { admin: true, ..id };
-        assert!(authorize_room(&admin, "tenant:t2", none).is_ok());
+        assert!(authorize_room(&admin, &room("tenant:t2"), None).is_ok());
+        assert!(authorize_room(&admin, &job, Some("t2")).is_ok());
+        assert!(admin.may_access("anyone") && !Identity { admin: false, ..admin.clone() }.may_access("t2"));
     }
 }

@@ -101,7 +101,8 @@ settings! {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), "JOBCAST_MAX_CONCURRENT_JOBS";
     }
     optional {
-        /// Redis URL; set it to run as one node of a cluster.
+        /// Redis URL for cluster mode; refused until cluster mode is built (a node must not pretend
+        /// to share rooms it keeps to itself).
         redis_url: String, "JOBCAST_REDIS_URL";
         /// HS256 secret (generated and kept in data_dir when unset).
         jwt_secret: String, "JOBCAST_JWT_SECRET";
@@ -169,6 +170,12 @@ impl Config {
         if self.max_queued_messages == 0 {
             return invalid("max_queued_messages", "must be at least 1");
         }
+        if self.redis_url.is_some() {
+            return invalid(
+                "redis_url",
+                "cluster mode is not built yet: this node would share nothing; leave it unset",
+            );
+        }
         Ok(())
     }
 
@@ -217,5 +224,7 @@ mod tests {
     fn nonsense_values_are_refused() {
         let cli = Settings { store: Some("mongo".into()), ..Default::default() };
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "store", .. })));
+        let cli = Settings { redis_url: Some("redis://127.0.0.1:6379".into()), ..Default::default() };
+        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "redis_url", .. })));
     }
 }

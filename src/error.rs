@@ -84,11 +84,3 @@ impl ResponseError for ApiError {
         res.json(json!({ "error": { "code": self.code(), "message": self.to_string() } }))
     }
 }
-
-/// A refused publish as an HTTP error: 503 when the server is stopping, 500 for a bug.
-pub fn publish_failed(e: crate::broker::PublishError) -> ApiError {
-    match e {
-        crate::broker::PublishError::Stopped => ApiError::Unavailable(e.to_string()),
-        crate::broker::PublishError::Encode(_) => ApiError::Internal(e.to_string()),
-    }
-}

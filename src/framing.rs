@@ -48,11 +48,6 @@ impl Frame {
             Frame::Binary(b) => b.len(),
         }
     }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// An envelope encoded for every format, shared (behind an `Arc`) by all receivers.

@@ -1,42 +1,34 @@
 //! jobcast: runs long document jobs zone by zone and streams their progress over WebSocket.
 //!
 //! # Layout
-//! - [`protocol`]: the wire protocol v1, every message as serde types (the one serde boundary).
-//! - [`framing`]: JSON text or gzip(msgpack) binary frames, encoded once per event.
-//! - [`session`]: the session actor, one per WebSocket connection (the only code touching frames).
-//! - [`broker`]: the broker actor, numbering, encoding and routing room events.
-//! - [`room`]: the room actor, one per active room: members and the history ring.
-//! - [`registry`]: the registry actor, every connection, for limits and the admin endpoints.
-//! - [`auth`]: JWT verification, single-use WebSocket tokens, the tenancy rules.
-//! - [`http`]: the HTTP endpoints and the WebSocket upgrade.
-//! - [`history`], [`rate_limit`], [`metrics`], [`config`], [`error`]: plain logic and plumbing.
+//! Folders name the layers, lowest first; each may use the ones before it, never one after.
+//! - Top-level modules, used by every layer: [`protocol`] (the wire protocol v1 as serde types, the
+//!   one serde boundary, with the job snapshot, statuses and close codes), `framing` (JSON text or
+//!   gzip(msgpack) frames, encoded once per event), `config` (one [`Config`]), `auth` (JWTs,
+//!   WebSocket tokens, the tenancy rule), `error` ([`ApiError`]), `metrics`.
+//! - `db/`: SQLite plumbing, the event and job store, the row store (sync actors).
+//! - `realtime/`: the broker, rooms, history, outboxes, ack buffers, the registry; and at its edge
+//!   the WebSocket session, the one realtime file that also uses `jobs`.
+//! - `jobs/`: the scheduler, job and zone actors, progress arithmetic, the CSV pipeline, and job
+//!   access for callers (used by the session and the HTTP API).
+//! - `http/`: routes, extractors, the WebSocket upgrade, the admin and jobs APIs.
+//! - `cli/`: `jobcast import`, a client of the public protocol only.
 //!
 //! [`start`] takes an already-bound listener, so tests bind port 0 and call it; `main.rs` only parses
-//! the command line.
+//! the command line. Modules are private: what tests, the load-test harness and the binary use is
+//! re-exported here. `ARCHITECTURE.md` maps the actors and their messages.
 
-pub mod ack_buffer;
-pub mod api_jobs;
-pub mod auth;
-pub mod broker;
-pub mod cli_import;
-pub mod config;
-pub mod csv_import;
-pub mod error;
-pub mod framing;
-pub mod history;
-pub mod http;
-pub mod job;
-pub mod metrics;
-pub mod progress;
+mod auth;
+mod cli;
+mod config;
+mod db;
+mod error;
+mod framing;
+mod http;
+mod jobs;
+mod metrics;
 pub mod protocol;
-pub mod rate_limit;
-pub mod registry;
-pub mod room;
-pub mod row_store;
-pub mod scheduler;
-pub mod session;
-pub mod store;
-pub mod zone;
+mod realtime;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -45,54 +37,37 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
 
-pub use config::Config;
+pub use auth::{load_or_create_secret, unix_now, Auth, AuthError, KeyError};
+pub use cli::import::{run as run_import, ImportError, Outcome as ImportOutcome};
+pub use config::{Config, ConfigError, Settings};
+pub use db::sqlite::StoreError;
+pub use error::ApiError;
+pub use framing::decode_binary;
+pub use http::shared::Shared;
 
-use crate::auth::Auth;
-use crate::broker::Broker;
+use crate::auth::Auth as Verifier;
+use crate::db::sqlite::Location;
+use crate::db::store::{Store, StoreActor};
+use crate::jobs::lookup::JobAccess;
+use crate::jobs::scheduler::{Scheduler, Submit};
+use crate::jobs::zone::ZoneDeps;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::room::RoomSettings;
-use crate::scheduler::Scheduler;
-use crate::store::StoreActor;
-
-/// Zones a job keeps in flight: enough for the row store's group commits to take many zones at once
-/// (an import's cost is the dedup index pages each commit writes). Memory is bounded across all jobs by
-/// `zone::ROWS_IN_FLIGHT`; this bounds only the zone messages a job has queued.
-const ZONES_IN_FLIGHT: usize = 64;
-
-/// What every handler and session is handed at construction.
-#[derive(Clone)]
-pub struct Shared {
-    /// The configuration.
-    pub config: Arc<Config>,
-    /// Token verification and minting.
-    pub auth: Arc<Auth>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// The broker actor.
-    pub broker: Addr<Broker>,
-    /// The registry actor.
-    pub registry: Addr<Registry>,
-    /// The store actor.
-    pub store: Addr<StoreActor>,
-    /// The scheduler actor.
-    pub scheduler: Addr<Scheduler>,
-    /// When the server started.
-    pub started: Instant,
-}
+use crate::realtime::broker::Broker;
+use crate::realtime::registry::{CloseAll, Count, Registry};
+use crate::realtime::room::RoomSettings;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Keys or the secret could not be loaded.
     #[error(transparent)]
-    Keys(#[from] auth::KeyError),
+    Keys(#[from] KeyError),
     /// The configuration is invalid.
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] ConfigError),
     /// The store could not be opened.
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] StoreError),
     /// The categorization rules could not be read.
     #[error("{0}")]
     Rules(String),
@@ -111,15 +86,12 @@ pub struct Shutdown {
 impl Shutdown {
     /// Graceful shutdown: every socket is closed with 1001 "server shutting down".
     pub async fn shutdown(&self) {
-        let closing = self
-            .registry
-            .send(registry::CloseAll { code: protocol::close::GOING_AWAY, reason: "server shutting down".into() })
-            .await
-            .unwrap_or(0);
+        let (code, reason) = protocol::close::SHUTTING_DOWN;
+        let closing = self.registry.send(CloseAll { code, reason: reason.into() }).await.unwrap_or(0);
         tracing::info!(target: "audit", event = "shutdown", closing, "closing every connection");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            match self.registry.send(registry::Count).await {
+            match self.registry.send(Count).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => actix_rt::time::sleep(Duration::from_millis(20)).await,
             }
@@ -181,32 +153,30 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     config.validate()?;
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
-        None => auth::load_or_create_secret(&config.data_dir)?,
+        None => load_or_create_secret(&config.data_dir)?,
     };
-    let auth = Arc::new(Auth::new(&config, &secret)?);
+    let auth = Arc::new(Verifier::new(&config, &secret)?);
     let metrics = Arc::new(Metrics::default());
     let rules = Arc::new(match &config.rules_file {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| StartError::Rules(format!("{}: {e}", path.display())))?;
-            csv_import::Rules::from_toml(&text).map_err(StartError::Rules)?
+            jobs::csv::Rules::from_toml(&text).map_err(StartError::Rules)?
         }
-        None => csv_import::Rules::default(),
+        None => jobs::csv::Rules::default(),
     });
 
-    // The store: opened here (start-up may block), then owned by its sync actor.
-    let location = store::Location::from_config(&config);
-    let first = store::Store::open(&location)?;
+    // The databases: opened here (start-up may block), then owned by their sync actors.
+    let location = Location::from_config(&config);
+    let (first, rows) = db::open(&location)?;
     let cursors = first.room_cursors()?;
     let unfinished = first.unfinished_jobs()?;
     let (loc, keep) = (location.clone(), config.history_size);
     let store = start_opened(StoreActor::new(first, keep), move || {
-        StoreActor::new(store::Store::open(&loc).expect("store reopens"), keep)
+        StoreActor::new(Store::open(&loc).expect("store reopens"), keep)
     });
     let loc = location.clone();
-    let rows = start_opened(row_store::RowStore::open(&location)?, move || {
-        row_store::RowStore::open(&loc).expect("row store reopens")
-    });
+    let rows = start_opened(rows, move || db::row_store::RowStore::open(&loc).expect("row store reopens"));
 
     let room_settings = RoomSettings {
         history_size: config.history_size,
@@ -215,23 +185,20 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     };
     let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors).start();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let deps = job::JobDeps {
+    let deps = jobs::job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
-        zone: zone::ZoneDeps::new(rows, rules, broker.clone(), cores),
+        zone: ZoneDeps::new(rows, rules, broker.clone(), cores),
         max_upload_bytes: config.max_upload_bytes,
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,
-        zones_in_flight: ZONES_IN_FLIGHT,
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).start();
-    for snapshot in unfinished {
-        match serde_json::from_value::<job::JobSpec>(snapshot["spec"].clone()) {
-            Ok(spec) => {
-                tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
-                scheduler.do_send(scheduler::Submit { spec, resume: Some(snapshot) });
-            }
-            Err(e) => tracing::error!(error = %e, "a stored job cannot be resumed"),
+    for job in unfinished {
+        // Only the jobs jobcast runs itself have a spec; an external job waits for its publisher.
+        if let Some(spec) = job.spec {
+            tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
+            scheduler.do_send(Submit { spec, resume: Some(job.snapshot) });
         }
     }
     let registry = Registry::new(config.max_connections, config.max_connections_per_user).start();
@@ -241,6 +208,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         metrics,
         broker,
         registry: registry.clone(),
+        jobs: JobAccess::new(store.clone(), scheduler.clone()),
         store,
         scheduler,
         started: Instant::now(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jobcast::config::{Config, Settings};
+use jobcast::{Config, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -85,12 +85,12 @@ fn main() -> ExitCode {
 
 type AnyError = Box<dyn std::error::Error>;
 
-fn auth_for(config: &Config) -> Result<jobcast::auth::Auth, AnyError> {
+fn auth_for(config: &Config) -> Result<jobcast::Auth, AnyError> {
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
-        None => jobcast::auth::load_or_create_secret(&config.data_dir)?,
+        None => jobcast::load_or_create_secret(&config.data_dir)?,
     };
-    Ok(jobcast::auth::Auth::new(config, &secret)?)
+    Ok(jobcast::Auth::new(config, &secret)?)
 }
 
 fn token(
@@ -120,11 +120,11 @@ fn import(
             auth_for(&config)?.mint_access("cli", "default", &[], 86_400)?
         }
     };
-    let outcome = actix_rt::System::new().block_on(jobcast::cli_import::run(file, server, &token))?;
+    let outcome = actix_rt::System::new().block_on(jobcast::run_import(file, server, &token))?;
     match outcome {
-        jobcast::cli_import::Outcome::Completed(_) => Ok(()),
-        jobcast::cli_import::Outcome::Failed(e) => Err(format!("the import failed: {e}").into()),
-        jobcast::cli_import::Outcome::Cancelled => Err("the import was cancelled".into()),
+        jobcast::ImportOutcome::Completed(_) => Ok(()),
+        jobcast::ImportOutcome::Failed(e) => Err(format!("the import failed: {e}").into()),
+        jobcast::ImportOutcome::Cancelled => Err("the import was cancelled".into()),
     }
 }
 

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::protocol::EventType;
+use crate::protocol::{close, EventType};
 
 /// Upper bounds (seconds) of the broker-to-socket latency histogram.
 const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
-/// Close codes counted individually; others fall into `other`.
-const CLOSE_CODES: [u16; 9] = [1000, 1001, 1009, 4000, 4001, 4003, 4004, 4008, 4029];
+/// Close codes counted individually (every code jobcast sends); others (a client's own) fall into
+/// `other`.
+const CLOSE_CODES: [u16; close::CODES.len()] = close::CODES;
 
 /// Every counter jobcast exports.
 #[derive(Debug, Default)]
@@ -40,13 +41,13 @@ pub struct Metrics {
     /// Connections closed with 4008 "ack timeout".
     pub ack_timeouts: AtomicU64,
     /// Messages and bytes written to sockets, by event type.
-    sent: [(AtomicU64, AtomicU64); 19],
+    sent: [(AtomicU64, AtomicU64); EventType::COUNT],
     /// Closes by code (index into `CLOSE_CODES`, last slot for other codes).
-    closes: [AtomicU64; 10],
+    closes: [AtomicU64; CLOSE_CODES.len() + 1],
     /// Authentication failures by reason.
     auth_failures: Mutex<Vec<(String, u64)>>,
     /// Broker-to-socket latency: bucket counts, then sum in microseconds and count.
-    latency: [AtomicU64; 12],
+    latency: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
 }
@@ -96,12 +97,6 @@ impl Metrics {
     /// Total bytes written to sockets.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.iter().map(|(_, b)| b.load(Relaxed)).sum()
-    }
-
-    /// Closes with `code` so far.
-    pub fn closes_with(&self, code: u16) -> u64 {
-        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(CLOSE_CODES.len());
-        self.closes[i].load(Relaxed)
     }
 
     /// Authentication failures so far, all reasons.

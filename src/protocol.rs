@@ -10,18 +10,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// The protocol version this server speaks; also reported as `server_version`'s suffix.
-pub const PROTOCOL_VERSION: u32 = 1;
-
 /// Feature names advertised in `connection_established.features`.
 pub const FEATURES: &[&str] = &["history", "replay", "binary_msgpack_gzip", "refresh", "ack"];
 
-/// WebSocket close codes used by jobcast (contract §4 "Close codes").
+/// Every WebSocket close jobcast sends (contract §4 "Close codes"): the codes, then each fixed
+/// reason with its code. Metrics take their label set from [`close::CODES`]; the 4001 closes of a
+/// failed authentication carry the `auth_failure` reason instead of a fixed text, and a close the
+/// client began is answered with the client's own code.
 pub mod close {
+    /// A close frame's code and reason.
+    pub type Close = (u16, &'static str);
+
     /// Normal closure.
     pub const NORMAL: u16 = 1000;
     /// Server going away (shutdown); reconnect elsewhere.
     pub const GOING_AWAY: u16 = 1001;
+    /// A WebSocket protocol error of the client.
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A client frame or message was larger than `max_inbound_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
     /// Disconnected by an admin.
@@ -36,6 +41,63 @@ pub mod close {
     pub const TIMEOUT: u16 = 4008;
     /// Too many connections or messages.
     pub const TOO_MANY: u16 = 4029;
+
+    /// Every code above, in order.
+    pub const CODES: [u16; 10] =
+        [NORMAL, GOING_AWAY, PROTOCOL_ERROR, TOO_BIG, ADMIN, UNAUTHORIZED, FORBIDDEN, UNKNOWN_JOB, TIMEOUT, TOO_MANY];
+
+    /// The client closed; answered with its own code, or this one when it gave none.
+    pub const CLIENT_CLOSED: Close = (NORMAL, "closed by the client");
+    /// Graceful shutdown.
+    pub const SHUTTING_DOWN: Close = (GOING_AWAY, "server shutting down");
+    /// A continuation frame with no message begun.
+    pub const CONTINUATION_WITHOUT_FIRST: Close = (PROTOCOL_ERROR, "continuation without a first frame");
+    /// A new data frame while a fragmented message is being assembled.
+    pub const DATA_INSIDE_FRAGMENTED: Close = (PROTOCOL_ERROR, "data frame inside a fragmented message");
+    /// Any other protocol error the WebSocket codec found.
+    pub const BAD_FRAMES: Close = (PROTOCOL_ERROR, "protocol error");
+    /// A frame, or a fragmented message, over `max_inbound_message_bytes`.
+    pub const MESSAGE_TOO_BIG: Close = (TOO_BIG, "message too big");
+    /// An admin closed the connection.
+    pub const BY_ADMIN: Close = (ADMIN, "disconnected by an admin");
+    /// The credential of an open connection ran out.
+    pub const TOKEN_EXPIRED: Close = (UNAUTHORIZED, "token expired");
+    /// `/ws/jobs/{id}` for a job of another tenant.
+    pub const JOB_FORBIDDEN: Close = (FORBIDDEN, "forbidden");
+    /// `/ws/jobs/{id}` for an id no job has.
+    pub const NO_SUCH_JOB: Close = (UNKNOWN_JOB, "unknown job");
+    /// Nothing arrived from the client for `client_timeout_s`.
+    pub const HEARTBEAT_TIMEOUT: Close = (TIMEOUT, "heartbeat timeout");
+    /// More than `max_queued_messages` or `max_queued_bytes` waited for the connection.
+    pub const SLOW_CONSUMER: Close = (TIMEOUT, "slow consumer");
+    /// An event went unacknowledged through `max_delivery_attempts` deliveries.
+    pub const ACK_TIMEOUT: Close = (TIMEOUT, "ack timeout");
+    /// The client went on sending after the `rate_limited` warning.
+    pub const TOO_MANY_MESSAGES: Close = (TOO_MANY, "too many messages");
+    /// `max_connections` reached.
+    pub const TOO_MANY_CONNECTIONS: Close = (TOO_MANY, "too many connections");
+    /// `max_connections_per_user` reached.
+    pub const TOO_MANY_FOR_USER: Close = (TOO_MANY, "too many connections for this user");
+
+    /// Every fixed reason above.
+    pub const REASONS: [Close; 16] = [
+        CLIENT_CLOSED,
+        SHUTTING_DOWN,
+        CONTINUATION_WITHOUT_FIRST,
+        DATA_INSIDE_FRAGMENTED,
+        BAD_FRAMES,
+        MESSAGE_TOO_BIG,
+        BY_ADMIN,
+        TOKEN_EXPIRED,
+        JOB_FORBIDDEN,
+        NO_SUCH_JOB,
+        HEARTBEAT_TIMEOUT,
+        SLOW_CONSUMER,
+        ACK_TIMEOUT,
+        TOO_MANY_MESSAGES,
+        TOO_MANY_CONNECTIONS,
+        TOO_MANY_FOR_USER,
+    ];
 }
 
 /// Stable `error.code` values sent in `error` events.
@@ -181,7 +243,7 @@ pub struct Subscribed {
     /// How many events follow as replay.
     pub replayed: u64,
     /// For job rooms, the job's current state; `null` for other rooms.
-    pub snapshot: Option<Value>,
+    pub snapshot: Option<Box<JobSnapshot>>,
 }
 
 /// `unsubscribed` data.
@@ -224,7 +286,7 @@ pub struct ProcessingStarted {
 pub struct StatusData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<Uuid>,
-    pub status: String,
+    pub status: JobStatus,
     #[serde(default)]
     pub message: String,
 }
@@ -233,7 +295,7 @@ pub struct StatusData {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessingProgress {
     pub job_id: Uuid,
-    pub stage: String,
+    pub stage: Stage,
     pub progress: f64,
     pub zones_completed: u64,
     pub zones_total: u64,
@@ -307,6 +369,9 @@ macro_rules! events {
         impl EventType {
             /// Every event type, in declaration order.
             pub const ALL: &'static [EventType] = &[$(EventType::$variant,)*];
+
+            /// How many event types there are.
+            pub const COUNT: usize = EventType::ALL.len();
 
             /// The snake_case wire name.
             pub fn as_str(self) -> &'static str {
@@ -382,9 +447,9 @@ impl EventType {
         )
     }
 
-    /// Position in [`EventType::ALL`], for metric arrays.
+    /// Position in [`EventType::ALL`] (the declaration order), for metric arrays.
     pub fn index(self) -> usize {
-        EventType::ALL.iter().position(|t| *t == self).unwrap_or(0)
+        self as usize
     }
 }
 
@@ -450,6 +515,15 @@ pub enum RoomKind {
 }
 
 impl RoomKind {
+    /// The room's name: `job:<uuid>`, `user:<id>` or `tenant:<id>`.
+    pub fn name(&self) -> String {
+        match self {
+            RoomKind::Job(id) => format!("job:{id}"),
+            RoomKind::User(id) => format!("user:{id}"),
+            RoomKind::Tenant(id) => format!("tenant:{id}"),
+        }
+    }
+
     /// Parses a room name; `None` for anything that is not a valid job, user or tenant room.
     pub fn parse(room: &str) -> Option<RoomKind> {
         let (prefix, rest) = room.split_once(':')?;
@@ -461,6 +535,305 @@ impl RoomKind {
             "user" if valid_id => Some(RoomKind::User(rest.to_string())),
             "tenant" if valid_id => Some(RoomKind::Tenant(rest.to_string())),
             _ => None,
+        }
+    }
+}
+
+/// An enum of known names that also carries any other string, serialised as the bare name: the
+/// wire accepts any `status` or `stage` a publisher sends, and jobcast's own jobs use the known ones.
+macro_rules! open_enum {
+    ($(#[$meta:meta])* $name:ident { $( $(#[$doc:meta])* $variant:ident = $text:literal, )* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$doc])* $variant, )*
+            /// A name an external job's publisher chose.
+            Other(String),
+        }
+
+        impl $name {
+            /// The wire name.
+            pub fn as_str(&self) -> &str {
+                match self { $( $name::$variant => $text, )* $name::Other(s) => s }
+            }
+
+            /// The known value for `text`, else [`Self::Other`].
+            pub fn parse(text: &str) -> Self {
+                match text { $( $text => $name::$variant, )* other => $name::Other(other.to_string()) }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+                Ok($name::parse(&text))
+            }
+        }
+    };
+}
+
+open_enum! {
+    /// A job's status (contract §6): `pending` for a reservation, then queued → validating → scanning →
+    /// parsing → processing → finalizing → completed | failed | cancelled.
+    JobStatus {
+        /// A reservation: a client subscribed to the room of a job not uploaded yet.
+        Pending = "pending",
+        /// Waiting for a run slot.
+        Queued = "queued",
+        /// Checking the file.
+        Validating = "validating",
+        /// Zones in the scanning band.
+        Scanning = "scanning",
+        /// Zones in the parsing band.
+        Parsing = "parsing",
+        /// Zones in the database and categorization bands.
+        Processing = "processing",
+        /// Aggregating results.
+        Finalizing = "finalizing",
+        /// Done; `results` holds the outcome.
+        Completed = "completed",
+        /// Ended with an error.
+        Failed = "failed",
+        /// Cancelled by a user.
+        Cancelled = "cancelled",
+    }
+}
+
+impl JobStatus {
+    /// The statuses after which a job never changes.
+    pub const TERMINAL: [JobStatus; 3] = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled];
+
+    /// Whether the job has ended.
+    pub fn is_terminal(&self) -> bool {
+        JobStatus::TERMINAL.contains(self)
+    }
+}
+
+open_enum! {
+    /// A stage of a job's progress: the CSV import's five bands of 20 points each (contract §6), or the
+    /// stage an external job reported.
+    Stage {
+        /// 0–20: size, UTF-8, header.
+        Validation = "validation",
+        /// 20–40: formula injection, control characters.
+        Scanning = "scanning",
+        /// 40–60: typed rows.
+        Parsing = "parsing",
+        /// 60–80: rows stored, deduplicated.
+        Database = "database",
+        /// 80–100: rule-based categories.
+        Categorization = "categorization",
+    }
+}
+
+/// A `null` that is sent, told apart from a field that is absent: `None` leaves the field out,
+/// `Some(None)` sends `null`.
+mod nullable {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize>(value: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// A job's error once it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    /// What went wrong.
+    pub message: String,
+    /// Whether submitting the same file again may succeed.
+    pub recoverable: bool,
+}
+
+/// A refused row of a CSV file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidRow {
+    /// File line.
+    pub line: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A flagged cell of a CSV file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlaggedCell {
+    /// File line.
+    pub line: u64,
+    /// Column name.
+    pub column: String,
+    /// `formula_injection` or `control_characters`.
+    pub reason: String,
+}
+
+/// What one zone of a CSV import did, as the row store keeps it and the job sums it (a field
+/// missing from an older stored report reads as zero or empty).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ZoneReport {
+    /// The zone's index.
+    pub index: u64,
+    /// Records in the zone.
+    pub rows: u64,
+    /// Rows that parsed.
+    pub valid: u64,
+    /// Rows refused.
+    pub invalid_count: u64,
+    /// The first refused rows (at most 100).
+    pub invalid_rows: Vec<InvalidRow>,
+    /// Cells flagged.
+    pub flagged_count: u64,
+    /// The first flagged cells (at most 100).
+    pub flagged_cells: Vec<FlaggedCell>,
+    /// Valid rows per category.
+    pub categories: std::collections::BTreeMap<String, u64>,
+    /// Rows stored (set by the row store).
+    pub inserted: u64,
+    /// Rows the tenant already had (set by the row store).
+    pub duplicates: u64,
+}
+
+/// A CSV import's results: `processing_completed.results` and the snapshot's `results`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImportResults {
+    /// Data rows read.
+    pub processed_rows: u64,
+    /// Rows stored.
+    pub inserted: u64,
+    /// Rows the tenant already had.
+    pub duplicates: u64,
+    /// Rows refused.
+    pub invalid_count: u64,
+    /// The first 100 refused rows, in file order.
+    pub invalid_rows: Vec<InvalidRow>,
+    /// Cells flagged.
+    pub flagged_count: u64,
+    /// The first 100 flagged cells, in file order.
+    pub flagged_cells: Vec<FlaggedCell>,
+    /// Rows per category.
+    pub categories: std::collections::BTreeMap<String, u64>,
+}
+
+/// A job's state as `GET /api/v1/jobs/{id}` and `subscribed.snapshot` show it. Three kinds share it:
+/// a CSV job sends every field (`null` where unknown); a reservation only `job_id`, `room`, `tenant`
+/// and `status`; an external job what its publisher's events have set. A field that is `None` is
+/// left out; the doubled options send `null` for `Some(None)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSnapshot {
+    /// The job id.
+    pub job_id: Uuid,
+    /// `job:<job_id>`.
+    pub room: String,
+    /// The owning tenant.
+    pub tenant: String,
+    /// Who created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// `csv_import` or `external`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The uploaded file's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// The uploaded file's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Where the job is in its life.
+    pub status: JobStatus,
+    /// The stage of its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    /// 0–100; 100.0 only once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// Seconds left; `null` when unknown and once the job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    pub eta_seconds: Option<Option<f64>>,
+    /// Zones in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones_total: Option<u64>,
+    /// Zones stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones_completed: Option<u64>,
+    /// Rows processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed: Option<u64>,
+    /// Rows in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// Rows refused so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<u64>,
+    /// When it was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// When it got a run slot.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    pub started_at: Option<Option<String>>,
+    /// When the snapshot last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// When it completed, failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    pub finished_at: Option<Option<String>>,
+    /// The outcome once completed: an [`ImportResults`] for CSV jobs, what the publisher sent for
+    /// external ones; `Some(Value::Null)` sends `null`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub results: Option<Value>,
+    /// The error once failed.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    pub error: Option<Option<JobError>>,
+}
+
+/// A present field, `null` included, as `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl JobSnapshot {
+    /// A reservation of `job_id` for `tenant` (a client subscribed before uploading).
+    pub fn reservation(job_id: Uuid, tenant: &str) -> JobSnapshot {
+        JobSnapshot {
+            job_id,
+            room: RoomKind::Job(job_id).name(),
+            tenant: tenant.to_string(),
+            user_id: None,
+            kind: None,
+            filename: None,
+            size_bytes: None,
+            status: JobStatus::Pending,
+            stage: None,
+            progress: None,
+            eta_seconds: None,
+            zones_total: None,
+            zones_completed: None,
+            processed: None,
+            total: None,
+            errors: None,
+            created_at: None,
+            started_at: None,
+            updated_at: None,
+            finished_at: None,
+            results: None,
+            error: None,
         }
     }
 }

@@ -52,7 +52,7 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
     let statuses: Vec<String> = events
         .iter()
         .filter_map(|e| match &e.event {
-            Event::Status(s) => Some(s.status.clone()),
+            Event::Status(s) => Some(s.status.to_string()),
             _ => None,
         })
         .collect();

@@ -8,9 +8,9 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use jobcast::auth::AuthError;
-use jobcast::error::ApiError;
 use jobcast::protocol::{close, error_code, ClientMessage, Envelope, Event, EventType};
+use jobcast::ApiError;
+use jobcast::AuthError;
 use serde_json::Value;
 
 /// Which side of the connection an example speaks for.
@@ -204,7 +204,7 @@ fn the_worked_import_is_one_room_in_order_with_progress_reaching_100_last() {
     let Some((Event::Subscribed(joined), events)) = envs.split_first().map(|(f, r)| (&f.event, r)) else {
         panic!("the worked import starts with `subscribed`");
     };
-    assert_eq!(joined.snapshot.as_ref().map(|s| s["status"].clone()), Some("pending".into()));
+    assert_eq!(joined.snapshot.as_ref().map(|s| s.status.as_str()), Some("pending"));
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.room.as_deref(), Some(joined.room.as_str()), "event {i} is in another room");
         assert_eq!(e.epoch.as_deref(), Some(joined.epoch.as_str()), "event {i} has another epoch");

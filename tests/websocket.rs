@@ -81,7 +81,7 @@ fn hs256(secret: &str, claims: Value) -> String {
 }
 
 fn now() -> u64 {
-    jobcast::auth::unix_now()
+    jobcast::unix_now()
 }
 
 #[actix_rt::test]

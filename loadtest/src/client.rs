@@ -30,7 +30,7 @@ fn unix_nanos() -> u64 {
 fn envelope(msg: &Message) -> Option<Envelope> {
     match msg {
         Message::Text(t) => serde_json::from_str(t).ok(),
-        Message::Binary(b) => jobcast::framing::decode_binary(b).ok(),
+        Message::Binary(b) => jobcast::decode_binary(b).ok(),
         _ => None,
     }
 }

@@ -30,7 +30,7 @@ pub struct Server {
     /// `127.0.0.1:PORT`.
     pub addr: String,
     /// Mints tokens with the server's secret.
-    pub auth: jobcast::auth::Auth,
+    pub auth: jobcast::Auth,
     /// For /proc figures.
     pub pid: Option<u32>,
     child: Option<tokio::process::Child>,
@@ -128,9 +128,9 @@ impl Server {
     }
 }
 
-fn auth(secret: &str) -> Result<jobcast::auth::Auth, String> {
+fn auth(secret: &str) -> Result<jobcast::Auth, String> {
     let config = jobcast::Config { jwt_secret: Some(secret.into()), ..jobcast::Config::default() };
-    jobcast::auth::Auth::new(&config, secret).map_err(|e| e.to_string())
+    jobcast::Auth::new(&config, secret).map_err(|e| e.to_string())
 }
 
 /// A keep-alive HTTP/1.1 connection for JSON requests.

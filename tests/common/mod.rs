@@ -181,7 +181,7 @@ impl Client {
                     return Incoming::Message { env, binary: false };
                 }
                 Some(Ok(Frame::Binary(b))) => {
-                    let env = jobcast::framing::decode_binary(&b).expect("binary frame decodes");
+                    let env = jobcast::decode_binary(&b).expect("binary frame decodes");
                     return Incoming::Message { env, binary: true };
                 }
                 Some(Ok(Frame::Ping(p))) => {

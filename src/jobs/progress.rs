@@ -1,49 +1,17 @@
-//! Progress arithmetic for jobs: stage weights, monotonic progress, a smoothed ETA, and the
+//! Progress arithmetic for jobs: stage bands, monotonic progress, a smoothed ETA, and the
 //! coalescer that limits `processing_progress` to `progress_max_rate_per_s` per job.
 
 use std::time::{Duration, Instant};
 
-/// The CSV import stages and their share of progress (contract §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// 0–20: size, UTF-8, header.
-    Validation,
-    /// 20–40: formula injection, control characters.
-    Scanning,
-    /// 40–60: typed rows.
-    Parsing,
-    /// 60–80: rows stored, deduplicated.
-    Database,
-    /// 80–100: rule-based categories.
-    Categorization,
-}
+use crate::protocol::Stage;
 
-impl Stage {
-    /// Every stage in order.
-    pub const ALL: [Stage; 5] =
-        [Stage::Validation, Stage::Scanning, Stage::Parsing, Stage::Database, Stage::Categorization];
+/// The CSV import's stages in order, each a band of 20 points of progress (contract §6).
+const STAGES: [Stage; 5] = [Stage::Validation, Stage::Scanning, Stage::Parsing, Stage::Database, Stage::Categorization];
 
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Validation => "validation",
-            Stage::Scanning => "scanning",
-            Stage::Parsing => "parsing",
-            Stage::Database => "database",
-            Stage::Categorization => "categorization",
-        }
-    }
-
-    /// Where the stage's band starts.
-    pub fn start(self) -> f64 {
-        20.0 * Stage::ALL.iter().position(|s| *s == self).unwrap_or(0) as f64
-    }
-
-    /// The stage whose band holds `progress`.
-    pub fn at(progress: f64) -> Stage {
-        let i = ((progress / 20.0).floor().max(0.0) as usize).min(4);
-        Stage::ALL[i]
-    }
+/// The stage whose band holds `progress`.
+pub fn stage_at(progress: f64) -> Stage {
+    let i = ((progress / 20.0).floor().max(0.0) as usize).min(STAGES.len() - 1);
+    STAGES[i].clone()
 }
 
 /// Overall progress during validation: `done` of `total` bytes checked.
@@ -54,13 +22,14 @@ pub fn validation_progress(done: u64, total: u64) -> f64 {
     20.0 * (done.min(total) as f64 / total as f64)
 }
 
-/// Overall progress once validation is over: each zone runs scanning, parsing, database and
-/// categorization, so `steps_done` of `4 × zones` steps map onto the 20–100 band, step by step.
-pub fn zone_progress(steps_done: u64, zones: u64) -> f64 {
+/// Overall progress once validation is over: a zone scans, parses, stores and categorizes its rows
+/// in one piece of work, so each stored zone moves progress by its share of the 20–100 band; the
+/// stage bands then tell how far through the file the job is, not which step a zone is at.
+pub fn zone_progress(zones_done: u64, zones: u64) -> f64 {
     if zones == 0 {
         return 100.0;
     }
-    20.0 + 80.0 * (steps_done.min(4 * zones) as f64 / (4 * zones) as f64)
+    20.0 + 80.0 * (zones_done.min(zones) as f64 / zones as f64)
 }
 
 /// A progress value that never goes down and stays below 100 until the job completes.
@@ -190,12 +159,12 @@ mod tests {
 
     #[test]
     fn stage_bands() {
-        assert_eq!(Stage::at(0.0), Stage::Validation);
-        assert_eq!(Stage::at(19.9), Stage::Validation);
-        assert_eq!(Stage::at(20.0), Stage::Scanning);
-        assert_eq!(Stage::at(65.0), Stage::Database);
-        assert_eq!(Stage::at(100.0), Stage::Categorization);
-        assert_eq!(Stage::Parsing.start(), 40.0);
+        assert_eq!(stage_at(0.0), Stage::Validation);
+        assert_eq!(stage_at(19.9), Stage::Validation);
+        assert_eq!(stage_at(20.0), Stage::Scanning);
+        assert_eq!(stage_at(40.0), Stage::Parsing);
+        assert_eq!(stage_at(65.0), Stage::Database);
+        assert_eq!(stage_at(100.0), Stage::Categorization);
     }
 
     #[test]
@@ -203,8 +172,9 @@ mod tests {
         assert_eq!(validation_progress(50, 100), 10.0);
         assert_eq!(validation_progress(200, 100), 20.0);
         assert_eq!(zone_progress(0, 10), 20.0);
-        assert_eq!(zone_progress(20, 10), 60.0);
-        assert_eq!(zone_progress(40, 10), 100.0);
+        assert_eq!(zone_progress(5, 10), 60.0);
+        assert_eq!(zone_progress(10, 10), 100.0);
+        assert_eq!(zone_progress(12, 10), 100.0);
         assert_eq!(zone_progress(0, 0), 100.0);
     }
 

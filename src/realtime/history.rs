@@ -79,18 +79,15 @@ impl HistoryRing {
     }
 
     /// Number of events held.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.events.len()
     }
 
     /// Whether no events are held.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.events.is_empty()
-    }
-
-    /// When the newest event was pushed.
-    pub fn newest_at(&self) -> Option<Instant> {
-        self.events.back().map(|(_, at, _)| *at)
     }
 }
 

@@ -4,10 +4,11 @@
 use std::collections::{HashMap, VecDeque};
 
 use actix::prelude::*;
-use serde_json::Value;
 use uuid::Uuid;
 
-use crate::job::{Begin, Cancel, Job, JobDeps, JobSpec, Queued};
+use crate::db::store::JobSpec;
+use crate::jobs::job::{Begin, Cancel, Finished, Job, JobDeps, Queued};
+use crate::protocol::JobSnapshot;
 
 /// Start a new job (or resume one from its stored snapshot).
 #[derive(Message)]
@@ -16,15 +17,7 @@ pub struct Submit {
     /// What to run.
     pub spec: JobSpec,
     /// The stored snapshot of a job interrupted by a restart.
-    pub resume: Option<Value>,
-}
-
-/// A job actor stopped.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Finished {
-    /// The job.
-    pub job_id: Uuid,
+    pub resume: Option<JobSnapshot>,
 }
 
 /// Cancel a job that is queued or running.
@@ -93,7 +86,7 @@ impl Handler<Submit> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let id = msg.spec.job_id;
-        let job = Job::new(msg.spec, self.deps.clone(), ctx.address(), msg.resume.as_ref()).start();
+        let job = Job::new(msg.spec, self.deps.clone(), ctx.address().recipient(), msg.resume.as_ref()).start();
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_waiting();

@@ -1,7 +1,8 @@
 //! The registry actor: every open connection, for the connection limits and the admin endpoints.
 //!
 //! Sessions report here when they open, authenticate, change rooms and close. The registry never
-//! touches sockets: to close one it sends the session a [`Disconnect`].
+//! touches sockets: to close one it sends the session a [`Disconnect`], through the
+//! `Recipient<Disconnect>` the session handed in with [`Connect`].
 
 use std::collections::HashMap;
 
@@ -10,7 +11,16 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::session::Disconnect;
+
+/// Sent to a session: close the connection (admin disconnects and shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
 
 /// A new connection, before authentication. Refused when `max_connections` are open.
 #[derive(Message)]

@@ -15,15 +15,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::broker::{Broker, Publish};
-use crate::csv_import::{process_records, read_zone, Columns, Rules, ZoneStart};
-use crate::protocol::{Event, ZoneCompleted, ZoneProcessing};
-use crate::row_store::{RowStore, StoreZone};
+use crate::db::row_store::{RowStore, StoreZone};
+use crate::jobs::csv::{process_records, read_zone, Columns, Rules, ZoneStart};
+use crate::protocol::{Event, RoomKind, ZoneCompleted, ZoneProcessing, ZoneReport};
+use crate::realtime::broker::{Broker, Publish};
 
 /// How many invalid rows and flagged cells a zone report keeps (the job keeps the first 100 overall).
 const KEEP_PER_ZONE: usize = 100;
@@ -31,7 +30,7 @@ const KEEP_PER_ZONE: usize = 100;
 /// Process one zone; answers its report once its rows are committed, or `None` when the job was
 /// stopped (`stop`) before the zone's work began.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Value>, String>")]
+#[rtype(result = "Result<Option<ZoneReport>, String>")]
 pub struct ProcessZone {
     /// The job.
     pub job_id: Uuid,
@@ -104,7 +103,7 @@ pub fn zone_id(job_id: Uuid, index: u64) -> String {
 }
 
 impl Handler<ProcessZone> for Zone {
-    type Result = ResponseFuture<Result<Option<Value>, String>>;
+    type Result = ResponseFuture<Result<Option<ZoneReport>, String>>;
 
     fn handle(&mut self, m: ProcessZone, _: &mut Context<Self>) -> Self::Result {
         let span = tracing::info_span!("zone", job = %m.job_id, zone = m.index);
@@ -112,7 +111,7 @@ impl Handler<ProcessZone> for Zone {
     }
 }
 
-async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String> {
+async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, String> {
     if m.stop.load(Ordering::Acquire) {
         return Ok(None);
     }
@@ -126,7 +125,7 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String
         return Ok(None);
     }
     let started = Instant::now();
-    let room = format!("job:{}", m.job_id);
+    let room = RoomKind::Job(m.job_id).name();
     let id = zone_id(m.job_id, m.index);
     deps.broker.do_send(Publish {
         room: room.clone(),
@@ -142,21 +141,19 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String
         let _permit = permit;
         let records = read_zone(&path, &start)?;
         let out = process_records(records, &columns, &rules);
-        let mut categories = serde_json::Map::new();
+        let mut report = ZoneReport {
+            index: m.index,
+            rows: start.rows,
+            valid: out.rows.len() as u64,
+            invalid_count: out.invalid.len() as u64,
+            invalid_rows: out.invalid.into_iter().take(KEEP_PER_ZONE).collect(),
+            flagged_count: out.flagged.len() as u64,
+            flagged_cells: out.flagged.into_iter().take(KEEP_PER_ZONE).collect(),
+            ..ZoneReport::default()
+        };
         for row in &out.rows {
-            let n = categories.get(&row.category).and_then(Value::as_u64).unwrap_or(0);
-            categories.insert(row.category.clone(), (n + 1).into());
+            *report.categories.entry(row.category.clone()).or_insert(0) += 1;
         }
-        let report = json!({
-            "index": m.index,
-            "rows": start.rows,
-            "valid": out.rows.len(),
-            "invalid_count": out.invalid.len(),
-            "invalid_rows": out.invalid.iter().take(KEEP_PER_ZONE).collect::<Vec<_>>(),
-            "flagged_count": out.flagged.len(),
-            "flagged_cells": out.flagged.iter().take(KEEP_PER_ZONE).collect::<Vec<_>>(),
-            "categories": categories,
-        });
         Ok::<_, String>((out.rows, report))
     });
     let (rows, report) = parsed.await.map_err(|e| format!("zone work stopped: {e}"))??;
@@ -171,7 +168,7 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<Value>, String
             zone_id: id,
             zone_index: m.index,
             rows: m.start.rows,
-            errors: report["invalid_count"].as_u64().unwrap_or(0),
+            errors: report.invalid_count,
             duration_ms: started.elapsed().as_millis() as u64,
         }),
     });

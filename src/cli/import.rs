@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::framing::decode_binary;
-use crate::protocol::{ClientMessage, Envelope, Event, Since};
+use crate::protocol::{ClientMessage, Envelope, Event, JobStatus, Since};
 
 /// How an import ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,8 +236,8 @@ impl View {
     fn show(&mut self, env: &Envelope) -> Option<Outcome> {
         match &env.event {
             Event::Subscribed(s) => {
-                if let Some(status) = s.snapshot.as_ref().and_then(|v| v["status"].as_str()) {
-                    if status != "pending" {
+                if let Some(status) = s.snapshot.as_ref().map(|v| &v.status) {
+                    if *status != JobStatus::Pending {
                         self.line(&format!("resumed (recovered: {}, status {status})", s.recovered));
                     }
                 }

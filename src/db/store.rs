@@ -1,5 +1,5 @@
-//! The durable store: room history with its epoch, and jobs, in SQLite (imported rows and zone
-//! reports are in [`crate::row_store`], a database of their own).
+//! The event and job store: room history with its epoch, and jobs, in `jobcast.db` (imported rows
+//! and zone reports are in the row store, `rows.db`, a database of its own).
 //!
 //! [`Store`] is a plain struct over one connection; [`StoreActor`] runs it on a sync arbiter so no
 //! query ever blocks an I/O arbiter. Every write goes through that one connection: its page cache
@@ -14,9 +14,14 @@ use std::path::PathBuf;
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-/// The first schema; its `zones` and `transactions` moved to `rows.db` (see [`crate::row_store`]).
+use crate::protocol::{JobSnapshot, JobStatus};
+
+use crate::db::sqlite::{connect, migrate, now_ms, Location, StoreError};
+
+/// The first schema; its `zones` and `transactions` moved to `rows.db` (the row store's).
 pub(crate) const LEGACY_V1: &str =
     "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL);
      CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, created_ms INTEGER NOT NULL,
@@ -31,140 +36,8 @@ pub(crate) const LEGACY_V1: &str =
          description TEXT NOT NULL, category TEXT NOT NULL, UNIQUE (tenant, key));";
 
 /// Versioned migrations, applied in order; a database records the highest applied. Before 2 runs,
-/// the rows and zone reports of version 1 are copied to `rows.db`.
+/// [`crate::db::open`] has copied the rows and zone reports of version 1 to `rows.db`.
 const MIGRATIONS: &[(i64, &str)] = &[(1, LEGACY_V1), (2, "DROP TABLE zones; DROP TABLE transactions;")];
-
-/// A store error, with the operation that failed.
-#[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(String);
-
-impl StoreError {
-    /// An error with this message.
-    pub fn new(message: impl Into<String>) -> Self {
-        StoreError(message.into())
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-/// Where the database lives.
-#[derive(Debug, Clone)]
-pub struct Location {
-    target: Target,
-}
-
-#[derive(Debug, Clone)]
-enum Target {
-    /// A file (`data_dir/jobcast.db`).
-    File(PathBuf),
-    /// A named in-memory database shared by this process's connections (lives while one is open).
-    Memory(String),
-}
-
-impl Location {
-    /// A database file.
-    pub fn file(path: PathBuf) -> Location {
-        Location { target: Target::File(path) }
-    }
-
-    /// A fresh in-memory database.
-    pub fn memory() -> Location {
-        Location { target: Target::Memory(format!("jobcast-{}", uuid::Uuid::new_v4().simple())) }
-    }
-
-    /// The location the configuration asks for.
-    pub fn from_config(config: &crate::Config) -> Location {
-        if config.store == "memory" {
-            Location::memory()
-        } else {
-            Location::file(config.data_dir.join("jobcast.db"))
-        }
-    }
-
-    /// Where the imported rows live: `rows.db` beside the main database.
-    pub fn rows(&self) -> Location {
-        Location {
-            target: match &self.target {
-                Target::File(path) => Target::File(path.with_file_name("rows.db")),
-                Target::Memory(name) => Target::Memory(format!("{name}-rows")),
-            },
-        }
-    }
-
-    /// Whether the database may hold anything (a file that exists, or any in-memory database).
-    pub fn exists(&self) -> bool {
-        match &self.target {
-            Target::File(path) => path.exists(),
-            Target::Memory(_) => true,
-        }
-    }
-
-    /// The name `ATTACH` takes.
-    pub fn uri(&self) -> String {
-        match &self.target {
-            Target::File(path) => path.display().to_string(),
-            Target::Memory(name) => format!("file:/{name}?vfs=memdb"),
-        }
-    }
-}
-
-/// Opens a connection to `location` in WAL mode with a page cache of `cache_kib` KiB.
-pub(crate) fn connect(location: &Location, cache_kib: i64) -> Result<Connection, StoreError> {
-    let conn = match &location.target {
-        Target::File(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
-            }
-            let conn = Connection::open(path)?;
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn
-        }
-        Target::Memory(_) => Connection::open_with_flags(
-            // The memdb VFS shares one in-memory database between this process's connections
-            // with ordinary locking, so the busy timeout works as it does for files.
-            location.uri(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
-                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-        )?,
-    };
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // A bounded page cache, and checkpoints every 128 MiB of WAL rather than every 4 MiB; after a
-    // checkpoint the WAL file is cut back to 64 MiB instead of keeping its largest size on disk.
-    conn.pragma_update(None, "cache_size", -cache_kib)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 32_768)?;
-    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    Ok(conn)
-}
-
-/// Applies the `migrations` newer than the database's version, calling `before(version)` ahead of each.
-pub(crate) fn migrate(
-    conn: &Connection,
-    migrations: &[(i64, &str)],
-    mut before: impl FnMut(i64) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", [])?;
-    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
-    for (version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
-        before(*version)?;
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let applied = conn
-            .execute_batch(sql)
-            .and_then(|()| conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [version]))
-            .and_then(|_| conn.execute_batch("COMMIT"));
-        if let Err(e) = applied {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
-    }
-    Ok(())
-}
 
 /// One event to append.
 #[derive(Debug, Clone)]
@@ -192,9 +65,37 @@ pub struct RoomCursor {
     pub last_seq: u64,
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+/// What a CSV job runs; kept with its snapshot (never shown to clients) so a restart can resume it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobSpec {
+    /// The job id (the client's `batch_id` when given).
+    pub job_id: Uuid,
+    /// Owner's tenant.
+    pub tenant: String,
+    /// Owner.
+    pub user_id: String,
+    /// The name the client gave the file.
+    pub filename: String,
+    /// Where the upload is stored.
+    pub path: PathBuf,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
+/// A job as stored: its public snapshot and, for jobs jobcast runs itself, their spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// What clients see.
+    #[serde(flatten)]
+    pub snapshot: JobSnapshot,
+    /// What the job runs; `None` for reservations and external jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<JobSpec>,
+}
+
+/// A stored job; one that no longer parses is logged and treated as absent.
+fn parse_job(text: &str) -> Option<JobRecord> {
+    serde_json::from_str(text).map_err(|e| tracing::error!(error = %e, "a stored job does not parse")).ok()
 }
 
 /// One connection to the database.
@@ -206,13 +107,7 @@ impl Store {
     /// Opens (creating and migrating when needed) the database.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
         let conn = connect(location, 8_192)?;
-        migrate(&conn, MIGRATIONS, |version| {
-            if version == 2 {
-                // Version 2 drops the rows of version 1: they go to `rows.db` first.
-                crate::row_store::RowStore::open(location)?.adopt_legacy(location)?;
-            }
-            Ok(())
-        })?;
+        migrate(&conn, MIGRATIONS)?;
         Ok(Store { conn })
     }
 
@@ -277,55 +172,60 @@ impl Store {
         Ok(self.conn.execute("DELETE FROM events WHERE created_ms < ?1", [before_ms])?)
     }
 
-    /// Creates or replaces a job's row.
-    pub fn save_job(&self, id: &str, tenant: &str, status: &str, snapshot: &Value) -> Result<(), StoreError> {
-        let now = now_ms();
+    /// Creates or replaces a job's row (indexed by its snapshot's tenant and status).
+    pub fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let text = serde_json::to_string(job).map_err(|e| StoreError::new(e.to_string()))?;
+        let s = &job.snapshot;
         self.conn
             .prepare_cached(
                 "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
                  ON CONFLICT (id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot, updated_ms = excluded.updated_ms",
             )?
-            .execute(params![id, tenant, status, snapshot.to_string(), now])?;
+            .execute(params![s.job_id.to_string(), s.tenant, s.status.as_str(), text, now_ms()])?;
         Ok(())
     }
 
-    /// Reserves a job id for a tenant (a client subscribing before its upload); answers the job's
-    /// snapshot, which belongs to another tenant when the id was taken first.
-    pub fn reserve_job(&self, id: &str, tenant: &str) -> Result<Value, StoreError> {
-        let pending =
-            serde_json::json!({ "job_id": id, "room": format!("job:{id}"), "tenant": tenant, "status": "pending" });
-        let now = now_ms();
+    /// Reserves a job id for a tenant (a client subscribing before its upload); answers the job,
+    /// which belongs to another tenant when the id was taken first.
+    pub fn reserve_job(&self, id: Uuid, tenant: &str) -> Result<JobRecord, StoreError> {
+        let pending = JobRecord { snapshot: JobSnapshot::reservation(id, tenant), spec: None };
+        let text = serde_json::to_string(&pending).map_err(|e| StoreError::new(e.to_string()))?;
         self.conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
+                "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             )?
-            .execute(params![id, tenant, pending.to_string(), now])?;
-        self.job(id)?.ok_or_else(|| StoreError(format!("job {id} vanished")))
+            .execute(params![id.to_string(), tenant, JobStatus::Pending.as_str(), text, now_ms()])?;
+        self.job(id)?.ok_or_else(|| StoreError::new(format!("job {id} vanished")))
     }
 
-    /// A job's snapshot.
-    pub fn job(&self, id: &str) -> Result<Option<Value>, StoreError> {
-        let text: Option<String> =
-            self.conn.query_row("SELECT snapshot FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    /// A job.
+    pub fn job(&self, id: Uuid) -> Result<Option<JobRecord>, StoreError> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT snapshot FROM jobs WHERE id = ?1", [id.to_string()], |r| r.get(0))
+            .optional()?;
+        Ok(text.and_then(|t| parse_job(&t)))
     }
 
-    /// Jobs of a tenant (all tenants when `None`), newest first.
-    pub fn jobs(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<Value>, StoreError> {
+    /// Snapshots of a tenant's jobs (all tenants when `None`), newest first; reservations are not
+    /// jobs yet.
+    pub fn jobs(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<JobSnapshot>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT snapshot FROM jobs WHERE (?1 IS NULL OR tenant = ?1) AND status != 'pending' ORDER BY created_ms DESC, id LIMIT ?2",
+            "SELECT snapshot FROM jobs WHERE (?1 IS NULL OR tenant = ?1) AND status != ?2 ORDER BY created_ms DESC, id LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![tenant, limit as i64], |r| r.get::<_, String>(0))?;
-        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| serde_json::from_str(&t).ok()).collect())
+        let rows =
+            stmt.query_map(params![tenant, JobStatus::Pending.as_str(), limit as i64], |r| r.get::<_, String>(0))?;
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| parse_job(&t)).map(|j| j.snapshot).collect())
     }
 
-    /// Jobs that had not ended when the server stopped.
-    pub fn unfinished_jobs(&self) -> Result<Vec<Value>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT snapshot FROM jobs WHERE status NOT IN ('pending', 'completed', 'failed', 'cancelled') ORDER BY created_ms",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| serde_json::from_str(&t).ok()).collect())
+    /// Jobs that had not ended when the server stopped (neither reservations nor terminal).
+    pub fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let [completed, failed, cancelled] = JobStatus::TERMINAL.map(|s| s.as_str().to_string());
+        let mut stmt =
+            self.conn.prepare("SELECT snapshot FROM jobs WHERE status NOT IN (?1, ?2, ?3, ?4) ORDER BY created_ms")?;
+        let rows = stmt
+            .query_map(params![JobStatus::Pending.as_str(), completed, failed, cancelled], |r| r.get::<_, String>(0))?;
+        Ok(rows.filter_map(|r| r.ok()).filter_map(|t| parse_job(&t)).collect())
     }
 
     /// A cheap query proving the database answers.
@@ -380,63 +280,54 @@ pub struct ExpireEvents {
     pub before_ms: i64,
 }
 
-/// Save a job's snapshot.
+/// Save a job.
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
-pub struct SaveJob {
-    /// Job id.
-    pub id: String,
-    /// Its tenant.
-    pub tenant: String,
-    /// Its status.
-    pub status: String,
-    /// Its snapshot.
-    pub snapshot: Value,
-}
+pub struct SaveJob(pub JobRecord);
 
-/// A job's snapshot.
+/// A job (`None`: no such job).
 #[derive(Message)]
-#[rtype(result = "Result<Option<Value>, StoreError>")]
-pub struct GetJob(pub String);
+#[rtype(result = "Result<Option<JobRecord>, StoreError>")]
+pub struct GetJob(pub Uuid);
 
-/// What [`UpdateJob`] does with a snapshot.
+/// What [`UpdateJob`] does with a job.
 pub enum JobChange {
-    /// Save this snapshot (its `tenant` and `status` fields index it).
-    Save(Value),
-    /// Leave the stored snapshot as it is.
+    /// Save this.
+    Save(Box<JobRecord>),
+    /// Leave the stored job as it is.
     Keep,
     /// The caller may not touch this job; nothing is saved.
     Refuse,
 }
 
-/// How [`UpdateJob`] decides, given the stored snapshot (`None`: no such job).
-pub type DecideChange = Box<dyn FnOnce(Option<&Value>) -> JobChange + Send>;
+/// How [`UpdateJob`] decides, given the stored job (`None`: no such job).
+pub type DecideChange = Box<dyn FnOnce(Option<&JobRecord>) -> JobChange + Send>;
 
-/// Reads a job's snapshot (`None`: no such job), decides on it and saves the result, all in one step
-/// of the store's single writer, so two updates of the same job cannot interleave. Answers false when
+/// Reads a job (`None`: no such job), decides on it and saves the result, all in one step of the
+/// store's single writer, so two updates of the same job cannot interleave. Answers false when
 /// refused.
 #[derive(Message)]
 #[rtype(result = "Result<bool, StoreError>")]
 pub struct UpdateJob {
     /// Job id.
-    pub id: String,
+    pub id: Uuid,
     /// The decision.
     pub change: DecideChange,
 }
 
-/// Reserve a job id for a tenant; answers the job's snapshot.
+/// Reserve a job id for a tenant; answers the job.
 #[derive(Message)]
-#[rtype(result = "Result<Value, StoreError>")]
+#[rtype(result = "Result<JobRecord, StoreError>")]
 pub struct ReserveJob {
     /// The job id.
-    pub id: String,
+    pub id: Uuid,
     /// The tenant reserving it.
     pub tenant: String,
 }
 
-/// Jobs of a tenant (`None`: all).
+/// Snapshots of a tenant's jobs (`None`: all).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Value>, StoreError>")]
+#[rtype(result = "Result<Vec<JobSnapshot>, StoreError>")]
 pub struct ListJobs {
     /// The tenant.
     pub tenant: Option<String>,
@@ -473,26 +364,24 @@ impl Handler<ExpireEvents> for StoreActor {
 impl Handler<SaveJob> for StoreActor {
     type Result = Result<(), StoreError>;
     fn handle(&mut self, m: SaveJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store.save_job(&m.id, &m.tenant, &m.status, &m.snapshot)
+        self.store.save_job(&m.0)
     }
 }
 
 impl Handler<GetJob> for StoreActor {
-    type Result = Result<Option<Value>, StoreError>;
+    type Result = Result<Option<JobRecord>, StoreError>;
     fn handle(&mut self, m: GetJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store.job(&m.0)
+        self.store.job(m.0)
     }
 }
 
 impl Handler<UpdateJob> for StoreActor {
     type Result = Result<bool, StoreError>;
     fn handle(&mut self, m: UpdateJob, _: &mut SyncContext<Self>) -> Self::Result {
-        let current = self.store.job(&m.id)?;
+        let current = self.store.job(m.id)?;
         match (m.change)(current.as_ref()) {
-            JobChange::Save(snapshot) => {
-                let tenant = snapshot["tenant"].as_str().unwrap_or_default().to_string();
-                let status = snapshot["status"].as_str().unwrap_or_default().to_string();
-                self.store.save_job(&m.id, &tenant, &status, &snapshot)?;
+            JobChange::Save(job) => {
+                self.store.save_job(&job)?;
                 Ok(true)
             }
             JobChange::Keep => Ok(true),
@@ -502,14 +391,14 @@ impl Handler<UpdateJob> for StoreActor {
 }
 
 impl Handler<ReserveJob> for StoreActor {
-    type Result = Result<Value, StoreError>;
+    type Result = Result<JobRecord, StoreError>;
     fn handle(&mut self, m: ReserveJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store.reserve_job(&m.id, &m.tenant)
+        self.store.reserve_job(m.id, &m.tenant)
     }
 }
 
 impl Handler<ListJobs> for StoreActor {
-    type Result = Result<Vec<Value>, StoreError>;
+    type Result = Result<Vec<JobSnapshot>, StoreError>;
     fn handle(&mut self, m: ListJobs, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.jobs(m.tenant.as_deref(), m.limit)
     }
@@ -557,16 +446,28 @@ mod tests {
         assert_eq!(s.events_after("tenant:a", 0, 100, now_ms() + 1000).unwrap().len(), 0);
     }
 
+    fn job(tenant: &str, status: JobStatus) -> JobRecord {
+        let mut snapshot = JobSnapshot::reservation(Uuid::new_v4(), tenant);
+        snapshot.status = status;
+        JobRecord { snapshot, spec: None }
+    }
+
     #[test]
     fn jobs_round_trip_and_unfinished_ones_are_found() {
         let loc = Location::memory();
         let s = Store::open(&loc).unwrap();
-        s.save_job("a", "t1", "processing", &serde_json::json!({"job_id": "a", "status": "processing"})).unwrap();
-        s.save_job("b", "t2", "completed", &serde_json::json!({"job_id": "b", "status": "completed"})).unwrap();
-        assert_eq!(s.job("a").unwrap().unwrap()["status"], "processing");
+        let (a, b) = (job("t1", JobStatus::Processing), job("t2", JobStatus::Completed));
+        s.save_job(&a).unwrap();
+        s.save_job(&b).unwrap();
+        assert_eq!(s.job(a.snapshot.job_id).unwrap().unwrap(), a);
         assert_eq!(s.jobs(Some("t1"), 10).unwrap().len(), 1);
         assert_eq!(s.jobs(None, 10).unwrap().len(), 2);
-        assert_eq!(s.unfinished_jobs().unwrap().len(), 1);
-        assert!(s.job("zzz").unwrap().is_none());
+        assert_eq!(s.unfinished_jobs().unwrap(), vec![a]);
+        assert!(s.job(Uuid::new_v4()).unwrap().is_none());
+        // A reservation is neither listed nor unfinished, and keeps its first tenant.
+        let id = Uuid::new_v4();
+        assert_eq!(s.reserve_job(id, "t1").unwrap().snapshot.status, JobStatus::Pending);
+        assert_eq!(s.reserve_job(id, "t2").unwrap().snapshot.tenant, "t1");
+        assert_eq!((s.jobs(None, 10).unwrap().len(), s.unfinished_jobs().unwrap().len()), (2, 1));
     }
 }

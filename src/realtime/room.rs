@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::Value;
 use uuid::Uuid;
 
+use crate::db::sqlite::now_ms;
+use crate::db::store::{EventsAfter, StoreActor};
 use crate::framing::Encoded;
-use crate::history::{HistoryRing, Replay};
-use crate::protocol::{Envelope, Since, Subscribed};
-use crate::session::Member;
-use crate::store::{now_ms, EventsAfter, StoreActor};
+use crate::protocol::{Envelope, JobSnapshot, Since, Subscribed};
+use crate::realtime::history::{HistoryRing, Replay};
+use crate::realtime::outbox::Member;
 
 /// What every room needs to know.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ pub struct Join {
     /// Resume position, if any.
     pub since: Option<Since>,
     /// For job rooms, the job's state for `subscribed.snapshot`.
-    pub snapshot: Option<Value>,
+    pub snapshot: Option<Box<JobSnapshot>>,
 }
 
 /// A connection leaves the room.

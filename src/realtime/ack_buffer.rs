@@ -195,12 +195,14 @@ impl Unacked {
     }
 
     /// Events waiting for an ack.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 }
@@ -234,7 +236,10 @@ impl Actor for AckBuffer {
         ctx.run_interval(self.tick, |buf, ctx| {
             for due in buf.window.due(Instant::now()) {
                 match due {
-                    Due::Redeliver { room, event, .. } => buf.redeliver.do_send(Redeliver { room, event }),
+                    Due::Redeliver { room, event, attempt } => {
+                        tracing::debug!(room = %room, seq = event.seq, attempt, "redelivering an unacknowledged event");
+                        buf.redeliver.do_send(Redeliver { room, event })
+                    }
                     Due::Exhausted { room, seq } => {
                         buf.timed_out.do_send(AckTimedOut { room, seq });
                         ctx.stop();

@@ -16,11 +16,10 @@
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::csv_import::{fnv1a_128, Row};
-use crate::store::{connect, Location, StoreError};
+use crate::db::sqlite::{connect, migrate, Location, StoreError};
+use crate::protocol::ZoneReport;
 
 /// A group commit closes once it holds this many rows.
 pub const GROUP_ROWS: usize = 64 * 1024;
@@ -34,6 +33,35 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          key BLOB NOT NULL, job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL,
          amount_cents INTEGER NOT NULL, description TEXT NOT NULL, category TEXT NOT NULL);",
 )];
+
+/// One row ready for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// File line.
+    pub line: u64,
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    /// Amount in cents.
+    pub cents: i64,
+    /// Description, neutralised.
+    pub description: String,
+    /// Category from the rules.
+    pub category: String,
+    /// Deduplication key (per tenant): a 128-bit hash of date, amount and normalised description.
+    pub key: [u8; 16],
+}
+
+/// FNV-1a (128 bit) over the concatenation of `parts`.
+pub fn fnv1a_128(parts: &[&[u8]]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u128::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h
+}
 
 /// Where a row's deduplication starts: a 64-bit hash of the tenant and the row's content key (FNV-1a,
 /// 128 bits, folded). Equal rows of a tenant have the same slot; a different row in a slot (about once
@@ -85,7 +113,7 @@ impl<'c> RowWriter<'c> {
 pub struct RowStore {
     conn: Connection,
     /// Zones written into the open transaction, with their completed reports.
-    group: Vec<(StoreZone, Value)>,
+    group: Vec<(StoreZone, ZoneReport)>,
     group_rows: usize,
 }
 
@@ -93,7 +121,7 @@ impl RowStore {
     /// Opens (creating and migrating when needed) the row database that goes with `main`.
     pub fn open(main: &Location) -> Result<RowStore, StoreError> {
         let conn = connect(&main.rows(), 32_768)?;
-        crate::store::migrate(&conn, MIGRATIONS, |_| Ok(()))?;
+        migrate(&conn, MIGRATIONS)?;
         Ok(RowStore { conn, group: Vec::new(), group_rows: 0 })
     }
 
@@ -169,8 +197,8 @@ impl RowStore {
         tenant: &str,
         zone_index: u64,
         rows: &[Row],
-        mut report: Value,
-    ) -> Result<Value, StoreError> {
+        mut report: ZoneReport,
+    ) -> Result<ZoneReport, StoreError> {
         if !self.in_group() {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
         }
@@ -219,7 +247,7 @@ impl RowStore {
         tenant: &str,
         zone_index: u64,
         rows: &[Row],
-        report: &mut Value,
+        report: &mut ZoneReport,
     ) -> Result<(), StoreError> {
         let mut inserted = 0u64;
         let mut writer = RowWriter::new(&self.conn)?;
@@ -227,11 +255,15 @@ impl RowStore {
             inserted += u64::from(writer.insert(tenant, job_id, row)?);
         }
         drop(writer);
-        report["inserted"] = inserted.into();
-        report["duplicates"] = (rows.len() as u64 - inserted).into();
-        self.conn
-            .prepare_cached("INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)")?
-            .execute(params![job_id, zone_index as i64, report.to_string()])?;
+        report.inserted = inserted;
+        report.duplicates = rows.len() as u64 - inserted;
+        self.conn.prepare_cached("INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)")?.execute(
+            params![
+                job_id,
+                zone_index as i64,
+                serde_json::to_string(report).map_err(|e| StoreError::new(e.to_string()))?
+            ],
+        )?;
         Ok(())
     }
 
@@ -256,7 +288,7 @@ impl RowStore {
     }
 
     /// Reports of the zones of a job that completed, by index.
-    pub fn zone_reports(&mut self, job_id: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+    pub fn zone_reports(&mut self, job_id: &str) -> Result<Vec<(u64, ZoneReport)>, StoreError> {
         self.commit_group();
         let mut stmt =
             self.conn.prepare_cached("SELECT zone_index, report FROM zones WHERE job_id = ?1 ORDER BY zone_index")?;
@@ -265,6 +297,7 @@ impl RowStore {
     }
 
     /// How many rows a tenant has (for tests and stats).
+    #[cfg(test)]
     pub fn row_count(&mut self, tenant: &str) -> Result<u64, StoreError> {
         self.commit_group();
         Ok(self
@@ -292,9 +325,9 @@ pub struct StoreZone {
     /// Its valid rows.
     pub rows: Vec<Row>,
     /// Its report so far.
-    pub report: Value,
+    pub report: ZoneReport,
     /// Where the completed report goes.
-    pub reply: oneshot::Sender<Result<Value, StoreError>>,
+    pub reply: oneshot::Sender<Result<ZoneReport, StoreError>>,
 }
 
 /// Commit the open group (the row store sends it to itself).
@@ -304,7 +337,7 @@ struct Flush;
 
 /// A job's completed zone reports.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<(u64, Value)>, StoreError>")]
+#[rtype(result = "Result<Vec<(u64, ZoneReport)>, StoreError>")]
 pub struct ZoneReports(pub String);
 
 impl Handler<StoreZone> for RowStore {
@@ -329,7 +362,7 @@ impl Handler<Flush> for RowStore {
 }
 
 impl Handler<ZoneReports> for RowStore {
-    type Result = Result<Vec<(u64, Value)>, StoreError>;
+    type Result = Result<Vec<(u64, ZoneReport)>, StoreError>;
     fn handle(&mut self, m: ZoneReports, _: &mut SyncContext<Self>) -> Self::Result {
         self.zone_reports(&m.0)
     }
@@ -354,8 +387,10 @@ mod tests {
         Row { line, date: "2024-01-01".into(), cents: 1, description: "d".into(), category: "c".into(), key: [key; 16] }
     }
 
-    fn store_zone(s: &mut RowStore, job: &str, tenant: &str, index: u64, rows: &[Row]) -> Value {
-        let report = s.write_zone(job, tenant, index, rows, serde_json::json!({"rows": rows.len()})).unwrap();
+    fn store_zone(s: &mut RowStore, job: &str, tenant: &str, index: u64, rows: &[Row]) -> ZoneReport {
+        let report = s
+            .write_zone(job, tenant, index, rows, ZoneReport { rows: rows.len() as u64, ..ZoneReport::default() })
+            .unwrap();
         s.commit_group();
         report
     }
@@ -366,12 +401,12 @@ mod tests {
         let mut s = RowStore::open(&loc).unwrap();
         let rows = vec![row(2, 1), row(3, 2), row(4, 1)];
         let r = store_zone(&mut s, "j1", "t1", 0, &rows);
-        assert_eq!((r["inserted"].as_u64(), r["duplicates"].as_u64()), (Some(2), Some(1)));
+        assert_eq!((r.inserted, r.duplicates), (2, 1));
         // The same zone again is a no-op with the same report.
         assert_eq!(store_zone(&mut s, "j1", "t1", 0, &rows), r);
         // Another job of the same tenant inserts nothing new; another tenant does.
-        assert_eq!(store_zone(&mut s, "j2", "t1", 0, &rows)["inserted"], 0);
-        assert_eq!(store_zone(&mut s, "j3", "t2", 0, &rows)["inserted"], 2);
+        assert_eq!(store_zone(&mut s, "j2", "t1", 0, &rows).inserted, 0);
+        assert_eq!(store_zone(&mut s, "j3", "t2", 0, &rows).inserted, 2);
         assert_eq!(s.row_count("t1").unwrap(), 2);
         assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
     }
@@ -392,11 +427,11 @@ mod tests {
                 .unwrap();
         }
         let first = store_zone(&mut s, "j", "t", 0, std::slice::from_ref(&b));
-        assert_eq!((first["inserted"].as_u64(), first["duplicates"].as_u64()), (Some(1), Some(0)));
+        assert_eq!((first.inserted, first.duplicates), (1, 0));
         let stored: i64 = s.conn.query_row("SELECT slot FROM transactions WHERE line = 2", [], |r| r.get(0)).unwrap();
         assert_eq!(stored, slot.wrapping_add(2), "the row took the first free slot after the taken ones");
         let again = store_zone(&mut s, "j", "t", 1, &[b]);
-        assert_eq!((again["inserted"].as_u64(), again["duplicates"].as_u64()), (Some(0), Some(1)));
+        assert_eq!((again.inserted, again.duplicates), (0, 1));
         assert_eq!(s.row_count("t").unwrap(), 3);
     }
 
@@ -406,10 +441,10 @@ mod tests {
         let loc = Location::file(dir.path().join("jobcast.db"));
         let died = std::panic::catch_unwind(|| {
             let mut s = RowStore::open(&loc).unwrap();
-            s.write_zone("j", "t", 0, &[row(2, 1)], serde_json::json!({})).unwrap();
-            s.write_zone("j", "t", 1, &[row(3, 2)], serde_json::json!({})).unwrap();
+            s.write_zone("j", "t", 0, &[row(2, 1)], ZoneReport::default()).unwrap();
+            s.write_zone("j", "t", 1, &[row(3, 2)], ZoneReport::default()).unwrap();
             s.commit_group();
-            s.write_zone("j", "t", 2, &[row(4, 3)], serde_json::json!({})).unwrap();
+            s.write_zone("j", "t", 2, &[row(4, 3)], ZoneReport::default()).unwrap();
             panic!("the row store dies with zone 2 written and not committed");
         });
         assert!(died.is_err());
@@ -419,9 +454,9 @@ mod tests {
     }
 
     /// Adds a zone as the actor does; the answer arrives once its group is committed.
-    fn add(s: &mut RowStore, index: u64, rows: Vec<Row>) -> oneshot::Receiver<Result<Value, StoreError>> {
+    fn add(s: &mut RowStore, index: u64, rows: Vec<Row>) -> oneshot::Receiver<Result<ZoneReport, StoreError>> {
         let (reply, answer) = oneshot::channel();
-        let report = serde_json::json!({ "rows": rows.len() });
+        let report = ZoneReport { rows: rows.len() as u64, ..ZoneReport::default() };
         s.add(StoreZone { job_id: "j".into(), tenant: "t".into(), index, rows, report, reply });
         answer
     }
@@ -442,37 +477,9 @@ mod tests {
         assert!(zone1.blocking_recv().unwrap().unwrap_err().to_string().contains("refused"));
         assert!(zone0.try_recv().is_err(), "zone 0 is answered only when its group commits");
         s.commit_group();
-        assert_eq!(zone0.blocking_recv().unwrap().unwrap()["inserted"], 1);
-        assert_eq!(zone2.blocking_recv().unwrap().unwrap()["inserted"], 1);
+        assert_eq!(zone0.blocking_recv().unwrap().unwrap().inserted, 1);
+        assert_eq!(zone2.blocking_recv().unwrap().unwrap().inserted, 1);
         assert_eq!(s.zone_reports("j").unwrap().iter().map(|z| z.0).collect::<Vec<_>>(), vec![0, 2]);
         assert_eq!(s.row_count("t").unwrap(), 2, "nothing of zone 1 stayed");
-    }
-
-    #[test]
-    fn rows_of_an_older_main_database_move_here() {
-        let dir = tempfile::tempdir().unwrap();
-        let loc = Location::file(dir.path().join("jobcast.db"));
-        {
-            // A main database as version 1 left it, with one zone of two rows.
-            let conn = Connection::open(dir.path().join("jobcast.db")).unwrap();
-            conn.execute_batch(crate::store::LEGACY_V1).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
-                 INSERT INTO zones VALUES ('j', 0, '{\"inserted\":2}');
-                 INSERT INTO transactions (tenant, key, job_id, line, date, amount_cents, description, category)
-                 VALUES ('t', x'01010101010101010101010101010101', 'j', 2, '2024-01-01', 1, 'd', 'c'),
-                        ('t', x'02020202020202020202020202020202', 'j', 3, '2024-01-01', 1, 'd', 'c');",
-            )
-            .unwrap();
-        }
-        let mut s = RowStore::open(&loc).unwrap();
-        assert_eq!(s.adopt_legacy(&loc).unwrap(), 2);
-        assert_eq!(s.adopt_legacy(&loc).unwrap(), 0, "copying again adds nothing");
-        crate::store::Store::open(&loc).unwrap();
-        assert_eq!(s.adopt_legacy(&loc).unwrap(), 0, "the main store dropped the old tables");
-        assert_eq!(s.zone_reports("j").unwrap().len(), 1);
-        // The moved rows still deduplicate what comes after them.
-        assert_eq!(store_zone(&mut s, "j2", "t", 0, &[row(2, 1), row(3, 3)])["inserted"], 1);
-        assert_eq!(s.row_count("t").unwrap(), 3);
     }
 }

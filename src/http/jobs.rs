@@ -3,20 +3,21 @@
 use actix_multipart::Multipart;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::broker::Publish;
+use crate::db::store::{GetJob, JobChange, JobRecord, JobSpec, SaveJob, UpdateJob};
 use crate::error::ApiError;
-use crate::http::{bearer, PostedEvent};
-use crate::job::{public_snapshot, JobSpec};
-use crate::protocol::Event;
-use crate::scheduler::{CancelJob, CancelOutcome, Submit};
-use crate::store::{GetJob, JobChange, ListJobs, SaveJob, UpdateJob};
-use crate::Shared;
+use crate::http::extract::{bearer, publish_failed, PostedEvent};
+use crate::http::shared::Shared;
+use crate::jobs::job;
+use crate::jobs::lookup::Refused;
+use crate::jobs::scheduler::{CancelOutcome, Submit};
+use crate::protocol::{now_rfc3339, Event, JobError, JobSnapshot, JobStatus, RoomKind};
+use crate::realtime::broker::Publish;
 
 /// Registers the job routes under `/api/v1`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -31,17 +32,19 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(e.to_string())
 }
 
-/// The job's stored snapshot if `who` may see it; 404 otherwise (another tenant's job does not exist
-/// as far as the caller can tell).
-async fn visible_job(shared: &Shared, who: &Identity, id: &str) -> Result<(Uuid, Value), ApiError> {
+/// The job if `who` may see it; 404 otherwise (another tenant's job, or a reservation, does not
+/// exist as far as the caller can tell).
+async fn visible_job(shared: &Shared, who: &Identity, id: &str) -> Result<JobRecord, ApiError> {
     let not_found = || ApiError::NotFound(format!("no job {id}"));
     let job_id = Uuid::parse_str(id).map_err(|_| not_found())?;
-    let snapshot = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
-    match snapshot {
-        Some(s) if s["status"] != "pending" && (who.admin || s["tenant"].as_str() == Some(who.tenant.as_str())) => {
-            Ok((job_id, s))
-        }
-        _ => Err(not_found()),
+    shared.jobs.find(who, job_id, false).await.map_err(|e| refused(e, id))
+}
+
+/// A refused lookup as HTTP answers it: 404 whether the job is unknown or another tenant's.
+fn refused(e: Refused, id: &str) -> ApiError {
+    match e {
+        Refused::Unknown | Refused::Forbidden => ApiError::NotFound(format!("no job {id}")),
+        Refused::Unavailable(e) => ApiError::Unavailable(e),
     }
 }
 
@@ -93,9 +96,9 @@ async fn upload(req: HttpRequest, shared: web::Data<Shared>, mut form: Multipart
     };
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
     // A batch id may be reserved by a subscription of the same tenant; anything else is taken.
-    let existing = shared.store.send(GetJob(job_id.to_string())).await.map_err(unavailable)?.map_err(unavailable)?;
-    if let Some(s) = existing {
-        if s["status"] != "pending" || s["tenant"].as_str() != Some(who.tenant.as_str()) {
+    let existing = shared.store.send(GetJob(job_id)).await.map_err(unavailable)?.map_err(unavailable)?;
+    if let Some(job) = existing {
+        if job.snapshot.status != JobStatus::Pending || job.snapshot.tenant != who.tenant {
             let _ = tokio::fs::remove_file(&part).await;
             return Err(ApiError::Conflict(format!("batch_id {job_id} is already in use")));
         }
@@ -104,16 +107,12 @@ async fn upload(req: HttpRequest, shared: web::Data<Shared>, mut form: Multipart
     tokio::fs::rename(&part, &path).await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
     let spec =
         JobSpec { job_id, tenant: who.tenant.clone(), user_id: who.user_id.clone(), filename, path, size_bytes: size };
-    let snapshot = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": who.tenant, "user_id": who.user_id,
-        "kind": "csv_import", "filename": spec.filename, "size_bytes": size, "status": "queued", "progress": 0.0,
-        "created_at": crate::protocol::now_rfc3339(), "spec": spec });
-    let save = SaveJob { id: job_id.to_string(), tenant: who.tenant.clone(), status: "queued".into(), snapshot };
-    shared.store.send(save).await.map_err(unavailable)?.map_err(unavailable)?;
+    shared.store.send(SaveJob(job::queued(spec.clone()))).await.map_err(unavailable)?.map_err(unavailable)?;
     info!(target: "audit", event = "upload", user = %who.user_id, tenant = %who.tenant, job = %job_id, size, "job created");
     shared.scheduler.do_send(Submit { spec, resume: None });
     Ok(HttpResponse::Accepted().json(json!({
         "job_id": job_id,
-        "room": format!("job:{job_id}"),
+        "room": RoomKind::Job(job_id).name(),
         "status_url": format!("/api/v1/jobs/{job_id}"),
         "ws_url": format!("/ws/jobs/{job_id}"),
     })))
@@ -202,31 +201,29 @@ async fn receive(
 
 async fn list(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
-    let tenant = (!who.admin).then(|| who.tenant.clone());
-    let jobs = shared.store.send(ListJobs { tenant, limit: 500 }).await.map_err(unavailable)?.map_err(unavailable)?;
-    let jobs: Vec<Value> = jobs.into_iter().map(public_snapshot).collect();
+    let jobs = shared.jobs.list(&who, 500).await.map_err(|e| refused(e, ""))?;
     Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
 }
 
 async fn get(req: HttpRequest, shared: web::Data<Shared>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
-    let (_, snapshot) = visible_job(&shared, &who, &id).await?;
-    Ok(HttpResponse::Ok().json(public_snapshot(snapshot)))
+    let job = visible_job(&shared, &who, &id).await?;
+    Ok(HttpResponse::Ok().json(job.snapshot))
 }
 
 async fn cancel(req: HttpRequest, shared: web::Data<Shared>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
-    let (job_id, snapshot) = visible_job(&shared, &who, &id).await?;
-    let outcome = shared.scheduler.send(CancelJob { job_id, by: who.user_id.clone() }).await.map_err(unavailable)?;
+    let job = visible_job(&shared, &who, &id).await?;
+    let job_id = job.snapshot.job_id;
+    let outcome = shared.jobs.cancel(&job, &who.user_id).await.map_err(|e| refused(e, &id))?;
     info!(target: "audit", event = "cancel", user = %who.user_id, job = %job_id, ?outcome, "cancel requested");
     match outcome {
         CancelOutcome::Cancelling => {
             Ok(HttpResponse::Accepted().json(json!({ "job_id": job_id, "status": "cancelling" })))
         }
-        CancelOutcome::NotRunning => Err(ApiError::Conflict(format!(
-            "job {job_id} is not running (status {})",
-            snapshot["status"].as_str().unwrap_or("unknown")
-        ))),
+        CancelOutcome::NotRunning => {
+            Err(ApiError::Conflict(format!("job {job_id} is not running (status {})", job.snapshot.status.as_str())))
+        }
     }
 }
 
@@ -247,36 +244,31 @@ async fn publish_event(
     let (posted, publisher) = (event.clone(), who.clone());
     // Read, follow and save in one step of the store, so concurrent posts for one job cannot undo
     // each other's changes.
-    let change = move |current: Option<&Value>| {
-        let (mut snapshot, new) = match current {
-            Some(s) if publisher.admin || s["tenant"].as_str() == Some(publisher.tenant.as_str()) => (s.clone(), false),
+    let change = move |current: Option<&JobRecord>| {
+        let (mut job, new) = match current {
+            Some(job) if publisher.may_access(&job.snapshot.tenant) => (job.clone(), false),
             Some(_) => return JobChange::Refuse,
-            None => {
-                let s = json!({ "job_id": job_id, "room": format!("job:{job_id}"), "tenant": publisher.tenant,
-                    "user_id": publisher.user_id, "kind": "external", "status": "processing", "progress": 0.0,
-                    "created_at": crate::protocol::now_rfc3339() });
-                (s, true)
-            }
+            None => (JobRecord { snapshot: external(job_id, &publisher), spec: None }, true),
         };
         // A CSV job's snapshot is its own; an external one is written when it is new or the event
         // changes it (an `info` is only published: no store write for it).
-        if snapshot.get("spec").is_some() || !(new || changes_snapshot(&posted)) {
+        if job.spec.is_some() || !(new || changes_snapshot(&posted)) {
             return JobChange::Keep;
         }
-        follow(&mut snapshot, &posted);
-        JobChange::Save(snapshot)
+        follow(&mut job.snapshot, &posted);
+        JobChange::Save(Box::new(job))
     };
-    let update = UpdateJob { id: job_id.to_string(), change: Box::new(change) };
+    let update = UpdateJob { id: job_id, change: Box::new(change) };
     if !shared.store.send(update).await.map_err(unavailable)?.map_err(unavailable)? {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
     let kind = event.kind();
     let published = shared
         .broker
-        .send(Publish { room: format!("job:{job_id}"), event })
+        .send(Publish { room: RoomKind::Job(job_id).name(), event })
         .await
         .map_err(unavailable)?
-        .map_err(crate::error::publish_failed)?;
+        .map_err(publish_failed)?;
     info!(target: "audit", event = "publisher_event", user = %who.user_id, job = %job_id, kind = kind.as_str(), seq = published.seq, "published");
     Ok(HttpResponse::Created().json(json!({ "seq": published.seq })))
 }
@@ -293,27 +285,39 @@ fn changes_snapshot(event: &Event) -> bool {
     )
 }
 
+/// A new external job of the publisher's tenant: a job jobcast does not run, reported by its events.
+fn external(job_id: Uuid, publisher: &Identity) -> JobSnapshot {
+    JobSnapshot {
+        user_id: Some(publisher.user_id.clone()),
+        kind: Some("external".into()),
+        status: JobStatus::Processing,
+        progress: Some(0.0),
+        created_at: Some(now_rfc3339()),
+        ..JobSnapshot::reservation(job_id, &publisher.tenant)
+    }
+}
+
 /// Updates an external job's snapshot from an event posted into its room.
-fn follow(snapshot: &mut Value, event: &Event) {
-    snapshot["updated_at"] = crate::protocol::now_rfc3339().into();
+fn follow(snapshot: &mut JobSnapshot, event: &Event) {
+    snapshot.updated_at = Some(now_rfc3339());
     match event {
-        Event::Status(s) => snapshot["status"] = s.status.clone().into(),
+        Event::Status(s) => snapshot.status = s.status.clone(),
         Event::ProcessingProgress(p) => {
-            let old = snapshot["progress"].as_f64().unwrap_or(0.0);
-            snapshot["progress"] = p.progress.max(old).min(99.9).into();
-            snapshot["stage"] = p.stage.clone().into();
-            snapshot["eta_seconds"] = p.eta_seconds.into();
+            let old = snapshot.progress.unwrap_or(0.0);
+            snapshot.progress = Some(p.progress.max(old).min(99.9));
+            snapshot.stage = Some(p.stage.clone());
+            snapshot.eta_seconds = Some(p.eta_seconds);
         }
         Event::ProcessingCompleted(c) => {
-            snapshot["status"] = "completed".into();
-            snapshot["progress"] = 100.0.into();
-            snapshot["results"] = c.results.clone();
+            snapshot.status = JobStatus::Completed;
+            snapshot.progress = Some(100.0);
+            snapshot.results = Some(c.results.clone());
         }
         Event::ProcessingFailed(f) => {
-            snapshot["status"] = "failed".into();
-            snapshot["error"] = json!({ "message": f.error, "recoverable": f.recoverable });
+            snapshot.status = JobStatus::Failed;
+            snapshot.error = Some(Some(JobError { message: f.error.clone(), recoverable: f.recoverable }));
         }
-        Event::JobCancelled(_) => snapshot["status"] = "cancelled".into(),
+        Event::JobCancelled(_) => snapshot.status = JobStatus::Cancelled,
         _ => {}
     }
 }

@@ -2,52 +2,36 @@
 //! (queued → validating → scanning → parsing → processing → finalizing → completed | failed | cancelled).
 //!
 //! It validates the file off the I/O arbiter, fans zones out to its zone actor (a window of
-//! `zones_in_flight`, refilled as each zone is stored), alone computes overall progress and ETA,
+//! [`ZONES_IN_FLIGHT`], refilled as each zone is stored), alone computes overall progress and ETA,
 //! coalesces `processing_progress`, and keeps its snapshot in the store. It knows nothing of sessions:
 //! everything it says goes to the broker.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
 
-use crate::broker::{Broker, Publish};
-use crate::csv_import::{validate, FlaggedCell, InvalidRow, Validated};
-use crate::progress::{validation_progress, zone_progress, Coalescer, Eta, Monotonic, Stage};
+use crate::db::row_store::ZoneReports;
+use crate::db::store::{JobRecord, JobSpec, SaveJob, StoreActor};
+use crate::jobs::csv::{validate, Validated};
+use crate::jobs::progress::{stage_at, validation_progress, zone_progress, Coalescer, Eta, Monotonic};
+use crate::jobs::zone::{ProcessZone, Zone, ZoneDeps};
 use crate::protocol::{
-    now_rfc3339, Event, JobCancelled, ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted,
-    StatusData,
+    now_rfc3339, Event, FlaggedCell, ImportResults, InvalidRow, JobCancelled, JobError, JobSnapshot, JobStatus,
+    ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted, RoomKind, Stage, StatusData,
+    ZoneReport,
 };
-use crate::row_store::ZoneReports;
-use crate::scheduler::{Finished, Scheduler};
-use crate::store::{SaveJob, StoreActor};
-use crate::zone::{ProcessZone, Zone, ZoneDeps};
+use crate::realtime::broker::{Broker, Publish};
 
 /// Results keep this many invalid rows and flagged cells.
 const KEEP: usize = 100;
 
-/// What a job is about; kept in its snapshot so a restart can resume it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct JobSpec {
-    /// The job id (the client's `batch_id` when given).
-    pub job_id: Uuid,
-    /// Owner's tenant.
-    pub tenant: String,
-    /// Owner.
-    pub user_id: String,
-    /// The name the client gave the file.
-    pub filename: String,
-    /// Where the upload is stored.
-    pub path: PathBuf,
-    /// Its size.
-    pub size_bytes: u64,
-}
+/// The kind of job this actor runs.
+pub const CSV_IMPORT: &str = "csv_import";
 
 /// The peers and limits a job needs.
 #[derive(Clone)]
@@ -64,8 +48,20 @@ pub struct JobDeps {
     pub zone_rows: usize,
     /// `processing_progress` per second.
     pub progress_rate: u32,
-    /// Zones in flight per job (being worked on or waiting for their group commit).
-    pub zones_in_flight: usize,
+}
+
+/// Zones a job keeps in flight (being worked on or waiting for their group commit): enough for the
+/// row store's group commits to take many zones at once (an import's cost is the dedup index pages
+/// each commit writes). Memory is bounded across all jobs by [`crate::jobs::zone::ROWS_IN_FLIGHT`];
+/// this bounds only the zone messages a job has queued.
+const ZONES_IN_FLIGHT: usize = 64;
+
+/// Sent to whoever started the job (the scheduler) once the job actor stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Finished {
+    /// The job.
+    pub job_id: Uuid,
 }
 
 /// Start working (a run slot was granted).
@@ -106,62 +102,48 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, report: &Value) {
-        let n = |k: &str| report[k].as_u64().unwrap_or(0);
-        self.processed += n("rows");
-        self.inserted += n("inserted");
-        self.duplicates += n("duplicates");
-        self.invalid_count += n("invalid_count");
-        self.flagged_count += n("flagged_count");
-        if let Ok(rows) = serde_json::from_value::<Vec<InvalidRow>>(report["invalid_rows"].clone()) {
-            for r in rows {
-                self.invalid.insert(r.line, r);
-            }
-            while self.invalid.len() > KEEP {
-                self.invalid.pop_last();
-            }
+    fn add(&mut self, report: &ZoneReport) {
+        self.processed += report.rows;
+        self.inserted += report.inserted;
+        self.duplicates += report.duplicates;
+        self.invalid_count += report.invalid_count;
+        self.flagged_count += report.flagged_count;
+        for r in &report.invalid_rows {
+            self.invalid.insert(r.line, r.clone());
         }
-        if let Ok(cells) = serde_json::from_value::<Vec<FlaggedCell>>(report["flagged_cells"].clone()) {
-            self.flagged.extend(cells);
-            self.flagged.sort_by_key(|c| c.line);
-            self.flagged.truncate(KEEP);
+        while self.invalid.len() > KEEP {
+            self.invalid.pop_last();
         }
-        if let Some(cats) = report["categories"].as_object() {
-            for (k, v) in cats {
-                *self.categories.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
-            }
+        self.flagged.extend(report.flagged_cells.iter().cloned());
+        self.flagged.sort_by_key(|c| c.line);
+        self.flagged.truncate(KEEP);
+        for (k, v) in &report.categories {
+            *self.categories.entry(k.clone()).or_insert(0) += v;
         }
     }
 
-    fn results(&self) -> Value {
-        json!({
-            "processed_rows": self.processed,
-            "inserted": self.inserted,
-            "duplicates": self.duplicates,
-            "invalid_count": self.invalid_count,
-            "invalid_rows": self.invalid.values().collect::<Vec<_>>(),
-            "flagged_count": self.flagged_count,
-            "flagged_cells": self.flagged,
-            "categories": self.categories,
-        })
+    fn results(&self) -> ImportResults {
+        ImportResults {
+            processed_rows: self.processed,
+            inserted: self.inserted,
+            duplicates: self.duplicates,
+            invalid_count: self.invalid_count,
+            invalid_rows: self.invalid.values().cloned().collect(),
+            flagged_count: self.flagged_count,
+            flagged_cells: self.flagged.clone(),
+            categories: self.categories.clone(),
+        }
     }
-}
-
-/// A stored snapshot as clients see it (without the server-side file path).
-pub fn public_snapshot(mut snapshot: Value) -> Value {
-    if let Some(o) = snapshot.as_object_mut() {
-        o.remove("spec");
-    }
-    snapshot
 }
 
 /// The job actor.
 pub struct Job {
     spec: JobSpec,
     deps: JobDeps,
-    scheduler: Addr<Scheduler>,
+    /// Told when the job actor stops.
+    finished: Recipient<Finished>,
     room: String,
-    status: &'static str,
+    status: JobStatus,
     progress: Monotonic,
     eta: Eta,
     eta_seconds: Option<f64>,
@@ -180,7 +162,7 @@ pub struct Job {
     totals: Totals,
     /// Set when a cancel arrived; the job stops once no zone is in flight.
     cancelled_by: Option<String>,
-    error: Option<Value>,
+    error: Option<JobError>,
     created_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
@@ -190,23 +172,23 @@ pub struct Job {
 }
 
 impl Job {
-    /// A new job, or one resumed from its stored `snapshot`.
-    pub fn new(spec: JobSpec, deps: JobDeps, scheduler: Addr<Scheduler>, snapshot: Option<&Value>) -> Self {
+    /// A new job, or one resumed from its stored `snapshot`; `finished` is told when it stops.
+    pub fn new(spec: JobSpec, deps: JobDeps, finished: Recipient<Finished>, snapshot: Option<&JobSnapshot>) -> Self {
         let mut progress = Monotonic::default();
-        if let Some(p) = snapshot.and_then(|s| s["progress"].as_f64()) {
+        if let Some(p) = snapshot.and_then(|s| s.progress) {
             progress.raise(p);
         }
         let span = tracing::info_span!("job", job = %spec.job_id, tenant = %spec.tenant);
         Job {
-            room: format!("job:{}", spec.job_id),
+            room: RoomKind::Job(spec.job_id).name(),
             coalescer: Coalescer::new(deps.progress_rate),
-            created_at: snapshot.and_then(|s| s["created_at"].as_str()).map(str::to_string).unwrap_or_else(now_rfc3339),
-            started_at: snapshot.and_then(|s| s["started_at"].as_str()).map(str::to_string),
+            created_at: snapshot.and_then(|s| s.created_at.clone()).unwrap_or_else(now_rfc3339),
+            started_at: snapshot.and_then(|s| s.started_at.clone().flatten()),
             resumed: snapshot.is_some(),
             spec,
             deps,
-            scheduler,
-            status: "queued",
+            finished,
+            status: JobStatus::Queued,
             progress,
             eta: Eta::new(Instant::now()),
             eta_seconds: None,
@@ -237,57 +219,40 @@ impl Job {
         self.validated.as_ref().map(|v| v.rows).unwrap_or(0)
     }
 
-    /// The job as `GET /api/v1/jobs/{id}` and `subscribed.snapshot` show it.
-    pub fn snapshot(&self) -> Value {
-        let terminal = matches!(self.status, "completed" | "failed" | "cancelled");
-        json!({
-            "job_id": self.spec.job_id,
-            "room": self.room,
-            "tenant": self.spec.tenant,
-            "user_id": self.spec.user_id,
-            "kind": "csv_import",
-            "filename": self.spec.filename,
-            "size_bytes": self.spec.size_bytes,
-            "status": self.status,
-            "stage": Stage::at(self.progress.get()).as_str(),
-            "progress": if self.status == "completed" { 100.0 } else { self.progress.get() },
-            "eta_seconds": if terminal { None } else { self.eta_seconds },
-            "zones_total": self.zones_total(),
-            "zones_completed": self.done.len(),
-            "processed": self.totals.processed,
-            "total": self.total_rows(),
-            "errors": self.totals.invalid_count,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "updated_at": now_rfc3339(),
-            "finished_at": self.finished_at,
-            "results": if self.status == "completed" { self.totals.results() } else { Value::Null },
-            "error": self.error,
-            "spec": self.spec,
-        })
+    /// The job as stored: the snapshot `GET /api/v1/jobs/{id}` and `subscribed.snapshot` show, and
+    /// its spec.
+    fn record(&self) -> JobRecord {
+        let completed = self.status == JobStatus::Completed;
+        let mut s = csv_snapshot(&self.spec, self.status.clone(), self.created_at.clone());
+        s.stage = Some(stage_at(self.progress.get()));
+        s.progress = Some(if completed { 100.0 } else { self.progress.get() });
+        s.eta_seconds = Some(if self.status.is_terminal() { None } else { self.eta_seconds });
+        s.zones_total = Some(self.zones_total());
+        s.zones_completed = Some(self.done.len() as u64);
+        s.processed = Some(self.totals.processed);
+        s.total = Some(self.total_rows());
+        s.errors = Some(self.totals.invalid_count);
+        s.started_at = Some(self.started_at.clone());
+        s.finished_at = Some(self.finished_at.clone());
+        if completed {
+            s.results = Some(json!(self.totals.results()));
+        }
+        s.error = Some(self.error.clone());
+        JobRecord { snapshot: s, spec: Some(self.spec.clone()) }
     }
 
     fn save(&self) {
-        self.deps.store.do_send(SaveJob {
-            id: self.spec.job_id.to_string(),
-            tenant: self.spec.tenant.clone(),
-            status: self.status.to_string(),
-            snapshot: self.snapshot(),
-        });
+        self.deps.store.do_send(SaveJob(self.record()));
     }
 
-    fn set_status(&mut self, status: &'static str, message: impl Into<String>) {
+    fn set_status(&mut self, status: JobStatus, message: impl Into<String>) {
         if self.status == status {
             return;
         }
-        self.status = status;
+        self.status = status.clone();
         let _g = self.span.enter();
-        tracing::info!(status, "job status");
-        self.publish(Event::Status(StatusData {
-            job_id: Some(self.spec.job_id),
-            status: status.into(),
-            message: message.into(),
-        }));
+        tracing::info!(status = status.as_str(), "job status");
+        self.publish(Event::Status(StatusData { job_id: Some(self.spec.job_id), status, message: message.into() }));
         self.save();
     }
 
@@ -298,11 +263,11 @@ impl Job {
         self.eta.update(now, value);
         self.eta_seconds = self.eta.seconds_left(now, value);
         // Status follows the stage bands once validation is over.
-        if value >= 20.0 && self.status != "finalizing" {
-            let status = match Stage::at(value) {
-                Stage::Validation | Stage::Scanning => "scanning",
-                Stage::Parsing => "parsing",
-                Stage::Database | Stage::Categorization => "processing",
+        if value >= 20.0 && self.status != JobStatus::Finalizing {
+            let status = match stage_at(value) {
+                Stage::Validation | Stage::Scanning => JobStatus::Scanning,
+                Stage::Parsing => JobStatus::Parsing,
+                _ => JobStatus::Processing,
             };
             self.set_status(status, format!("{} zones of {}", self.done.len(), self.zones_total()));
         }
@@ -335,7 +300,7 @@ impl Job {
     fn progress_event(&self, value: f64, current_operation: String) -> ProcessingProgress {
         ProcessingProgress {
             job_id: self.spec.job_id,
-            stage: Stage::at(value).as_str().into(),
+            stage: stage_at(value),
             progress: value,
             zones_completed: self.done.len() as u64,
             zones_total: self.zones_total(),
@@ -347,12 +312,12 @@ impl Job {
         }
     }
 
-    /// Sends zones to the job's zone actor until `zones_in_flight` are in flight.
+    /// Sends zones to the job's zone actor until [`ZONES_IN_FLIGHT`] are in flight.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         let Some(v) = self.validated.clone() else {
             return;
         };
-        while self.cancelled_by.is_none() && self.error.is_none() && self.in_flight < self.deps.zones_in_flight {
+        while self.cancelled_by.is_none() && self.error.is_none() && self.in_flight < ZONES_IN_FLIGHT {
             while self.done.contains(&self.next_zone) {
                 self.next_zone += 1;
             }
@@ -379,7 +344,7 @@ impl Job {
                     Ok(Ok(Some(report))) if job.error.is_none() => {
                         job.done.insert(index);
                         job.totals.add(&report);
-                        let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
+                        let p = zone_progress(job.done.len() as u64, job.zones_total());
                         job.advance(p, ctx);
                     }
                     // A zone finishing after another failed changes nothing: the job stays failed.
@@ -412,13 +377,13 @@ impl Job {
     }
 
     fn complete(&mut self, ctx: &mut Context<Self>) {
-        self.set_status("finalizing", "aggregating results");
+        self.set_status(JobStatus::Finalizing, "aggregating results");
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
-        let results = self.totals.results();
+        let results = json!(self.totals.results());
         self.publish(Event::ProcessingProgress(self.progress_event(100.0, "completed".into())));
         self.publish(Event::ProcessingCompleted(ProcessingCompleted { job_id: self.spec.job_id, results }));
-        self.set_status("completed", format!("{} rows imported", self.totals.inserted));
+        self.set_status(JobStatus::Completed, format!("{} rows imported", self.totals.inserted));
         {
             let _g = self.span.enter();
             tracing::info!(rows = self.totals.processed, inserted = self.totals.inserted, "job completed");
@@ -429,14 +394,14 @@ impl Job {
     /// Fails the job. Zones in flight that have begun finish first (zones not begun are skipped), so
     /// `processing_failed` and `failed` come after every zone event, as `job_cancelled` does.
     fn fail(&mut self, error: String, recoverable: bool, ctx: &mut Context<Self>) {
-        if self.error.is_some() || matches!(self.status, "completed" | "failed" | "cancelled") {
+        if self.error.is_some() || self.status.is_terminal() {
             return;
         }
         {
             let _g = self.span.enter();
             tracing::warn!(%error, "job failed");
         }
-        self.error = Some(json!({ "message": error, "recoverable": recoverable }));
+        self.error = Some(JobError { message: error, recoverable });
         self.stop_zones.store(true, Ordering::Release);
         self.coalescer.clear();
         if self.in_flight == 0 {
@@ -448,16 +413,16 @@ impl Job {
         let Some(error) = self.error.clone() else {
             return;
         };
-        let message = error["message"].as_str().unwrap_or("failed").to_string();
+        let JobError { message, recoverable } = error;
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
         self.publish(Event::ProcessingFailed(ProcessingFailed {
             job_id: self.spec.job_id,
             error: message.clone(),
-            details: json!({ "stage": Stage::at(self.progress.get()).as_str(), "zones_completed": self.done.len() }),
-            recoverable: error["recoverable"].as_bool().unwrap_or(false),
+            details: json!({ "stage": stage_at(self.progress.get()), "zones_completed": self.done.len() }),
+            recoverable,
         }));
-        self.set_status("failed", message);
+        self.set_status(JobStatus::Failed, message);
         ctx.stop();
     }
 
@@ -465,9 +430,40 @@ impl Job {
         self.finished_at = Some(now_rfc3339());
         self.coalescer.clear();
         self.publish(Event::JobCancelled(JobCancelled { job_id: self.spec.job_id, by: by.clone() }));
-        self.set_status("cancelled", format!("cancelled by {by}"));
+        self.set_status(JobStatus::Cancelled, format!("cancelled by {by}"));
         ctx.stop();
     }
+}
+
+/// A CSV job's snapshot before any work: every field present, `null` where nothing is known yet.
+fn csv_snapshot(spec: &JobSpec, status: JobStatus, created_at: String) -> JobSnapshot {
+    JobSnapshot {
+        user_id: Some(spec.user_id.clone()),
+        kind: Some(CSV_IMPORT.into()),
+        filename: Some(spec.filename.clone()),
+        size_bytes: Some(spec.size_bytes),
+        stage: Some(Stage::Validation),
+        progress: Some(0.0),
+        eta_seconds: Some(None),
+        zones_total: Some(0),
+        zones_completed: Some(0),
+        processed: Some(0),
+        total: Some(0),
+        errors: Some(0),
+        created_at: Some(created_at),
+        started_at: Some(None),
+        updated_at: Some(now_rfc3339()),
+        finished_at: Some(None),
+        results: Some(serde_json::Value::Null),
+        error: Some(None),
+        status,
+        ..JobSnapshot::reservation(spec.job_id, &spec.tenant)
+    }
+}
+
+/// A new CSV job as stored when its upload is accepted: what the job actor saves when it starts.
+pub fn queued(spec: JobSpec) -> JobRecord {
+    JobRecord { snapshot: csv_snapshot(&spec, JobStatus::Queued, now_rfc3339()), spec: Some(spec) }
 }
 
 impl Actor for Job {
@@ -477,7 +473,7 @@ impl Actor for Job {
         if !self.resumed {
             self.publish(Event::Status(StatusData {
                 job_id: Some(self.spec.job_id),
-                status: "queued".into(),
+                status: JobStatus::Queued,
                 message: "waiting for a slot".into(),
             }));
         }
@@ -485,10 +481,10 @@ impl Actor for Job {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.scheduler.do_send(Finished { job_id: self.spec.job_id });
+        self.finished.do_send(Finished { job_id: self.spec.job_id });
         // The upload is kept only while the job may still run (or resume after a restart).
-        let recoverable = self.error.as_ref().is_some_and(|e| e["recoverable"] == true);
-        if matches!(self.status, "completed" | "cancelled" | "failed") && !recoverable {
+        let recoverable = self.error.as_ref().is_some_and(|e| e.recoverable);
+        if self.status.is_terminal() && !recoverable {
             let path = self.spec.path.clone();
             actix_rt::spawn(async move {
                 if let Err(e) = tokio::fs::remove_file(&path).await {
@@ -504,7 +500,7 @@ impl Handler<Queued> for Job {
     fn handle(&mut self, Queued(position): Queued, _: &mut Context<Self>) {
         self.publish(Event::Status(StatusData {
             job_id: Some(self.spec.job_id),
-            status: "queued".into(),
+            status: JobStatus::Queued,
             message: format!("position {position} in the queue"),
         }));
     }
@@ -517,7 +513,10 @@ impl Handler<Begin> for Job {
             return;
         }
         self.started_at.get_or_insert_with(now_rfc3339);
-        self.set_status("validating", if self.resumed { "resuming after a restart" } else { "checking the file" });
+        self.set_status(
+            JobStatus::Validating,
+            if self.resumed { "resuming after a restart" } else { "checking the file" },
+        );
         if !self.spec.path.is_file() {
             // The upload is gone (e.g. the data dir was moved): uploading it again would work.
             return self.fail(format!("the uploaded file {} is missing", self.spec.filename), true, ctx);
@@ -558,13 +557,13 @@ impl Handler<Begin> for Job {
             if !job.resumed || job.done.is_empty() {
                 job.publish(Event::ProcessingStarted(ProcessingStarted {
                     job_id: job.spec.job_id,
-                    kind: "csv_import".into(),
+                    kind: CSV_IMPORT.into(),
                     filename: job.spec.filename.clone(),
                     size_bytes: job.spec.size_bytes,
                     zones_total: job.zones_total(),
                 }));
             }
-            let p = zone_progress(4 * job.done.len() as u64, job.zones_total());
+            let p = zone_progress(job.done.len() as u64, job.zones_total());
             job.advance(p.min(99.9), ctx);
             job.step(ctx);
         }));
@@ -583,7 +582,10 @@ impl Handler<ValidationProgress> for Job {
 impl Handler<Cancel> for Job {
     type Result = bool;
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> bool {
-        if self.cancelled_by.is_some() || self.error.is_some() || matches!(self.status, "finalizing" | "completed") {
+        if self.cancelled_by.is_some()
+            || self.error.is_some()
+            || matches!(self.status, JobStatus::Finalizing | JobStatus::Completed)
+        {
             return false;
         }
         {

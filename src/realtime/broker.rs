@@ -15,16 +15,16 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::db::sqlite::now_ms;
+use crate::db::store::{AppendEvents, ExpireEvents, RoomCursor, StoreActor, StoredEvent};
 use crate::framing::Encoded;
 use crate::metrics::Metrics;
-use crate::protocol::{now_rfc3339, Envelope, Event, Since};
-use crate::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
-use crate::session::Member;
-use crate::store::{now_ms, AppendEvents, RoomCursor, StoreActor, StoredEvent};
+use crate::protocol::{now_rfc3339, Envelope, Event, JobSnapshot, Since};
+use crate::realtime::outbox::Member;
+use crate::realtime::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 
 /// Publish an event into a room. The answer comes once the event's batch has been written to the store
 /// (a store error is logged and the event delivered anyway) and the event handed to the room, so a client
@@ -71,7 +71,7 @@ pub struct Subscribe {
     /// Where the room's output goes.
     pub member: Member,
     /// For job rooms, the job's state.
-    pub snapshot: Option<Value>,
+    pub snapshot: Option<Box<JobSnapshot>>,
 }
 
 /// A connection leaves a room.
@@ -198,7 +198,7 @@ impl Broker {
             keep
         });
         let before_ms = now_ms() - ttl.as_millis() as i64;
-        self.store.do_send(crate::store::ExpireEvents { before_ms });
+        self.store.do_send(ExpireEvents { before_ms });
     }
 
     /// Writes the waiting events in one batch, then hands them to their rooms.

@@ -1,13 +1,16 @@
 //! The CSV import pipeline as plain functions: validation, scanning, parsing, categorization.
 //!
-//! No actor, socket or database here; `job.rs` and `zone.rs` drive these steps and `store.rs` keeps
-//! their output. Everything streams: a file is read zone by zone, never whole.
+//! No actor, socket or database here; `job.rs` and `zone.rs` drive these steps and the row store
+//! keeps their output (a [`Row`] is its type). Everything streams: a file is read zone by zone, never whole.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::db::row_store::{fnv1a_128, Row};
+use crate::protocol::{FlaggedCell, InvalidRow};
 
 /// The columns a file must have (in any order, any letter case).
 pub const REQUIRED_COLUMNS: [&str; 3] = ["date", "amount", "description"];
@@ -315,12 +318,6 @@ pub fn parse_amount(s: &str) -> Option<i64> {
     Some(if negative { -cents } else { cents })
 }
 
-/// Formats cents as a decimal string (`-12.50`).
-pub fn format_cents(cents: i64) -> String {
-    let sign = if cents < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02}", cents.unsigned_abs() / 100, cents.unsigned_abs() % 100)
-}
-
 /// Rule-based categorization: the first category one of whose keywords occurs in the description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rules {
@@ -431,43 +428,6 @@ impl Rules {
     }
 }
 
-/// One row ready for the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    /// File line.
-    pub line: u64,
-    /// `YYYY-MM-DD`.
-    pub date: String,
-    /// Amount in cents.
-    pub cents: i64,
-    /// Description, neutralised.
-    pub description: String,
-    /// Category from the rules.
-    pub category: String,
-    /// Deduplication key (per tenant): a 128-bit hash of date, amount and normalised description.
-    pub key: [u8; 16],
-}
-
-/// A refused row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InvalidRow {
-    /// File line.
-    pub line: u64,
-    /// Why.
-    pub reason: String,
-}
-
-/// A flagged cell.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlaggedCell {
-    /// File line.
-    pub line: u64,
-    /// Column name.
-    pub column: String,
-    /// `formula_injection` or `control_characters`.
-    pub reason: String,
-}
-
 /// What scanning, parsing and categorization make of one zone's records.
 #[derive(Debug, Default)]
 pub struct ZoneRows {
@@ -477,18 +437,6 @@ pub struct ZoneRows {
     pub invalid: Vec<InvalidRow>,
     /// Flagged cells (all of them; the job keeps the first 100).
     pub flagged: Vec<FlaggedCell>,
-}
-
-/// FNV-1a (128 bit) over the concatenation of `parts`.
-pub fn fnv1a_128(parts: &[&[u8]]) -> u128 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013B;
-    let mut h = OFFSET;
-    for b in parts.iter().flat_map(|p| p.iter()) {
-        h ^= u128::from(*b);
-        h = h.wrapping_mul(PRIME);
-    }
-    h
 }
 
 /// The deduplication key of a row: FNV-1a (128 bit) over date, amount and normalised description.
@@ -611,8 +559,6 @@ mod tests {
         for bad in ["", "abc", "12.345.6x", "1.2.3", "12.505", "=1+2", "--5"] {
             assert_eq!(parse_amount(bad), None, "{bad}");
         }
-        assert_eq!(format_cents(-1250), "-12.50");
-        assert_eq!(format_cents(5), "0.05");
     }
 
     #[test]

@@ -1,0 +1,103 @@
+//! The admin endpoints (role `admin`): stats, connections, disconnects and broadcasts.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+use tracing::info;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::http::extract::{admin, publish_failed, PostedEvent};
+use crate::http::shared::Shared;
+use crate::jobs::scheduler::Load;
+use crate::protocol::{close, RoomKind};
+use crate::realtime::broker::{Publish, Stats};
+use crate::realtime::registry::{CloseConnection, CloseUser, ListConnections};
+
+pub async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+    admin(&req, &shared)?;
+    let b = shared.broker.send(Stats).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let (queued, running) = shared.scheduler.send(Load).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let m = &shared.metrics;
+    Ok(HttpResponse::Ok().json(json!({
+        "connections": m.connections.load(Relaxed),
+        "connections_total": m.connections_total.load(Relaxed),
+        "rooms": b.rooms,
+        "subscriptions": b.subscriptions,
+        "events_published": b.published,
+        "messages_sent": m.messages_sent(),
+        "bytes_sent": m.bytes_sent(),
+        "messages_dropped": m.dropped.load(Relaxed),
+        "acknowledged": m.acknowledged.load(Relaxed),
+        "redelivered": m.redelivered.load(Relaxed),
+        "slow_consumer_closes": m.slow_consumers.load(Relaxed),
+        "ack_timeout_closes": m.ack_timeouts.load(Relaxed),
+        "auth_failures": m.auth_failures_total(),
+        "jobs_queued": queued,
+        "jobs_running": running,
+        "uptime_s": shared.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })))
+}
+
+pub async fn admin_connections(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+    admin(&req, &shared)?;
+    let list = shared.registry.send(ListConnections).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(json!({ "connections": list })))
+}
+
+pub async fn admin_close_connection(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let who = admin(&req, &shared)?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such connection".into()))?;
+    let (code, reason) = close::BY_ADMIN;
+    let msg = CloseConnection { id, code, reason: reason.into() };
+    let found = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    info!(target: "audit", event = "admin_disconnect", admin = %who.user_id, conn = %id, found, "admin action");
+    if !found {
+        return Err(ApiError::NotFound("no such connection".into()));
+    }
+    Ok(HttpResponse::Ok().json(json!({ "closed": 1 })))
+}
+
+pub async fn admin_close_user(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    user_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let who = admin(&req, &shared)?;
+    let user_id = user_id.into_inner();
+    let (code, reason) = close::BY_ADMIN;
+    let msg = CloseUser { user_id: user_id.clone(), code, reason: reason.into() };
+    let closed = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    info!(target: "audit", event = "admin_disconnect_user", admin = %who.user_id, user = %user_id, closed, "admin action");
+    Ok(HttpResponse::Ok().json(json!({ "closed": closed })))
+}
+
+pub async fn admin_broadcast(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    room: web::Path<String>,
+    body: web::Json<PostedEvent>,
+) -> Result<HttpResponse, ApiError> {
+    let who = admin(&req, &shared)?;
+    let room = room.into_inner();
+    if RoomKind::parse(&room).is_none() {
+        return Err(ApiError::BadRequest(format!("unknown room {room:?}: use job:<uuid>, user:<id> or tenant:<id>")));
+    }
+    let event = body.into_inner().into_event()?;
+    let kind = event.kind();
+    let published = shared
+        .broker
+        .send(Publish { room: room.clone(), event })
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(publish_failed)?;
+    info!(target: "audit", event = "admin_broadcast", admin = %who.user_id, room = %room, kind = kind.as_str(),
+        seq = published.seq, "admin action");
+    Ok(HttpResponse::Ok().json(published))
+}

@@ -1,0 +1,87 @@
+//! What several endpoints share: the bearer and admin checks, the `{type, data}` body of posted
+//! events, and the HTTP answer to a refused publish.
+
+use actix_web::HttpRequest;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::info;
+
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::http::shared::Shared;
+use crate::protocol::{Event, EventType};
+use crate::realtime::broker::PublishError;
+
+/// The caller's identity from `Authorization: Bearer <access JWT>`.
+pub fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer token".into()))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthorized("Authorization must be Bearer".into()))?;
+    shared.auth.verify_access(token.trim()).map_err(|e| {
+        shared.metrics.auth_failed(e.reason());
+        info!(target: "audit", event = "http_auth_failure", reason = e.reason(), path = %req.path(), "bearer refused");
+        ApiError::from(e)
+    })
+}
+
+/// The caller's identity, which must hold the admin role.
+pub fn admin(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+    let id = bearer(req, shared)?;
+    if !id.admin {
+        return Err(ApiError::Forbidden("the admin role is required".into()));
+    }
+    Ok(id)
+}
+
+/// `{type, data}` as admins and publishers post it.
+#[derive(Deserialize)]
+pub struct PostedEvent {
+    /// An event type name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its data.
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl PostedEvent {
+    /// The typed event, or why it is not one that may be published into a room.
+    pub fn into_event(self) -> Result<Event, ApiError> {
+        let allowed = EventType::ALL.iter().any(|t| t.is_room_event() && t.as_str() == self.kind);
+        if !allowed {
+            return Err(ApiError::BadRequest(format!("type {:?} cannot be published into a room", self.kind)));
+        }
+        let data = if self.data.is_null() { json!({}) } else { self.data };
+        serde_json::from_value(json!({ "type": self.kind, "data": data }))
+            .map_err(|e| ApiError::BadRequest(format!("invalid data for {}: {e}", self.kind)))
+    }
+}
+
+/// A refused publish as an HTTP error: 503 when the server is stopping, 500 for a bug.
+pub fn publish_failed(e: PublishError) -> ApiError {
+    match e {
+        PublishError::Stopped => ApiError::Unavailable(e.to_string()),
+        PublishError::Encode(_) => ApiError::Internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn posted_events_are_typed() {
+        let ok = PostedEvent { kind: "info".into(), data: json!({"message": "hi"}) };
+        assert_eq!(ok.into_event().unwrap().kind(), EventType::Info);
+        let conn_level = PostedEvent { kind: "authenticated".into(), data: json!({}) };
+        assert!(conn_level.into_event().is_err());
+        let bad = PostedEvent { kind: "zone_completed".into(), data: json!({"job_id": 1}) };
+        assert!(bad.into_event().is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! What every HTTP handler is handed: the configuration, identity, counters and the actors the
+//! endpoints talk to.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::db::store::StoreActor;
+use crate::jobs::lookup::JobAccess;
+use crate::jobs::scheduler::Scheduler;
+use crate::metrics::Metrics;
+use crate::realtime::broker::Broker;
+use crate::realtime::registry::Registry;
+use crate::realtime::session::SessionDeps;
+
+/// What every handler is handed at construction (actix-web app data).
+#[derive(Clone)]
+pub struct Shared {
+    /// The configuration.
+    pub(crate) config: Arc<Config>,
+    /// Token verification and minting (tests use it to mint tokens).
+    pub auth: Arc<Auth>,
+    /// Counters.
+    pub(crate) metrics: Arc<Metrics>,
+    /// The broker actor.
+    pub(crate) broker: Addr<Broker>,
+    /// The registry actor.
+    pub(crate) registry: Addr<Registry>,
+    /// The store actor.
+    pub(crate) store: Addr<StoreActor>,
+    /// The scheduler actor.
+    pub(crate) scheduler: Addr<Scheduler>,
+    /// Jobs as callers may see them.
+    pub(crate) jobs: JobAccess,
+    /// When the server started.
+    pub(crate) started: Instant,
+}
+
+impl Shared {
+    /// What a WebSocket session is handed.
+    pub(crate) fn session_deps(&self) -> SessionDeps {
+        SessionDeps {
+            config: self.config.clone(),
+            auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
+            broker: self.broker.clone(),
+            registry: self.registry.clone(),
+            jobs: self.jobs.clone(),
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Jobs as a caller may see them: lookup, reservation, listing and cancel, with the tenancy rule
+//! ([`Identity::may_access`]) applied in one place for the WebSocket session and the HTTP API alike.
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use crate::auth::Identity;
+use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob, StoreActor};
+use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler};
+use crate::protocol::{JobSnapshot, JobStatus};
+
+/// Why a caller cannot have a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// No such job (or, where reservations do not count, only a reservation).
+    Unknown,
+    /// A job of another tenant.
+    Forbidden,
+    /// The store or the scheduler did not answer.
+    Unavailable(String),
+}
+
+/// Finds, reserves, lists and cancels jobs for callers. Cheap to clone.
+#[derive(Clone)]
+pub struct JobAccess {
+    store: Addr<StoreActor>,
+    scheduler: Addr<Scheduler>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Refused {
+    Refused::Unavailable(e.to_string())
+}
+
+/// The tenancy rule applied to a stored job; a reservation is a job only when `reservations` says so.
+fn check(who: &Identity, job: Option<JobRecord>, reservations: bool) -> Result<JobRecord, Refused> {
+    match job {
+        Some(job) if reservations || job.snapshot.status != JobStatus::Pending => {
+            if who.may_access(&job.snapshot.tenant) {
+                Ok(job)
+            } else {
+                Err(Refused::Forbidden)
+            }
+        }
+        _ => Err(Refused::Unknown),
+    }
+}
+
+impl JobAccess {
+    /// Jobs as `store` keeps them and `scheduler` runs them.
+    pub fn new(store: Addr<StoreActor>, scheduler: Addr<Scheduler>) -> Self {
+        JobAccess { store, scheduler }
+    }
+
+    /// The job `id` if `who` may see it. A reservation counts as a job for the WebSocket (its room
+    /// may be joined, and a cancel is answered `job_finished`), not for the HTTP API.
+    pub async fn find(&self, who: &Identity, id: Uuid, reservations: bool) -> Result<JobRecord, Refused> {
+        let job = self.store.send(GetJob(id)).await.map_err(unavailable)?.map_err(unavailable)?;
+        check(who, job, reservations)
+    }
+
+    /// Reserves `id` for `who`'s tenant unless a job has it (a client subscribing before it uploads
+    /// with `batch_id`), then answers the job if `who` may see it.
+    pub async fn reserve(&self, who: &Identity, id: Uuid) -> Result<JobRecord, Refused> {
+        let reserve = ReserveJob { id, tenant: who.tenant.clone() };
+        let job = self.store.send(reserve).await.map_err(unavailable)?.map_err(unavailable)?;
+        check(who, Some(job), true)
+    }
+
+    /// Snapshots of the jobs `who` may see (every tenant's for admins), newest first, at most `limit`.
+    pub async fn list(&self, who: &Identity, limit: usize) -> Result<Vec<JobSnapshot>, Refused> {
+        let tenant = (!who.admin).then(|| who.tenant.clone());
+        self.store.send(ListJobs { tenant, limit }).await.map_err(unavailable)?.map_err(unavailable)
+    }
+
+    /// Cancels a job found with [`JobAccess::find`]; `by` is who asked.
+    pub async fn cancel(&self, job: &JobRecord, by: &str) -> Result<CancelOutcome, Refused> {
+        let msg = CancelJob { job_id: job.snapshot.job_id, by: by.to_string() };
+        self.scheduler.send(msg).await.map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(tenant: &str, admin: bool) -> Identity {
+        Identity { user_id: "u".into(), tenant: tenant.into(), admin, publisher: false, expires_at: 0 }
+    }
+
+    fn job(tenant: &str, status: JobStatus) -> Option<JobRecord> {
+        let mut snapshot = JobSnapshot::reservation(Uuid::new_v4(), tenant);
+        snapshot.status = status;
+        Some(JobRecord { snapshot, spec: None })
+    }
+
+    #[test]
+    fn jobs_of_another_tenant_are_forbidden_and_reservations_count_only_where_asked() {
+        assert!(check(&who("a", false), job("a", JobStatus::Queued), false).is_ok());
+        assert_eq!(check(&who("a", false), job("b", JobStatus::Queued), false), Err(Refused::Forbidden));
+        assert!(check(&who("a", true), job("b", JobStatus::Queued), false).is_ok());
+        assert_eq!(check(&who("a", false), None, true), Err(Refused::Unknown));
+        assert_eq!(check(&who("a", false), job("a", JobStatus::Pending), false), Err(Refused::Unknown));
+        assert!(check(&who("a", false), job("a", JobStatus::Pending), true).is_ok());
+        assert_eq!(check(&who("a", false), job("b", JobStatus::Pending), true), Err(Refused::Forbidden));
+    }
+}
