@@ -30,7 +30,8 @@ pub struct Metrics {
     pub subscriptions: AtomicU64,
     /// Room events published.
     pub published: AtomicU64,
-    /// Messages dropped without the client being told; must stay 0.
+    /// Room messages a subscribed connection was not sent: refused past its slow-consumer bound, or
+    /// left unwritten when it closed (each such connection was closed; `since` replays them).
     pub dropped: AtomicU64,
     /// Room events released by client acks (`ack=1`).
     pub acknowledged: AtomicU64,
@@ -124,7 +125,7 @@ impl Metrics {
         );
         counter(&mut out, "jobcast_events_published_total", "Room events published.", self.published.load(Relaxed));
         for (name, help, value) in [
-            ("jobcast_messages_dropped_total", "Messages dropped silently (always 0).", &self.dropped),
+            ("jobcast_messages_dropped_total", "Room messages a subscribed connection was not sent (refused past its slow-consumer bound, or unwritten when it closed); `since` replays them.", &self.dropped),
             ("jobcast_acknowledged_total", "Room events acknowledged by clients.", &self.acknowledged),
             ("jobcast_redelivered_total", "Room events sent again for want of an ack.", &self.redelivered),
             ("jobcast_slow_consumer_closes_total", "Connections closed as slow consumers.", &self.slow_consumers),

@@ -9,6 +9,11 @@
 //! closes with 4008. Each room membership holds the queue behind a gate of its own that `unsubscribe`
 //! closes, so the writer drops what the room queued after it. The writer is the only code that writes
 //! to the socket; the session only reads from it.
+//!
+//! A room message a connection was subscribed for but never sent — refused past the bound, or still
+//! queued (or failing to write) when the connection ended — is counted in `dropped`
+//! (`jobcast_messages_dropped_total`). None is lost silently: the connection was closed with a code,
+//! and `subscribe` with `since` on the next one replays them from the room's history.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -84,6 +89,8 @@ pub struct Outbox {
     gate: Option<Arc<AtomicBool>>,
     /// Told when a room crosses the bound; weak, so rooms never keep a closed session alive.
     slow: WeakRecipient<SlowConsumer>,
+    /// Counts the room messages this connection was not sent.
+    metrics: Arc<Metrics>,
 }
 
 /// How a connection's queue is bounded and framed.
@@ -116,7 +123,7 @@ impl Outbox {
             max_bytes: settings.max_bytes,
             overflowed: AtomicBool::new(false),
         });
-        actix_rt::spawn(writer(ws, rx, urgent_rx, metrics, queued.clone(), settings.format));
+        actix_rt::spawn(writer(ws, rx, urgent_rx, metrics.clone(), queued.clone(), settings.format));
         let out = Outbox {
             tx,
             queued,
@@ -124,6 +131,7 @@ impl Outbox {
             compress_threshold: settings.compress_threshold,
             gate: None,
             slow,
+            metrics,
         };
         (out, urgent_tx)
     }
@@ -177,9 +185,14 @@ impl Outbox {
         Ok(())
     }
 
-    /// From a room: tells the session when the bound is crossed (once; it then closes with 4008).
+    /// From a room: counts what is refused as dropped, and tells the session when the bound is
+    /// crossed (once; it then closes with 4008).
     fn push_from_room(&self, item: Outgoing) {
-        if let Err(Refused::Full) = self.push(item) {
+        let Err(refused) = self.push(item) else {
+            return;
+        };
+        self.metrics.dropped.fetch_add(1, Relaxed);
+        if let Refused::Full = refused {
             if !self.queued.overflowed.swap(true, Relaxed) {
                 if let Some(session) = self.slow.upgrade() {
                     session.do_send(SlowConsumer);
@@ -237,15 +250,40 @@ impl Outgoing {
     pub fn direct(event: Arc<Encoded>) -> Outgoing {
         Outgoing::Frame { event, live: true, timed: false, gate: None }
     }
+
+    /// A message a room queued for a membership that is still open.
+    fn is_room_message(&self) -> bool {
+        matches!(self, Outgoing::Frame { gate: Some(g), .. } if g.load(Relaxed))
+    }
 }
 
-/// Owns the actix-ws handle and writes queued messages in order until a close or the queue ends.
+/// Owns the actix-ws handle and writes queued messages in order until a close or the queue ends;
+/// then counts the room messages left unwritten as dropped.
 async fn writer(
-    mut ws: actix_ws::Session,
+    ws: actix_ws::Session,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    mut urgent: oneshot::Receiver<(u16, String)>,
+    urgent: oneshot::Receiver<(u16, String)>,
     metrics: Arc<Metrics>,
     queued: Arc<Queued>,
+    format: Format,
+) {
+    write_until_closed(ws, &mut rx, urgent, &metrics, &queued, format).await;
+    rx.close();
+    let mut left = 0;
+    while let Ok(item) = rx.try_recv() {
+        if item.is_room_message() {
+            left += 1;
+        }
+    }
+    metrics.dropped.fetch_add(left, Relaxed);
+}
+
+async fn write_until_closed(
+    mut ws: actix_ws::Session,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    mut urgent: oneshot::Receiver<(u16, String)>,
+    metrics: &Metrics,
+    queued: &Queued,
     format: Format,
 ) {
     let close_frame =
@@ -277,6 +315,7 @@ async fn writer(
                 let frame = event.frame(format);
                 let len = frame.len();
                 // A frame queued by a room the client has left since is dropped.
+                let from_room = gate.is_some();
                 let open = gate.is_none_or(|g| g.load(Relaxed));
                 let r = match frame {
                     _ if !open => Ok(()),
@@ -287,11 +326,17 @@ async fn writer(
                     queued.msgs.fetch_sub(1, Relaxed);
                     queued.bytes.fetch_sub(len, Relaxed);
                 }
-                if open && r.is_ok() {
-                    metrics.sent(event.kind, len);
-                    if timed {
-                        metrics.observe_latency(event.created.elapsed());
+                match &r {
+                    Ok(()) if open => {
+                        metrics.sent(event.kind, len);
+                        if timed {
+                            metrics.observe_latency(event.created.elapsed());
+                        }
                     }
+                    Err(_) if open && from_room => {
+                        metrics.dropped.fetch_add(1, Relaxed);
+                    }
+                    _ => {}
                 }
                 r
             }
