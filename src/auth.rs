@@ -118,6 +118,8 @@ impl AuthError {
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::UnsupportedAlgorithm,
             ErrorKind::InvalidAudience => AuthError::InvalidAudience,
             ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
+            ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => AuthError::InvalidAudience,
+            ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => AuthError::InvalidIssuer,
             _ => AuthError::Malformed,
         }
     }
@@ -212,7 +214,11 @@ impl Auth {
         let mut access_validation = Validation::new(access_alg);
         access_validation.leeway = config.jwt_leeway_s;
         access_validation.validate_nbf = true;
-        access_validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be present in the token, not only right when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(config.jwt_audience.as_ref().map(|_| "aud"));
+        required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
+        access_validation.set_required_spec_claims(&required);
         match &config.jwt_audience {
             Some(aud) => access_validation.set_audience(&[aud]),
             None => access_validation.validate_aud = false,

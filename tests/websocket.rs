@@ -166,6 +166,16 @@ async fn audience_and_issuer_are_checked_when_configured() {
     let bad_iss =
         hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "jobcast", "iss": "https://evil"}));
     assert_eq!(refused(&s, &bad_iss).await.0, "invalid_issuer");
+    // Configured claims must be there, and be strings.
+    let no_aud = hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "iss": "https://id.example"}));
+    assert_eq!(refused(&s, &no_aud).await.0, "invalid_audience");
+    let no_iss = hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "jobcast"}));
+    assert_eq!(refused(&s, &no_iss).await.0, "invalid_issuer");
+    let number_aud =
+        hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": 7, "iss": "https://id.example"}));
+    assert_eq!(refused(&s, &number_aud).await.0, "invalid_audience");
+    let number_iss = hs256(secret, json!({"sub": "u", "tenant": "t", "exp": now() + 600, "aud": "jobcast", "iss": 7}));
+    assert_eq!(refused(&s, &number_iss).await.0, "invalid_issuer");
 }
 
 #[actix_rt::test]
