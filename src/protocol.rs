@@ -499,7 +499,8 @@ pub fn now_rfc3339() -> String {
 
 /// A Unix timestamp (seconds) as RFC 3339.
 pub fn unix_to_rfc3339(secs: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    // RFC 3339 ends at year 9999 (and the formatter panics past it): later instants write as its end.
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(253_402_300_799));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

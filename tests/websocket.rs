@@ -179,6 +179,27 @@ async fn audience_and_issuer_are_checked_when_configured() {
 }
 
 #[actix_rt::test]
+async fn an_exp_past_year_9999_is_refused_without_harm() {
+    let s = TestServer::start();
+    let far = hs256("integration-test-secret", json!({"sub": "u", "tenant": "t", "exp": 253_402_300_800u64}));
+    assert_eq!(refused(&s, &far).await, ("malformed_token".into(), 4001));
+    let last = hs256("integration-test-secret", json!({"sub": "u", "tenant": "t", "exp": 253_402_300_799u64}));
+    let mut c = s.connect(&format!("/ws?token={last}")).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    assert_eq!(c.expect_data(EventType::Authenticated).await["expires_at"], "9999-12-31T23:59:59Z");
+    // Nothing leaked: the refused connection leaves the registry, only the live one stays counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = s.request("GET", "/api/v1/admin/stats", Some(&s.admin_token()), None).await;
+        if stats["connections"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the refused connection is still counted: {stats}");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
 async fn websocket_tokens_are_single_use() {
     let s = TestServer::start();
     let access = s.token("carol", "acme", &[]);
