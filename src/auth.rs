@@ -345,11 +345,8 @@ fn roles_of(id: &Identity) -> Vec<String> {
     roles
 }
 
-/// The last second an `exp` may name: 9999-12-31T23:59:59Z, the latest time RFC 3339 can write.
-pub const MAX_EXP_S: u64 = 253_402_300_799;
-
 fn identity(c: &Claims, expires_at: u64) -> Result<Identity, AuthError> {
-    if expires_at > MAX_EXP_S {
+    if expires_at > crate::protocol::MAX_RFC3339_S {
         return Err(AuthError::Malformed);
     }
     let tenant = c.tenant.clone().filter(|t| !t.is_empty()).ok_or(AuthError::MissingTenant)?;

@@ -497,10 +497,13 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// 9999-12-31T23:59:59Z in Unix seconds, the latest instant RFC 3339 can write.
+pub const MAX_RFC3339_S: u64 = 253_402_300_799;
+
 /// A Unix timestamp (seconds) as RFC 3339.
 pub fn unix_to_rfc3339(secs: u64) -> String {
-    // RFC 3339 ends at year 9999 (and the formatter panics past it): later instants write as its end.
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(253_402_300_799));
+    // The formatter panics past year 9999: later instants write as its end.
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(MAX_RFC3339_S));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
