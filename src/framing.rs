@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use flate2::{write::GzEncoder, Compression};
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{Envelope, EventType};
 
@@ -108,9 +109,12 @@ impl Encoded {
     }
 }
 
-/// gzip(msgpack(envelope)), msgpack as a map with the JSON field names.
+/// gzip(msgpack(envelope)), msgpack as a map with the JSON field names and the JSON values: the
+/// serializer is told it writes a human-readable format, so a UUID is its string, as in JSON, not 16
+/// raw bytes a client would have to guess about.
 pub fn gzip_msgpack(env: &Envelope) -> Result<Bytes, EncodeError> {
-    let packed = rmp_serde::to_vec_named(env)?;
+    let mut packed = Vec::new();
+    env.serialize(&mut rmp_serde::Serializer::new(&mut packed).with_struct_map().with_human_readable())?;
     let mut gz = GzEncoder::new(Vec::with_capacity(packed.len() / 2), Compression::fast());
     gz.write_all(&packed)?;
     Ok(Bytes::from(gz.finish()?))
@@ -121,7 +125,8 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
     use std::io::Read;
     let mut packed = Vec::new();
     flate2::read::GzDecoder::new(bytes).read_to_end(&mut packed).map_err(|e| format!("gzip: {e}"))?;
-    rmp_serde::from_slice(&packed).map_err(|e| format!("msgpack: {e}"))
+    Envelope::deserialize(&mut rmp_serde::Deserializer::new(&packed[..]).with_human_readable())
+        .map_err(|e| format!("msgpack: {e}"))
 }
 
 #[cfg(test)]
@@ -174,6 +179,43 @@ mod tests {
         assert!(back.redelivered);
         assert_eq!(Envelope { redelivered: false, ..back }, env);
         assert_eq!(again.seq, Some(7));
+    }
+
+    #[test]
+    fn every_field_of_the_binary_envelope_is_what_the_json_one_carries() {
+        use crate::protocol::{ProcessingStarted, StatusData};
+        let job_id = uuid::Uuid::new_v4();
+        let payload = json!({"blob": "y".repeat(3000), "n": 1.5, "i": -3, "nested": {"list": [true, null]}});
+        let events = [
+            Event::Info(payload),
+            Event::ProcessingStarted(ProcessingStarted {
+                job_id,
+                kind: "csv_import".into(),
+                filename: "z".repeat(2000),
+                size_bytes: 10,
+                zones_total: 2,
+            }),
+            Event::Status(StatusData {
+                job_id: Some(job_id),
+                status: crate::protocol::JobStatus::Parsing,
+                message: "m".repeat(2000),
+            }),
+        ];
+        for event in events {
+            let mut env = Envelope::direct(event);
+            env.room = Some(format!("job:{job_id}"));
+            env.seq = Some(9);
+            env.epoch = Some("ep".into());
+            let e = Encoded::new(&env, 1024).unwrap();
+            let Frame::Binary(bin) = e.frame(Format::Auto) else { panic!("expected binary") };
+            let mut packed = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bin[..]), &mut packed).unwrap();
+            // Read as plain msgpack values, with no knowledge of jobcast's types, as a client would.
+            let generic: serde_json::Value = rmp_serde::from_slice(&packed).expect("only JSON-shaped values");
+            let json: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+            assert_eq!(generic, json);
+            assert_eq!(generic["id"], json!(env.id.to_string()));
+        }
     }
 
     #[test]

@@ -13,6 +13,31 @@ use uuid::Uuid;
 /// Feature names advertised in `connection_established.features`.
 pub const FEATURES: &[&str] = &["history", "replay", "binary_msgpack_gzip", "refresh", "ack"];
 
+/// The most WebSocket frames one client message may arrive in; one more closes with 1009.
+pub const MAX_FRAGMENTS: usize = 1024;
+
+/// The most characters of client input quoted back in an error, a stored snapshot or a log line.
+pub const EXCERPT_CHARS: usize = 80;
+
+/// Client input fit to quote: at most [`EXCERPT_CHARS`] characters (then `…`), with control characters
+/// (newlines, escapes, NUL, bidi overrides) written as escapes, so a quoted value can neither grow an
+/// error without bound nor forge a log line.
+pub fn excerpt(input: &str) -> String {
+    let mut out = String::with_capacity(input.len().min(EXCERPT_CHARS * 2));
+    for (i, c) in input.chars().enumerate() {
+        if i == EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Every WebSocket close jobcast sends (contract §4 "Close codes"): the codes, then each fixed
 /// reason with its code. Metrics take their label set from [`close::CODES`]; the 4001 closes of a
 /// failed authentication carry the `auth_failure` reason instead of a fixed text, and a close the
@@ -27,7 +52,9 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A WebSocket protocol error of the client.
     pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A client frame or message was larger than `max_inbound_message_bytes`.
+    /// A text message that is not valid UTF-8 (RFC 6455 §8.1).
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A client frame or message was larger than `max_inbound_message_bytes`, or in too many fragments.
     pub const TOO_BIG: u16 = 1009;
     /// Disconnected by an admin.
     pub const ADMIN: u16 = 4000;
@@ -43,8 +70,19 @@ pub mod close {
     pub const TOO_MANY: u16 = 4029;
 
     /// Every code above, in order.
-    pub const CODES: [u16; 10] =
-        [NORMAL, GOING_AWAY, PROTOCOL_ERROR, TOO_BIG, ADMIN, UNAUTHORIZED, FORBIDDEN, UNKNOWN_JOB, TIMEOUT, TOO_MANY];
+    pub const CODES: [u16; 11] = [
+        NORMAL,
+        GOING_AWAY,
+        PROTOCOL_ERROR,
+        INVALID_PAYLOAD,
+        TOO_BIG,
+        ADMIN,
+        UNAUTHORIZED,
+        FORBIDDEN,
+        UNKNOWN_JOB,
+        TIMEOUT,
+        TOO_MANY,
+    ];
 
     /// The client closed; answered with its own code, or this one when it gave none.
     pub const CLIENT_CLOSED: Close = (NORMAL, "closed by the client");
@@ -56,8 +94,12 @@ pub mod close {
     pub const DATA_INSIDE_FRAGMENTED: Close = (PROTOCOL_ERROR, "data frame inside a fragmented message");
     /// Any other protocol error the WebSocket codec found.
     pub const BAD_FRAMES: Close = (PROTOCOL_ERROR, "protocol error");
+    /// A text message, whole or reassembled from fragments, that is not valid UTF-8.
+    pub const INVALID_UTF8: Close = (INVALID_PAYLOAD, "invalid UTF-8 in a text message");
     /// A frame, or a fragmented message, over `max_inbound_message_bytes`.
     pub const MESSAGE_TOO_BIG: Close = (TOO_BIG, "message too big");
+    /// A message in more than [`super::MAX_FRAGMENTS`] frames.
+    pub const TOO_MANY_FRAGMENTS: Close = (TOO_BIG, "too many fragments");
     /// An admin closed the connection.
     pub const BY_ADMIN: Close = (ADMIN, "disconnected by an admin");
     /// The credential of an open connection ran out.
@@ -80,13 +122,15 @@ pub mod close {
     pub const TOO_MANY_FOR_USER: Close = (TOO_MANY, "too many connections for this user");
 
     /// Every fixed reason above.
-    pub const REASONS: [Close; 16] = [
+    pub const REASONS: [Close; 18] = [
         CLIENT_CLOSED,
         SHUTTING_DOWN,
         CONTINUATION_WITHOUT_FIRST,
         DATA_INSIDE_FRAGMENTED,
         BAD_FRAMES,
+        INVALID_UTF8,
         MESSAGE_TOO_BIG,
+        TOO_MANY_FRAGMENTS,
         BY_ADMIN,
         TOKEN_EXPIRED,
         JOB_FORBIDDEN,
@@ -138,8 +182,11 @@ pub struct Since {
 }
 
 /// A message from client to server.
+///
+/// Fields have types (a wrong one is refused); fields this server does not know are ignored, so a
+/// newer client can talk to it; an unknown `type` is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// First message when no token was in the URL.
     Authenticate {
@@ -168,9 +215,9 @@ pub enum ClientMessage {
     },
     /// Application-level ping; answered with `pong`.
     Ping {
-        /// Echoed back as `client_ts`.
+        /// A number (the client's clock, usually), echoed back as `client_ts`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ts: Option<Value>,
+        ts: Option<serde_json::Number>,
     },
     /// Cancel a job.
     Cancel {
@@ -259,7 +306,7 @@ pub struct Pong {
     /// Server time (RFC 3339).
     pub ts: String,
     /// The `ts` the client sent, echoed.
-    pub client_ts: Option<Value>,
+    pub client_ts: Option<serde_json::Number>,
 }
 
 /// `error` data.
@@ -856,6 +903,45 @@ mod tests {
         );
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"dance"}"#).is_err());
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe"}"#).is_err());
+    }
+
+    #[test]
+    fn client_message_fields_have_types_and_unknown_fields_are_ignored() {
+        let parse = |s: &str| serde_json::from_str::<ClientMessage>(s);
+        for wrong in [
+            r#"{"type":"ping","ts":"noon"}"#,
+            r#"{"type":"ping","ts":{}}"#,
+            r#"{"type":"ack","room":"tenant:a","seq":1.5}"#,
+            r#"{"type":"ack","room":"tenant:a","seq":"3"}"#,
+            r#"{"type":"ack","room":"tenant:a","seq":-1}"#,
+            r#"{"type":"subscribe","room":"tenant:a","since":41}"#,
+            r#"{"type":"subscribe","room":"tenant:a","since":{"seq":"41","epoch":"e"}}"#,
+            r#"{"type":"subscribe","room":"tenant:a","since":{"seq":41,"epoch":7}}"#,
+            r#"{"type":"subscribe","room":7}"#,
+        ] {
+            assert!(parse(wrong).is_err(), "{wrong} parsed");
+        }
+        assert_eq!(
+            parse(r#"{"type":"ping","ts":5,"client":"next-gen","trace":{"id":1}}"#).unwrap(),
+            ClientMessage::Ping { ts: Some(5.into()) }
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscribe","room":"tenant:a","since":{"seq":1,"epoch":"e","shard":3},"types":[]}"#)
+                .unwrap(),
+            ClientMessage::Subscribe { room: "tenant:a".into(), since: Some(Since { seq: 1, epoch: "e".into() }) }
+        );
+        assert!(parse(r#"{"type":"unsubscribe","room":"tenant:a","why":"done"}"#).is_ok());
+    }
+
+    #[test]
+    fn excerpts_are_short_and_cannot_forge_lines() {
+        assert_eq!(excerpt("amount"), "amount");
+        assert_eq!(excerpt("a\nINFO forged\r\u{1b}[31m"), "a\\nINFO forged\\r\\u{1b}[31m");
+        assert_eq!(excerpt("x\u{202e}y"), "x\\u{202e}y");
+        let long = "é".repeat(1_000_000);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

@@ -301,7 +301,7 @@ async fn pong_echoes_a_fractional_ts_exactly() {
 async fn oversized_message_closes_1009() {
     let s = TestServer::with(|c| c.max_inbound_message_bytes = 256);
     let mut c = s.connect_as("alice", "acme").await;
-    c.send_text(&format!(r#"{{"type":"ping","ts":"{}"}}"#, "x".repeat(300))).await;
+    c.send_text(&format!(r#"{{"type":"ping","ts":1,"pad":"{}"}}"#, "x".repeat(300))).await;
     assert_eq!(c.expect_close().await.0, 1009);
 }
 
@@ -310,10 +310,10 @@ async fn fragmented_message_adding_up_past_the_limit_closes_1009() {
     let s = TestServer::with(|c| c.max_inbound_message_bytes = 256);
     let mut c = s.connect_as("alice", "acme").await;
     // Within the limit, fragments are reassembled.
-    c.send_fragmented(r#"{"type":"ping","ts":"fragmented"}"#, 8).await;
-    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], "fragmented");
+    c.send_fragmented(r#"{"type":"ping","ts":12345}"#, 8).await;
+    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], 12345);
     // Every frame is small, the message is not.
-    c.send_fragmented(&format!(r#"{{"type":"ping","ts":"{}"}}"#, "y".repeat(400)), 100).await;
+    c.send_fragmented(&format!(r#"{{"type":"ping","ts":1,"pad":"{}"}}"#, "y".repeat(400)), 100).await;
     assert_eq!(c.expect_close().await.0, 1009);
 }
 

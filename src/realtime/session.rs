@@ -26,8 +26,9 @@ use crate::jobs::lookup::{JobAccess, Refused as JobRefused};
 use crate::jobs::scheduler::CancelOutcome;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    close, error_code, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage, ConnectionEstablished, Envelope,
-    ErrorData, Event, JobSnapshot, Pong, RoomKind, Since, TokenExpiring, TokenRefreshed, Unsubscribed, FEATURES,
+    close, error_code, excerpt, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage, ConnectionEstablished,
+    Envelope, ErrorData, Event, JobSnapshot, Pong, RoomKind, Since, TokenExpiring, TokenRefreshed, Unsubscribed,
+    FEATURES, MAX_FRAGMENTS,
 };
 use crate::realtime::ack_buffer::{self, AckBuffer};
 use crate::realtime::broker::{self, Broker};
@@ -66,6 +67,41 @@ pub struct SessionParams {
     pub remote: Option<String>,
 }
 
+/// A message arriving in fragments.
+struct Fragmented {
+    /// A text message (checked as UTF-8 as it arrives) or a binary one.
+    text: bool,
+    /// Its bytes so far.
+    buf: BytesMut,
+    /// How many of them are known to be valid UTF-8 (a character may straddle two frames).
+    checked: usize,
+    /// Frames so far.
+    frames: usize,
+}
+
+impl Fragmented {
+    fn new(text: bool) -> Self {
+        Fragmented { text, buf: BytesMut::new(), checked: 0, frames: 0 }
+    }
+
+    /// Whether the bytes so far can still begin valid UTF-8; `last`: whether they must be complete.
+    /// Each byte is checked once, so a message in many frames costs no more than one in a single frame.
+    fn utf8_so_far(&mut self, last: bool) -> bool {
+        match std::str::from_utf8(&self.buf[self.checked..]) {
+            Ok(_) => {
+                self.checked = self.buf.len();
+                true
+            }
+            // Invalid bytes, or (with `error_len` None) a character cut short by the frame's end.
+            Err(e) if e.error_len().is_some() || last => false,
+            Err(e) => {
+                self.checked += e.valid_up_to();
+                true
+            }
+        }
+    }
+}
+
 /// A WebSocket connection.
 pub struct Session {
     /// Server-chosen id.
@@ -84,8 +120,8 @@ pub struct Session {
     bucket: TokenBucket,
     /// Last time anything arrived from the client.
     last_seen: Instant,
-    /// A fragmented message being assembled: whether it is text, and its bytes so far.
-    fragments: Option<(bool, BytesMut)>,
+    /// A fragmented message being assembled.
+    fragments: Option<Fragmented>,
     /// Set once a close was sent; nothing else is sent after it.
     closing: bool,
     /// Timers for `token_expiring` and the 4001 close; replaced on refresh.
@@ -249,10 +285,10 @@ impl Session {
             (RoomRefusal::Unknown, true) => self.close_as(close::NO_SUCH_JOB, ctx),
             (RoomRefusal::Forbidden, true) => self.close_as(close::JOB_FORBIDDEN, ctx),
             (RoomRefusal::Unknown, false) => {
-                self.send_error(error_code::UNKNOWN_ROOM, format!("no such room: {room}"), ctx)
+                self.send_error(error_code::UNKNOWN_ROOM, format!("no such room: {}", excerpt(room)), ctx)
             }
             (RoomRefusal::Forbidden, false) => {
-                self.send_error(error_code::FORBIDDEN, format!("not allowed to join {room}"), ctx)
+                self.send_error(error_code::FORBIDDEN, format!("not allowed to join {}", excerpt(room)), ctx)
             }
         }
     }
@@ -338,7 +374,7 @@ impl Session {
             return;
         };
         let Ok(id) = uuid::Uuid::parse_str(&job_id) else {
-            return self.send_error(error_code::UNKNOWN_JOB, format!("no such job: {job_id}"), ctx);
+            return self.send_error(error_code::UNKNOWN_JOB, format!("no such job: {}", excerpt(&job_id)), ctx);
         };
         let jobs = self.deps.jobs.clone();
         let work = async move {
@@ -352,7 +388,7 @@ impl Session {
                 act.send_error(error_code::JOB_FINISHED, format!("job {job_id} is not running"), ctx)
             }
             Err(JobRefused::Unknown | JobRefused::Unavailable(_)) => {
-                act.send_error(error_code::UNKNOWN_JOB, format!("no such job: {job_id}"), ctx)
+                act.send_error(error_code::UNKNOWN_JOB, format!("no such job: {}", excerpt(&job_id)), ctx)
             }
             Err(JobRefused::Forbidden) => {
                 act.send_error(error_code::FORBIDDEN, format!("not allowed to cancel {job_id}"), ctx)
@@ -375,7 +411,14 @@ impl Session {
         }
         let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
             Ok(m) => m,
-            Err(e) => return self.send_error(error_code::BAD_REQUEST, format!("invalid message: {e}"), ctx),
+            // serde quotes the offending input: keep the quote short and free of control characters.
+            Err(e) => {
+                return self.send_error(
+                    error_code::BAD_REQUEST,
+                    format!("invalid message: {}", excerpt(&e.to_string())),
+                    ctx,
+                )
+            }
         };
         if self.identity.is_none() {
             return match msg {
@@ -389,17 +432,8 @@ impl Session {
             }
             ClientMessage::Subscribe { room, since } => self.subscribe(room, since, false, ctx),
             ClientMessage::Unsubscribe { room } => {
-                if let Some(gate) = self.rooms.remove(&room) {
-                    // Whatever the room queued from here on is dropped by the writer.
-                    gate.store(false, Relaxed);
-                    self.report_rooms();
-                    self.deps.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
-                    if let Some(acks) = &self.acks {
-                        acks.do_send(ack_buffer::Forget { room: room.clone() });
-                    }
-                    self.send(Event::Unsubscribed(Unsubscribed { room }), ctx);
-                } else {
-                    self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
+                if !self.leave(room.clone(), ctx) {
+                    self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {}", excerpt(&room)), ctx);
                 }
             }
             ClientMessage::Ack { room, seq } => self.ack(room, seq, ctx),
@@ -411,10 +445,63 @@ impl Session {
         }
     }
 
+    /// Leaves `room` and answers `unsubscribed`; false when the connection was not in it.
+    fn leave(&mut self, room: String, ctx: &mut Context<Self>) -> bool {
+        let Some(gate) = self.rooms.remove(&room) else {
+            return false;
+        };
+        // Whatever the room queued from here on is dropped by the writer.
+        gate.store(false, Relaxed);
+        self.report_rooms();
+        self.deps.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
+        if let Some(acks) = &self.acks {
+            acks.do_send(ack_buffer::Forget { room: room.clone() });
+        }
+        self.send(Event::Unsubscribed(Unsubscribed { room }), ctx);
+        true
+    }
+
+    /// After a refresh took the admin role away: leaves every room the new identity may not join
+    /// (other tenants' rooms and jobs, other users' rooms), each with `error` `forbidden` then
+    /// `unsubscribed`, before anything else of this client is handled.
+    fn recheck_rooms(&mut self, ctx: &mut Context<Self>) {
+        let Some(identity) = self.identity.clone() else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        let mut lost = Vec::new();
+        for room in self.rooms.keys() {
+            match RoomKind::parse(room) {
+                Some(RoomKind::Job(id)) => jobs.push((room.clone(), id)),
+                Some(kind) if authorize_room(&identity, &kind, None).is_ok() => {}
+                _ => lost.push(room.clone()),
+            }
+        }
+        self.lose(lost, ctx);
+        let access = self.deps.jobs.clone();
+        let check = async move {
+            let mut lost = Vec::new();
+            for (room, id) in jobs {
+                if let Err(JobRefused::Forbidden) = access.find(&identity, id, true).await {
+                    lost.push(room);
+                }
+            }
+            lost
+        };
+        ctx.wait(check.into_actor(self).map(|lost, act, ctx| act.lose(lost, ctx)));
+    }
+
+    fn lose(&mut self, rooms: Vec<String>, ctx: &mut Context<Self>) {
+        for room in rooms {
+            self.send_error(error_code::FORBIDDEN, format!("no longer allowed in {room} after refresh"), ctx);
+            self.leave(room, ctx);
+        }
+    }
+
     /// A cumulative `ack`: releases the room's events up to `seq` from the acknowledgement buffer.
     fn ack(&mut self, room: String, seq: u64, ctx: &mut Context<Self>) {
         if !self.rooms.contains_key(&room) {
-            return self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {room}"), ctx);
+            return self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {}", excerpt(&room)), ctx);
         }
         // Without `ack=1` nothing waits for acks; an ack is harmless.
         let Some(acks) = &self.acks else { return };
@@ -437,8 +524,12 @@ impl Session {
             Ok(fresh) if fresh.user_id == current.user_id && fresh.tenant == current.tenant => {
                 self.schedule_expiry(fresh.expires_at, ctx);
                 let expires_at = unix_to_rfc3339(fresh.expires_at);
+                let demoted = current.admin && !fresh.admin;
                 self.identity = Some(fresh);
                 self.send(Event::TokenRefreshed(TokenRefreshed { expires_at }), ctx);
+                if demoted {
+                    self.recheck_rooms(ctx);
+                }
             }
             Ok(_) => self.send_error(error_code::INVALID_TOKEN, "the token belongs to another user", ctx),
             Err(e) => {
@@ -448,32 +539,42 @@ impl Session {
         }
     }
 
-    /// A data frame or a piece of a fragmented one.
+    /// A data frame or a piece of a fragmented one. A text message is failed with 1007 as soon as
+    /// its bytes cannot be UTF-8 any more (RFC 6455 §8.1), whichever frame they arrive in.
     fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
         let limit = self.deps.config.max_inbound_message_bytes;
         let (last, chunk) = match item {
             Item::FirstText(b) => {
-                self.fragments = Some((true, BytesMut::new()));
+                self.fragments = Some(Fragmented::new(true));
                 (false, b)
             }
             Item::FirstBinary(b) => {
-                self.fragments = Some((false, BytesMut::new()));
+                self.fragments = Some(Fragmented::new(false));
                 (false, b)
             }
             Item::Continue(b) => (false, b),
             Item::Last(b) => (true, b),
         };
-        let Some((_, buf)) = self.fragments.as_mut() else {
+        let Some(msg) = self.fragments.as_mut() else {
             return self.close_as(close::CONTINUATION_WITHOUT_FIRST, ctx);
         };
-        if buf.len() + chunk.len() > limit {
+        msg.frames += 1;
+        if msg.frames > MAX_FRAGMENTS {
+            self.fragments = None;
+            return self.close_as(close::TOO_MANY_FRAGMENTS, ctx);
+        }
+        if msg.buf.len() + chunk.len() > limit {
             self.fragments = None;
             return self.close_as(close::MESSAGE_TOO_BIG, ctx);
         }
-        buf.extend_from_slice(&chunk);
+        msg.buf.extend_from_slice(&chunk);
+        if msg.text && !msg.utf8_so_far(last) {
+            self.fragments = None;
+            return self.close_as(close::INVALID_UTF8, ctx);
+        }
         if last {
-            if let Some((_, buf)) = self.fragments.take() {
-                self.on_message(&buf, ctx);
+            if let Some(msg) = self.fragments.take() {
+                self.on_message(&msg.buf, ctx);
             }
         }
     }
@@ -590,6 +691,10 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
                 self.close(code, text, ctx);
             }
             Err(ProtocolError::Overflow) => self.close_as(close::MESSAGE_TOO_BIG, ctx),
+            // actix-ws reports a whole text frame that is not UTF-8 this way.
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.close_as(close::INVALID_UTF8, ctx)
+            }
             Err(e) => {
                 self.span.in_scope(|| info!(conn = %self.id, error = %e, "protocol error"));
                 self.close_as(close::BAD_FRAMES, ctx);

@@ -260,6 +260,24 @@ impl Client {
         }
     }
 
+    /// Sends one message as these frames, byte for byte (a text message when `text`).
+    pub async fn send_fragments(&mut self, text: bool, parts: &[&[u8]]) {
+        let last = parts.len() - 1;
+        for (i, p) in parts.iter().enumerate() {
+            let p = Bytes::copy_from_slice(p);
+            let item = match i {
+                0 if text => actix_ws::Item::FirstText(p),
+                0 => actix_ws::Item::FirstBinary(p),
+                i if i == last => actix_ws::Item::Last(p),
+                _ => actix_ws::Item::Continue(p),
+            };
+            // A send may fail once the server has closed; the close frame is what the test reads.
+            if self.framed.send(ws::Message::Continuation(item)).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Subscribes and returns the `subscribed` data.
     pub async fn subscribe(&mut self, room: &str) -> Value {
         self.send(&ClientMessage::Subscribe { room: room.into(), since: None }).await;

@@ -1,33 +1,13 @@
 // Decoding of server frames: JSON text frames, and binary frames holding gzip(msgpack(envelope)).
 //
-// In msgpack the server writes UUID fields (`id`, `connection_id`, `job_id`) as 16-byte `bin` values,
-// not strings; `decodeBinaryFrame` turns every 16-byte binary back into the canonical UUID string, so a
-// binary frame and a text frame of the same event give identical objects.
+// The msgpack map carries exactly the JSON envelope's values (UUIDs are strings in both), so a binary
+// frame and a text frame of the same event decode to identical objects with no guessing: a `bin` value
+// only appears where a payload itself holds bytes, and it stays a `Uint8Array`.
 
 import { decode as msgpackDecode } from '@msgpack/msgpack';
 
 /** A frame's payload as a WebSocket implementation hands it over. */
 export type FramePayload = string | ArrayBuffer | ArrayBufferView | Blob;
-
-/** Formats 16 bytes as a lower-case, hyphenated UUID. */
-export function bytesToUuid(bytes: Uint8Array): string {
-  if (bytes.length !== 16) throw new Error(`a UUID has 16 bytes, not ${bytes.length}`);
-  let hex = '';
-  for (const b of bytes) hex += b.toString(16).padStart(2, '0');
-  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
-}
-
-/** Replaces every 16-byte binary value (msgpack `bin`) inside `value` by its UUID string. */
-export function binaryUuidsToStrings(value: unknown): unknown {
-  if (value instanceof Uint8Array) return value.length === 16 ? bytesToUuid(value) : value;
-  if (Array.isArray(value)) return value.map(binaryUuidsToStrings);
-  if (value !== null && typeof value === 'object') {
-    const out: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(value)) out[k] = binaryUuidsToStrings(v);
-    return out;
-  }
-  return value;
-}
 
 async function toBytes(payload: Exclude<FramePayload, string>): Promise<Uint8Array> {
   if (payload instanceof Uint8Array) return payload;
@@ -65,10 +45,10 @@ export async function gunzip(bytes: Uint8Array): Promise<Uint8Array> {
   return out;
 }
 
-/** Decodes a binary frame: gunzip, msgpack, UUID bytes to strings. */
+/** Decodes a binary frame: gunzip, then msgpack. */
 export async function decodeBinaryFrame(payload: Exclude<FramePayload, string>): Promise<unknown> {
   const bytes = await gunzip(await toBytes(payload));
-  return binaryUuidsToStrings(msgpackDecode(bytes));
+  return msgpackDecode(bytes);
 }
 
 /** Decodes any frame into the server message it carries. */

@@ -3,4 +3,4 @@ export * from './protocol.js';
 export * from './client.js';
 export * from './job.js';
 export { backoffCeiling, backoffDelay, DEFAULT_BACKOFF, type BackoffOptions } from './backoff.js';
-export { bytesToUuid, binaryUuidsToStrings, decodeBinaryFrame, decodeFrame, gunzip, type FramePayload } from './decode.js';
+export { decodeBinaryFrame, decodeFrame, gunzip, type FramePayload } from './decode.js';

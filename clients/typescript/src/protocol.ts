@@ -44,7 +44,7 @@ export const s = {
   /** A non-negative integer (Rust `u64`). */
   uint: prim<number>('a non-negative integer', (v) => typeof v === 'number' && Number.isInteger(v) && v >= 0),
   boolean: prim<boolean>('a boolean', (v) => typeof v === 'boolean'),
-  /** A canonical lower-case UUID string (binary frames' 16-byte UUIDs are converted to this form). */
+  /** A canonical lower-case UUID string. */
   uuid: prim<string>('a UUID string', (v) => typeof v === 'string' && UUID_RE.test(v)),
   /** An RFC 3339 UTC timestamp. */
   timestamp: prim<string>('an RFC 3339 UTC timestamp', (v) => typeof v === 'string' && TS_RE.test(v)),
@@ -369,9 +369,9 @@ assertSame<Infer<typeof unsubscribed>, UnsubscribedData>(true);
 /** `pong`: `client_ts` echoes the ping's `ts` (`null` when it had none). */
 export interface PongData {
   ts: string;
-  client_ts: JsonValue;
+  client_ts: number | null;
 }
-const pong = s.object({ ts: s.timestamp, client_ts: s.json });
+const pong = s.object({ ts: s.timestamp, client_ts: s.nullable(s.number) });
 assertSame<Infer<typeof pong>, PongData>(true);
 
 /** `error`: a client message was refused; the connection stays open. */
@@ -678,9 +678,10 @@ export interface AckMessage {
   room: string;
   seq: number;
 }
+/** `ts` is a number (the server refuses any other type); the pong echoes it. */
 export interface PingMessage {
   type: 'ping';
-  ts?: JsonValue;
+  ts?: number;
 }
 export interface CancelMessage {
   type: 'cancel';
@@ -706,7 +707,7 @@ const clientMessageSchemas = {
   subscribe: s.object({ type: s.literal('subscribe'), room: s.string, since: s.optional(since) }),
   unsubscribe: s.object({ type: s.literal('unsubscribe'), room: s.string }),
   ack: s.object({ type: s.literal('ack'), room: s.string, seq: s.uint }),
-  ping: s.object({ type: s.literal('ping'), ts: s.optional(s.json) }),
+  ping: s.object({ type: s.literal('ping'), ts: s.optional(s.number) }),
   cancel: s.object({ type: s.literal('cancel'), job_id: s.string }),
   refresh: s.object({ type: s.literal('refresh'), token: s.string }),
 };

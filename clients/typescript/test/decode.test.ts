@@ -1,7 +1,7 @@
 import { encode } from '@msgpack/msgpack';
 import { describe, expect, it } from 'vitest';
 
-import { binaryUuidsToStrings, bytesToUuid, decodeBinaryFrame, decodeFrame, gunzip } from '../src/decode.js';
+import { decodeBinaryFrame, decodeFrame, gunzip } from '../src/decode.js';
 
 async function gzip(bytes: Uint8Array): Promise<Uint8Array> {
   const cs = new CompressionStream('gzip');
@@ -14,19 +14,6 @@ const uuid = '5f0c2a7e-8b3d-4c1e-9a6f-2d4b7e9c1a30';
 const uuidBytes = Uint8Array.from(uuid.replace(/-/g, '').match(/../g)!.map((h) => parseInt(h, 16)));
 
 describe('binary frames', () => {
-  it('formats 16 bytes as a canonical UUID', () => {
-    expect(bytesToUuid(uuidBytes)).toBe(uuid);
-    expect(() => bytesToUuid(new Uint8Array(3))).toThrow();
-  });
-
-  it('turns nested 16-byte binaries into UUID strings and leaves everything else', () => {
-    expect(binaryUuidsToStrings({ a: [uuidBytes], b: { c: 1, d: 'x', e: null }, f: new Uint8Array(2) })).toEqual({
-      a: [uuid],
-      b: { c: 1, d: 'x', e: null },
-      f: new Uint8Array(2),
-    });
-  });
-
   it('gunzips what CompressionStream gzipped, also large payloads', async () => {
     const big = new TextEncoder().encode('x'.repeat(300_000) + 'end');
     const out = await gunzip(await gzip(big));
@@ -44,15 +31,18 @@ describe('binary frames', () => {
       epoch: 'c3a9e1f47b2d4e8a9f0b1c2d3e4f5a6b',
       ts: '2026-11-22T08:10:00.811Z',
     };
-    const asServerWritesIt = {
-      ...json,
-      id: Uint8Array.from(json.id.replace(/-/g, '').match(/../g)!.map((h) => parseInt(h, 16))),
-      data: { ...json.data, job_id: uuidBytes },
-    };
-    const frame = await gzip(encode(asServerWritesIt));
+    // The server's msgpack carries the JSON values, UUIDs as strings.
+    const frame = await gzip(encode(json));
     expect(await decodeBinaryFrame(frame)).toEqual(json);
     expect(await decodeBinaryFrame(frame.buffer as ArrayBuffer)).toEqual(json);
     expect(await decodeFrame(JSON.stringify(json))).toEqual(json);
+  });
+
+  it('leaves a payload of 16 raw bytes as bytes: nothing is guessed to be a UUID', async () => {
+    const env = { type: 'info', data: { digest: uuidBytes, note: 'x'.repeat(2000) }, id: uuid, ts: '2026-11-22T08:10:00.811Z' };
+    const out = (await decodeBinaryFrame(await gzip(encode(env)))) as { data: { digest: unknown } };
+    expect(out.data.digest).toBeInstanceOf(Uint8Array);
+    expect(Array.from(out.data.digest as Uint8Array)).toEqual(Array.from(uuidBytes));
   });
 
   it('rejects a frame that is not gzip', async () => {

@@ -1,0 +1,229 @@
+//! Hostile and strict peers against a real server on port 0: what a client sends that the protocol
+//! does not allow is answered with the documented error or close, at bounded cost.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::TestServer;
+use jobcast::protocol::{ClientMessage, EventType, MAX_FRAGMENTS};
+
+/// A WebSocket opened by hand over TCP, so a test can send frames no client library would write.
+struct RawSocket {
+    tcp: TcpStream,
+}
+
+impl RawSocket {
+    fn open(s: &TestServer, token: &str) -> RawSocket {
+        let mut tcp = TcpStream::connect(s.addr).expect("connect");
+        tcp.set_read_timeout(Some(common::WAIT)).expect("timeout");
+        let request = format!(
+            "GET /ws?token={token}&format=json HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            s.addr
+        );
+        tcp.write_all(request.as_bytes()).expect("upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tcp.read_exact(&mut byte).expect("upgrade answer");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        RawSocket { tcp }
+    }
+
+    /// Sends one masked frame: `fin`, `opcode`, `payload`.
+    fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.tcp.write_all(&f)
+    }
+
+    /// Reads frames until a close arrives; its code and reason, and the text messages before it.
+    fn close(&mut self) -> (u16, String, Vec<String>) {
+        let mut texts = Vec::new();
+        loop {
+            let mut h = [0u8; 2];
+            self.tcp.read_exact(&mut h).expect("a frame before the server closed");
+            let mut len = (h[1] & 0x7f) as usize;
+            if len == 126 {
+                let mut l = [0u8; 2];
+                self.tcp.read_exact(&mut l).expect("length");
+                len = u16::from_be_bytes(l) as usize;
+            } else if len == 127 {
+                let mut l = [0u8; 8];
+                self.tcp.read_exact(&mut l).expect("length");
+                len = u64::from_be_bytes(l) as usize;
+            }
+            let mut payload = vec![0u8; len];
+            self.tcp.read_exact(&mut payload).expect("payload");
+            match h[0] & 0x0f {
+                0x8 => {
+                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])).unwrap_or(1005);
+                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+                    return (code, reason, texts);
+                }
+                0x1 => texts.push(String::from_utf8_lossy(&payload).into_owned()),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn invalid_utf8_in_a_whole_text_frame_closes_1007() {
+    let s = TestServer::start();
+    let token = s.token("alice", "acme", &[]);
+    let mut raw = RawSocket::open(&s, &token);
+    raw.frame(true, 0x1, b"{\"type\":\"ping\",\"ts\":1,\"x\":\"\xff\xfe\"}").expect("send");
+    let (code, reason, _) = raw.close();
+    assert_eq!((code, reason.as_str()), (1007, "invalid UTF-8 in a text message"));
+}
+
+#[actix_rt::test]
+async fn invalid_utf8_split_across_fragments_closes_1007_and_valid_split_characters_pass() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    // "é" is C3 A9: cut between its two bytes, it is still one valid message.
+    let mut msg = br#"{"type":"ping","ts":7,"note":""#.to_vec();
+    msg.extend_from_slice("é\"}".as_bytes());
+    let cut = msg.len() - 3;
+    c.send_fragments(true, &[&msg[..cut], &msg[cut..]]).await;
+    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], 7);
+    // Each frame alone could be the start or the end of UTF-8; together they are not.
+    c.send_fragments(true, &[br#"{"type":"ping","ts":1,"x":""#, b"\xc3", b"\x28\"}"]).await;
+    let (code, reason, _) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1007, "invalid UTF-8 in a text message"));
+    // A message that ends inside a character is invalid too.
+    let mut c = s.connect_as("alice", "acme").await;
+    c.send_fragments(true, &[b"\"abc", b"\xe2\x82"]).await;
+    assert_eq!(c.expect_close().await.0, 1007);
+    // Binary messages are not text: no UTF-8 rule, the JSON parser refuses them.
+    let mut c = s.connect_as("alice", "acme").await;
+    c.send_fragments(false, &[b"\xff", b"\xfe"]).await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "bad_request");
+}
+
+#[actix_rt::test]
+async fn a_message_in_too_many_fragments_closes_1009() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    // At the cap, empty continuations are fine.
+    let ping = br#"{"type":"ping","ts":3}"#;
+    let mut parts: Vec<&[u8]> = vec![b""; MAX_FRAGMENTS];
+    parts[0] = ping;
+    c.send_fragments(true, &parts).await;
+    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], 3);
+    // One more frame and the message is refused, whatever its size.
+    let mut parts: Vec<&[u8]> = vec![b""; MAX_FRAGMENTS + 1];
+    parts[0] = ping;
+    c.send_fragments(true, &parts).await;
+    let (code, reason, _) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1009, "too many fragments"));
+}
+
+#[actix_rt::test]
+async fn wrong_field_types_are_bad_request_and_never_echoed() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    let secretish = "x".repeat(2000);
+    for text in [
+        format!(r#"{{"type":"ping","ts":"{secretish}"}}"#),
+        r#"{"type":"ping","ts":{"a":1}}"#.to_string(),
+        r#"{"type":"ack","room":"tenant:acme","seq":1.5}"#.to_string(),
+        r#"{"type":"subscribe","room":"tenant:acme","since":41}"#.to_string(),
+        "{\"type\":\"subscribe\",\"room\":\"tenant:acme\",\"since\":{\"seq\":\"1\",\"epoch\":\"e\\n\"}}".to_string(),
+    ] {
+        c.send_text(&text).await;
+        let env = c.recv().await;
+        assert_eq!(env.event.kind(), EventType::Error, "{text} was answered with {env:?}");
+        let data = serde_json::to_value(&env.event).expect("json");
+        let message = data["data"]["message"].as_str().expect("message").to_string();
+        assert_eq!(data["data"]["code"], "bad_request");
+        assert!(message.chars().count() < 120, "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+}
+
+#[actix_rt::test]
+async fn unknown_fields_are_ignored_in_every_message_type() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.send_text(r#"{"type":"ping","ts":11,"client_version":"9.9","trace":{"id":[1,2]}}"#).await;
+    assert_eq!(c.expect_data(EventType::Pong).await["client_ts"], 11);
+    c.send_text(r#"{"type":"subscribe","room":"tenant:acme","types":["status"],"since":null,"priority":1}"#).await;
+    assert_eq!(c.expect_data(EventType::Subscribed).await["room"], "tenant:acme");
+    c.send_text(r#"{"type":"ack","room":"tenant:acme","seq":0,"batch":true}"#).await;
+    c.send_text(r#"{"type":"unsubscribe","room":"tenant:acme","reason":"done"}"#).await;
+    assert_eq!(c.expect_data(EventType::Unsubscribed).await["room"], "tenant:acme");
+    // Unknown message types stay refused.
+    c.send_text(r#"{"type":"subscribe_all","room":"tenant:acme"}"#).await;
+    assert_eq!(c.expect_data(EventType::Error).await["code"], "bad_request");
+    // And the first message may carry extra fields too.
+    let token = s.token("bob", "acme", &[]);
+    let mut c = s.connect("/ws?format=json").await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.send_text(&format!(r#"{{"type":"authenticate","token":"{token}","sdk":"py/2"}}"#)).await;
+    assert_eq!(c.expect_data(EventType::Authenticated).await["user_id"], "bob");
+}
+
+#[actix_rt::test]
+async fn a_refresh_that_drops_the_admin_role_leaves_the_rooms_only_an_admin_could_hold() {
+    let s = TestServer::start();
+    let admin = s.token("root", "ops", &["admin"]);
+    let mut c = s.connect(&format!("/ws?token={admin}&format=json")).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    for room in ["tenant:ops", "tenant:acme", "user:alice", "user:root"] {
+        c.subscribe(room).await;
+    }
+    // A job of another tenant, which the admin watches.
+    let (_, job) = s.upload(&s.token("alice", "acme", &[]), "a.csv", "text/csv", b"amount\n1\n", None).await;
+    let job_room = format!("job:{}", job["job_id"].as_str().expect("job id"));
+    c.send(&ClientMessage::Subscribe { room: job_room.clone(), since: None }).await;
+    // The job's events may come first.
+    while c.recv().await.event.kind() != EventType::Subscribed {}
+    c.send(&ClientMessage::Refresh { token: s.token("root", "ops", &[]) }).await;
+    let mut left = Vec::new();
+    let mut refreshed = false;
+    while left.len() < 3 || !refreshed {
+        let env = c.recv().await;
+        let v = serde_json::to_value(&env.event).expect("json");
+        match env.event.kind() {
+            EventType::Error => assert_eq!(v["data"]["code"], "forbidden", "{v}"),
+            EventType::Unsubscribed => {
+                assert!(refreshed, "a room was left before the refresh was answered");
+                left.push(v["data"]["room"].as_str().expect("room").to_string())
+            }
+            EventType::TokenRefreshed => refreshed = true,
+            _ => {}
+        }
+    }
+    left.sort();
+    let mut expected = vec!["tenant:acme".to_string(), "user:alice".to_string(), job_room.clone()];
+    expected.sort();
+    assert_eq!(left, expected);
+    // The rooms of its own tenant and user stay.
+    s.broadcast("tenant:ops", "info", serde_json::json!({"message": "still here"})).await;
+    let env = c.recv().await;
+    assert_eq!(env.room.as_deref(), Some("tenant:ops"));
+    s.broadcast("tenant:acme", "info", serde_json::json!({"message": "not for you"})).await;
+    s.broadcast("user:root", "info", serde_json::json!({"message": "yours"})).await;
+    let env = c.recv().await;
+    assert_eq!(env.room.as_deref(), Some("user:root"), "{env:?}");
+}
