@@ -81,6 +81,8 @@ pub enum AuthError {
     InvalidIssuer,
     #[error("the token has no tenant claim")]
     MissingTenant,
+    #[error("the token's sub or tenant is not 1 to 128 characters of A-Z a-z 0-9 - _ . @")]
+    InvalidIdentity,
     #[error("the WebSocket token was already used")]
     Reused,
     #[error("the token is malformed")]
@@ -103,6 +105,7 @@ impl AuthError {
             AuthError::InvalidAudience => "invalid_audience",
             AuthError::InvalidIssuer => "invalid_issuer",
             AuthError::MissingTenant => "missing_tenant",
+            AuthError::InvalidIdentity => "invalid_identity",
             AuthError::Reused => "token_reused",
             AuthError::Malformed => "malformed_token",
             AuthError::WebSocketTokenNotAccepted => "websocket_token_not_accepted",
@@ -168,26 +171,43 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Reads the HS256 secret from `data_dir/jwt_secret`, generating and keeping one on first start.
-pub fn load_or_create_secret(data_dir: &Path) -> Result<String, KeyError> {
+/// The HS256 secret kept in the data directory.
+#[derive(Debug, Clone)]
+pub struct KeptSecret {
+    /// The secret.
+    pub secret: String,
+    /// Whether this call generated it (the first start on this data directory).
+    pub created: bool,
+}
+
+/// Reads `<data_dir>/jwt_secret`, or generates and writes it (0600) on first use. A symlink there is
+/// refused (another file's content must not become the signing key); an existing file is made 0600.
+pub fn load_or_create_secret(data_dir: &Path) -> Result<KeptSecret, KeyError> {
     let path = data_dir.join("jwt_secret");
     let err = |source| KeyError::Secret { path: path.display().to_string(), source };
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => {}
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(err(std::io::Error::other("is a symbolic link; jobcast keeps its secret in a plain file")))
+        }
+        Ok(meta) if !meta.is_file() => return Err(err(std::io::Error::other("is not a regular file"))),
+        Ok(_) => {
+            let s = std::fs::read_to_string(&path).map_err(err)?;
+            if !s.trim().is_empty() {
+                crate::files::private_file(&path).map_err(err)?;
+                return Ok(KeptSecret { secret: s.trim().to_string(), created: false });
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::create_dir_all(data_dir).map_err(err)?;
+    crate::files::private_dir(data_dir).map_err(err)?;
     let bytes: [u8; 32] = rand::random();
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     use std::io::Write;
+    let mut opts = crate::files::private_options();
+    opts.write(true).create(true).truncate(true);
     opts.open(&path).and_then(|mut f| f.write_all(secret.as_bytes())).map_err(err)?;
-    Ok(secret)
+    Ok(KeptSecret { secret, created: true })
 }
 
 impl Auth {
@@ -352,6 +372,9 @@ fn identity(c: &Claims, expires_at: u64) -> Result<Identity, AuthError> {
     let tenant = c.tenant.clone().filter(|t| !t.is_empty()).ok_or(AuthError::MissingTenant)?;
     if c.sub.is_empty() {
         return Err(AuthError::Malformed);
+    }
+    if !crate::protocol::valid_id(&c.sub) || !crate::protocol::valid_id(&tenant) {
+        return Err(AuthError::InvalidIdentity);
     }
     Ok(Identity {
         user_id: c.sub.clone(),

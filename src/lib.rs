@@ -5,7 +5,8 @@
 //! - Top-level modules, used by every layer: [`protocol`] (the wire protocol v1 as serde types, the
 //!   one serde boundary, with the job snapshot, statuses and close codes), `framing` (JSON text or
 //!   gzip(msgpack) frames, encoded once per event), `config` (one [`Config`]), `auth` (JWTs,
-//!   WebSocket tokens, the tenancy rule), `error` ([`ApiError`]), `metrics`.
+//!   WebSocket tokens, the tenancy rule), `error` ([`ApiError`]), `metrics`, `files` (the data
+//!   directory's modes).
 //! - `db/`: SQLite plumbing, the event and job store, the row store (sync actors).
 //! - `realtime/`: the broker, rooms, history, outboxes, ack buffers, the registry; and at its edge
 //!   the WebSocket session, the one realtime file that also uses `jobs`.
@@ -23,6 +24,7 @@ mod cli;
 mod config;
 mod db;
 mod error;
+mod files;
 mod framing;
 mod http;
 mod jobs;
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
 
-pub use auth::{load_or_create_secret, unix_now, Auth, AuthError, KeyError};
+pub use auth::{load_or_create_secret, unix_now, Auth, AuthError, KeptSecret, KeyError};
 pub use cli::import::{run as run_import, ImportError, Outcome as ImportOutcome};
 pub use config::{Config, ConfigError, Settings};
 pub use db::sqlite::StoreError;
@@ -71,6 +73,9 @@ pub enum StartError {
     /// The categorization rules could not be read.
     #[error("{0}")]
     Rules(String),
+    /// The data directory could not be made.
+    #[error("data directory {0}")]
+    DataDir(String),
     /// The listener could not be used.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -151,9 +156,11 @@ where
 /// actix `System`.
 pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     config.validate()?;
+    files::private_dir(&config.data_dir)
+        .map_err(|e| StartError::DataDir(format!("{}: {e}", config.data_dir.display())))?;
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
-        None => load_or_create_secret(&config.data_dir)?,
+        None => load_or_create_secret(&config.data_dir)?.secret,
     };
     let auth = Arc::new(Verifier::new(&config, &secret)?);
     let metrics = Arc::new(Metrics::default());

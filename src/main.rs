@@ -88,7 +88,7 @@ type AnyError = Box<dyn std::error::Error>;
 fn auth_for(config: &Config) -> Result<jobcast::Auth, AnyError> {
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
-        None => jobcast::load_or_create_secret(&config.data_dir)?,
+        None => jobcast::load_or_create_secret(&config.data_dir)?.secret,
     };
     Ok(jobcast::Auth::new(config, &secret)?)
 }
@@ -101,6 +101,11 @@ fn token(
     roles: &[String],
     ttl: u64,
 ) -> Result<(), AnyError> {
+    for (what, id) in [("--user", user), ("--tenant", tenant)] {
+        if !jobcast::protocol::valid_id(id) {
+            return Err(format!("{what} {id:?}: an id is 1 to 128 characters of A-Z a-z 0-9 - _ . @").into());
+        }
+    }
     let config = Config::load(settings, file.as_deref())?;
     println!("{}", auth_for(&config)?.mint_access(user, tenant, roles, ttl)?);
     Ok(())
@@ -141,9 +146,18 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         .init();
     let config = Config::load(settings, file.as_deref())?;
     let listener = jobcast::listen(&config.bind).map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
-    let dev_token = auth_for(&config)
-        .ok()
+    // The development admin token is printed only on a first start on loopback: the secret was
+    // generated just now (so no one configured one), and only this machine can reach the server.
+    let generated = match (&config.jwt_secret, &config.jwt_public_key) {
+        (None, None) => jobcast::load_or_create_secret(&config.data_dir)?.created,
+        _ => false,
+    };
+    let loopback = listener.local_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
+    let dev_token = (generated && loopback)
+        .then(|| auth_for(&config).ok())
+        .flatten()
         .and_then(|a| a.mint_access("dev-admin", "default", &["admin".into(), "publisher".into()], 86_400).ok());
+    let signs = config.jwt_public_key.is_none();
     actix_rt::System::new().block_on(async move {
         let signal = shutdown_signal()?;
         let running = jobcast::start(listener, config)?;
@@ -160,6 +174,7 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         }
         match dev_token {
             Some(t) => say(format!("development admin token (24 h, tenant \"default\"): {t}")),
+            None if signs => say("mint a token: jobcast token --user ID --tenant ID [--role admin]".into()),
             None => say("verifying with a public key: mint tokens with your identity provider".into()),
         }
         let shutdown = running.shutdown.clone();

@@ -554,6 +554,15 @@ pub fn unix_to_rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Whether `id` can name a `user:` or `tenant:` room: 1 to 128 characters of `A-Z a-z 0-9 - _ . @`.
+/// Tokens whose `sub` or `tenant` break this rule are refused at authentication, so every identity
+/// has its own rooms.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+}
+
 /// What kind of room a name denotes (contract §4 "Rooms").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomKind {
@@ -575,12 +584,28 @@ impl RoomKind {
         }
     }
 
+    /// The broker's key for this room as a member of `tenant` names it. A `user:` room belongs to a
+    /// user of one tenant, so its key carries the tenant (`user:<tenant>/<id>`; `/` cannot occur in
+    /// an id); every other room's key is its name.
+    pub fn key(&self, tenant: &str) -> String {
+        match self {
+            RoomKind::User(id) => format!("user:{tenant}/{id}"),
+            other => other.name(),
+        }
+    }
+
+    /// The name clients see for a room `key` (the inverse of [`RoomKind::key`]).
+    pub fn name_of_key(key: &str) -> String {
+        match key.strip_prefix("user:").and_then(|rest| rest.split_once('/')) {
+            Some((_tenant, id)) => format!("user:{id}"),
+            None => key.to_string(),
+        }
+    }
+
     /// Parses a room name; `None` for anything that is not a valid job, user or tenant room.
     pub fn parse(room: &str) -> Option<RoomKind> {
         let (prefix, rest) = room.split_once(':')?;
-        let valid_id = !rest.is_empty()
-            && rest.len() <= 128
-            && rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+        let valid_id = valid_id(rest);
         match prefix {
             "job" => Uuid::parse_str(rest).ok().map(RoomKind::Job),
             "user" if valid_id => Some(RoomKind::User(rest.to_string())),
@@ -971,6 +996,12 @@ mod tests {
     fn room_names() {
         assert_eq!(RoomKind::parse("tenant:acme"), Some(RoomKind::Tenant("acme".into())));
         assert_eq!(RoomKind::parse("user:u-1"), Some(RoomKind::User("u-1".into())));
+        assert_eq!(RoomKind::parse("user:a/b"), None);
+        let bob = RoomKind::User("bob".into());
+        assert_ne!(bob.key("acme"), bob.key("globex"));
+        assert_eq!(RoomKind::name_of_key(&bob.key("acme")), "user:bob");
+        assert_eq!(RoomKind::Tenant("acme".into()).key("other"), "tenant:acme");
+        assert_eq!(RoomKind::name_of_key("tenant:acme"), "tenant:acme");
         assert!(RoomKind::parse("job:not-a-uuid").is_none());
         assert!(RoomKind::parse("lobby").is_none());
         assert!(RoomKind::parse("tenant:").is_none());

@@ -227,3 +227,96 @@ async fn a_refresh_that_drops_the_admin_role_leaves_the_rooms_only_an_admin_coul
     let env = c.recv().await;
     assert_eq!(env.room.as_deref(), Some("user:root"), "{env:?}");
 }
+
+#[actix_rt::test]
+async fn user_rooms_and_the_per_user_limit_belong_to_one_tenant() {
+    let s = TestServer::with(|c| c.max_connections_per_user = 2);
+    let mut acme_bob = s.connect_as("bob", "acme").await;
+    let mut globex_bob = s.connect_as("bob", "globex").await;
+    acme_bob.subscribe("user:bob").await;
+    globex_bob.subscribe("user:bob").await;
+    // One tenant's bob: only that room.
+    let (status, body) = s
+        .request(
+            "POST",
+            "/api/v1/admin/broadcast/user:bob?tenant=acme",
+            Some(&s.admin_token()),
+            Some(serde_json::json!({"type": "info", "data": {"for": "acme"}})),
+        )
+        .await;
+    assert_eq!((status, body["delivered_to"].as_u64()), (200, Some(1)), "{body}");
+    let env = acme_bob.recv().await;
+    assert_eq!(env.room.as_deref(), Some("user:bob"));
+    assert_eq!(serde_json::to_value(&env.event).expect("json")["data"]["for"], "acme");
+    // No tenant named: every tenant's bob.
+    let body = s.broadcast("user:bob", "info", serde_json::json!({"for": "all"})).await;
+    assert_eq!(body["delivered_to"], 2, "{body}");
+    for c in [&mut acme_bob, &mut globex_bob] {
+        let env = c.recv().await;
+        assert_eq!(serde_json::to_value(&env.event).expect("json")["data"]["for"], "all");
+    }
+    // Two connections per user, per tenant: acme's bob is at 1, globex's at 1.
+    let _a2 = s.connect_as("bob", "acme").await;
+    let _g2 = s.connect_as("bob", "globex").await;
+    let mut third = s.connect(&format!("/ws?token={}", s.token("bob", "acme", &[]))).await;
+    let (code, reason, _) = third.expect_close().await;
+    assert_eq!((code, reason.as_str()), (4029, "too many connections for this user"));
+    // A bad tenant id in the query is refused.
+    let (status, _) = s
+        .request(
+            "POST",
+            "/api/v1/admin/broadcast/user:bob?tenant=a%2Fb",
+            Some(&s.admin_token()),
+            Some(serde_json::json!({"type": "info", "data": {}})),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
+#[actix_rt::test]
+async fn a_user_room_replay_is_the_tenants_own() {
+    let s = TestServer::start();
+    let mut acme_bob = s.connect_as("bob", "acme").await;
+    let sub = acme_bob.subscribe("user:bob").await;
+    let epoch = sub["epoch"].as_str().expect("epoch").to_string();
+    let mut globex_bob = s.connect_as("bob", "globex").await;
+    let other = globex_bob.subscribe("user:bob").await;
+    assert_ne!(other["epoch"], sub["epoch"], "two tenants' bob share one room");
+    s.request(
+        "POST",
+        "/api/v1/admin/broadcast/user:bob?tenant=globex",
+        Some(&s.admin_token()),
+        Some(serde_json::json!({"type": "info", "data": {"secret": "globex"}})),
+    )
+    .await;
+    globex_bob.recv().await;
+    acme_bob.close().await;
+    let mut again = s.connect_as("bob", "acme").await;
+    again
+        .send(&ClientMessage::Subscribe {
+            room: "user:bob".into(),
+            since: Some(jobcast::protocol::Since { seq: 0, epoch }),
+        })
+        .await;
+    let sub = again.expect_data(EventType::Subscribed).await;
+    assert_eq!((sub["replayed"].as_u64(), sub["recovered"].as_bool()), (Some(0), Some(true)), "{sub}");
+}
+
+#[actix_rt::test]
+async fn ids_that_cannot_name_a_room_are_refused_at_authentication() {
+    let s = TestServer::start();
+    for (user, tenant) in
+        [("bøb", "acme"), ("bob", "ácme"), ("a/b", "acme"), ("bob", "x y"), (&*"u".repeat(129), "acme")]
+    {
+        let token = s.token(user, tenant, &[]);
+        let mut c = s.connect(&format!("/ws?token={token}")).await;
+        let (code, reason, _) = c.expect_close().await;
+        assert_eq!((code, reason.as_str()), (4001, "invalid_identity"), "{user} / {tenant}");
+        let (status, body) = s.request("GET", "/api/v1/jobs", Some(&token), None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    // The longest id allowed works.
+    let long = "u".repeat(128);
+    let mut c = s.connect_as(&long, "acme").await;
+    c.subscribe(&format!("user:{long}")).await;
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 const RANKS: &[(&str, u32)] = &[
     ("protocol", 0),
     ("config", 0),
+    ("files", 0),
     ("framing", 1),
     ("metrics", 1),
     ("auth", 1),

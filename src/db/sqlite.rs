@@ -92,8 +92,10 @@ pub fn connect(location: &Location, cache_kib: i64) -> Result<Connection, StoreE
     let conn = match &location.target {
         Target::File(path) => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                crate::files::private_dir(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
             }
+            // Created 0600 before SQLite opens it, so its -wal and -shm files get that mode too.
+            crate::files::private_file(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
             let conn = Connection::open(path)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn

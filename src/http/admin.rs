@@ -11,8 +11,8 @@ use crate::error::ApiError;
 use crate::http::extract::{admin, publish_failed, PostedEvent};
 use crate::http::shared::Shared;
 use crate::jobs::scheduler::Load;
-use crate::protocol::{close, RoomKind};
-use crate::realtime::broker::{Publish, Stats};
+use crate::protocol::{close, excerpt, valid_id, RoomKind};
+use crate::realtime::broker::{Publish, Published, Stats, UserRooms};
 use crate::realtime::registry::{CloseConnection, CloseUser, ListConnections};
 
 pub async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
@@ -78,26 +78,52 @@ pub async fn admin_close_user(
     Ok(HttpResponse::Ok().json(json!({ "closed": closed })))
 }
 
+/// `?tenant=` of a broadcast: whose `user:` room is meant.
+#[derive(serde::Deserialize)]
+pub struct BroadcastQuery {
+    tenant: Option<String>,
+}
+
+/// Publishes an admin event. A `user:<id>` room belongs to one tenant's user: `?tenant=` names it;
+/// without it the event goes to the live `user:<id>` room of every tenant (none: nothing is published).
 pub async fn admin_broadcast(
     req: HttpRequest,
     shared: web::Data<Shared>,
     room: web::Path<String>,
+    query: web::Query<BroadcastQuery>,
     body: web::Json<PostedEvent>,
 ) -> Result<HttpResponse, ApiError> {
     let who = admin(&req, &shared)?;
     let room = room.into_inner();
-    if RoomKind::parse(&room).is_none() {
-        return Err(ApiError::BadRequest(format!("unknown room {room:?}: use job:<uuid>, user:<id> or tenant:<id>")));
-    }
+    let Some(kind) = RoomKind::parse(&room) else {
+        return Err(ApiError::BadRequest(format!(
+            "unknown room \"{}\": use job:<uuid>, user:<id> or tenant:<id>",
+            excerpt(&room)
+        )));
+    };
     let event = body.into_inner().into_event()?;
-    let kind = event.kind();
-    let published = shared
-        .broker
-        .send(Publish { room: room.clone(), event })
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
-        .map_err(publish_failed)?;
-    info!(target: "audit", event = "admin_broadcast", admin = %who.user_id, room = %room, kind = kind.as_str(),
-        seq = published.seq, "admin action");
-    Ok(HttpResponse::Ok().json(published))
+    let keys = match (&kind, query.into_inner().tenant) {
+        (RoomKind::User(_), Some(tenant)) if valid_id(&tenant) => vec![kind.key(&tenant)],
+        (RoomKind::User(_), Some(tenant)) => {
+            return Err(ApiError::BadRequest(format!("not a tenant id: \"{}\"", excerpt(&tenant))))
+        }
+        (RoomKind::User(user_id), None) => {
+            let ask = UserRooms { user_id: user_id.clone() };
+            shared.broker.send(ask).await.map_err(|e| ApiError::Unavailable(e.to_string()))?
+        }
+        _ => vec![kind.key(&who.tenant)],
+    };
+    let mut answer = Published { seq: 0, delivered_to: 0 };
+    for key in keys {
+        let published = shared
+            .broker
+            .send(Publish { room: key, event: event.clone() })
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .map_err(publish_failed)?;
+        answer = Published { seq: published.seq, delivered_to: answer.delivered_to + published.delivered_to };
+    }
+    info!(target: "audit", event = "admin_broadcast", admin = %who.user_id, room = %room, kind = event.kind().as_str(),
+        seq = answer.seq, "admin action");
+    Ok(HttpResponse::Ok().json(answer))
 }

@@ -77,7 +77,11 @@ async fn upload(req: HttpRequest, shared: web::Data<Shared>, mut form: Multipart
         return Err(too_large());
     }
     let dir = shared.config.data_dir.join("uploads");
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
+    let dir_made = dir.clone();
+    tokio::task::spawn_blocking(move || crate::files::private_dir(&dir_made))
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
     let part = dir.join(format!("{}.part", Uuid::new_v4()));
     let result = receive(&mut form, &part, max).await;
     let (batch_id, file) = match result {
@@ -166,7 +170,10 @@ async fn receive(
                     ))
                     .into());
                 }
-                let mut out = tokio::fs::File::create(part)
+                let mut out = tokio::fs::OpenOptions::from(crate::files::private_options())
+                    .write(true)
+                    .create_new(true)
+                    .open(part)
                     .await
                     .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
                 let mut size = 0u64;

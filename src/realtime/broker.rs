@@ -22,7 +22,7 @@ use crate::db::sqlite::now_ms;
 use crate::db::store::{AppendEvents, ExpireEvents, RoomCursor, StoreActor, StoredEvent};
 use crate::framing::Encoded;
 use crate::metrics::Metrics;
-use crate::protocol::{now_rfc3339, Envelope, Event, JobSnapshot, Since};
+use crate::protocol::{now_rfc3339, Envelope, Event, JobSnapshot, RoomKind, Since};
 use crate::realtime::outbox::Member;
 use crate::realtime::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 
@@ -32,7 +32,7 @@ use crate::realtime::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
 #[derive(Message)]
 #[rtype(result = "Result<Published, PublishError>")]
 pub struct Publish {
-    /// The room (already validated by the caller).
+    /// The room's key (`RoomKind::key`), already validated by the caller.
     pub room: String,
     /// The event.
     pub event: Event,
@@ -62,7 +62,7 @@ pub enum PublishError {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribe {
-    /// The room.
+    /// The room's key.
     pub room: String,
     /// The connection.
     pub conn: Uuid,
@@ -78,7 +78,7 @@ pub struct Subscribe {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unsubscribe {
-    /// The room.
+    /// The room's key.
     pub room: String,
     /// The connection.
     pub conn: Uuid,
@@ -90,8 +90,17 @@ pub struct Unsubscribe {
 pub struct Leave {
     /// The connection.
     pub conn: Uuid,
-    /// Every room it was in.
+    /// The key of every room it was in.
     pub rooms: Vec<String>,
+}
+
+/// The keys of the live `user:<id>` rooms of every tenant (rooms with members, or whose history is
+/// still kept), for an admin broadcast that names no tenant.
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct UserRooms {
+    /// The user id.
+    pub user_id: String,
 }
 
 /// Room and subscription counts.
@@ -247,7 +256,7 @@ impl Handler<Publish> for Broker {
         let env = Envelope {
             event: msg.event,
             id: Uuid::new_v4(),
-            room: Some(msg.room),
+            room: Some(RoomKind::name_of_key(&msg.room)),
             seq: Some(seq),
             epoch: Some(entry.epoch.to_string()),
             ts: now_rfc3339(),
@@ -260,7 +269,7 @@ impl Handler<Publish> for Broker {
         entry.seq = seq;
         entry.active_at = Instant::now();
         let stored = StoredEvent {
-            room: env.room.unwrap_or_default(),
+            room: msg.room,
             epoch: entry.epoch.to_string(),
             seq,
             created_ms: now_ms(),
@@ -305,6 +314,15 @@ impl Handler<Leave> for Broker {
         for room in &msg.rooms {
             self.leave(room, msg.conn);
         }
+    }
+}
+
+impl Handler<UserRooms> for Broker {
+    type Result = MessageResult<UserRooms>;
+    fn handle(&mut self, msg: UserRooms, _: &mut Context<Self>) -> Self::Result {
+        let suffix = format!("/{}", msg.user_id);
+        let keys = self.rooms.keys().filter(|k| k.starts_with("user:") && k.ends_with(&suffix)).map(|k| k.to_string());
+        MessageResult(keys.collect())
     }
 }
 

@@ -141,8 +141,8 @@ struct Entry {
 pub struct Registry {
     /// Open connections by id.
     conns: HashMap<Uuid, Entry>,
-    /// Authenticated connections per user.
-    per_user: HashMap<String, usize>,
+    /// Authenticated connections per user, keyed by (tenant, user id): `bob` of two tenants are two users.
+    per_user: HashMap<(String, String), usize>,
     max_connections: usize,
     max_per_user: usize,
 }
@@ -194,7 +194,8 @@ impl Handler<Identify> for Registry {
         let Some(entry) = self.conns.get_mut(&msg.id) else {
             return Ok(());
         };
-        let count = self.per_user.entry(msg.identity.user_id.clone()).or_insert(0);
+        let key = (msg.identity.tenant.clone(), msg.identity.user_id.clone());
+        let count = self.per_user.entry(key).or_insert(0);
         if *count >= self.max_per_user {
             return Err(LimitReached::User);
         }
@@ -220,11 +221,12 @@ impl Handler<Disconnected> for Registry {
         let Some(e) = self.conns.remove(&msg.id) else {
             return;
         };
-        if let Some(user) = e.info.user_id {
-            if let Some(n) = self.per_user.get_mut(&user) {
+        if let (Some(user), Some(tenant)) = (e.info.user_id, e.info.tenant) {
+            let key = (tenant, user);
+            if let Some(n) = self.per_user.get_mut(&key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    self.per_user.remove(&user);
+                    self.per_user.remove(&key);
                 }
             }
         }

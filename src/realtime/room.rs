@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::db::sqlite::now_ms;
 use crate::db::store::{EventsAfter, StoreActor};
 use crate::framing::Encoded;
-use crate::protocol::{Envelope, JobSnapshot, Since, Subscribed};
+use crate::protocol::{Envelope, JobSnapshot, RoomKind, Since, Subscribed};
 use crate::realtime::history::{HistoryRing, Replay};
 use crate::realtime::outbox::Member;
 
@@ -68,7 +68,9 @@ pub struct Retire;
 
 /// The room actor.
 pub struct Room {
-    /// The room's name, shared with every event sent to members.
+    /// The room's key in the broker and the store (see `RoomKind::key`).
+    key: Arc<str>,
+    /// The room's name as clients see it, shared with every event sent to members.
     name: Arc<str>,
     /// The history epoch.
     epoch: Arc<str>,
@@ -84,10 +86,11 @@ pub struct Room {
 }
 
 impl Room {
-    /// A room whose newest event is `head` (0: none yet).
-    pub fn new(name: Arc<str>, epoch: Arc<str>, head: u64, settings: RoomSettings, store: Addr<StoreActor>) -> Self {
+    /// The room of `key` whose newest event is `head` (0: none yet).
+    pub fn new(key: Arc<str>, epoch: Arc<str>, head: u64, settings: RoomSettings, store: Addr<StoreActor>) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);
-        Room { name, epoch, head, history, members: HashMap::new(), settings, store }
+        let name = Arc::from(RoomKind::name_of_key(&key).as_str());
+        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store }
     }
 
     /// Sends `subscribed`, then the replay, and adds the member.
@@ -158,7 +161,7 @@ impl Handler<Join> for Room {
             return self.admit(msg, false, Vec::new());
         }
         let query = EventsAfter {
-            room: self.name.to_string(),
+            room: self.key.to_string(),
             seq: since,
             limit: missing as usize,
             min_created_ms: now_ms() - self.settings.history_ttl.as_millis() as i64,

@@ -67,6 +67,14 @@ pub struct SessionParams {
     pub remote: Option<String>,
 }
 
+/// One room membership.
+struct Joined {
+    /// The room's key in the broker (`RoomKind::key`: a `user:` room's carries the tenant).
+    key: String,
+    /// Closed on unsubscribe: the writer drops what the room still queued.
+    gate: Arc<AtomicBool>,
+}
+
 /// A message arriving in fragments.
 struct Fragmented {
     /// A text message (checked as UTF-8 as it arrives) or a binary one.
@@ -114,8 +122,8 @@ pub struct Session {
     urgent_close: Option<oneshot::Sender<(u16, String)>>,
     /// Set once authentication succeeded.
     identity: Option<Identity>,
-    /// Rooms this connection is in, with the gate of each membership.
-    rooms: HashMap<String, Arc<AtomicBool>>,
+    /// Rooms this connection is in, by the name the client uses.
+    rooms: HashMap<String, Joined>,
     /// Inbound message rate limit.
     bucket: TokenBucket,
     /// Last time anything arrived from the client.
@@ -320,7 +328,7 @@ impl Session {
             Some(RoomKind::Job(job_id)) => job_id,
             Some(kind) => {
                 return match authorize_room(&identity, &kind, None) {
-                    Ok(()) => self.join(room, since, None, ctx),
+                    Ok(()) => self.join(room, kind.key(&identity.tenant), since, None, ctx),
                     Err(refusal) => self.refuse(&room, refusal, auto, ctx),
                 }
             }
@@ -339,7 +347,7 @@ impl Session {
         };
         // `wait`: later messages of this client are handled after this subscription, in order.
         ctx.wait(lookup.into_actor(self).map(move |found, act, ctx| match found {
-            Ok(job) => act.join(room, since, Some(Box::new(job.snapshot)), ctx),
+            Ok(job) => act.join(room.clone(), room, since, Some(Box::new(job.snapshot)), ctx),
             Err(JobRefused::Forbidden) => act.refuse(&room, RoomRefusal::Forbidden, auto, ctx),
             Err(JobRefused::Unknown | JobRefused::Unavailable(_)) => act.refuse(&room, RoomRefusal::Unknown, auto, ctx),
         }));
@@ -349,6 +357,7 @@ impl Session {
     fn join(
         &mut self,
         room: String,
+        key: String,
         since: Option<Since>,
         snapshot: Option<Box<JobSnapshot>>,
         ctx: &mut Context<Self>,
@@ -362,10 +371,11 @@ impl Session {
             );
         }
         // A repeated subscribe keeps its membership (and its gate); the room answers it again.
-        let gate = self.rooms.entry(room.clone()).or_insert_with(|| Arc::new(AtomicBool::new(true))).clone();
+        let joined = self.rooms.entry(room).or_insert_with(|| Joined { key, gate: Arc::new(AtomicBool::new(true)) });
+        let (key, gate) = (joined.key.clone(), joined.gate.clone());
         let member = self.out.member(gate, self.acks.clone());
         self.report_rooms();
-        self.deps.broker.do_send(broker::Subscribe { room, conn: self.id, since, member, snapshot });
+        self.deps.broker.do_send(broker::Subscribe { room: key, conn: self.id, since, member, snapshot });
     }
 
     /// Cancels a job of the user's tenant; `job_cancelled` arrives in the job's room.
@@ -447,13 +457,13 @@ impl Session {
 
     /// Leaves `room` and answers `unsubscribed`; false when the connection was not in it.
     fn leave(&mut self, room: String, ctx: &mut Context<Self>) -> bool {
-        let Some(gate) = self.rooms.remove(&room) else {
+        let Some(joined) = self.rooms.remove(&room) else {
             return false;
         };
         // Whatever the room queued from here on is dropped by the writer.
-        gate.store(false, Relaxed);
+        joined.gate.store(false, Relaxed);
         self.report_rooms();
-        self.deps.broker.do_send(broker::Unsubscribe { room: room.clone(), conn: self.id });
+        self.deps.broker.do_send(broker::Unsubscribe { room: joined.key, conn: self.id });
         if let Some(acks) = &self.acks {
             acks.do_send(ack_buffer::Forget { room: room.clone() });
         }
@@ -654,7 +664,7 @@ impl Actor for Session {
         if !self.rooms.is_empty() {
             self.deps
                 .broker
-                .do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().map(|(r, _)| r).collect() });
+                .do_send(broker::Leave { conn: self.id, rooms: self.rooms.drain().map(|(_, j)| j.key).collect() });
         }
         self.deps.registry.do_send(registry::Disconnected { id: self.id });
         let _g = self.span.enter();
