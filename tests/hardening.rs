@@ -320,3 +320,43 @@ async fn ids_that_cannot_name_a_room_are_refused_at_authentication() {
     let mut c = s.connect_as(&long, "acme").await;
     c.subscribe(&format!("user:{long}")).await;
 }
+
+#[actix_rt::test]
+async fn publishers_cannot_post_lifecycle_events_into_a_job_the_server_runs() {
+    let s = TestServer::start();
+    let alice = s.token("alice", "acme", &[]);
+    let csv = common::generate_csv(50, "p");
+    let (status, body) = s.upload(&alice, "a.csv", "text/csv", &csv.bytes, None).await;
+    assert_eq!(status, 202, "{body}");
+    let job = body["job_id"].as_str().expect("job id").to_string();
+    let publisher = s.token("etl", "acme", &["publisher"]);
+    let path = format!("/api/v1/jobs/{job}/events");
+    for (kind, data) in [
+        ("processing_completed", serde_json::json!({"job_id": job, "results": {}})),
+        ("processing_failed", serde_json::json!({"job_id": job, "error": "x", "details": {}, "recoverable": false})),
+        ("job_cancelled", serde_json::json!({"job_id": job, "by": "etl"})),
+        ("status", serde_json::json!({"job_id": job, "status": "completed", "message": "done"})),
+    ] {
+        let (status, body) =
+            s.request("POST", &path, Some(&publisher), Some(serde_json::json!({"type": kind, "data": data}))).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{kind}: {body}");
+    }
+    for kind in ["info", "warning"] {
+        let (status, body) = s
+            .request("POST", &path, Some(&publisher), Some(serde_json::json!({"type": kind, "data": {"note": 1}})))
+            .await;
+        assert_eq!(status, 201, "{kind}: {body}");
+    }
+    // The job still ends by itself, completed, with every row.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{job}"), Some(&alice), None).await;
+        if snap["status"] == "completed" {
+            assert_eq!(snap["results"]["processed_rows"], 50, "{snap}");
+            break;
+        }
+        assert_ne!(snap["status"], "failed", "{snap}");
+        assert!(std::time::Instant::now() < deadline, "{snap}");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

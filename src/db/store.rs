@@ -296,18 +296,27 @@ pub enum JobChange {
     Save(Box<JobRecord>),
     /// Leave the stored job as it is.
     Keep,
-    /// The caller may not touch this job; nothing is saved.
-    Refuse,
+    /// Nothing is saved, and the caller is told why.
+    Refuse(Refusal),
+}
+
+/// Why a [`JobChange`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The caller may not touch this job (another tenant's).
+    Forbidden,
+    /// The change does not fit the job (for example a terminal event posted into a job the server runs).
+    Conflict(String),
 }
 
 /// How [`UpdateJob`] decides, given the stored job (`None`: no such job).
 pub type DecideChange = Box<dyn FnOnce(Option<&JobRecord>) -> JobChange + Send>;
 
 /// Reads a job (`None`: no such job), decides on it and saves the result, all in one step of the
-/// store's single writer, so two updates of the same job cannot interleave. Answers false when
-/// refused.
+/// store's single writer, so two updates of the same job cannot interleave. Answers the refusal
+/// when there was one.
 #[derive(Message)]
-#[rtype(result = "Result<bool, StoreError>")]
+#[rtype(result = "Result<Result<(), Refusal>, StoreError>")]
 pub struct UpdateJob {
     /// Job id.
     pub id: Uuid,
@@ -376,16 +385,16 @@ impl Handler<GetJob> for StoreActor {
 }
 
 impl Handler<UpdateJob> for StoreActor {
-    type Result = Result<bool, StoreError>;
+    type Result = Result<Result<(), Refusal>, StoreError>;
     fn handle(&mut self, m: UpdateJob, _: &mut SyncContext<Self>) -> Self::Result {
         let current = self.store.job(m.id)?;
         match (m.change)(current.as_ref()) {
             JobChange::Save(job) => {
                 self.store.save_job(&job)?;
-                Ok(true)
+                Ok(Ok(()))
             }
-            JobChange::Keep => Ok(true),
-            JobChange::Refuse => Ok(false),
+            JobChange::Keep => Ok(Ok(())),
+            JobChange::Refuse(why) => Ok(Err(why)),
         }
     }
 }

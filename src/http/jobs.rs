@@ -9,7 +9,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::db::store::{GetJob, JobChange, JobRecord, JobSpec, SaveJob, UpdateJob};
+use crate::db::store::{GetJob, JobChange, JobRecord, JobSpec, Refusal, SaveJob, UpdateJob};
 use crate::error::ApiError;
 use crate::http::extract::{bearer, publish_failed, PostedEvent};
 use crate::http::shared::Shared;
@@ -254,9 +254,17 @@ async fn publish_event(
     let change = move |current: Option<&JobRecord>| {
         let (mut job, new) = match current {
             Some(job) if publisher.may_access(&job.snapshot.tenant) => (job.clone(), false),
-            Some(_) => return JobChange::Refuse,
+            Some(_) => return JobChange::Refuse(Refusal::Forbidden),
             None => (JobRecord { snapshot: external(job_id, &publisher), spec: None }, true),
         };
+        // A job jobcast runs reports its own lifecycle: a publisher may add `info` and `warning`
+        // to its room, never a status, progress, zone or terminal event.
+        if job.spec.is_some() && !matches!(posted, Event::Info(_) | Event::Warning(_)) {
+            return JobChange::Refuse(Refusal::Conflict(format!(
+                "job {job_id} is run by jobcast: only info and warning events may be posted into its room, not {}",
+                posted.kind().as_str()
+            )));
+        }
         // A CSV job's snapshot is its own; an external one is written when it is new or the event
         // changes it (an `info` is only published: no store write for it).
         if job.spec.is_some() || !(new || changes_snapshot(&posted)) {
@@ -266,8 +274,10 @@ async fn publish_event(
         JobChange::Save(Box::new(job))
     };
     let update = UpdateJob { id: job_id, change: Box::new(change) };
-    if !shared.store.send(update).await.map_err(unavailable)?.map_err(unavailable)? {
-        return Err(ApiError::NotFound(format!("no job {job_id}")));
+    match shared.store.send(update).await.map_err(unavailable)?.map_err(unavailable)? {
+        Ok(()) => {}
+        Err(Refusal::Forbidden) => return Err(ApiError::NotFound(format!("no job {job_id}"))),
+        Err(Refusal::Conflict(why)) => return Err(ApiError::Conflict(why)),
     }
     let kind = event.kind();
     let published = shared
