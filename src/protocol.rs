@@ -350,7 +350,8 @@ pub struct ProcessingProgress {
     pub total: u64,
     pub errors: u64,
     pub current_operation: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Seconds left: always present, `null` while no estimate exists yet, 0 at completion.
+    #[serde(default)]
     pub eta_seconds: Option<f64>,
 }
 

@@ -94,6 +94,16 @@ async fn a_multi_zone_import_streams_every_zone_with_monotonic_progress_and_exac
     assert_eq!(progress.last(), Some(&100.0));
     assert!(progress[..progress.len() - 1].iter().all(|p| *p < 100.0));
     assert_eq!(kinds[kinds.len() - 2], EventType::ProcessingProgress);
+    // Every progress event carries `eta_seconds` (a number or null), 0 on the final one.
+    let etas: Vec<&Value> = c
+        .raw
+        .iter()
+        .filter(|v| v["type"] == "processing_progress")
+        .map(|v| v["data"].get("eta_seconds").unwrap_or_else(|| panic!("no eta_seconds in {v}")))
+        .collect();
+    assert_eq!(etas.len(), progress.len());
+    assert!(etas.iter().all(|e| e.is_null() || e.as_f64().is_some_and(|s| s >= 0.0)), "{etas:?}");
+    assert_eq!(etas.last().and_then(|e| e.as_f64()), Some(0.0));
 
     let results = data(events.last().unwrap())["results"].clone();
     assert_eq!(results["processed_rows"], 1050);

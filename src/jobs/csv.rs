@@ -168,6 +168,9 @@ impl CellIssue {
     }
 }
 
+/// Characters that start a spreadsheet formula, ASCII and full-width.
+const FORMULA_STARTS: [char; 8] = ['=', '+', '-', '@', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}'];
+
 /// Scanning: what is wrong with a cell, and the neutralised value to store instead.
 pub fn scan_cell(cell: &str) -> (Vec<CellIssue>, Option<String>) {
     let mut issues = Vec::new();
@@ -177,8 +180,11 @@ pub fn scan_cell(cell: &str) -> (Vec<CellIssue>, Option<String>) {
         value = Some(cell.chars().filter(|c| !c.is_control() || *c == '\t').collect());
     }
     let current = value.as_deref().unwrap_or(cell);
-    let starts_formula = current.starts_with(['=', '+', '-', '@', '\t', '\r']);
-    if starts_formula && parse_amount(current).is_none() {
+    // Spreadsheets skip leading blanks (spaces, NBSP, ideographic space, tabs) before a formula and
+    // read the full-width signs as the ASCII ones.
+    let lead = current.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    let starts_formula = current.starts_with(['\t', '\r']) || lead.starts_with(FORMULA_STARTS);
+    if starts_formula && parse_amount(lead).is_none() {
         issues.push(CellIssue::FormulaInjection);
         value = Some(format!("'{current}"));
     }
@@ -571,6 +577,24 @@ mod tests {
         assert_eq!(scan_cell("+cmd|' /C calc'!A0").0, vec![CellIssue::FormulaInjection]);
         assert_eq!(scan_cell("-12.50"), (vec![], None), "a negative number is not a formula");
         assert_eq!(scan_cell("coffee"), (vec![], None));
+        for hidden in [
+            " =1+1",
+            "\u{a0}=HYPERLINK(\"x\")",
+            "\u{3000}+cmd",
+            "  @SUM(A1)",
+            "\u{feff}=1",
+            "\u{ff1d}HYPERLINK(\"x\")",
+            "\u{ff0b}cmd",
+            "\u{ff0d}cmd",
+            "\u{ff20}SUM(A1)",
+            " \u{ff1d}1",
+        ] {
+            let (issues, fixed) = scan_cell(hidden);
+            assert_eq!(issues, vec![CellIssue::FormulaInjection], "{hidden:?}");
+            assert_eq!(fixed, Some(format!("'{hidden}")), "{hidden:?}");
+        }
+        assert_eq!(scan_cell(" -12.50"), (vec![], None), "a negative number after a space is not a formula");
+        assert_eq!(scan_cell("a = b"), (vec![], None), "a sign inside the text is no formula");
         let (issues, fixed) = scan_cell("bad\u{0}byte\u{7}");
         assert_eq!(issues, vec![CellIssue::ControlCharacters]);
         assert_eq!(fixed.as_deref(), Some("badbyte"));

@@ -308,7 +308,7 @@ impl Job {
             total: self.total_rows(),
             errors: self.totals.invalid_count,
             current_operation,
-            eta_seconds: if value >= 100.0 { None } else { self.eta_seconds },
+            eta_seconds: if value >= 100.0 { Some(0.0) } else { self.eta_seconds },
         }
     }
 

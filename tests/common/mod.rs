@@ -147,6 +147,9 @@ pub enum Incoming {
 /// A real WebSocket client (awc).
 pub struct Client {
     framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+    /// Every text frame received, as the JSON the server wrote (so a test can see which fields were
+    /// present, which the typed [`Envelope`] cannot tell).
+    pub raw: Vec<Value>,
 }
 
 impl Client {
@@ -162,7 +165,7 @@ impl Client {
             req = req.origin(o);
         }
         match req.connect().await {
-            Ok((_, framed)) => Ok(Client { framed }),
+            Ok((_, framed)) => Ok(Client { framed, raw: Vec::new() }),
             Err(awc::error::WsClientError::InvalidResponseStatus(s)) => Err(s.as_u16()),
             Err(e) => panic!("websocket connect failed: {e}"),
         }
@@ -178,6 +181,7 @@ impl Client {
                     let env: Envelope = serde_json::from_slice(&t).unwrap_or_else(|e| {
                         panic!("server sent an invalid envelope {e}: {}", String::from_utf8_lossy(&t))
                     });
+                    self.raw.push(serde_json::from_slice(&t).expect("JSON"));
                     return Incoming::Message { env, binary: false };
                 }
                 Some(Ok(Frame::Binary(b))) => {

@@ -678,7 +678,7 @@ function describe(e: Envelope): string | null {
       return `started ${e.data.filename} (${formatBytes(e.data.size_bytes)}), ${e.data.zones_total} zones`;
     case 'processing_progress':
       return `progress ${e.data.progress.toFixed(1)}% (${e.data.stage}), ${e.data.current_operation}${
-        e.data.eta_seconds !== undefined ? `, ETA ${formatSeconds(e.data.eta_seconds)}` : ''
+        e.data.eta_seconds != null ? `, ETA ${formatSeconds(e.data.eta_seconds)}` : ''
       }`;
     case 'zone_processing':
       return `zone ${e.data.zone_index} processing`;

@@ -411,7 +411,7 @@ export interface StatusData {
 const status = s.object({ job_id: s.optional(s.uuid), status: s.string, message: s.string });
 assertSame<Infer<typeof status>, StatusData>(true);
 
-/** `processing_progress`: `progress` 0–100, `eta_seconds` absent while unknown. */
+/** `processing_progress`: `progress` 0–100; `eta_seconds` `null` while unknown, 0 at completion (absent from older servers). */
 export interface ProcessingProgressData {
   job_id: string;
   stage: string;
@@ -422,7 +422,7 @@ export interface ProcessingProgressData {
   total: number;
   errors: number;
   current_operation: string;
-  eta_seconds?: number;
+  eta_seconds?: number | null;
 }
 const processingProgress = s.object({
   job_id: s.uuid,
@@ -434,7 +434,7 @@ const processingProgress = s.object({
   total: s.uint,
   errors: s.uint,
   current_operation: s.string,
-  eta_seconds: s.optional(s.number),
+  eta_seconds: s.optional(s.nullable(s.number)),
 });
 assertSame<Infer<typeof processingProgress>, ProcessingProgressData>(true);
 
