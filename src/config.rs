@@ -94,6 +94,8 @@ settings! {
         progress_max_rate_per_s: u32 = 4, "JOBCAST_PROGRESS_MAX_RATE_PER_S";
         /// Largest upload, bytes.
         max_upload_bytes: u64 = 52_428_800, "JOBCAST_MAX_UPLOAD_BYTES";
+        /// Longest an upload's body may take to arrive, seconds (then 408).
+        upload_timeout_s: u64 = 600, "JOBCAST_UPLOAD_TIMEOUT_S";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -166,6 +168,9 @@ impl Config {
         }
         if self.inbound_burst == 0 {
             return invalid("inbound_burst", "must be at least 1");
+        }
+        if self.upload_timeout_s == 0 {
+            return invalid("upload_timeout_s", "must be at least 1");
         }
         if self.max_queued_messages == 0 {
             return invalid("max_queued_messages", "must be at least 1");

@@ -225,7 +225,6 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(app_shared.clone()))
-            .app_data(http::json_config())
             .app_data(http::path_config())
             .wrap(middleware::from_fn(http::access_log))
             .configure(http::routes)

@@ -360,3 +360,188 @@ async fn publishers_cannot_post_lifecycle_events_into_a_job_the_server_runs() {
         actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Sends a raw HTTP/1.1 request (head, then each body piece as it comes) and reads the status line.
+fn raw_http(s: &TestServer, head: &str, pieces: &[&[u8]]) -> (u16, String) {
+    let mut tcp = TcpStream::connect(s.addr).expect("connect");
+    tcp.set_read_timeout(Some(common::WAIT)).expect("timeout");
+    tcp.write_all(head.as_bytes()).expect("head");
+    for p in pieces {
+        // The server may answer and close before it has read everything: that is the point.
+        if tcp.write_all(p).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    // And the body, as long as the answer says it is.
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let head_len = text.find("\r\n\r\n").map(|i| i + 4).unwrap_or(text.len());
+    let length = text
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    while answer.len() < head_len + length {
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[actix_rt::test]
+async fn bodies_are_not_read_before_the_caller_is_known() {
+    let s = TestServer::start();
+    let big = format!(r#"{{"type":"info","data":{{"pad":"{}"}}}}"#, "x".repeat(3 << 20));
+    for (token, want) in [(None, 401), (Some(s.token("alice", "acme", &[])), 403)] {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let head = format!(
+            "POST /api/v1/admin/broadcast/tenant:acme HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            big.len()
+        );
+        let (status, text) = raw_http(&s, &head, &[big.as_bytes()]);
+        assert_eq!(status, want, "{text}");
+    }
+    // Publisher events: the role is checked before the body too.
+    let head = format!(
+        "POST /api/v1/jobs/{}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        uuid::Uuid::new_v4(),
+        s.token("alice", "acme", &[]),
+        big.len()
+    );
+    assert_eq!(raw_http(&s, &head, &[big.as_bytes()]).0, 403);
+    // An admin's oversized body is 413, a compressed one 415.
+    let (status, body) = s
+        .request(
+            "POST",
+            "/api/v1/admin/broadcast/tenant:acme",
+            Some(&s.admin_token()),
+            Some(serde_json::json!({"type": "info", "data": {"pad": "x".repeat(2 << 20)}})),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    let gz = {
+        use flate2::write::GzEncoder;
+        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(format!(r#"{{"type":"info","data":{{"pad":"{}"}}}}"#, "0".repeat(50 << 20)).as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    let head = format!(
+        "POST /api/v1/admin/broadcast/tenant:acme HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+        s.admin_token(),
+        gz.len()
+    );
+    let (status, text) = raw_http(&s, &head, &[&gz]);
+    assert_eq!(status, 415, "{text}");
+    assert!(text.contains("must not be compressed"), "{text}");
+}
+
+fn upload_head(s: &TestServer, extra: &str) -> String {
+    format!(
+        "POST /api/v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n{extra}\r\n",
+        s.token("alice", "acme", &[])
+    )
+}
+
+#[actix_rt::test]
+async fn a_part_header_that_never_ends_is_refused_at_its_bound() {
+    let s = TestServer::start();
+    let mut pieces =
+        vec![chunk(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\nX-Pad: ")];
+    // 64 KiB of a header that never ends, in 1 KiB chunks; the server stops reading at about 8 KiB.
+    for _ in 0..64 {
+        pieces.push(chunk(&[b'a'; 1024]));
+    }
+    let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    let (status, text) = raw_http(&s, &upload_head(&s, ""), &pieces);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("part header is longer than 8192 bytes"), "{text}");
+}
+
+#[actix_rt::test]
+async fn an_upload_of_too_many_parts_or_bytes_is_refused_without_content_length() {
+    let s = TestServer::with(|c| c.max_upload_bytes = 10_000);
+    let mut form = Vec::new();
+    for i in 0..20 {
+        form.extend_from_slice(
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"note{i}\"\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    form.extend_from_slice(b"--XyZ--\r\n");
+    let (c, end) = (chunk(&form), chunk(b""));
+    let (status, text) = raw_http(&s, &upload_head(&s, ""), &[&c, &end]);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("at most 16 parts"), "{text}");
+    // A chunked body (no Content-Length to check up front) past the limit: 413 once it passes it.
+    let mut pieces =
+        vec![chunk(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\nContent-Type: text/csv\r\n\r\ndate,amount,description\n")];
+    for _ in 0..200 {
+        pieces.push(chunk(&b"2026-01-01,1.00,coffee\n".repeat(40)));
+    }
+    let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    let (status, text) = raw_http(&s, &upload_head(&s, ""), &pieces);
+    assert_eq!(status, 413, "{text}");
+}
+
+#[actix_rt::test]
+async fn an_upload_that_stalls_gets_408_after_upload_timeout_s() {
+    let s = TestServer::with(|c| c.upload_timeout_s = 1);
+    let mut tcp = TcpStream::connect(s.addr).expect("connect");
+    tcp.set_read_timeout(Some(common::WAIT)).expect("timeout");
+    tcp.write_all(upload_head(&s, "").as_bytes()).expect("head");
+    tcp.write_all(&chunk(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\ndate,"))
+        .expect("start");
+    // ...and nothing more.
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tcp.read(&mut answer).expect("an answer before the test's own timeout");
+    let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "answered before the timeout: {text}");
+    // Nothing of it stays behind.
+    let uploads = s.data_dir.path().join("uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[actix_rt::test]
+async fn one_batch_id_is_claimed_once_even_by_concurrent_uploads() {
+    let s = TestServer::start();
+    let alice = s.token("alice", "acme", &[]);
+    let csv = common::generate_csv(30, "b");
+    for _ in 0..5 {
+        let batch = uuid::Uuid::new_v4();
+        let uploads = (0..4).map(|_| s.upload(&alice, "a.csv", "text/csv", &csv.bytes, Some(batch)));
+        let statuses: Vec<u16> = futures_util::future::join_all(uploads).await.into_iter().map(|(st, _)| st).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "{statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 3, "{statuses:?}");
+        // Another tenant cannot take it either, and hears the same answer.
+        let (status, body) =
+            s.upload(&s.token("mallory", "globex", &[]), "a.csv", "text/csv", &csv.bytes, Some(batch)).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["message"], format!("batch_id {batch} is already in use"));
+        let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{batch}"), Some(&alice), None).await;
+        assert_eq!(snap["tenant"], "acme", "{snap}");
+    }
+}

@@ -40,6 +40,7 @@ const RANKS: &[(&str, u32)] = &[
     ("http::ws", 52),
     ("http::admin", 52),
     ("http::jobs", 52),
+    ("http::upload", 52),
 ];
 
 fn rank(module: &str) -> Option<u32> {

@@ -256,6 +256,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         ApiError::Unauthorized(String::new()),
         ApiError::Forbidden(String::new()),
         ApiError::NotFound(String::new()),
+        ApiError::RequestTimeout(String::new()),
         ApiError::Conflict(String::new()),
         ApiError::PayloadTooLarge(String::new()),
         ApiError::UnsupportedMediaType(String::new()),
@@ -269,6 +270,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
             | ApiError::Unauthorized(_)
             | ApiError::Forbidden(_)
             | ApiError::NotFound(_)
+            | ApiError::RequestTimeout(_)
             | ApiError::Conflict(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
@@ -296,6 +298,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         AuthError::InvalidAudience,
         AuthError::InvalidIssuer,
         AuthError::MissingTenant,
+        AuthError::InvalidIdentity,
         AuthError::Reused,
         AuthError::Malformed,
         AuthError::WebSocketTokenNotAccepted,

@@ -8,7 +8,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::http::extract::{admin, publish_failed, PostedEvent};
+use crate::http::extract::{admin, json_body, publish_failed, PostedEvent};
 use crate::http::shared::Shared;
 use crate::jobs::scheduler::Load;
 use crate::protocol::{close, excerpt, valid_id, RoomKind};
@@ -91,7 +91,7 @@ pub async fn admin_broadcast(
     shared: web::Data<Shared>,
     room: web::Path<String>,
     query: web::Query<BroadcastQuery>,
-    body: web::Json<PostedEvent>,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let who = admin(&req, &shared)?;
     let room = room.into_inner();
@@ -101,7 +101,7 @@ pub async fn admin_broadcast(
             excerpt(&room)
         )));
     };
-    let event = body.into_inner().into_event()?;
+    let event = json_body::<PostedEvent>(body).await?.into_event()?;
     let keys = match (&kind, query.into_inner().tenant) {
         (RoomKind::User(_), Some(tenant)) if valid_id(&tenant) => vec![kind.key(&tenant)],
         (RoomKind::User(_), Some(tenant)) => {

@@ -1,7 +1,9 @@
-//! What several endpoints share: the bearer and admin checks, the `{type, data}` body of posted
-//! events, and the HTTP answer to a refused publish.
+//! What several endpoints share: the bearer and admin checks, JSON bodies read only once the caller
+//! is known, the `{type, data}` body of posted events, and the HTTP answer to a refused publish.
 
-use actix_web::HttpRequest;
+use actix_web::{web, HttpRequest};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::info;
@@ -39,6 +41,23 @@ pub fn admin(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
     Ok(id)
 }
 
+/// The largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes. Handlers call it after their identity and
+/// role checks, so a caller without a token is refused before a byte of the body is read.
+pub async fn json_body<T: DeserializeOwned>(mut payload: web::Payload) -> Result<T, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("the body was interrupted: {e}")))?;
+        if body.len() + chunk.len() > MAX_JSON_BODY {
+            return Err(ApiError::PayloadTooLarge(format!("a JSON body may have at most {MAX_JSON_BODY} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
 /// `{type, data}` as admins and publishers post it.
 #[derive(Deserialize)]
 pub struct PostedEvent {
@@ -55,7 +74,10 @@ impl PostedEvent {
     pub fn into_event(self) -> Result<Event, ApiError> {
         let allowed = EventType::ALL.iter().any(|t| t.is_room_event() && t.as_str() == self.kind);
         if !allowed {
-            return Err(ApiError::BadRequest(format!("type {:?} cannot be published into a room", self.kind)));
+            return Err(ApiError::BadRequest(format!(
+                "type \"{}\" cannot be published into a room",
+                crate::protocol::excerpt(&self.kind)
+            )));
         }
         let data = if self.data.is_null() { json!({}) } else { self.data };
         serde_json::from_value(json!({ "type": self.kind, "data": data }))

@@ -1,5 +1,5 @@
 //! The HTTP layer (contract §5): routes and the access log here; the WebSocket upgrade (`ws.rs`),
-//! the jobs API (`jobs.rs`), the admin endpoints (`admin.rs`), the extractors they share
+//! uploads (`upload.rs`), the jobs API (`jobs.rs`), the admin endpoints (`admin.rs`), the extractors they share
 //! (`extract.rs`) and the state every handler is handed (`shared.rs`).
 //!
 //! This is the top layer: it may use every other one, and nothing but `lib.rs` uses it. Within it,
@@ -9,6 +9,7 @@ pub mod admin;
 pub mod extract;
 pub mod jobs;
 pub mod shared;
+pub mod upload;
 pub mod ws;
 
 use std::time::Instant;
@@ -37,6 +38,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/demo/{file}", web::get().to(demo))
         .service(
             web::scope("/api/v1")
+                .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
+                .route("/uploads", web::post().to(upload::upload))
                 .configure(jobs::routes)
                 .route("/auth/websocket-token", web::post().to(ws::websocket_token))
                 .route("/admin/stats", web::get().to(admin::admin_stats))
@@ -47,11 +50,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// JSON body errors in the contract's error shape.
-pub fn json_config() -> web::JsonConfig {
-    web::JsonConfig::default()
-        .limit(1 << 20)
-        .error_handler(|err, _| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
+/// Request bodies are read as sent: a compressed one (any `Content-Encoding` but `identity`) is 415
+/// before anything is read, so no body can inflate past the limits it was checked against.
+async fn refuse_encoded_bodies(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let encoding = req.headers().get(actix_web::http::header::CONTENT_ENCODING);
+    if let Some(value) = encoding.filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
+        let named = crate::protocol::excerpt(&String::from_utf8_lossy(value.as_bytes()));
+        let err = ApiError::UnsupportedMediaType(format!(
+            "request bodies must not be compressed (Content-Encoding: {named}); send them as they are"
+        ));
+        return Ok(req.error_response(err));
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
 }
 
 /// Path parameter errors in the contract's error shape.

@@ -86,6 +86,12 @@ impl Handler<Submit> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let id = msg.spec.job_id;
+        // One actor per job id: a second submit of a live job (a bug, or a race the store's claim
+        // did not catch) must not start a second writer of its rows.
+        if self.jobs.contains_key(&id) {
+            tracing::warn!(job = %id, "refused a second submit of a job that is already queued or running");
+            return;
+        }
         let job = Job::new(msg.spec, self.deps.clone(), ctx.address().recipient(), msg.resume.as_ref()).start();
         self.jobs.insert(id, job);
         self.queue.push_back(id);
