@@ -545,3 +545,34 @@ async fn one_batch_id_is_claimed_once_even_by_concurrent_uploads() {
         assert_eq!(snap["tenant"], "acme", "{snap}");
     }
 }
+
+#[actix_rt::test]
+async fn csv_shapes_that_would_explode_in_memory_fail_the_job_with_their_line() {
+    let s = TestServer::start();
+    let alice = s.token("alice", "acme", &[]);
+    let mut cells = b"date,amount,description\n2026-01-01,1.00,ok\n".to_vec();
+    cells.extend(b"=,".repeat(3_000_000));
+    let mut header = b"date,amount,description,".to_vec();
+    header.extend(std::iter::repeat_n(b'h', 4 << 20));
+    header.extend_from_slice(b"\n2026-01-01,1.00,ok\n");
+    for (body, want) in [
+        (cells, "line 3 has more than 1024 fields".to_string()),
+        (header, "line 1 has a field of more than 65536 bytes".to_string()),
+    ] {
+        let (status, job) = s.upload(&alice, "big.csv", "text/csv", &body, None).await;
+        assert_eq!(status, 202, "{job}");
+        let id = job["job_id"].as_str().expect("job id").to_string();
+        let deadline = std::time::Instant::now() + common::WAIT;
+        let snap = loop {
+            let (_, snap) = s.request("GET", &format!("/api/v1/jobs/{id}"), Some(&alice), None).await;
+            if snap["status"] == "failed" {
+                break snap;
+            }
+            assert!(std::time::Instant::now() < deadline, "{snap}");
+            actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(snap["error"]["message"], want, "{snap}");
+        assert_eq!(snap["error"]["recoverable"], false, "{snap}");
+        assert!(snap.to_string().len() < 4096, "the snapshot grew with the input: {} bytes", snap.to_string().len());
+    }
+}

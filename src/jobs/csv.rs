@@ -15,6 +15,119 @@ use crate::protocol::{FlaggedCell, InvalidRow};
 /// The columns a file must have (in any order, any letter case).
 pub const REQUIRED_COLUMNS: [&str; 3] = ["date", "amount", "description"];
 
+/// The most fields one record (the header included) may have.
+pub const MAX_FIELDS: usize = 1024;
+/// The most bytes one field may have.
+pub const MAX_FIELD_BYTES: usize = 64 * 1024;
+/// The most bytes one record (the header included) may have.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+/// A zone is cut after `zone_rows` records or once its records pass this many bytes.
+pub const ZONE_BYTES: u64 = 8 << 20;
+/// Refused rows and flagged cells kept per zone (all are counted).
+pub const KEEP_PER_ZONE: usize = 100;
+
+/// Which bound of a record a file broke, with the line it began on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TooLarge {
+    /// More than [`MAX_FIELDS`] fields.
+    Fields(u64),
+    /// A field of more than [`MAX_FIELD_BYTES`].
+    Field(u64),
+    /// More than [`MAX_RECORD_BYTES`].
+    Record(u64),
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TooLarge::Fields(line) => write!(f, "line {line} has more than {MAX_FIELDS} fields"),
+            TooLarge::Field(line) => write!(f, "line {line} has a field of more than {MAX_FIELD_BYTES} bytes"),
+            TooLarge::Record(line) => write!(f, "line {line} is longer than {MAX_RECORD_BYTES} bytes"),
+        }
+    }
+}
+
+/// Reads a CSV file for the parser while checking, byte by byte, that no record has more than
+/// [`MAX_FIELDS`] fields, no field more than [`MAX_FIELD_BYTES`] and no record more than
+/// [`MAX_RECORD_BYTES`], so the parser never holds an oversized record: the read fails at the
+/// byte that breaks a bound. Quotes are followed as the parser follows them (`""` inside a quoted
+/// field toggles twice).
+pub struct Bounded<R> {
+    inner: R,
+    quoted: bool,
+    fields: usize,
+    field_bytes: usize,
+    record_bytes: usize,
+    /// The file line the current record began on, and the current line.
+    record_line: u64,
+    line: u64,
+    /// The bound broken, once one is.
+    pub broken: Option<TooLarge>,
+}
+
+impl<R> Bounded<R> {
+    /// Checks `inner`, whose first byte is at file line `line`.
+    pub fn new(inner: R, line: u64) -> Self {
+        Bounded {
+            inner,
+            quoted: false,
+            fields: 1,
+            field_bytes: 0,
+            record_bytes: 0,
+            record_line: line,
+            line,
+            broken: None,
+        }
+    }
+
+    fn check(&mut self, bytes: &[u8]) -> Option<TooLarge> {
+        for &b in bytes {
+            self.record_bytes += 1;
+            self.field_bytes += 1;
+            match b {
+                b'"' => self.quoted = !self.quoted,
+                b'\n' => {
+                    self.line += 1;
+                    if !self.quoted {
+                        (self.fields, self.field_bytes, self.record_bytes) = (1, 0, 0);
+                        self.record_line = self.line;
+                        continue;
+                    }
+                }
+                b',' if !self.quoted => {
+                    self.fields += 1;
+                    self.field_bytes = 0;
+                }
+                _ => {}
+            }
+            if self.fields > MAX_FIELDS {
+                return Some(TooLarge::Fields(self.record_line));
+            }
+            if self.field_bytes > MAX_FIELD_BYTES {
+                return Some(TooLarge::Field(self.record_line));
+            }
+            if self.record_bytes > MAX_RECORD_BYTES {
+                return Some(TooLarge::Record(self.record_line));
+            }
+        }
+        None
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(b) = self.broken {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, b.to_string()));
+        }
+        let n = self.inner.read(buf)?;
+        if let Some(b) = self.check(&buf[..n]) {
+            self.broken = Some(b);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, b.to_string()));
+        }
+        Ok(n)
+    }
+}
+
 /// Where the required columns are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Columns {
@@ -43,7 +156,7 @@ pub fn parse_header(header: &[String]) -> Result<Columns, String> {
             "the header lacks the column{} {}; it must have date, amount and description (found: {})",
             if missing.len() > 1 { "s" } else { "" },
             missing.join(", "),
-            header.join(", ")
+            crate::protocol::excerpt(&header.join(", "))
         )),
     }
 }
@@ -57,6 +170,9 @@ pub struct ZoneStart {
     pub line: u64,
     /// Records in the zone.
     pub rows: u64,
+    /// Bytes of the zone's records (0 in snapshots written before zones were budgeted by bytes).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// What validation learned about a file.
@@ -86,8 +202,12 @@ pub fn validate(
     if size > max_bytes {
         return Err(format!("the file is {size} bytes; the limit is {max_bytes}"));
     }
-    let mut reader = csv_reader(BufReader::with_capacity(1 << 16, file), true);
-    let header = reader.byte_headers().map_err(|e| format!("cannot read the header: {e}"))?.clone();
+    let mut reader = csv_reader(Bounded::new(BufReader::with_capacity(1 << 16, file), 1), true);
+    let broken = |reader: &csv::Reader<Bounded<BufReader<File>>>| reader.get_ref().broken.map(|b| b.to_string());
+    let header = match reader.byte_headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return Err(broken(&reader).unwrap_or_else(|| format!("cannot read the header: {e}"))),
+    };
     let header: Vec<String> = header
         .iter()
         .map(|f| std::str::from_utf8(f).map(str::to_string))
@@ -103,15 +223,21 @@ pub fn validate(
         match reader.read_byte_record(&mut record) {
             Ok(true) => {}
             Ok(false) => break,
-            Err(e) => return Err(format!("unreadable CSV near line {}: {e}", pos.line())),
+            Err(e) => {
+                return Err(broken(&reader).unwrap_or_else(|| format!("unreadable CSV near line {}: {e}", pos.line())))
+            }
         }
         let line = record.position().map(|p| p.line()).unwrap_or(pos.line());
         if record.iter().any(|f| std::str::from_utf8(f).is_err()) {
             return Err(format!("line {line} is not valid UTF-8"));
         }
-        if rows.is_multiple_of(zone_rows) {
-            let byte = record.position().map(|p| p.byte()).unwrap_or(pos.byte());
-            zones.push(ZoneStart { byte, line, rows: 0 });
+        let byte = record.position().map(|p| p.byte()).unwrap_or(pos.byte());
+        let full = zones.last().is_none_or(|z| z.rows >= zone_rows || byte - z.byte >= ZONE_BYTES);
+        if full {
+            if let Some(z) = zones.last_mut() {
+                z.bytes = byte - z.byte;
+            }
+            zones.push(ZoneStart { byte, line, rows: 0, bytes: 0 });
         }
         if let Some(z) = zones.last_mut() {
             z.rows += 1;
@@ -121,6 +247,9 @@ pub fn validate(
             progress(reader.position().byte(), size);
         }
     }
+    if let Some(z) = zones.last_mut() {
+        z.bytes = reader.position().byte() - z.byte;
+    }
     progress(size, size);
     Ok(Validated { columns, rows, zones })
 }
@@ -129,21 +258,47 @@ fn csv_reader<R: std::io::Read>(r: R, has_headers: bool) -> csv::Reader<R> {
     csv::ReaderBuilder::new().has_headers(has_headers).flexible(true).from_reader(r)
 }
 
-/// Reads the records of one zone: `(file line, fields)` for each.
-pub fn read_zone(path: &Path, zone: &ZoneStart) -> Result<Vec<(u64, Vec<String>)>, String> {
+/// One record of a zone as the pipeline needs it: its line, how many fields it had, and the cells
+/// of the three required columns (empty where the record is too short).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// File line the record begins on.
+    pub line: u64,
+    /// Fields the record had.
+    pub fields: usize,
+    /// `date`, `amount` and `description`, in that order.
+    pub cells: [String; 3],
+}
+
+/// Reads the records of one zone, keeping only the required columns (the other fields are skipped
+/// as bytes, never copied into strings).
+pub fn read_zone(path: &Path, zone: &ZoneStart, columns: &Columns) -> Result<Vec<Record>, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open the upload: {e}"))?;
     file.seek(SeekFrom::Start(zone.byte)).map_err(|e| format!("cannot seek in the upload: {e}"))?;
-    let mut reader = csv_reader(BufReader::with_capacity(1 << 16, file), false);
+    let mut reader = csv_reader(Bounded::new(BufReader::with_capacity(1 << 16, file), zone.line), false);
     let mut out = Vec::with_capacity(zone.rows as usize);
-    let mut record = csv::StringRecord::new();
+    let mut record = csv::ByteRecord::new();
+    let wanted = [columns.date, columns.amount, columns.description];
     while (out.len() as u64) < zone.rows {
-        match reader.read_record(&mut record) {
+        match reader.read_byte_record(&mut record) {
             Ok(true) => {
                 let line = zone.line + record.position().map(|p| p.line()).unwrap_or(1) - 1;
-                out.push((line, record.iter().map(str::to_string).collect()));
+                let cell = |i: usize| -> Result<String, String> {
+                    let bytes = record.get(i).unwrap_or_default();
+                    std::str::from_utf8(bytes)
+                        .map(str::to_string)
+                        .map_err(|_| format!("line {line} is not valid UTF-8"))
+                };
+                let cells = [cell(wanted[0])?, cell(wanted[1])?, cell(wanted[2])?];
+                out.push(Record { line, fields: record.len(), cells });
             }
             Ok(false) => return Err(format!("the upload changed: zone at line {} ended early", zone.line)),
-            Err(e) => return Err(format!("unreadable CSV in zone at line {}: {e}", zone.line)),
+            Err(e) => {
+                return Err(match reader.get_ref().broken {
+                    Some(b) => b.to_string(),
+                    None => format!("unreadable CSV in zone at line {}: {e}", zone.line),
+                })
+            }
         }
     }
     Ok(out)
@@ -439,10 +594,30 @@ impl Rules {
 pub struct ZoneRows {
     /// Valid rows.
     pub rows: Vec<Row>,
-    /// Refused rows (all of them; the job keeps the first 100).
+    /// The first [`KEEP_PER_ZONE`] refused rows.
     pub invalid: Vec<InvalidRow>,
-    /// Flagged cells (all of them; the job keeps the first 100).
+    /// Refused rows, all of them.
+    pub invalid_count: u64,
+    /// The first [`KEEP_PER_ZONE`] flagged cells.
     pub flagged: Vec<FlaggedCell>,
+    /// Flagged cells, all of them.
+    pub flagged_count: u64,
+}
+
+impl ZoneRows {
+    fn refuse(&mut self, line: u64, reason: String) {
+        self.invalid_count += 1;
+        if self.invalid.len() < KEEP_PER_ZONE {
+            self.invalid.push(InvalidRow { line, reason });
+        }
+    }
+
+    fn flag(&mut self, line: u64, column: &str, issue: CellIssue) {
+        self.flagged_count += 1;
+        if self.flagged.len() < KEEP_PER_ZONE {
+            self.flagged.push(FlaggedCell { line, column: column.into(), reason: issue.reason().into() });
+        }
+    }
 }
 
 /// The deduplication key of a row: FNV-1a (128 bit) over date, amount and normalised description.
@@ -451,47 +626,43 @@ pub fn content_key(date: &str, cents: i64, normalised_description: &str) -> [u8;
     fnv1a_128(&[date.as_bytes(), b"|", &cents.to_le_bytes(), b"|", normalised_description.as_bytes()]).to_be_bytes()
 }
 
-/// Scans, parses and categorizes one zone's records.
-pub fn process_records(records: Vec<(u64, Vec<String>)>, columns: &Columns, rules: &Rules) -> ZoneRows {
+/// Scans, parses and categorizes one zone's records. Refused rows and flagged cells are counted,
+/// and only the first [`KEEP_PER_ZONE`] of each kept; quoted input is cut to an excerpt.
+pub fn process_records(records: Vec<Record>, columns: &Columns, rules: &Rules) -> ZoneRows {
+    use crate::protocol::excerpt;
     let mut out = ZoneRows { rows: Vec::with_capacity(records.len()), ..Default::default() };
     let names = ["date", "amount", "description"];
-    for (line, mut fields) in records {
-        // Scanning: every cell, neutralised in place.
-        for (i, cell) in fields.iter_mut().enumerate() {
-            let (issues, fixed) = scan_cell(cell);
-            for issue in issues {
-                let column = [columns.date, columns.amount, columns.description]
-                    .iter()
-                    .position(|c| *c == i)
-                    .map(|k| names[k].to_string())
-                    .unwrap_or_else(|| format!("column {}", i + 1));
-                out.flagged.push(FlaggedCell { line, column, reason: issue.reason().into() });
-            }
-            if let Some(fixed) = fixed {
-                *cell = fixed;
+    let needed = columns.date.max(columns.amount).max(columns.description) + 1;
+    for Record { line, fields, mut cells } in records {
+        // Scanning: every cell kept, neutralised in place.
+        if fields >= needed {
+            for (k, cell) in cells.iter_mut().enumerate() {
+                let (issues, fixed) = scan_cell(cell);
+                for issue in issues {
+                    out.flag(line, names[k], issue);
+                }
+                if let Some(fixed) = fixed {
+                    *cell = fixed;
+                }
             }
         }
         // Parsing.
-        let get = |i: usize| fields.get(i).map(|s| s.trim()).unwrap_or("");
-        let max_col = columns.date.max(columns.amount).max(columns.description);
-        if fields.len() <= max_col {
-            out.invalid.push(InvalidRow {
-                line,
-                reason: format!("expected at least {} fields, found {}", max_col + 1, fields.len()),
-            });
+        if fields < needed {
+            out.refuse(line, format!("expected at least {needed} fields, found {fields}"));
             continue;
         }
-        let Some(date) = parse_date(get(columns.date)) else {
-            out.invalid.push(InvalidRow { line, reason: format!("invalid date {:?}", get(columns.date)) });
+        let [date, amount, description] = cells.each_ref().map(|c| c.trim());
+        let Some(date) = parse_date(date) else {
+            out.refuse(line, format!("invalid date \"{}\"", excerpt(date)));
             continue;
         };
-        let Some(cents) = parse_amount(get(columns.amount)) else {
-            out.invalid.push(InvalidRow { line, reason: format!("invalid amount {:?}", get(columns.amount)) });
+        let Some(cents) = parse_amount(amount) else {
+            out.refuse(line, format!("invalid amount \"{}\"", excerpt(amount)));
             continue;
         };
-        let description = get(columns.description).to_string();
+        let description = description.to_string();
         if description.is_empty() {
-            out.invalid.push(InvalidRow { line, reason: "empty description".into() });
+            out.refuse(line, "empty description".into());
             continue;
         }
         let normalised = description.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
@@ -627,9 +798,79 @@ mod tests {
         let v = validate(&path, 1 << 20, 2, |_, _| {}).unwrap();
         assert_eq!(v.rows, 5);
         assert_eq!(v.zones.iter().map(|z| (z.line, z.rows)).collect::<Vec<_>>(), vec![(2, 2), (6, 2), (10, 1)]);
-        let zone = read_zone(&path, &v.zones[1]).unwrap();
-        assert_eq!(zone.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![6, 8]);
-        assert_eq!(zone[0].1[2], "item\n2");
+        let zone = read_zone(&path, &v.zones[1], &v.columns).unwrap();
+        assert_eq!(zone.iter().map(|r| r.line).collect::<Vec<_>>(), vec![6, 8]);
+        assert_eq!(zone[0].cells[2], "item\n2");
+        assert_eq!(zone[0].fields, 3);
+        assert_eq!(v.zones.iter().map(|z| z.bytes).sum::<u64>(), std::fs::metadata(&path).unwrap().len() - 24);
+    }
+
+    #[test]
+    fn zones_are_cut_by_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wide.csv");
+        let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
+        writeln!(f, "date,amount,description").unwrap();
+        let long = "d".repeat(60_000);
+        // 300 rows of ~60 KB: 18 MB, one zone by rows, three by bytes.
+        for _ in 0..300 {
+            writeln!(f, "2024-01-01,1.00,{long}").unwrap();
+        }
+        drop(f);
+        let v = validate(&path, 1 << 30, 1000, |_, _| {}).unwrap();
+        assert_eq!(v.zones.len(), 3, "{:?}", v.zones);
+        assert!(v.zones.iter().all(|z| z.bytes <= ZONE_BYTES + 60_100), "{:?}", v.zones);
+        assert_eq!(v.zones.iter().map(|z| z.rows).sum::<u64>(), 300);
+    }
+
+    #[test]
+    fn records_past_the_bounds_fail_validation_at_their_line_without_reading_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |name: &str, content: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, content).unwrap();
+            validate(&p, 1 << 30, 10, |_, _| {}).unwrap_err()
+        };
+        let mut cells = b"date,amount,description\n2024-01-01,1,ok\n".to_vec();
+        cells.extend(std::iter::repeat_n(b"=,".as_slice(), 2_000_000).flatten());
+        assert_eq!(check("cells.csv", &cells), format!("line 3 has more than {MAX_FIELDS} fields"));
+        let mut header = b"date,amount,description,".to_vec();
+        header.extend(std::iter::repeat_n(b'h', 3 << 20));
+        assert_eq!(check("header.csv", &header), format!("line 1 has a field of more than {MAX_FIELD_BYTES} bytes"));
+        let mut cell = b"date,amount,description\n2024-01-01,1,\"".to_vec();
+        cell.extend(std::iter::repeat_n(b'x', 500_000));
+        cell.extend_from_slice(b"\"\n");
+        assert_eq!(check("cell.csv", &cell), format!("line 2 has a field of more than {MAX_FIELD_BYTES} bytes"));
+        let row =
+            format!("date,amount,description\n2024-01-01,1,a{}\n", ",".to_owned() + &"y".repeat(60_000)).repeat(1);
+        let wide = row.replace(&format!(",{}", "y".repeat(60_000)), &format!(",{}", "y".repeat(60_000)).repeat(5));
+        assert_eq!(check("row.csv", wide.as_bytes()), format!("line 2 is longer than {MAX_RECORD_BYTES} bytes"));
+        // Quoted commas and newlines do not count as fields or records.
+        let mut quoted = b"date,amount,description\n2024-01-01,1,\"".to_vec();
+        quoted.extend(std::iter::repeat_n(b",\n".as_slice(), 5000).flatten());
+        quoted.extend_from_slice(b"\"\"\"\n");
+        let p = dir.path().join("quoted.csv");
+        std::fs::write(&p, &quoted).unwrap();
+        assert_eq!(validate(&p, 1 << 30, 10, |_, _| {}).unwrap().rows, 1);
+    }
+
+    #[test]
+    fn a_header_echoed_in_an_error_is_cut_short() {
+        let header: Vec<String> = vec!["x".repeat(10_000), "when\nINFO forged".into()];
+        let err = parse_header(&header).unwrap_err();
+        assert!(err.len() < 400, "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn flagged_and_invalid_beyond_the_kept_are_counted_not_stored() {
+        let cols = Columns { date: 0, amount: 1, description: 2 };
+        let records: Vec<Record> = (0..5000)
+            .map(|i| Record { line: i + 2, fields: 3, cells: ["nope".into(), "=1".into(), "=2".into()] })
+            .collect();
+        let out = process_records(records, &cols, &Rules::default());
+        assert_eq!((out.invalid_count, out.invalid.len()), (5000, KEEP_PER_ZONE));
+        assert_eq!((out.flagged_count, out.flagged.len()), (10_000, KEEP_PER_ZONE));
     }
 
     #[test]
@@ -652,7 +893,11 @@ mod tests {
     #[test]
     fn records_become_rows_or_errors_with_lines() {
         let cols = Columns { date: 0, amount: 1, description: 2 };
-        let rec = |line, f: &[&str]| (line, f.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let rec = |line, f: &[&str]| Record {
+            line,
+            fields: f.len(),
+            cells: [0, 1, 2].map(|i| f.get(i).map(|s| s.to_string()).unwrap_or_default()),
+        };
         let out = process_records(
             vec![
                 rec(2, &["2024-01-01", "-4.50", "Starbucks"]),

@@ -4,7 +4,8 @@
 //! zone (reading, scanning, parsing, categorizing) runs on `spawn_blocking`, at most one per core
 //! across all jobs (a shared semaphore), so no I/O arbiter ever waits on it; the zone's rows then go to
 //! the row store, whose group commits take many zones at once. Rows read and not yet committed are
-//! bounded across all jobs by [`ROWS_IN_FLIGHT`]. A zone reports `zone_processing` when
+//! bounded across all jobs by [`ROWS_IN_FLIGHT`], and the file bytes they came from by
+//! [`KIB_IN_FLIGHT`] (a zone itself is at most `csv::ZONE_BYTES`). A zone reports `zone_processing` when
 //! its work starts and `zone_completed` once its rows are committed, straight to the broker, and its
 //! numbers to the job actor, which alone computes progress. Zones are idempotent: a zone already
 //! stored (before a restart) is not stored again.
@@ -20,12 +21,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::db::row_store::{RowStore, StoreZone};
-use crate::jobs::csv::{process_records, read_zone, Columns, Rules, ZoneStart};
+use crate::jobs::csv::{process_records, read_zone, Columns, Rules, ZoneStart, KEEP_PER_ZONE};
 use crate::protocol::{Event, RoomKind, ZoneCompleted, ZoneProcessing, ZoneReport};
 use crate::realtime::broker::{Broker, Publish};
-
-/// How many invalid rows and flagged cells a zone report keeps (the job keeps the first 100 overall).
-const KEEP_PER_ZONE: usize = 100;
 
 /// Process one zone; answers its report once its rows are committed, or `None` when the job was
 /// stopped (`stop`) before the zone's work began.
@@ -61,12 +59,18 @@ pub struct ZoneDeps {
     pub cpu: Arc<Semaphore>,
     /// One permit per row, [`ROWS_IN_FLIGHT`] in all: rows read and not yet committed, across all jobs.
     pub rows_in_flight: Arc<Semaphore>,
+    /// One permit per KiB of the file those rows were read from, [`KIB_IN_FLIGHT`] in all.
+    pub kib_in_flight: Arc<Semaphore>,
 }
 
 /// Rows that may be parsed and waiting for the row store at once, across all jobs: this bounds the
 /// memory of imports (some 16 MB at about 250 bytes a parsed row) however many run, and is enough for
 /// large group commits.
 pub const ROWS_IN_FLIGHT: usize = 64 * 1024;
+
+/// KiB of file that may be read into zones not yet committed, across all jobs (64 MiB): with rows
+/// of up to `csv::MAX_RECORD_BYTES`, the row count alone would not bound memory.
+pub const KIB_IN_FLIGHT: usize = 64 * 1024;
 
 impl ZoneDeps {
     /// Zone dependencies with one CPU permit per `cores`.
@@ -77,6 +81,7 @@ impl ZoneDeps {
             broker,
             cpu: Arc::new(Semaphore::new(cores)),
             rows_in_flight: Arc::new(Semaphore::new(ROWS_IN_FLIGHT)),
+            kib_in_flight: Arc::new(Semaphore::new(KIB_IN_FLIGHT)),
         }
     }
 }
@@ -119,6 +124,8 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     // Held until the zone's rows are committed; a zone larger than the whole budget takes all of it.
     let budget = m.start.rows.min(ROWS_IN_FLIGHT as u64) as u32;
     let _rows = deps.rows_in_flight.clone().acquire_many_owned(budget).await.map_err(stopping)?;
+    let kib = m.start.bytes.div_ceil(1024).clamp(1, KIB_IN_FLIGHT as u64) as u32;
+    let _kib = deps.kib_in_flight.clone().acquire_many_owned(kib).await.map_err(stopping)?;
     let permit = deps.cpu.clone().acquire_owned().await.map_err(stopping)?;
     // Checked again: the job may have stopped while this zone waited for its permits.
     if m.stop.load(Ordering::Acquire) {
@@ -139,16 +146,17 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     let (path, start, columns, rules) = (m.path.clone(), m.start, m.columns, deps.rules.clone());
     let parsed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let records = read_zone(&path, &start)?;
+        let records = read_zone(&path, &start, &columns)?;
         let out = process_records(records, &columns, &rules);
+        debug_assert!(out.invalid.len() <= KEEP_PER_ZONE && out.flagged.len() <= KEEP_PER_ZONE);
         let mut report = ZoneReport {
             index: m.index,
             rows: start.rows,
             valid: out.rows.len() as u64,
-            invalid_count: out.invalid.len() as u64,
-            invalid_rows: out.invalid.into_iter().take(KEEP_PER_ZONE).collect(),
-            flagged_count: out.flagged.len() as u64,
-            flagged_cells: out.flagged.into_iter().take(KEEP_PER_ZONE).collect(),
+            invalid_count: out.invalid_count,
+            invalid_rows: out.invalid,
+            flagged_count: out.flagged_count,
+            flagged_cells: out.flagged,
             ..ZoneReport::default()
         };
         for row in &out.rows {
