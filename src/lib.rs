@@ -86,7 +86,12 @@ pub enum StartError {
 pub struct Shutdown {
     server: actix_web::dev::ServerHandle,
     registry: Addr<Registry>,
+    /// Set when a graceful stop began; see [`Running::wait`].
+    graceful: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The marker of a graceful stop, in the data directory.
+const CLEAN_STOP: &str = "stopped_cleanly";
 
 impl Shutdown {
     /// Graceful shutdown: every socket is closed with 1001 "server shutting down".
@@ -101,6 +106,7 @@ impl Shutdown {
                 Ok(_) => actix_rt::time::sleep(Duration::from_millis(20)).await,
             }
         }
+        self.graceful.store(true, std::sync::atomic::Ordering::SeqCst);
         self.server.stop(true).await;
     }
 }
@@ -114,12 +120,21 @@ pub struct Running {
     /// Stops it gracefully.
     pub shutdown: Shutdown,
     server: actix_web::dev::Server,
+    /// Written once a graceful stop has ended: the next start knows the jobs it finds unfinished
+    /// were stopped, not crashed, and does not count their resume against `jobs::job::MAX_RESUMES`.
+    clean_stop: std::path::PathBuf,
 }
 
 impl Running {
     /// Runs until the server stops.
     pub async fn wait(self) -> std::io::Result<()> {
-        self.server.await
+        let stopped = self.server.await;
+        if self.shutdown.graceful.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = std::fs::write(&self.clean_stop, b"") {
+                tracing::warn!(error = %e, "cannot mark the stop as clean; unfinished jobs will count it as a crash");
+            }
+        }
+        stopped
     }
 }
 
@@ -177,7 +192,18 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let location = Location::from_config(&config);
     let (first, rows) = db::open(&location)?;
     let cursors = first.room_cursors()?;
-    let unfinished = first.unfinished_jobs()?;
+    // Each resume after a crash is counted and saved before the job runs again, so a job that
+    // brings the process down is not resumed forever (`jobs::job::MAX_RESUMES`); a graceful stop
+    // leaves a marker and is not counted.
+    let clean_stop = config.data_dir.join(CLEAN_STOP);
+    let stopped_cleanly = std::fs::remove_file(&clean_stop).is_ok();
+    let mut unfinished = first.unfinished_jobs()?;
+    for job in unfinished.iter_mut().filter(|_| !stopped_cleanly) {
+        if let Some(spec) = job.spec.as_mut() {
+            spec.resumes = spec.resumes.saturating_add(1);
+            first.save_job(job)?;
+        }
+    }
     let (loc, keep) = (location.clone(), config.history_size);
     let store = start_opened(StoreActor::new(first, keep), move || {
         StoreActor::new(Store::open(&loc).expect("store reopens"), keep)
@@ -235,6 +261,6 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     .disable_signals()
     .shutdown_timeout(5)
     .run();
-    let shutdown = Shutdown { server: server.handle(), registry };
-    Ok(Running { addr, shared, shutdown, server })
+    let shutdown = Shutdown { server: server.handle(), registry, graceful: Arc::default() };
+    Ok(Running { addr, shared, shutdown, server, clean_stop })
 }

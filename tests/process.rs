@@ -496,3 +496,82 @@ async fn sigterm_stops_the_server_even_when_its_output_is_gone() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+async fn job_status(addr: &str, token: &str, id: uuid::Uuid) -> serde_json::Value {
+    let res = awc::Client::default()
+        .get(format!("http://{addr}/api/v1/jobs/{id}"))
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .send()
+        .await;
+    res.expect("request").json().await.expect("json")
+}
+
+#[actix_rt::test]
+async fn a_job_interrupted_by_crash_after_crash_is_failed_not_resumed_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0", "--zone-rows", "10"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let token = mint(dir.path(), "alice", "acme");
+    let csv = common::generate_csv(30_000, "again");
+    let batch = uuid::Uuid::new_v4();
+    let url = format!("http://{}/api/v1/uploads", p.addr);
+    let (status, _) = common::upload_to(&url, &token, "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    // Four crashes while it runs (SIGKILL: nothing is cleaned up); 3 resumes are allowed.
+    for crash in 0..4 {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            let snap = job_status(&p.addr, &token, batch).await;
+            let running = snap["zones_completed"].as_u64().unwrap_or(0) > 0 || snap["status"] == "validating";
+            if running && (crash == 0 || snap["status"] != "queued") {
+                assert_ne!(snap["status"], "completed", "the job finished before crash {crash}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{snap}");
+            actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+        p = Proc::serve(dir.path(), &args, &[]);
+    }
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let snap = loop {
+        let snap = job_status(&p.addr, &token, batch).await;
+        if snap["status"] == "failed" {
+            break snap;
+        }
+        assert_ne!(snap["status"], "completed", "{snap}");
+        assert!(std::time::Instant::now() < deadline, "{snap}");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(snap["error"]["recoverable"], false, "{snap}");
+    assert_eq!(snap["error"]["message"], "the server stopped 4 times while this job ran; it is not resumed again");
+}
+
+#[actix_rt::test]
+async fn a_graceful_stop_is_not_counted_against_a_jobs_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0", "--zone-rows", "10"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let token = mint(dir.path(), "alice", "acme");
+    let csv = common::generate_csv(30_000, "polite");
+    let batch = uuid::Uuid::new_v4();
+    let url = format!("http://{}/api/v1/uploads", p.addr);
+    let (status, _) = common::upload_to(&url, &token, "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    for _ in 0..5 {
+        assert!(p.terminate().success());
+        p = Proc::serve(dir.path(), &args, &[]);
+    }
+    let deadline = std::time::Instant::now() + 3 * common::WAIT;
+    loop {
+        let snap = job_status(&p.addr, &token, batch).await;
+        if snap["status"] == "completed" {
+            assert_eq!(snap["results"]["processed_rows"], 30_000, "{snap}");
+            break;
+        }
+        assert_ne!(snap["status"], "failed", "{snap}");
+        assert!(std::time::Instant::now() < deadline, "{snap}");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

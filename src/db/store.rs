@@ -80,6 +80,10 @@ pub struct JobSpec {
     pub path: PathBuf,
     /// Its size.
     pub size_bytes: u64,
+    /// How many starts of the server have resumed this job (counted before each resume, so a job
+    /// whose work brings the process down is counted too).
+    #[serde(default)]
+    pub resumes: u32,
 }
 
 /// A job as stored: its public snapshot and, for jobs jobcast runs itself, their spec.

@@ -169,8 +169,15 @@ pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
     };
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
     let path = dir.join(format!("{job_id}.csv"));
-    let spec =
-        JobSpec { job_id, tenant: who.tenant.clone(), user_id: who.user_id.clone(), filename, path, size_bytes: size };
+    let spec = JobSpec {
+        job_id,
+        tenant: who.tenant.clone(),
+        user_id: who.user_id.clone(),
+        filename,
+        path,
+        size_bytes: size,
+        resumes: 0,
+    };
     // The id is claimed in one store step: free, or reserved by a subscription of the same tenant.
     // Anything else is taken, and the answer is the same whoever has it.
     let queued = job::queued(spec.clone());

@@ -64,6 +64,10 @@ pub struct Finished {
     pub job_id: Uuid,
 }
 
+/// How many restarts may resume one job; the next start fails it (`recoverable: false`), so a job
+/// whose work brings the server down cannot bring it down on every start.
+pub const MAX_RESUMES: u32 = 3;
+
 /// Start working (a run slot was granted).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -513,6 +517,14 @@ impl Handler<Begin> for Job {
             return;
         }
         self.started_at.get_or_insert_with(now_rfc3339);
+        if self.resumed && self.spec.resumes > MAX_RESUMES {
+            let n = self.spec.resumes;
+            return self.fail(
+                format!("the server stopped {n} times while this job ran; it is not resumed again"),
+                false,
+                ctx,
+            );
+        }
         self.set_status(
             JobStatus::Validating,
             if self.resumed { "resuming after a restart" } else { "checking the file" },
