@@ -68,6 +68,13 @@ settings! {
         max_connections: usize = 10_000, "JOBCAST_MAX_CONNECTIONS";
         /// Connections per user.
         max_connections_per_user: usize = 5, "JOBCAST_MAX_CONNECTIONS_PER_USER";
+        /// Connections opened without a token that have not authenticated yet.
+        max_unauthenticated_connections: usize = 1000, "JOBCAST_MAX_UNAUTHENTICATED_CONNECTIONS";
+        /// Connections from one IP address (not counted for `trusted_addresses`).
+        max_connections_per_ip: usize = 500, "JOBCAST_MAX_CONNECTIONS_PER_IP";
+        /// Comma list of IP addresses `max_connections_per_ip` does not apply to (loopback, a
+        /// reverse proxy in front of jobcast); empty for none.
+        trusted_addresses: String = "127.0.0.1,::1".into(), "JOBCAST_TRUSTED_ADDRESSES";
         /// Room subscriptions per connection.
         max_subscriptions_per_connection: usize = 100, "JOBCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION";
         /// Larger client messages close the connection with 1009.
@@ -169,6 +176,7 @@ impl Config {
         if self.inbound_burst == 0 {
             return invalid("inbound_burst", "must be at least 1");
         }
+        self.trusted()?;
         if self.upload_timeout_s == 0 {
             return invalid("upload_timeout_s", "must be at least 1");
         }
@@ -182,6 +190,21 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// `trusted_addresses`, parsed.
+    pub fn trusted(&self) -> Result<Vec<std::net::IpAddr>, ConfigError> {
+        self.trusted_addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse().map_err(|_| ConfigError::Invalid {
+                    key: "trusted_addresses",
+                    message: format!("{s:?} is not an IP address"),
+                })
+            })
+            .collect()
     }
 
     /// The allowed Origins, parsed from the comma list; `None` means any Origin.

@@ -55,7 +55,7 @@ use crate::jobs::scheduler::{Scheduler, Submit};
 use crate::jobs::zone::ZoneDeps;
 use crate::metrics::Metrics;
 use crate::realtime::broker::Broker;
-use crate::realtime::registry::{CloseAll, Count, Registry};
+use crate::realtime::registry::{CloseAll, Count, Limits, Registry};
 use crate::realtime::room::RoomSettings;
 
 /// Why the server could not start.
@@ -234,7 +234,14 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
             scheduler.do_send(Submit { spec, resume: Some(job.snapshot) });
         }
     }
-    let registry = Registry::new(config.max_connections, config.max_connections_per_user).start();
+    let registry = Registry::new(Limits {
+        max_connections: config.max_connections,
+        max_per_user: config.max_connections_per_user,
+        max_unauthenticated: config.max_unauthenticated_connections,
+        max_per_ip: config.max_connections_per_ip,
+        trusted: config.trusted()?,
+    })
+    .start();
     let shared = Shared {
         config: Arc::new(config),
         auth,

@@ -120,9 +120,13 @@ pub mod close {
     pub const TOO_MANY_CONNECTIONS: Close = (TOO_MANY, "too many connections");
     /// `max_connections_per_user` reached.
     pub const TOO_MANY_FOR_USER: Close = (TOO_MANY, "too many connections for this user");
+    /// `max_unauthenticated_connections` reached by connections opened without a token.
+    pub const TOO_MANY_UNAUTHENTICATED: Close = (TOO_MANY, "too many unauthenticated connections");
+    /// `max_connections_per_ip` reached by the peer's address.
+    pub const TOO_MANY_FROM_ADDRESS: Close = (TOO_MANY, "too many connections from this address");
 
     /// Every fixed reason above.
-    pub const REASONS: [Close; 18] = [
+    pub const REASONS: [Close; 20] = [
         CLIENT_CLOSED,
         SHUTTING_DOWN,
         CONTINUATION_WITHOUT_FIRST,
@@ -141,6 +145,8 @@ pub mod close {
         TOO_MANY_MESSAGES,
         TOO_MANY_CONNECTIONS,
         TOO_MANY_FOR_USER,
+        TOO_MANY_UNAUTHENTICATED,
+        TOO_MANY_FROM_ADDRESS,
     ];
 }
 

@@ -576,3 +576,68 @@ async fn csv_shapes_that_would_explode_in_memory_fail_the_job_with_their_line() 
         assert!(snap.to_string().len() < 4096, "the snapshot grew with the input: {} bytes", snap.to_string().len());
     }
 }
+
+#[actix_rt::test]
+async fn a_burst_of_anonymous_sockets_cannot_lock_out_authenticated_users() {
+    let s = TestServer::with(|c| {
+        c.max_unauthenticated_connections = 5;
+        c.max_connections = 50;
+        c.auth_timeout_s = 60;
+    });
+    let mut anonymous = Vec::new();
+    for _ in 0..5 {
+        let mut c = s.connect("/ws?format=json").await;
+        c.expect(EventType::ConnectionEstablished).await;
+        anonymous.push(c);
+    }
+    let mut sixth = s.connect("/ws?format=json").await;
+    let (code, reason, _) = sixth.expect_close().await;
+    assert_eq!((code, reason.as_str()), (4029, "too many unauthenticated connections"));
+    // Users with a token in the URL are not held up by them.
+    for i in 0..10 {
+        s.connect_as(&format!("user{i}"), "acme").await;
+    }
+    // One anonymous socket authenticates: its place is free again.
+    let token = s.token("late", "acme", &[]);
+    anonymous[0].send(&ClientMessage::Authenticate { token }).await;
+    anonymous[0].expect(EventType::Authenticated).await;
+    let mut again = s.connect("/ws?format=json").await;
+    again.expect(EventType::ConnectionEstablished).await;
+}
+
+#[actix_rt::test]
+async fn one_address_gets_a_few_hundred_connections_and_no_more() {
+    let s = TestServer::with(|c| {
+        c.max_connections_per_ip = 300;
+        c.trusted_addresses = String::new();
+    });
+    let mut open = Vec::new();
+    for i in 0..300 {
+        open.push(s.connect_as(&format!("u{i}"), "acme").await);
+    }
+    let token = s.token("one-more", "acme", &[]);
+    let mut extra = s.connect(&format!("/ws?token={token}")).await;
+    let (code, reason, _) = extra.expect_close().await;
+    assert_eq!((code, reason.as_str()), (4029, "too many connections from this address"));
+    // A closed one frees its place.
+    open.pop().expect("a connection").close().await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let mut c = s.connect(&format!("/ws?token={token}&format=json")).await;
+        c.expect(EventType::ConnectionEstablished).await;
+        match c.next().await {
+            common::Incoming::Message { env, .. } if env.event.kind() == EventType::Authenticated => break,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn trusted_addresses_are_not_capped_per_address() {
+    let s = TestServer::with(|c| c.max_connections_per_ip = 3);
+    let mut open = Vec::new();
+    for i in 0..10 {
+        open.push(s.connect_as(&format!("u{i}"), "acme").await);
+    }
+}

@@ -64,6 +64,7 @@ fn upgrade(
         ack,
         auto_room,
         remote: req.peer_addr().map(|a| a.to_string()),
+        ip: req.peer_addr().map(|a| a.ip()),
     };
     Session::start(shared.session_deps(), params, session, stream);
     Ok(response)

@@ -5,6 +5,7 @@
 //! `Recipient<Disconnect>` the session handed in with [`Connect`].
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use actix::prelude::*;
 use serde::Serialize;
@@ -32,6 +33,11 @@ pub struct Connect {
     pub session: Recipient<Disconnect>,
     /// Peer address, for the admin listing.
     pub remote: Option<String>,
+    /// The peer's IP, for `max_connections_per_ip`.
+    pub ip: Option<IpAddr>,
+    /// Whether it came without a token in the URL (it counts against
+    /// `max_unauthenticated_connections` until it authenticates).
+    pub anonymous: bool,
     /// `auto` or `json`.
     pub format: &'static str,
     /// Whether the connection asked for `ack=1`.
@@ -115,6 +121,10 @@ pub struct Count;
 pub enum LimitReached {
     /// `max_connections`.
     Node,
+    /// `max_unauthenticated_connections`.
+    Unauthenticated,
+    /// `max_connections_per_ip`.
+    Address,
     /// `max_connections_per_user`.
     User,
 }
@@ -135,6 +145,25 @@ pub struct ConnectionInfo {
 struct Entry {
     info: ConnectionInfo,
     session: Recipient<Disconnect>,
+    /// Counted in `per_ip` under this address.
+    ip: Option<IpAddr>,
+    /// Counted in `unauthenticated`.
+    anonymous: bool,
+}
+
+/// The connection limits the registry enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections.
+    pub max_connections: usize,
+    /// Authenticated connections of one user of one tenant.
+    pub max_per_user: usize,
+    /// Connections opened without a token that have not authenticated yet.
+    pub max_unauthenticated: usize,
+    /// Connections from one address.
+    pub max_per_ip: usize,
+    /// Addresses `max_per_ip` does not apply to (loopback, a reverse proxy in front).
+    pub trusted: Vec<IpAddr>,
 }
 
 /// The registry actor.
@@ -143,14 +172,24 @@ pub struct Registry {
     conns: HashMap<Uuid, Entry>,
     /// Authenticated connections per user, keyed by (tenant, user id): `bob` of two tenants are two users.
     per_user: HashMap<(String, String), usize>,
-    max_connections: usize,
-    max_per_user: usize,
+    /// Open connections per address (trusted ones are not counted).
+    per_ip: HashMap<IpAddr, usize>,
+    /// Anonymous connections not authenticated yet.
+    unauthenticated: usize,
+    limits: Limits,
 }
 
 impl Registry {
-    /// An empty registry enforcing the two connection limits.
-    pub fn new(max_connections: usize, max_per_user: usize) -> Self {
-        Registry { conns: HashMap::new(), per_user: HashMap::new(), max_connections, max_per_user }
+    /// An empty registry enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Registry { conns: HashMap::new(), per_user: HashMap::new(), per_ip: HashMap::new(), unauthenticated: 0, limits }
+    }
+
+    /// Uncounts an anonymous connection (it authenticated, or closed).
+    fn authenticated_or_gone(&mut self, anonymous: &mut bool) {
+        if std::mem::take(anonymous) {
+            self.unauthenticated = self.unauthenticated.saturating_sub(1);
+        }
     }
 
     fn close_where(&mut self, code: u16, reason: &str, pred: impl Fn(&ConnectionInfo) -> bool) -> usize {
@@ -170,8 +209,22 @@ impl Actor for Registry {
 impl Handler<Connect> for Registry {
     type Result = Result<(), LimitReached>;
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
-        if self.conns.len() >= self.max_connections {
+        if self.conns.len() >= self.limits.max_connections {
             return Err(LimitReached::Node);
+        }
+        if msg.anonymous && self.unauthenticated >= self.limits.max_unauthenticated {
+            return Err(LimitReached::Unauthenticated);
+        }
+        let ip = msg.ip.filter(|ip| !self.limits.trusted.contains(ip));
+        if let Some(ip) = ip {
+            let n = self.per_ip.entry(ip).or_insert(0);
+            if *n >= self.limits.max_per_ip {
+                return Err(LimitReached::Address);
+            }
+            *n += 1;
+        }
+        if msg.anonymous {
+            self.unauthenticated += 1;
         }
         let info = ConnectionInfo {
             connection_id: msg.id,
@@ -183,7 +236,7 @@ impl Handler<Connect> for Registry {
             ack: msg.ack,
             rooms: Vec::new(),
         };
-        self.conns.insert(msg.id, Entry { info, session: msg.session });
+        self.conns.insert(msg.id, Entry { info, session: msg.session, ip, anonymous: msg.anonymous });
         Ok(())
     }
 }
@@ -196,10 +249,13 @@ impl Handler<Identify> for Registry {
         };
         let key = (msg.identity.tenant.clone(), msg.identity.user_id.clone());
         let count = self.per_user.entry(key).or_insert(0);
-        if *count >= self.max_per_user {
+        if *count >= self.limits.max_per_user {
             return Err(LimitReached::User);
         }
         *count += 1;
+        if std::mem::take(&mut entry.anonymous) {
+            self.unauthenticated = self.unauthenticated.saturating_sub(1);
+        }
         entry.info.user_id = Some(msg.identity.user_id);
         entry.info.tenant = Some(msg.identity.tenant);
         Ok(())
@@ -218,9 +274,18 @@ impl Handler<RoomsChanged> for Registry {
 impl Handler<Disconnected> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Disconnected, _: &mut Context<Self>) {
-        let Some(e) = self.conns.remove(&msg.id) else {
+        let Some(mut e) = self.conns.remove(&msg.id) else {
             return;
         };
+        self.authenticated_or_gone(&mut e.anonymous);
+        if let Some(ip) = e.ip {
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
+        }
         if let (Some(user), Some(tenant)) = (e.info.user_id, e.info.tenant) {
             let key = (tenant, user);
             if let Some(n) = self.per_user.get_mut(&key) {

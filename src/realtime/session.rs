@@ -65,6 +65,8 @@ pub struct SessionParams {
     pub auto_room: Option<String>,
     /// Peer address.
     pub remote: Option<String>,
+    /// Peer IP.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 /// One room membership.
@@ -261,7 +263,7 @@ impl Session {
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => act.authenticated(identity, ctx),
             Ok(Err(LimitReached::User)) => act.close_as(close::TOO_MANY_FOR_USER, ctx),
-            Ok(Err(LimitReached::Node)) | Err(_) => act.close_as(close::TOO_MANY_CONNECTIONS, ctx),
+            Ok(Err(_)) | Err(_) => act.close_as(close::TOO_MANY_CONNECTIONS, ctx),
         }));
     }
 
@@ -611,6 +613,8 @@ impl Actor for Session {
             id: self.id,
             session: ctx.address().recipient(),
             remote: self.params.remote.clone(),
+            ip: self.params.ip,
+            anonymous: self.params.token.is_none(),
             format: match self.params.format {
                 Format::Auto => "auto",
                 Format::Json => "json",
@@ -619,8 +623,11 @@ impl Actor for Session {
         };
         let fut = self.deps.registry.send(connect);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
-            if !matches!(res, Ok(Ok(()))) {
-                return act.close_as(close::TOO_MANY_CONNECTIONS, ctx);
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(LimitReached::Unauthenticated)) => return act.close_as(close::TOO_MANY_UNAUTHENTICATED, ctx),
+                Ok(Err(LimitReached::Address)) => return act.close_as(close::TOO_MANY_FROM_ADDRESS, ctx),
+                Ok(Err(_)) | Err(_) => return act.close_as(close::TOO_MANY_CONNECTIONS, ctx),
             }
             let hb = act.deps.config.heartbeat_interval_s;
             act.send(
