@@ -5,7 +5,8 @@
 //! derived from the secret (so they work in public-key mode too), carry `typ: "ws"` and a `jti`, and
 //! are accepted once.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -85,6 +86,8 @@ pub enum AuthError {
     InvalidIdentity,
     #[error("the WebSocket token was already used")]
     Reused,
+    #[error("the WebSocket token was minted before this server started and may have been used; get a new one")]
+    MintedBeforeStart,
     #[error("the token is malformed")]
     Malformed,
     #[error("a WebSocket token cannot be used here")]
@@ -106,7 +109,7 @@ impl AuthError {
             AuthError::InvalidIssuer => "invalid_issuer",
             AuthError::MissingTenant => "missing_tenant",
             AuthError::InvalidIdentity => "invalid_identity",
-            AuthError::Reused => "token_reused",
+            AuthError::Reused | AuthError::MintedBeforeStart => "token_reused",
             AuthError::Malformed => "malformed_token",
             AuthError::WebSocketTokenNotAccepted => "websocket_token_not_accepted",
             AuthError::Timeout => "timeout",
@@ -155,8 +158,39 @@ pub struct Auth {
     ws_key: DecodingKey,
     ws_validation: Validation,
     ws_ttl_s: u64,
-    /// Used WebSocket token ids with their expiry, so each works once.
-    used: Mutex<HashMap<String, u64>>,
+    /// Used WebSocket token ids, so each works once.
+    used: Mutex<UsedTokens>,
+    /// When this verifier was made (Unix seconds): WebSocket tokens minted earlier are refused, since
+    /// the ids they may have used before a restart are not known any more.
+    started_at: u64,
+}
+
+/// Used WebSocket token ids, pruned in expiry order: each prune removes only what has expired,
+/// however many are remembered.
+#[derive(Default)]
+struct UsedTokens {
+    ids: HashSet<String>,
+    by_expiry: BinaryHeap<Reverse<(u64, String)>>,
+}
+
+impl UsedTokens {
+    /// Remembers `jti` until `exp`; false when it was already used.
+    fn spend(&mut self, jti: &str, exp: u64, now: u64) -> bool {
+        while let Some(Reverse((e, _))) = self.by_expiry.peek() {
+            // A token is refused once expired anyway; a minute covers clock steps.
+            if *e + 60 >= now {
+                break;
+            }
+            if let Some(Reverse((_, id))) = self.by_expiry.pop() {
+                self.ids.remove(&id);
+            }
+        }
+        if !self.ids.insert(jti.to_string()) {
+            return false;
+        }
+        self.by_expiry.push(Reverse((exp, jti.to_string())));
+        true
+    }
 }
 
 impl Identity {
@@ -260,7 +294,8 @@ impl Auth {
             ws_key: DecodingKey::from_secret(ws_secret.as_bytes()),
             ws_validation,
             ws_ttl_s: config.ws_token_ttl_s,
-            used: Mutex::new(HashMap::new()),
+            used: Mutex::new(UsedTokens::default()),
+            started_at: unix_now(),
         })
     }
 
@@ -291,6 +326,9 @@ impl Auth {
                 Ok(data) if data.claims.typ.as_deref() == Some("ws") => {
                     let c = data.claims;
                     let id = identity(&c, c.cred_exp.unwrap_or(c.exp))?;
+                    if c.iat.is_none_or(|iat| iat < self.started_at) {
+                        return Err(AuthError::MintedBeforeStart);
+                    }
                     self.spend(c.jti.as_deref().ok_or(AuthError::Malformed)?, c.exp)?;
                     return Ok(id);
                 }
@@ -306,11 +344,7 @@ impl Auth {
     /// Marks a WebSocket token id as used; refuses one already used.
     fn spend(&self, jti: &str, exp: u64) -> Result<(), AuthError> {
         let mut used = self.used.lock().map_err(|_| AuthError::Reused)?;
-        let now = unix_now();
-        if used.len() > 4096 {
-            used.retain(|_, e| *e + 60 >= now);
-        }
-        if used.insert(jti.to_string(), exp).is_some() {
+        if !used.spend(jti, exp, unix_now()) {
             return Err(AuthError::Reused);
         }
         Ok(())
@@ -459,6 +493,32 @@ mod tests {
         let id = a.verify_connect(&ws).unwrap();
         assert_eq!(id.expires_at, access.expires_at, "lives as long as the access token");
         assert_eq!(a.verify_connect(&ws), Err(AuthError::Reused));
+    }
+
+    #[test]
+    fn used_token_ids_are_pruned_in_expiry_order_and_only_once_expired() {
+        let mut used = UsedTokens::default();
+        for i in 0..10_000u64 {
+            assert!(used.spend(&format!("t{i}"), 1_000 + i, 1_000));
+        }
+        assert!(!used.spend("t5", 2_000, 1_000), "a used id is refused while remembered");
+        // At 1_000 + 5_060, the ids that expired more than a minute ago are gone, no others.
+        assert!(used.spend("fresh", 9_000, 6_060));
+        assert_eq!(used.ids.len(), 10_000 - 4_999);
+        assert!(!used.spend("t5000", 9_000, 6_060), "an id within its lifetime is still refused");
+        assert!(used.spend("t10", 9_000, 6_060), "an expired id was forgotten");
+    }
+
+    #[test]
+    fn websocket_tokens_minted_before_the_verifier_started_are_refused() {
+        let a = auth();
+        let access = a.verify_access(&a.mint_access("u1", "t1", &[], 600).unwrap()).unwrap();
+        let (ws, _) = a.mint_ws_token(&access).unwrap();
+        let mut later = auth();
+        later.started_at = unix_now() + 1;
+        assert_eq!(later.verify_connect(&ws), Err(AuthError::MintedBeforeStart));
+        assert_eq!(AuthError::MintedBeforeStart.reason(), "token_reused");
+        assert!(a.verify_connect(&ws).is_ok());
     }
 
     #[test]

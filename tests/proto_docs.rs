@@ -300,6 +300,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         AuthError::MissingTenant,
         AuthError::InvalidIdentity,
         AuthError::Reused,
+        AuthError::MintedBeforeStart,
         AuthError::Malformed,
         AuthError::WebSocketTokenNotAccepted,
         AuthError::Timeout,
