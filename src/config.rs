@@ -75,6 +75,11 @@ settings! {
         /// Comma list of IP addresses `max_connections_per_ip` does not apply to (loopback, a
         /// reverse proxy in front of jobcast); empty for none.
         trusted_addresses: String = "127.0.0.1,::1".into(), "JOBCAST_TRUSTED_ADDRESSES";
+        /// Job ids one tenant may hold reserved (subscribed to before any upload) at once.
+        max_reservations_per_tenant: usize = 1000, "JOBCAST_MAX_RESERVATIONS_PER_TENANT";
+        /// A reservation no one renewed (subscribed again) and no one is subscribed to is released
+        /// after this many seconds.
+        reservation_ttl_s: u64 = 3600, "JOBCAST_RESERVATION_TTL_S";
         /// Room subscriptions per connection.
         max_subscriptions_per_connection: usize = 100, "JOBCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION";
         /// Larger client messages close the connection with 1009.

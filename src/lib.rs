@@ -225,6 +225,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         max_upload_bytes: config.max_upload_bytes,
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,
+        reservation_ttl: Duration::from_secs(config.reservation_ttl_s),
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).start();
     for job in unfinished {

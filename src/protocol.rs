@@ -160,6 +160,8 @@ pub mod error_code {
     pub const FORBIDDEN: &str = "forbidden";
     /// `max_subscriptions_per_connection` reached.
     pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    /// The tenant holds `max_reservations_per_tenant` job-id reservations already.
+    pub const TOO_MANY_RESERVATIONS: &str = "too_many_reservations";
     /// The inbound token bucket is empty; the message was not processed.
     pub const RATE_LIMITED: &str = "rate_limited";
     /// A message that needs authentication arrived before it.

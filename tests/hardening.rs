@@ -641,3 +641,74 @@ async fn trusted_addresses_are_not_capped_per_address() {
         open.push(s.connect_as(&format!("u{i}"), "acme").await);
     }
 }
+
+async fn subscribe_answer(c: &mut common::Client, room: &str) -> jobcast::protocol::Envelope {
+    c.send(&ClientMessage::Subscribe { room: room.into(), since: None }).await;
+    loop {
+        let env = c.recv().await;
+        if matches!(env.event.kind(), EventType::Subscribed | EventType::Error) {
+            return env;
+        }
+    }
+}
+
+fn code_of(env: &jobcast::protocol::Envelope) -> String {
+    let v = serde_json::to_value(&env.event).expect("json");
+    v["data"]["code"].as_str().unwrap_or("subscribed").to_string()
+}
+
+#[actix_rt::test]
+async fn a_subscribe_over_the_cap_reserves_nothing_and_reservations_are_capped_per_tenant() {
+    let s = TestServer::with(|c| {
+        c.max_subscriptions_per_connection = 1;
+        c.max_reservations_per_tenant = 3;
+    });
+    let mut alice = s.connect_as("alice", "acme").await;
+    alice.subscribe("tenant:acme").await;
+    let x = uuid::Uuid::new_v4();
+    assert_eq!(code_of(&subscribe_answer(&mut alice, &format!("job:{x}")).await), "too_many_subscriptions");
+    // The id was not reserved for acme: globex can have it.
+    let mut mallory = s.connect_as("mallory", "globex").await;
+    assert_eq!(code_of(&subscribe_answer(&mut mallory, &format!("job:{x}")).await), "subscribed");
+    // Three reservations per tenant (other connections of the tenant count too).
+    let mut held = 0;
+    for i in 0..4 {
+        let mut c = s.connect_as(&format!("a{i}"), "acme").await;
+        let answer = code_of(&subscribe_answer(&mut c, &format!("job:{}", uuid::Uuid::new_v4())).await);
+        if i < 3 {
+            assert_eq!(answer, "subscribed");
+            held += 1;
+        } else {
+            assert_eq!(answer, "too_many_reservations");
+        }
+    }
+    assert_eq!(held, 3);
+    // Another tenant is not held back by acme's.
+    let mut other = s.connect_as("zed", "initech").await;
+    assert_eq!(code_of(&subscribe_answer(&mut other, &format!("job:{}", uuid::Uuid::new_v4())).await), "subscribed");
+}
+
+#[actix_rt::test]
+async fn reservations_nobody_renews_or_watches_are_released() {
+    let s = TestServer::with(|c| c.reservation_ttl_s = 1);
+    let (watched, left) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let mut alice = s.connect_as("alice", "acme").await;
+    alice.subscribe(&format!("job:{watched}")).await;
+    let mut brief = s.connect_as("bob", "acme").await;
+    brief.subscribe(&format!("job:{left}")).await;
+    brief.close().await;
+    // Another tenant may have the id once acme's reservation is released...
+    let mut mallory = s.connect_as("mallory", "globex").await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let answer = code_of(&subscribe_answer(&mut mallory, &format!("job:{left}")).await);
+        if answer == "subscribed" {
+            break;
+        }
+        assert_eq!(answer, "forbidden");
+        assert!(std::time::Instant::now() < deadline, "the reservation was never released");
+        actix_rt::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // ...but not one that acme is still watching (it is older than the released one).
+    assert_eq!(code_of(&subscribe_answer(&mut mallory, &format!("job:{watched}")).await), "forbidden");
+}

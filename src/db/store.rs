@@ -190,16 +190,52 @@ impl Store {
     }
 
     /// Reserves a job id for a tenant (a client subscribing before its upload); answers the job,
-    /// which belongs to another tenant when the id was taken first.
-    pub fn reserve_job(&self, id: Uuid, tenant: &str) -> Result<JobRecord, StoreError> {
-        let pending = JobRecord { snapshot: JobSnapshot::reservation(id, tenant), spec: None };
-        let text = serde_json::to_string(&pending).map_err(|e| StoreError::new(e.to_string()))?;
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            )?
-            .execute(params![id.to_string(), tenant, JobStatus::Pending.as_str(), text, now_ms()])?;
-        self.job(id)?.ok_or_else(|| StoreError::new(format!("job {id} vanished")))
+    /// which belongs to another tenant when the id was taken first. A reservation the tenant already
+    /// has is renewed (so it does not expire while clients keep subscribing). `None` when the tenant
+    /// already holds `max` reservations.
+    pub fn reserve_job(&self, id: Uuid, tenant: &str, max: usize) -> Result<Option<JobRecord>, StoreError> {
+        let now = now_ms();
+        let renewed = self
+            .conn
+            .prepare_cached("UPDATE jobs SET updated_ms = ?3 WHERE id = ?1 AND tenant = ?2 AND status = ?4")?
+            .execute(params![id.to_string(), tenant, now, JobStatus::Pending.as_str()])?;
+        if renewed == 0 && self.job(id)?.is_none() {
+            let held: i64 = self.conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status = ?2",
+                params![tenant, JobStatus::Pending.as_str()],
+                |r| r.get(0),
+            )?;
+            if held as usize >= max {
+                return Ok(None);
+            }
+            let pending = JobRecord { snapshot: JobSnapshot::reservation(id, tenant), spec: None };
+            let text = serde_json::to_string(&pending).map_err(|e| StoreError::new(e.to_string()))?;
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                )?
+                .execute(params![id.to_string(), tenant, JobStatus::Pending.as_str(), text, now])?;
+        }
+        self.job(id)?.map(Some).ok_or_else(|| StoreError::new(format!("job {id} vanished")))
+    }
+
+    /// Reservations not renewed since `before_ms`.
+    pub fn stale_reservations(&self, before_ms: i64) -> Result<Vec<Uuid>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id FROM jobs WHERE status = ?1 AND updated_ms < ?2 LIMIT 10000")?;
+        let ids = stmt.query_map(params![JobStatus::Pending.as_str(), before_ms], |r| r.get::<_, String>(0))?;
+        Ok(ids.filter_map(|id| id.ok().and_then(|id| Uuid::parse_str(&id).ok())).collect())
+    }
+
+    /// Deletes those of `ids` that are still reservations not renewed since `before_ms`.
+    pub fn delete_reservations(&self, ids: &[Uuid], before_ms: i64) -> Result<usize, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("DELETE FROM jobs WHERE id = ?1 AND status = ?2 AND updated_ms < ?3")?;
+        let mut n = 0;
+        for id in ids {
+            n += stmt.execute(params![id.to_string(), JobStatus::Pending.as_str(), before_ms])?;
+        }
+        Ok(n)
     }
 
     /// A job.
@@ -328,14 +364,34 @@ pub struct UpdateJob {
     pub change: DecideChange,
 }
 
-/// Reserve a job id for a tenant; answers the job.
+/// Reserve a job id for a tenant; answers the job, or `None` when the tenant holds `max` reservations.
 #[derive(Message)]
-#[rtype(result = "Result<JobRecord, StoreError>")]
+#[rtype(result = "Result<Option<JobRecord>, StoreError>")]
 pub struct ReserveJob {
     /// The job id.
     pub id: Uuid,
     /// The tenant reserving it.
     pub tenant: String,
+    /// The most reservations one tenant may hold.
+    pub max: usize,
+}
+
+/// Reservations not renewed since `before_ms`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Uuid>, StoreError>")]
+pub struct StaleReservations {
+    /// Unix ms.
+    pub before_ms: i64,
+}
+
+/// Delete reservations (those still not renewed since `before_ms`).
+#[derive(Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct DeleteReservations {
+    /// Which.
+    pub ids: Vec<Uuid>,
+    /// Unix ms.
+    pub before_ms: i64,
 }
 
 /// Snapshots of a tenant's jobs (`None`: all).
@@ -404,9 +460,23 @@ impl Handler<UpdateJob> for StoreActor {
 }
 
 impl Handler<ReserveJob> for StoreActor {
-    type Result = Result<JobRecord, StoreError>;
+    type Result = Result<Option<JobRecord>, StoreError>;
     fn handle(&mut self, m: ReserveJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.store.reserve_job(m.id, &m.tenant)
+        self.store.reserve_job(m.id, &m.tenant, m.max)
+    }
+}
+
+impl Handler<StaleReservations> for StoreActor {
+    type Result = Result<Vec<Uuid>, StoreError>;
+    fn handle(&mut self, m: StaleReservations, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.stale_reservations(m.before_ms)
+    }
+}
+
+impl Handler<DeleteReservations> for StoreActor {
+    type Result = Result<usize, StoreError>;
+    fn handle(&mut self, m: DeleteReservations, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.delete_reservations(&m.ids, m.before_ms)
     }
 }
 
@@ -479,8 +549,19 @@ mod tests {
         assert!(s.job(Uuid::new_v4()).unwrap().is_none());
         // A reservation is neither listed nor unfinished, and keeps its first tenant.
         let id = Uuid::new_v4();
-        assert_eq!(s.reserve_job(id, "t1").unwrap().snapshot.status, JobStatus::Pending);
-        assert_eq!(s.reserve_job(id, "t2").unwrap().snapshot.tenant, "t1");
+        assert_eq!(s.reserve_job(id, "t1", 10).unwrap().unwrap().snapshot.status, JobStatus::Pending);
+        assert_eq!(s.reserve_job(id, "t2", 10).unwrap().unwrap().snapshot.tenant, "t1");
+        // A tenant holds at most `max`; its own are renewed, not counted again.
+        assert!(s.reserve_job(id, "t1", 1).unwrap().is_some());
+        assert!(s.reserve_job(Uuid::new_v4(), "t1", 1).unwrap().is_none());
+        assert!(s.reserve_job(Uuid::new_v4(), "t2", 1).unwrap().is_some());
+        // Stale ones go; a renewed one stays.
+        let later = now_ms() + 1;
+        assert_eq!(s.stale_reservations(later).unwrap().len(), 2);
+        s.reserve_job(id, "t1", 10).unwrap();
+        let stale = s.stale_reservations(later).unwrap();
+        assert_eq!(s.delete_reservations(&[id], later - 1).unwrap(), 0, "renewed after the cut");
+        assert_eq!(s.delete_reservations(&stale, later).unwrap(), stale.len());
         assert_eq!((s.jobs(None, 10).unwrap().len(), s.unfinished_jobs().unwrap().len()), (2, 1));
     }
 }

@@ -39,7 +39,10 @@ async fn visible_job(shared: &Shared, who: &Identity, id: &str) -> Result<JobRec
 /// A refused lookup as HTTP answers it: 404 whether the job is unknown or another tenant's.
 fn refused(e: Refused, id: &str) -> ApiError {
     match e {
-        Refused::Unknown | Refused::Forbidden => ApiError::NotFound(format!("no job {id}")),
+        // The HTTP API does not reserve, so it never meets `TooManyReservations`.
+        Refused::Unknown | Refused::Forbidden | Refused::TooManyReservations => {
+            ApiError::NotFound(format!("no job {id}"))
+        }
         Refused::Unavailable(e) => ApiError::Unavailable(e),
     }
 }

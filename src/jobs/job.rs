@@ -48,6 +48,8 @@ pub struct JobDeps {
     pub zone_rows: usize,
     /// `processing_progress` per second.
     pub progress_rate: u32,
+    /// How long a reservation lives without being renewed.
+    pub reservation_ttl: Duration,
 }
 
 /// Zones a job keeps in flight (being worked on or waiting for their group commit): enough for the

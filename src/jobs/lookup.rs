@@ -16,6 +16,8 @@ pub enum Refused {
     Unknown,
     /// A job of another tenant.
     Forbidden,
+    /// The tenant holds `max_reservations_per_tenant` reservations already.
+    TooManyReservations,
     /// The store or the scheduler did not answer.
     Unavailable(String),
 }
@@ -60,10 +62,10 @@ impl JobAccess {
 
     /// Reserves `id` for `who`'s tenant unless a job has it (a client subscribing before it uploads
     /// with `batch_id`), then answers the job if `who` may see it.
-    pub async fn reserve(&self, who: &Identity, id: Uuid) -> Result<JobRecord, Refused> {
-        let reserve = ReserveJob { id, tenant: who.tenant.clone() };
+    pub async fn reserve(&self, who: &Identity, id: Uuid, max: usize) -> Result<JobRecord, Refused> {
+        let reserve = ReserveJob { id, tenant: who.tenant.clone(), max };
         let job = self.store.send(reserve).await.map_err(unavailable)?.map_err(unavailable)?;
-        check(who, Some(job), true)
+        check(who, Some(job.ok_or(Refused::TooManyReservations)?), true)
     }
 
     /// Snapshots of the jobs `who` may see (every tenant's for admins), newest first, at most `limit`.

@@ -2,13 +2,17 @@
 //! wait as `queued` with their position), and finds running jobs for cancellation.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::db::store::JobSpec;
+use crate::db::sqlite::now_ms;
+use crate::db::store::{DeleteReservations, JobSpec, StaleReservations};
 use crate::jobs::job::{Begin, Cancel, Finished, Job, JobDeps, Queued};
 use crate::protocol::JobSnapshot;
+use crate::protocol::RoomKind;
+use crate::realtime::broker::Occupied;
 
 /// Start a new job (or resume one from its stored snapshot).
 #[derive(Message)]
@@ -78,8 +82,39 @@ impl Scheduler {
     }
 }
 
+impl Scheduler {
+    /// Releases reservations not renewed for `ttl` whose rooms nobody is in: a room someone still
+    /// watches keeps its tenant's claim on the id, so no other tenant can take it from under them.
+    fn release_reservations(&self, ttl: Duration, ctx: &mut Context<Self>) {
+        let (store, broker) = (self.deps.store.clone(), self.deps.broker.clone());
+        let before_ms = now_ms() - ttl.as_millis() as i64;
+        let work = async move {
+            let stale = store.send(StaleReservations { before_ms }).await.ok()?.ok()?;
+            if stale.is_empty() {
+                return Some(0);
+            }
+            let rooms = stale.iter().map(|id| RoomKind::Job(*id).name()).collect();
+            let occupied = broker.send(Occupied { rooms }).await.ok()?;
+            let ids: Vec<Uuid> =
+                stale.into_iter().filter(|id| !occupied.contains(&RoomKind::Job(*id).name())).collect();
+            store.send(DeleteReservations { ids, before_ms }).await.ok()?.ok()
+        };
+        ctx.spawn(work.into_actor(self).map(|released, _, _| {
+            if let Some(n) = released.filter(|n| *n > 0) {
+                tracing::info!(released = n, "released reservations no one renewed");
+            }
+        }));
+    }
+}
+
 impl Actor for Scheduler {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let ttl = self.deps.reservation_ttl;
+        let every = ttl.clamp(Duration::from_millis(200), Duration::from_secs(60));
+        ctx.run_interval(every, move |s, ctx| s.release_reservations(ttl, ctx));
+    }
 }
 
 impl Handler<Submit> for Scheduler {

@@ -94,6 +94,14 @@ pub struct Leave {
     pub rooms: Vec<String>,
 }
 
+/// Which of `rooms` (keys) have members.
+#[derive(Message)]
+#[rtype(result = "HashSet<String>")]
+pub struct Occupied {
+    /// Room keys.
+    pub rooms: Vec<String>,
+}
+
 /// The keys of the live `user:<id>` rooms of every tenant (rooms with members, or whose history is
 /// still kept), for an admin broadcast that names no tenant.
 #[derive(Message)]
@@ -198,14 +206,19 @@ impl Broker {
         let metrics = &self.metrics;
         let cursors = &mut self.cursors;
         self.rooms.retain(|name, e| {
-            let keep = !e.members.is_empty() || e.active_at.elapsed() <= ttl;
+            // A room that never had an event has nothing to keep: it goes once empty, with no cursor.
+            let keep = !e.members.is_empty() || (e.seq > 0 && e.active_at.elapsed() <= ttl);
             if !keep {
                 e.addr.do_send(Retire);
                 metrics.rooms.fetch_sub(1, Relaxed);
-                cursors.insert(name.to_string(), (e.epoch.clone(), e.seq));
+                if e.seq > 0 {
+                    cursors.insert(name.to_string(), (e.epoch.clone(), e.seq));
+                }
             }
             keep
         });
+        // Nor is one kept for an eventless room known from the store.
+        cursors.retain(|_, (_, seq)| *seq > 0);
         let before_ms = now_ms() - ttl.as_millis() as i64;
         self.store.do_send(ExpireEvents { before_ms });
     }
@@ -314,6 +327,15 @@ impl Handler<Leave> for Broker {
         for room in &msg.rooms {
             self.leave(room, msg.conn);
         }
+    }
+}
+
+impl Handler<Occupied> for Broker {
+    type Result = MessageResult<Occupied>;
+    fn handle(&mut self, msg: Occupied, _: &mut Context<Self>) -> Self::Result {
+        let occupied =
+            msg.rooms.into_iter().filter(|r| self.rooms.get(r.as_str()).is_some_and(|e| !e.members.is_empty()));
+        MessageResult(occupied.collect())
     }
 }
 

@@ -326,6 +326,15 @@ impl Session {
         let Some(identity) = self.identity.clone() else {
             return;
         };
+        // The cap first: a refused subscribe must not reserve a job id or look anything up.
+        if !self.rooms.contains_key(&room) && self.rooms.len() >= self.deps.config.max_subscriptions_per_connection {
+            let max = self.deps.config.max_subscriptions_per_connection;
+            return self.send_error(
+                error_code::TOO_MANY_SUBSCRIPTIONS,
+                format!("at most {max} subscriptions per connection"),
+                ctx,
+            );
+        }
         let kind = match RoomKind::parse(&room) {
             Some(RoomKind::Job(job_id)) => job_id,
             Some(kind) => {
@@ -340,9 +349,10 @@ impl Session {
         // then upload with `batch_id`); `/ws/jobs/{id}` and admins only join jobs that exist.
         let jobs = self.deps.jobs.clone();
         let reserve = !auto && !identity.admin;
+        let max = self.deps.config.max_reservations_per_tenant;
         let lookup = async move {
             if reserve {
-                jobs.reserve(&identity, kind).await
+                jobs.reserve(&identity, kind, max).await
             } else {
                 jobs.find(&identity, kind, true).await
             }
@@ -351,6 +361,11 @@ impl Session {
         ctx.wait(lookup.into_actor(self).map(move |found, act, ctx| match found {
             Ok(job) => act.join(room.clone(), room, since, Some(Box::new(job.snapshot)), ctx),
             Err(JobRefused::Forbidden) => act.refuse(&room, RoomRefusal::Forbidden, auto, ctx),
+            Err(JobRefused::TooManyReservations) => act.send_error(
+                error_code::TOO_MANY_RESERVATIONS,
+                format!("the tenant holds {max} job-id reservations already; upload to one, or let them expire"),
+                ctx,
+            ),
             Err(JobRefused::Unknown | JobRefused::Unavailable(_)) => act.refuse(&room, RoomRefusal::Unknown, auto, ctx),
         }));
     }
@@ -399,7 +414,7 @@ impl Session {
             Ok(CancelOutcome::NotRunning) => {
                 act.send_error(error_code::JOB_FINISHED, format!("job {job_id} is not running"), ctx)
             }
-            Err(JobRefused::Unknown | JobRefused::Unavailable(_)) => {
+            Err(JobRefused::Unknown | JobRefused::Unavailable(_) | JobRefused::TooManyReservations) => {
                 act.send_error(error_code::UNKNOWN_JOB, format!("no such job: {}", excerpt(&job_id)), ctx)
             }
             Err(JobRefused::Forbidden) => {
