@@ -712,3 +712,89 @@ async fn reservations_nobody_renews_or_watches_are_released() {
     // ...but not one that acme is still watching (it is older than the released one).
     assert_eq!(code_of(&subscribe_answer(&mut mallory, &format!("job:{watched}")).await), "forbidden");
 }
+
+#[actix_rt::test]
+async fn a_repeated_subscribe_with_since_replays_nothing_again() {
+    let s = TestServer::start();
+    let mut c = s.connect_as("alice", "acme").await;
+    let joined = c.subscribe("tenant:acme").await;
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    for i in 0..20 {
+        s.broadcast("tenant:acme", "info", serde_json::json!({ "i": i })).await;
+    }
+    for _ in 0..20 {
+        c.recv().await;
+    }
+    for _ in 0..5 {
+        c.send(&ClientMessage::Subscribe {
+            room: "tenant:acme".into(),
+            since: Some(jobcast::protocol::Since { seq: 0, epoch: epoch.clone() }),
+        })
+        .await;
+        let again = c.expect_data(EventType::Subscribed).await;
+        assert_eq!(again["replayed"], 0, "{again}");
+    }
+    // Nothing else was queued: the next message is the next live event.
+    s.broadcast("tenant:acme", "info", serde_json::json!({ "i": "live" })).await;
+    assert_eq!(c.recv().await.seq, Some(21));
+}
+
+#[actix_rt::test]
+async fn a_replay_counts_toward_max_queued_bytes() {
+    let s = TestServer::with(|c| {
+        c.max_queued_bytes = 16 * 1024;
+        c.compress_threshold_bytes = 1 << 20;
+    });
+    let mut c = s.connect_as("alice", "acme").await;
+    let epoch = c.subscribe("tenant:acme").await["epoch"].as_str().expect("epoch").to_string();
+    c.close().await;
+    // 40 events of about 1 KiB each: 40 KiB of history.
+    for i in 0..40 {
+        s.broadcast("tenant:acme", "info", serde_json::json!({ "i": i, "pad": "p".repeat(1000) })).await;
+    }
+    let mut c = s.connect_as("alice", "acme").await;
+    c.send(&ClientMessage::Subscribe {
+        room: "tenant:acme".into(),
+        since: Some(jobcast::protocol::Since { seq: 0, epoch }),
+    })
+    .await;
+    let (code, reason, _) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (4008, "slow consumer"));
+}
+
+#[actix_rt::test]
+async fn after_a_restart_resumes_are_served_from_the_stored_history() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().to_path_buf();
+    let sqlite = |c: &mut jobcast::Config| {
+        c.store = "sqlite".into();
+        c.data_dir = path.clone();
+    };
+    let s = TestServer::with(sqlite);
+    let mut c = s.connect_as("alice", "acme").await;
+    let epoch = c.subscribe("tenant:acme").await["epoch"].as_str().expect("epoch").to_string();
+    for i in 0..30 {
+        s.broadcast("tenant:acme", "info", serde_json::json!({ "i": i })).await;
+    }
+    c.close().await;
+    s.shutdown.shutdown().await;
+    let s = TestServer::with(sqlite);
+    // Several clients resume from different points, concurrently: each gets exactly what it missed.
+    let mut clients = Vec::new();
+    for since in [0u64, 10, 29, 30] {
+        let mut c = s.connect_as("alice", "acme").await;
+        c.send(&ClientMessage::Subscribe {
+            room: "tenant:acme".into(),
+            since: Some(jobcast::protocol::Since { seq: since, epoch: epoch.clone() }),
+        })
+        .await;
+        clients.push((since, c));
+    }
+    for (since, c) in &mut clients {
+        let joined = c.expect_data(EventType::Subscribed).await;
+        assert_eq!((joined["recovered"].as_bool(), joined["replayed"].as_u64()), (Some(true), Some(30 - *since)));
+        for seq in *since + 1..=30 {
+            assert_eq!(c.recv().await.seq, Some(seq));
+        }
+    }
+}

@@ -125,9 +125,11 @@ async fn broadcast_validates_room_and_event() {
         post("tenant:acme", json!({"type": "status", "data": {"status": "maintenance", "message": "soon"}})).await;
     assert_eq!((status, body), (200, json!({"seq": 1, "delivered_to": 0})));
     // It is in the history: a late subscriber replays it.
-    let mut c = s.connect_as("alice", "acme").await;
-    let joined = c.subscribe("tenant:acme").await;
+    let mut first = s.connect_as("alice", "acme").await;
+    let joined = first.subscribe("tenant:acme").await;
     let epoch = joined["epoch"].as_str().unwrap().to_string();
+    // (A repeated subscribe on one connection replays nothing: resume on a new one.)
+    let mut c = s.connect_as("alice", "acme").await;
     c.send(&jobcast::protocol::ClientMessage::Subscribe {
         room: "tenant:acme".into(),
         since: Some(jobcast::protocol::Since { seq: 0, epoch }),

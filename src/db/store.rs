@@ -161,12 +161,12 @@ impl Store {
         seq: u64,
         limit: usize,
         min_created_ms: i64,
-    ) -> Result<Vec<(u64, String)>, StoreError> {
+    ) -> Result<Vec<(u64, i64, String)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, envelope FROM events WHERE room = ?1 AND seq > ?2 AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, created_ms, envelope FROM events WHERE room = ?1 AND seq > ?2 AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
         )?;
         let rows = stmt.query_map(params![room, seq as i64, min_created_ms, limit as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -298,9 +298,9 @@ impl Actor for StoreActor {
 #[rtype(result = "Result<(), StoreError>")]
 pub struct AppendEvents(pub Vec<StoredEvent>);
 
-/// Events of a room after a `seq`.
+/// Events of a room after a `seq`: `(seq, created_ms, envelope)`.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<(u64, String)>, StoreError>")]
+#[rtype(result = "Result<Vec<(u64, i64, String)>, StoreError>")]
 pub struct EventsAfter {
     /// The room.
     pub room: String,
@@ -417,7 +417,7 @@ impl Handler<AppendEvents> for StoreActor {
 }
 
 impl Handler<EventsAfter> for StoreActor {
-    type Result = Result<Vec<(u64, String)>, StoreError>;
+    type Result = Result<Vec<(u64, i64, String)>, StoreError>;
     fn handle(&mut self, m: EventsAfter, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.events_after(&m.room, m.seq, m.limit, m.min_created_ms)
     }

@@ -49,6 +49,28 @@ impl HistoryRing {
         }
     }
 
+    /// The oldest `seq` held.
+    pub fn oldest(&self) -> Option<u64> {
+        self.events.front().map(|(seq, _, _)| *seq)
+    }
+
+    /// Puts a run of older events in front, keeping the newest `capacity`. The run must have
+    /// consecutive `seq`s ending right before the oldest held, or, when the ring is empty, at `head`
+    /// (the room's newest); any other run is ignored, so the ring never holds a gap.
+    pub fn prepend(&mut self, run: Vec<(u64, Instant, Arc<Encoded>)>, head: u64) {
+        let end = self.oldest().map_or(head, |oldest| oldest.saturating_sub(1));
+        let fits = run.windows(2).all(|w| w[0].0 + 1 == w[1].0) && run.last().is_some_and(|(last, _, _)| *last == end);
+        if !fits || self.capacity == 0 {
+            return;
+        }
+        for e in run.into_iter().rev() {
+            if self.events.len() >= self.capacity {
+                break;
+            }
+            self.events.push_front(e);
+        }
+    }
+
     /// Drops events older than the ttl.
     pub fn expire(&mut self, now: Instant) {
         while let Some((_, at, _)) = self.events.front() {
@@ -100,6 +122,26 @@ mod tests {
         let mut env = Envelope::direct(Event::Info(serde_json::json!({})));
         env.seq = Some(seq);
         Arc::new(Encoded::new(&env, 1024).unwrap())
+    }
+
+    #[test]
+    fn an_older_run_goes_in_front_and_the_newest_are_kept() {
+        let now = Instant::now();
+        let mut ring = HistoryRing::new(5, Duration::from_secs(60));
+        ring.push(8, ev(8), now);
+        ring.push(9, ev(9), now);
+        ring.prepend((3..8).map(|s| (s, now, ev(s))).collect(), 9);
+        assert_eq!(seqs(ring.since(4, 9, now)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(ring.oldest(), Some(5));
+        // A run that leaves a gap is not taken.
+        ring.prepend(vec![(1, now, ev(1))], 9);
+        assert_eq!(ring.oldest(), Some(5));
+        // Into an empty ring, only a run that reaches the room's newest event.
+        let mut empty = HistoryRing::new(5, Duration::from_secs(60));
+        empty.prepend((1..4).map(|s| (s, now, ev(s))).collect(), 4);
+        assert_eq!(empty.oldest(), None, "a run short of the head would hide a gap");
+        empty.prepend((1..5).map(|s| (s, now, ev(s))).collect(), 4);
+        assert_eq!(seqs(empty.since(0, 4, now)), Some(vec![1, 2, 3, 4]));
     }
 
     fn seqs(r: Replay) -> Option<Vec<u64>> {

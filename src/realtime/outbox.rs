@@ -58,7 +58,8 @@ impl Member {
 #[rtype(result = "()")]
 pub struct SlowConsumer;
 
-/// Live messages and bytes waiting for the writer (replayed ones are not counted), and their bounds.
+/// Messages and bytes waiting for the writer, and their bounds: every frame's bytes count, replayed
+/// frames do not count as messages.
 struct Queued {
     msgs: AtomicUsize,
     bytes: AtomicUsize,
@@ -157,29 +158,26 @@ impl Outbox {
     }
 
     /// Queues `item`, counting live frames against the slow-consumer bounds.
+    /// A replayed frame counts its bytes (a replay must not grow a queue past `max_queued_bytes`)
+    /// but not against the message bound (a replay of up to `history_size` events is expected).
     pub fn push(&self, item: Outgoing) -> Result<(), Refused> {
-        let live_len = match &item {
-            Outgoing::Frame { event, live: true, .. } => Some(event.len(self.format)),
-            Outgoing::Frame { .. } => None,
-            _ => Some(0),
+        let (msgs, len) = match &item {
+            Outgoing::Frame { event, live, .. } => (usize::from(*live), event.len(self.format)),
+            _ => (1, 0),
         };
-        if let Some(len) = live_len {
-            let q = &self.queued;
-            if q.overflowed.load(Relaxed)
-                || q.msgs.load(Relaxed) >= q.max_msgs
-                || q.bytes.load(Relaxed) + len > q.max_bytes
-            {
-                return Err(Refused::Full);
-            }
-            q.msgs.fetch_add(1, Relaxed);
-            q.bytes.fetch_add(len, Relaxed);
+        let q = &self.queued;
+        if q.overflowed.load(Relaxed)
+            || (msgs > 0 && q.msgs.load(Relaxed) >= q.max_msgs)
+            || q.bytes.load(Relaxed) + len > q.max_bytes
+        {
+            return Err(Refused::Full);
         }
+        q.msgs.fetch_add(msgs, Relaxed);
+        q.bytes.fetch_add(len, Relaxed);
         if self.tx.send(item).is_err() {
             // The writer is gone: nothing will take the count back.
-            if let Some(len) = live_len {
-                self.queued.msgs.fetch_sub(1, Relaxed);
-                self.queued.bytes.fetch_sub(len, Relaxed);
-            }
+            q.msgs.fetch_sub(msgs, Relaxed);
+            q.bytes.fetch_sub(len, Relaxed);
             return Err(Refused::Closed);
         }
         Ok(())
@@ -230,7 +228,7 @@ pub enum Outgoing {
     Frame {
         /// The message, in every format; the writer picks the connection's.
         event: Arc<Encoded>,
-        /// Counted against the slow-consumer bounds (everything but a replay).
+        /// Counted against the message bound (everything but a replay; every frame's bytes count).
         live: bool,
         /// A room event, timed for the broker-to-socket latency histogram.
         timed: bool,
@@ -322,10 +320,8 @@ async fn write_until_closed(
                     Frame::Text(t) => ws.text(t).await,
                     Frame::Binary(b) => ws.binary(b).await,
                 };
-                if live {
-                    queued.msgs.fetch_sub(1, Relaxed);
-                    queued.bytes.fetch_sub(len, Relaxed);
-                }
+                queued.msgs.fetch_sub(usize::from(live), Relaxed);
+                queued.bytes.fetch_sub(len, Relaxed);
                 match &r {
                     Ok(()) if open => {
                         metrics.sent(event.kind, len);

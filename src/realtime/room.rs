@@ -83,6 +83,9 @@ pub struct Room {
     settings: RoomSettings,
     /// Where older history is read from when the ring does not hold it (after a restart).
     store: Addr<StoreActor>,
+    /// Whether the store's history was read into the ring already: it is read once per room actor,
+    /// whatever number of clients resume from it.
+    loaded: bool,
 }
 
 impl Room {
@@ -90,7 +93,7 @@ impl Room {
     pub fn new(key: Arc<str>, epoch: Arc<str>, head: u64, settings: RoomSettings, store: Addr<StoreActor>) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);
         let name = Arc::from(RoomKind::name_of_key(&key).as_str());
-        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store }
+        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store, loaded: false }
     }
 
     /// Sends `subscribed`, then the replay, and adds the member.
@@ -110,20 +113,23 @@ impl Room {
     }
 }
 
-/// Turns stored envelopes `after+1..=head` back into encoded events, or `None` when any is missing.
-fn decode_run(rows: Vec<(u64, String)>, after: u64, head: u64, threshold: usize) -> Option<Vec<Arc<Encoded>>> {
-    if rows.len() as u64 != head - after {
-        return None;
-    }
+/// Turns stored envelopes `after+1..` back into encoded events with the instant each was made,
+/// stopping at the first gap or unreadable one. CPU work (JSON, gzip): run off the actor's thread.
+fn decode_run(rows: Vec<(u64, i64, String)>, after: u64, threshold: usize) -> Vec<(u64, Instant, Arc<Encoded>)> {
+    let (now, now_ms) = (Instant::now(), now_ms());
     let mut out = Vec::with_capacity(rows.len());
-    for (i, (seq, json)) in rows.into_iter().enumerate() {
+    for (i, (seq, created_ms, json)) in rows.into_iter().enumerate() {
         if seq != after + 1 + i as u64 {
-            return None;
+            break;
         }
-        let env: Envelope = serde_json::from_str(&json).ok()?;
-        out.push(Arc::new(Encoded::new(&env, threshold).ok()?));
+        let Some(enc) = serde_json::from_str::<Envelope>(&json).ok().and_then(|env| Encoded::new(&env, threshold).ok())
+        else {
+            break;
+        };
+        let age = std::time::Duration::from_millis(now_ms.saturating_sub(created_ms).max(0) as u64);
+        out.push((seq, now.checked_sub(age).unwrap_or(now), Arc::new(enc)));
     }
-    Some(out)
+    out
 }
 
 impl Actor for Room {
@@ -156,22 +162,38 @@ impl Handler<Join> for Room {
             return self.admit(msg, true, events);
         }
         // The ring does not hold it (a restart empties it): the store may, within the history limits.
+        // It is read once, for the whole window the ring lacks, and decoded off this thread; every
+        // later resume is served from the ring.
         let missing = self.head.saturating_sub(since);
-        if since >= self.head || missing as usize > self.settings.history_size {
+        if self.loaded || since >= self.head || missing as usize > self.settings.history_size {
             return self.admit(msg, false, Vec::new());
         }
+        let after = self.head.saturating_sub(self.settings.history_size as u64);
+        let before = self.history.oldest().unwrap_or(self.head + 1);
         let query = EventsAfter {
             room: self.key.to_string(),
-            seq: since,
-            limit: missing as usize,
+            seq: after,
+            limit: before.saturating_sub(after + 1) as usize,
             min_created_ms: now_ms() - self.settings.history_ttl.as_millis() as i64,
         };
-        let (head, threshold) = (self.head, self.settings.compress_threshold);
+        let threshold = self.settings.compress_threshold;
+        let store = self.store.clone();
+        let load = async move {
+            let rows = store.send(query).await.ok()?.ok()?;
+            let Some(first) = rows.first().map(|r| r.0) else {
+                return Some(Vec::new());
+            };
+            tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
+        };
         // `wait`: no live event is handled before this member has its replay.
-        ctx.wait(self.store.send(query).into_actor(self).map(move |res, room, _| {
-            match res.ok().and_then(|r| r.ok()).and_then(|rows| decode_run(rows, since, head, threshold)) {
-                Some(events) => room.admit(msg, true, events),
-                None => room.admit(msg, false, Vec::new()),
+        ctx.wait(load.into_actor(self).map(move |run, room, _| {
+            if let Some(run) = run {
+                room.loaded = true;
+                room.history.prepend(run, room.head);
+            }
+            match room.history.since(since, room.head, Instant::now()) {
+                Replay::Recovered(events) => room.admit(msg, true, events),
+                Replay::Lost => room.admit(msg, false, Vec::new()),
             }
         }));
     }

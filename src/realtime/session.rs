@@ -184,9 +184,9 @@ impl Session {
     }
 
     /// Queues a frame. A connection with more than `max_queued_messages` live messages or
-    /// `max_queued_bytes` live bytes waiting is a slow consumer: it is closed with 4008 rather than
-    /// buffered without limit, and it recovers from history when it comes back. A replay is not
-    /// counted: its burst is the server's doing, and it is bounded by the history size.
+    /// `max_queued_bytes` bytes waiting is a slow consumer: it is closed with 4008 rather than
+    /// buffered without limit, and it recovers from history when it comes back. A replay counts its
+    /// bytes, not its messages (its length is bounded by the history size).
     fn push(&mut self, item: Outgoing, ctx: &mut Context<Self>) {
         if self.closing {
             return;
@@ -387,7 +387,10 @@ impl Session {
                 ctx,
             );
         }
-        // A repeated subscribe keeps its membership (and its gate); the room answers it again.
+        // A repeated subscribe keeps its membership (and its gate); the room answers it again, with no
+        // replay: the connection already has every event since it joined, and a replay per repeat
+        // would let one client make the server re-send the history without end.
+        let since = if self.rooms.contains_key(&room) { None } else { since };
         let joined = self.rooms.entry(room).or_insert_with(|| Joined { key, gate: Arc::new(AtomicBool::new(true)) });
         let (key, gate) = (joined.key.clone(), joined.gate.clone());
         let member = self.out.member(gate, self.acks.clone());
