@@ -46,6 +46,9 @@ pub struct Claims {
     /// On WebSocket tokens: the `exp` of the access token that minted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cred_exp: Option<u64>,
+    /// On WebSocket tokens: the run of the server that minted it (random per start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// Who a verified token speaks for.
@@ -160,9 +163,9 @@ pub struct Auth {
     ws_ttl_s: u64,
     /// Used WebSocket token ids, so each works once.
     used: Mutex<UsedTokens>,
-    /// When this verifier was made (Unix seconds): WebSocket tokens minted earlier are refused, since
+    /// This run of the server (random per start): WebSocket tokens of another run are refused, since
     /// the ids they may have used before a restart are not known any more.
-    started_at: u64,
+    run: String,
 }
 
 /// Used WebSocket token ids, pruned in expiry order: each prune removes only what has expired,
@@ -295,7 +298,7 @@ impl Auth {
             ws_validation,
             ws_ttl_s: config.ws_token_ttl_s,
             used: Mutex::new(UsedTokens::default()),
-            started_at: unix_now(),
+            run: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
@@ -326,7 +329,7 @@ impl Auth {
                 Ok(data) if data.claims.typ.as_deref() == Some("ws") => {
                     let c = data.claims;
                     let id = identity(&c, c.cred_exp.unwrap_or(c.exp))?;
-                    if c.iat.is_none_or(|iat| iat < self.started_at) {
+                    if c.run.as_deref() != Some(self.run.as_str()) {
                         return Err(AuthError::MintedBeforeStart);
                     }
                     self.spend(c.jti.as_deref().ok_or(AuthError::Malformed)?, c.exp)?;
@@ -364,6 +367,7 @@ impl Auth {
             typ: Some("ws".into()),
             jti: Some(uuid::Uuid::new_v4().to_string()),
             cred_exp: Some(id.expires_at),
+            run: Some(self.run.clone()),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
         Ok((token, exp.saturating_sub(now)))
@@ -383,6 +387,7 @@ impl Auth {
             typ: None,
             jti: None,
             cred_exp: None,
+            run: None,
         };
         Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer)?)
     }
@@ -510,12 +515,11 @@ mod tests {
     }
 
     #[test]
-    fn websocket_tokens_minted_before_the_verifier_started_are_refused() {
+    fn websocket_tokens_of_an_earlier_run_are_refused() {
         let a = auth();
         let access = a.verify_access(&a.mint_access("u1", "t1", &[], 600).unwrap()).unwrap();
         let (ws, _) = a.mint_ws_token(&access).unwrap();
-        let mut later = auth();
-        later.started_at = unix_now() + 1;
+        let later = auth();
         assert_eq!(later.verify_connect(&ws), Err(AuthError::MintedBeforeStart));
         assert_eq!(AuthError::MintedBeforeStart.reason(), "token_reused");
         assert!(a.verify_connect(&ws).is_ok());

@@ -198,7 +198,9 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let clean_stop = config.data_dir.join(CLEAN_STOP);
     let stopped_cleanly = std::fs::remove_file(&clean_stop).is_ok();
     let mut unfinished = first.unfinished_jobs()?;
-    for job in unfinished.iter_mut().filter(|_| !stopped_cleanly) {
+    // Only jobs that had begun work count: one that was queued behind the crash did not cause it.
+    let started = |j: &&mut db::store::JobRecord| j.snapshot.status != protocol::JobStatus::Queued;
+    for job in unfinished.iter_mut().filter(|_| !stopped_cleanly).filter(started) {
         if let Some(spec) = job.spec.as_mut() {
             spec.resumes = spec.resumes.saturating_add(1);
             first.save_job(job)?;

@@ -798,3 +798,31 @@ async fn after_a_restart_resumes_are_served_from_the_stored_history() {
         }
     }
 }
+
+#[actix_rt::test]
+async fn every_spelling_of_a_job_id_is_one_room() {
+    let s = TestServer::start();
+    let id = uuid::Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    let upper = format!("job:{}", id.to_string().to_uppercase());
+    let joined = c.subscribe(&upper).await;
+    assert_eq!(joined["room"], format!("job:{id}"));
+    // A watcher of the lower-case room and this one are in the same room.
+    s.broadcast(&format!("job:{id}"), "info", serde_json::json!({"n": 1})).await;
+    assert_eq!(c.recv().await.room.as_deref(), Some(format!("job:{id}").as_str()));
+    c.send(&ClientMessage::Unsubscribe { room: format!("job:{}", id.simple()) }).await;
+    assert_eq!(c.expect_data(EventType::Unsubscribed).await["room"], format!("job:{id}"));
+}
+
+#[actix_rt::test]
+async fn an_admin_disconnect_of_a_user_can_name_the_tenant() {
+    let s = TestServer::start();
+    let mut acme_bob = s.connect_as("bob", "acme").await;
+    let mut globex_bob = s.connect_as("bob", "globex").await;
+    let (status, body) =
+        s.request("DELETE", "/api/v1/admin/users/bob/connections?tenant=acme", Some(&s.admin_token()), None).await;
+    assert_eq!((status, body["closed"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(acme_bob.expect_close().await.0, 4000);
+    globex_bob.send(&ClientMessage::Ping { ts: Some(1.into()) }).await;
+    assert_eq!(globex_bob.expect_data(EventType::Pong).await["client_ts"], 1);
+}

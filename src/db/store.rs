@@ -163,7 +163,8 @@ impl Store {
         min_created_ms: i64,
     ) -> Result<Vec<(u64, i64, String)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, created_ms, envelope FROM events WHERE room = ?1 AND seq > ?2 AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, created_ms, envelope FROM events WHERE room = ?1 AND seq > ?2 AND seq <= ?2 + ?4
+             AND created_ms >= ?3 ORDER BY seq LIMIT ?4",
         )?;
         let rows = stmt.query_map(params![room, seq as i64, min_created_ms, limit as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))

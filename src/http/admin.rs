@@ -68,17 +68,18 @@ pub async fn admin_close_user(
     req: HttpRequest,
     shared: web::Data<Shared>,
     user_id: web::Path<String>,
+    query: web::Query<BroadcastQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let who = admin(&req, &shared)?;
     let user_id = user_id.into_inner();
     let (code, reason) = close::BY_ADMIN;
-    let msg = CloseUser { user_id: user_id.clone(), code, reason: reason.into() };
+    let msg = CloseUser { user_id: user_id.clone(), tenant: query.into_inner().tenant, code, reason: reason.into() };
     let closed = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     info!(target: "audit", event = "admin_disconnect_user", admin = %who.user_id, user = %user_id, closed, "admin action");
     Ok(HttpResponse::Ok().json(json!({ "closed": closed })))
 }
 
-/// `?tenant=` of a broadcast: whose `user:` room is meant.
+/// `?tenant=` of a broadcast or a user disconnect: which tenant's user is meant.
 #[derive(serde::Deserialize)]
 pub struct BroadcastQuery {
     tenant: Option<String>,

@@ -47,14 +47,24 @@ impl std::fmt::Display for TooLarge {
     }
 }
 
+/// Where the checker is in the CSV grammar, as csv-core reads it: a `"` opens a quoted field only
+/// at the start of a field; inside a quoted field `""` is a quote; after the closing quote the field
+/// goes on unquoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    QuoteInQuoted,
+}
+
 /// Reads a CSV file for the parser while checking, byte by byte, that no record has more than
 /// [`MAX_FIELDS`] fields, no field more than [`MAX_FIELD_BYTES`] and no record more than
 /// [`MAX_RECORD_BYTES`], so the parser never holds an oversized record: the read fails at the
-/// byte that breaks a bound. Quotes are followed as the parser follows them (`""` inside a quoted
-/// field toggles twice).
+/// byte that breaks a bound. It follows quotes and record ends (`\n`, `\r`) as the parser does.
 pub struct Bounded<R> {
     inner: R,
-    quoted: bool,
+    at: At,
     fields: usize,
     field_bytes: usize,
     record_bytes: usize,
@@ -70,7 +80,7 @@ impl<R> Bounded<R> {
     pub fn new(inner: R, line: u64) -> Self {
         Bounded {
             inner,
-            quoted: false,
+            at: At::FieldStart,
             fields: 1,
             field_bytes: 0,
             record_bytes: 0,
@@ -82,24 +92,37 @@ impl<R> Bounded<R> {
 
     fn check(&mut self, bytes: &[u8]) -> Option<TooLarge> {
         for &b in bytes {
-            self.record_bytes += 1;
-            self.field_bytes += 1;
+            if b == b'\n' {
+                self.line += 1;
+            }
+            let quoted = matches!(self.at, At::Quoted);
             match b {
-                b'"' => self.quoted = !self.quoted,
-                b'\n' => {
-                    self.line += 1;
-                    if !self.quoted {
-                        (self.fields, self.field_bytes, self.record_bytes) = (1, 0, 0);
-                        self.record_line = self.line;
-                        continue;
-                    }
+                b'\n' | b'\r' if !quoted => {
+                    (self.at, self.fields, self.field_bytes, self.record_bytes) = (At::FieldStart, 1, 0, 0);
+                    self.record_line = self.line;
+                    continue;
                 }
-                b',' if !self.quoted => {
+                b',' if !quoted => {
+                    self.at = At::FieldStart;
                     self.fields += 1;
                     self.field_bytes = 0;
                 }
-                _ => {}
+                b'"' => {
+                    self.at = match self.at {
+                        At::FieldStart => At::Quoted,
+                        At::Quoted => At::QuoteInQuoted,
+                        At::QuoteInQuoted => At::Quoted,
+                        At::Unquoted => At::Unquoted,
+                    };
+                }
+                _ => {
+                    if matches!(self.at, At::FieldStart | At::QuoteInQuoted) {
+                        self.at = At::Unquoted;
+                    }
+                }
             }
+            self.record_bytes += 1;
+            self.field_bytes += 1;
             if self.fields > MAX_FIELDS {
                 return Some(TooLarge::Fields(self.record_line));
             }
@@ -845,6 +868,25 @@ mod tests {
             format!("date,amount,description\n2024-01-01,1,a{}\n", ",".to_owned() + &"y".repeat(60_000)).repeat(1);
         let wide = row.replace(&format!(",{}", "y".repeat(60_000)), &format!(",{}", "y".repeat(60_000)).repeat(5));
         assert_eq!(check("row.csv", wide.as_bytes()), format!("line 2 is longer than {MAX_RECORD_BYTES} bytes"));
+        // A quote inside an unquoted field is a plain character (as the parser reads it): the rows
+        // after it are records of their own, not one endless quoted field.
+        let mut inch = b"date,amount,description\n2024-01-01,-9.99,12\" pizza\n".to_vec();
+        for _ in 0..5000 {
+            inch.extend_from_slice(b"2024-01-01,-1.00,a b c d e f g h i j k l m n o p q r s t\n");
+        }
+        let p = dir.path().join("inch.csv");
+        std::fs::write(&p, &inch).unwrap();
+        assert_eq!(validate(&p, 1 << 30, 10, |_, _| {}).unwrap().rows, 5001);
+        // ...and such a quote cannot open a field that hides megabytes from the bounds either.
+        let mut hidden = b"date,amount,description\n2024-01-01,1,a\",\"".to_vec();
+        hidden.extend(std::iter::repeat_n(b"x\n".as_slice(), 200_000).flatten());
+        hidden.extend_from_slice(b"\"\n");
+        assert_eq!(check("hidden.csv", &hidden), format!("line 2 has a field of more than {MAX_FIELD_BYTES} bytes"));
+        // Records that end in a bare CR are records.
+        let cr = "date,amount,description\r".to_string() + &"2024-01-01,1.00,coffee shop visit number\r".repeat(20_000);
+        let p = dir.path().join("cr.csv");
+        std::fs::write(&p, cr.as_bytes()).unwrap();
+        assert_eq!(validate(&p, 1 << 30, 10, |_, _| {}).unwrap().rows, 20_000);
         // Quoted commas and newlines do not count as fields or records.
         let mut quoted = b"date,amount,description\n2024-01-01,1,\"".to_vec();
         quoted.extend(std::iter::repeat_n(b",\n".as_slice(), 5000).flatten());

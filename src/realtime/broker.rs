@@ -94,7 +94,8 @@ pub struct Leave {
     pub rooms: Vec<String>,
 }
 
-/// Which of `rooms` (keys) have members.
+/// Which of `rooms` (keys) are in use: they have members, or events (live or remembered), which a
+/// resume could still replay.
 #[derive(Message)]
 #[rtype(result = "HashSet<String>")]
 pub struct Occupied {
@@ -333,9 +334,11 @@ impl Handler<Leave> for Broker {
 impl Handler<Occupied> for Broker {
     type Result = MessageResult<Occupied>;
     fn handle(&mut self, msg: Occupied, _: &mut Context<Self>) -> Self::Result {
-        let occupied =
-            msg.rooms.into_iter().filter(|r| self.rooms.get(r.as_str()).is_some_and(|e| !e.members.is_empty()));
-        MessageResult(occupied.collect())
+        let in_use = |r: &String| {
+            self.rooms.get(r.as_str()).is_some_and(|e| !e.members.is_empty() || e.seq > 0)
+                || self.cursors.get(r).is_some_and(|(_, seq)| *seq > 0)
+        };
+        MessageResult(msg.rooms.into_iter().filter(in_use).collect())
     }
 }
 

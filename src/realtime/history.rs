@@ -57,11 +57,11 @@ impl HistoryRing {
     /// Puts a run of older events in front, keeping the newest `capacity`. The run must have
     /// consecutive `seq`s ending right before the oldest held, or, when the ring is empty, at `head`
     /// (the room's newest); any other run is ignored, so the ring never holds a gap.
-    pub fn prepend(&mut self, run: Vec<(u64, Instant, Arc<Encoded>)>, head: u64) {
+    pub fn prepend(&mut self, run: Vec<(u64, Instant, Arc<Encoded>)>, head: u64) -> bool {
         let end = self.oldest().map_or(head, |oldest| oldest.saturating_sub(1));
         let fits = run.windows(2).all(|w| w[0].0 + 1 == w[1].0) && run.last().is_some_and(|(last, _, _)| *last == end);
         if !fits || self.capacity == 0 {
-            return;
+            return false;
         }
         for e in run.into_iter().rev() {
             if self.events.len() >= self.capacity {
@@ -69,6 +69,7 @@ impl HistoryRing {
             }
             self.events.push_front(e);
         }
+        true
     }
 
     /// Drops events older than the ttl.

@@ -95,6 +95,8 @@ pub struct CloseConnection {
 pub struct CloseUser {
     /// The user.
     pub user_id: String,
+    /// Only that user of this tenant (`None`: of every tenant).
+    pub tenant: Option<String>,
     /// Close code.
     pub code: u16,
     /// Close reason.
@@ -149,6 +151,18 @@ struct Entry {
     ip: Option<IpAddr>,
     /// Counted in `unauthenticated`.
     anonymous: bool,
+}
+
+/// The address a connection counts under for `max_per_ip`: an IPv4 address itself, an IPv6 one by
+/// its /64 (one host's share of addresses).
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 /// The connection limits the registry enforces.
@@ -215,13 +229,12 @@ impl Handler<Connect> for Registry {
         if msg.anonymous && self.unauthenticated >= self.limits.max_unauthenticated {
             return Err(LimitReached::Unauthenticated);
         }
-        let ip = msg.ip.filter(|ip| !self.limits.trusted.contains(ip));
+        let ip = msg.ip.map(|ip| ip.to_canonical()).filter(|ip| !self.limits.trusted.contains(ip)).map(counted_as);
         if let Some(ip) = ip {
-            let n = self.per_ip.entry(ip).or_insert(0);
-            if *n >= self.limits.max_per_ip {
+            if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_per_ip {
                 return Err(LimitReached::Address);
             }
-            *n += 1;
+            *self.per_ip.entry(ip).or_insert(0) += 1;
         }
         if msg.anonymous {
             self.unauthenticated += 1;
@@ -317,7 +330,10 @@ impl Handler<CloseConnection> for Registry {
 impl Handler<CloseUser> for Registry {
     type Result = usize;
     fn handle(&mut self, msg: CloseUser, _: &mut Context<Self>) -> usize {
-        self.close_where(msg.code, &msg.reason, |i| i.user_id.as_deref() == Some(msg.user_id.as_str()))
+        self.close_where(msg.code, &msg.reason, |i| {
+            i.user_id.as_deref() == Some(msg.user_id.as_str())
+                && msg.tenant.as_ref().is_none_or(|t| i.tenant.as_ref() == Some(t))
+        })
     }
 }
 
@@ -332,5 +348,22 @@ impl Handler<Count> for Registry {
     type Result = usize;
     fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
         self.conns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(counted_as(a), counted_as(b));
+        assert_ne!(counted_as(a), counted_as(c));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(mapped.to_canonical(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(counted_as("10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 }

@@ -188,8 +188,8 @@ impl Handler<Join> for Room {
         // `wait`: no live event is handled before this member has its replay.
         ctx.wait(load.into_actor(self).map(move |run, room, _| {
             if let Some(run) = run {
-                room.loaded = true;
-                room.history.prepend(run, room.head);
+                // A run the ring cannot take (the store lost some of it) leaves `loaded` unset.
+                room.loaded = run.is_empty() || room.history.prepend(run, room.head);
             }
             match room.history.since(since, room.head, Instant::now()) {
                 Replay::Recovered(events) => room.admit(msg, true, events),

@@ -69,6 +69,15 @@ pub struct SessionParams {
     pub ip: Option<std::net::IpAddr>,
 }
 
+/// A room as the server names it: `job:` ids in the lower-case hyphenated form, whatever spelling
+/// of the UUID the client used (so every spelling is one room); other names as they are.
+fn canonical(room: String) -> String {
+    match RoomKind::parse(&room) {
+        Some(kind @ RoomKind::Job(_)) => kind.name(),
+        _ => room,
+    }
+}
+
 /// One room membership.
 struct Joined {
     /// The room's key in the broker (`RoomKind::key`: a `user:` room's carries the tenant).
@@ -326,6 +335,7 @@ impl Session {
         let Some(identity) = self.identity.clone() else {
             return;
         };
+        let room = canonical(room);
         // The cap first: a refused subscribe must not reserve a job id or look anything up.
         if !self.rooms.contains_key(&room) && self.rooms.len() >= self.deps.config.max_subscriptions_per_connection {
             let max = self.deps.config.max_subscriptions_per_connection;
@@ -462,11 +472,12 @@ impl Session {
             }
             ClientMessage::Subscribe { room, since } => self.subscribe(room, since, false, ctx),
             ClientMessage::Unsubscribe { room } => {
+                let room = canonical(room);
                 if !self.leave(room.clone(), ctx) {
                     self.send_error(error_code::NOT_SUBSCRIBED, format!("not subscribed to {}", excerpt(&room)), ctx);
                 }
             }
-            ClientMessage::Ack { room, seq } => self.ack(room, seq, ctx),
+            ClientMessage::Ack { room, seq } => self.ack(canonical(room), seq, ctx),
             ClientMessage::Ping { ts } => {
                 self.send(Event::Pong(Pong { ts: crate::protocol::now_rfc3339(), client_ts: ts }), ctx)
             }
