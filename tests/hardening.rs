@@ -714,7 +714,7 @@ async fn reservations_nobody_renews_or_watches_are_released() {
 }
 
 #[actix_rt::test]
-async fn a_repeated_subscribe_with_since_replays_nothing_again() {
+async fn a_membership_replays_its_history_once() {
     let s = TestServer::start();
     let mut c = s.connect_as("alice", "acme").await;
     let joined = c.subscribe("tenant:acme").await;
@@ -725,6 +725,18 @@ async fn a_repeated_subscribe_with_since_replays_nothing_again() {
     for _ in 0..20 {
         c.recv().await;
     }
+    // The first `since` of the membership is replayed (a client that joined without one may ask
+    // for the history)...
+    c.send(&ClientMessage::Subscribe {
+        room: "tenant:acme".into(),
+        since: Some(jobcast::protocol::Since { seq: 0, epoch: epoch.clone() }),
+    })
+    .await;
+    assert_eq!(c.expect_data(EventType::Subscribed).await["replayed"], 20);
+    for seq in 1..=20 {
+        assert_eq!(c.recv().await.seq, Some(seq));
+    }
+    // ...later ones are not.
     for _ in 0..5 {
         c.send(&ClientMessage::Subscribe {
             room: "tenant:acme".into(),

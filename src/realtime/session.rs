@@ -84,6 +84,8 @@ struct Joined {
     key: String,
     /// Closed on unsubscribe: the writer drops what the room still queued.
     gate: Arc<AtomicBool>,
+    /// Whether a `since` of this membership was passed to the room already.
+    replayed: bool,
 }
 
 /// A message arriving in fragments.
@@ -397,11 +399,17 @@ impl Session {
                 ctx,
             );
         }
-        // A repeated subscribe keeps its membership (and its gate); the room answers it again, with no
-        // replay: the connection already has every event since it joined, and a replay per repeat
-        // would let one client make the server re-send the history without end.
-        let since = if self.rooms.contains_key(&room) { None } else { since };
-        let joined = self.rooms.entry(room).or_insert_with(|| Joined { key, gate: Arc::new(AtomicBool::new(true)) });
+        // A repeated subscribe keeps its membership (and its gate); the room answers it again. One
+        // `since` per membership is replayed (a client that joined without one, then asks for the
+        // room's history, gets it); later ones are ignored, so a client cannot make the server
+        // re-send the history without end.
+        let joined = self.rooms.entry(room).or_insert_with(|| Joined {
+            key,
+            gate: Arc::new(AtomicBool::new(true)),
+            replayed: false,
+        });
+        let since = if joined.replayed { None } else { since };
+        joined.replayed |= since.is_some();
         let (key, gate) = (joined.key.clone(), joined.gate.clone());
         let member = self.out.member(gate, self.acks.clone());
         self.report_rooms();
