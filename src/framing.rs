@@ -218,6 +218,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Any bytes, raw or gzipped: decoding a binary frame answers, never panics.
+        #[test]
+        fn decoding_any_binary_frame_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode_binary(&bytes);
+            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+            gz.write_all(&bytes).unwrap();
+            let _ = decode_binary(&gz.finish().unwrap());
+        }
+    }
+
     #[test]
     fn garbage_binary_is_an_error_not_a_panic() {
         assert!(decode_binary(b"not gzip").is_err());

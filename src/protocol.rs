@@ -19,21 +19,24 @@ pub const MAX_FRAGMENTS: usize = 1024;
 /// The most characters of client input quoted back in an error, a stored snapshot or a log line.
 pub const EXCERPT_CHARS: usize = 80;
 
-/// Client input fit to quote: at most [`EXCERPT_CHARS`] characters (then `…`), with control characters
+/// Client input fit to quote: at most [`EXCERPT_CHARS`] characters written (then `…`), control characters
 /// (newlines, escapes, NUL, bidi overrides) written as escapes, so a quoted value can neither grow an
 /// error without bound nor forge a log line.
 pub fn excerpt(input: &str) -> String {
-    let mut out = String::with_capacity(input.len().min(EXCERPT_CHARS * 2));
-    for (i, c) in input.chars().enumerate() {
-        if i == EXCERPT_CHARS {
+    let mut out = String::with_capacity(input.len().min(EXCERPT_CHARS * 4));
+    let mut chars = 0;
+    for c in input.chars() {
+        let hidden =
+            c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let piece: String = if hidden { c.escape_default().collect() } else { c.to_string() };
+        let n = piece.chars().count();
+        // The cut counts what is written, escapes included.
+        if chars + n > EXCERPT_CHARS {
             out.push('…');
             break;
         }
-        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+        out.push_str(&piece);
+        chars += n;
     }
     out
 }
@@ -965,6 +968,48 @@ mod tests {
             ClientMessage::Subscribe { room: "tenant:a".into(), since: Some(Since { seq: 1, epoch: "e".into() }) }
         );
         assert!(parse(r#"{"type":"unsubscribe","room":"tenant:a","why":"done"}"#).is_ok());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            /// Any bytes: the client-message decoder answers, never panics.
+            #[test]
+            fn the_client_message_decoder_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = serde_json::from_slice::<ClientMessage>(&bytes);
+            }
+
+            /// JSON objects of the message shapes with fields of any type: decoded or refused, and a
+            /// decoded one encodes back to a message that decodes to itself.
+            #[test]
+            fn client_messages_of_any_field_types(
+                kind in prop_oneof![Just("ping"), Just("ack"), Just("subscribe"), Just("unsubscribe"),
+                    Just("cancel"), Just("refresh"), Just("authenticate"), Just("dance")],
+                value in prop_oneof![Just(serde_json::json!(1)), Just(serde_json::json!(-1)), Just(serde_json::json!(1.5)),
+                    Just(serde_json::json!("x")), Just(serde_json::json!(null)), Just(serde_json::json!({"seq": 1, "epoch": "e"})),
+                    Just(serde_json::json!([1]))],
+                field in prop_oneof![Just("ts"), Just("seq"), Just("since"), Just("room"), Just("token"), Just("job_id"), Just("extra")],
+            ) {
+                let mut msg = serde_json::json!({"type": kind, "room": "tenant:a", "token": "t", "job_id": "j", "seq": 1});
+                msg[field] = value;
+                if let Ok(m) = serde_json::from_value::<ClientMessage>(msg) {
+                    let again: ClientMessage = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+                    prop_assert_eq!(again, m);
+                }
+            }
+
+            /// Any text: an excerpt is short and has no control character.
+            #[test]
+            fn excerpts_of_anything(text in ".{0,300}") {
+                let e = excerpt(&text);
+                prop_assert!(e.chars().count() <= EXCERPT_CHARS + 1);
+                prop_assert!(!e.chars().any(char::is_control));
+            }
+        }
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct Bounded<R> {
     /// The file line the current record began on, and the current line.
     record_line: u64,
     line: u64,
+    /// The bounds: fields per record, bytes per field, bytes per record.
+    limits: (usize, usize, usize),
     /// The bound broken, once one is.
     pub broken: Option<TooLarge>,
 }
@@ -78,8 +80,14 @@ pub struct Bounded<R> {
 impl<R> Bounded<R> {
     /// Checks `inner`, whose first byte is at file line `line`.
     pub fn new(inner: R, line: u64) -> Self {
+        Self::with_limits(inner, line, (MAX_FIELDS, MAX_FIELD_BYTES, MAX_RECORD_BYTES))
+    }
+
+    /// As [`Bounded::new`], with other bounds (tests use small ones).
+    fn with_limits(inner: R, line: u64, limits: (usize, usize, usize)) -> Self {
         Bounded {
             inner,
+            limits,
             at: At::FieldStart,
             fields: 1,
             field_bytes: 0,
@@ -123,13 +131,14 @@ impl<R> Bounded<R> {
             }
             self.record_bytes += 1;
             self.field_bytes += 1;
-            if self.fields > MAX_FIELDS {
+            let (max_fields, max_field, max_record) = self.limits;
+            if self.fields > max_fields {
                 return Some(TooLarge::Fields(self.record_line));
             }
-            if self.field_bytes > MAX_FIELD_BYTES {
+            if self.field_bytes > max_field {
                 return Some(TooLarge::Field(self.record_line));
             }
-            if self.record_bytes > MAX_RECORD_BYTES {
+            if self.record_bytes > max_record {
                 return Some(TooLarge::Record(self.record_line));
             }
         }
@@ -894,6 +903,87 @@ mod tests {
         let p = dir.path().join("quoted.csv");
         std::fs::write(&p, &quoted).unwrap();
         assert_eq!(validate(&p, 1 << 30, 10, |_, _| {}).unwrap().rows, 1);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// CSV-ish bytes: mostly the characters that matter to the grammar.
+        fn csvish() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just(b'a'),
+                    Just(b'b'),
+                    Just(b','),
+                    Just(b'"'),
+                    Just(b'\n'),
+                    Just(b'\r'),
+                    Just(b' '),
+                    any::<u8>()
+                ],
+                0..400,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Whatever the bytes, when the bound reader lets a file through, every record the
+            /// parser makes of it is within the bounds: no quote trick hides a record from them.
+            #[test]
+            fn what_the_bound_reader_accepts_the_parser_reads_within_bounds(bytes in csvish()) {
+                let limits = (4, 8, 16);
+                let mut reader = csv_reader(Bounded::with_limits(&bytes[..], 1, limits), false);
+                let mut record = csv::ByteRecord::new();
+                let mut records = Vec::new();
+                loop {
+                    match reader.read_byte_record(&mut record) {
+                        Ok(true) => records.push(record.clone()),
+                        Ok(false) => break,
+                        Err(_) => break,
+                    }
+                }
+                if reader.get_ref().broken.is_none() {
+                    for r in &records {
+                        prop_assert!(r.len() <= limits.0, "{} fields in {:?}", r.len(), r);
+                        prop_assert!(r.iter().all(|f| f.len() <= limits.1), "a long field in {:?}", r);
+                        prop_assert!(r.as_slice().len() <= limits.2, "a long record {:?}", r);
+                    }
+                }
+            }
+
+            /// Validation and zone reading never panic, and a file that validates reads back zone by
+            /// zone to exactly its rows.
+            #[test]
+            fn validation_and_zone_reading_never_panic(body in csvish()) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("p.csv");
+                let mut file = b"date,amount,description\n".to_vec();
+                file.extend_from_slice(&body);
+                std::fs::write(&path, &file).unwrap();
+                if let Ok(v) = validate(&path, 1 << 20, 3, |_, _| {}) {
+                    let mut rows = 0;
+                    for z in &v.zones {
+                        let records = read_zone(&path, z, &v.columns).expect("a validated zone reads back");
+                        prop_assert_eq!(records.len() as u64, z.rows);
+                        rows += records.len() as u64;
+                        let out = process_records(records, &v.columns, &Rules::default());
+                        prop_assert!(out.invalid.len() <= KEEP_PER_ZONE && out.flagged.len() <= KEEP_PER_ZONE);
+                    }
+                    prop_assert_eq!(rows, v.rows);
+                }
+            }
+
+            /// Any cell: scanning never panics, and a flagged formula is neutralised.
+            #[test]
+            fn scanning_any_cell_never_panics(cell in ".{0,40}") {
+                let (issues, fixed) = scan_cell(&cell);
+                if issues.contains(&CellIssue::FormulaInjection) {
+                    prop_assert!(fixed.is_some_and(|f| f.starts_with('\'')));
+                }
+            }
+        }
     }
 
     #[test]
