@@ -45,10 +45,24 @@ pub async fn run(file: &Path, server: &str, token: &str) -> Result<Outcome, Impo
     let batch = Uuid::new_v4();
     let room = format!("job:{batch}");
     let mut view = View::new();
-    // Subscribe before uploading so no event is missed.
+    // Subscribe before uploading so no event is missed: the room is joined (the id reserved) once
+    // `subscribed` arrives, and only then does the upload begin.
     let mut conn = Conn::open(&ws_base, token, &room, None).await?;
+    let mut early = Vec::new();
+    loop {
+        let env = conn.next().await.ok_or_else(|| ImportError::Connect("closed before subscribing".into()))?;
+        match &env.event {
+            Event::AuthFailure(a) => return Err(ImportError::Refused(a.reason.clone())),
+            Event::Error(e) => return Err(ImportError::Refused(format!("{}: {}", e.code, e.message))),
+            Event::Subscribed(s) if s.room == room => break,
+            _ => early.push(env),
+        }
+    }
     upload(file, server, token, batch).await?;
     view.line(&format!("uploaded {} as job {batch}", file.display()));
+    for env in &early {
+        view.show(env);
+    }
     let mut attempt = 0u32;
     loop {
         match conn.next().await {
