@@ -351,7 +351,7 @@ impl Session {
             Some(RoomKind::Job(job_id)) => job_id,
             Some(kind) => {
                 return match authorize_room(&identity, &kind, None) {
-                    Ok(()) => self.join(room, kind.key(&identity.tenant), since, None, ctx),
+                    Ok(()) => self.join(room, kind.key(&identity.tenant), since, None),
                     Err(refusal) => self.refuse(&room, refusal, auto, ctx),
                 }
             }
@@ -371,7 +371,7 @@ impl Session {
         };
         // `wait`: later messages of this client are handled after this subscription, in order.
         ctx.wait(lookup.into_actor(self).map(move |found, act, ctx| match found {
-            Ok(job) => act.join(room.clone(), room, since, Some(Box::new(job.snapshot)), ctx),
+            Ok(job) => act.join(room.clone(), room, since, Some(Box::new(job.snapshot))),
             Err(JobRefused::Forbidden) => act.refuse(&room, RoomRefusal::Forbidden, auto, ctx),
             Err(JobRefused::TooManyReservations) => act.send_error(
                 error_code::TOO_MANY_RESERVATIONS,
@@ -383,22 +383,9 @@ impl Session {
     }
 
     /// Joins an authorised room; the `subscribed` answer comes from the room itself.
-    fn join(
-        &mut self,
-        room: String,
-        key: String,
-        since: Option<Since>,
-        snapshot: Option<Box<JobSnapshot>>,
-        ctx: &mut Context<Self>,
-    ) {
-        if !self.rooms.contains_key(&room) && self.rooms.len() >= self.deps.config.max_subscriptions_per_connection {
-            let max = self.deps.config.max_subscriptions_per_connection;
-            return self.send_error(
-                error_code::TOO_MANY_SUBSCRIPTIONS,
-                format!("at most {max} subscriptions per connection"),
-                ctx,
-            );
-        }
+    fn join(&mut self, room: String, key: String, since: Option<Since>, snapshot: Option<Box<JobSnapshot>>) {
+        // The subscription cap was checked in `subscribe`; a job room's lookup runs under
+        // `ctx.wait`, so no other subscribe can come between.
         // A repeated subscribe keeps its membership (and its gate); the room answers it again. One
         // `since` per membership is replayed (a client that joined without one, then asks for the
         // room's history, gets it); later ones are ignored, so a client cannot make the server
