@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test jobcast has: formatting, lints, Rust unit and integration tests, then the clients'
-# tests (TypeScript client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
+# Runs every test jobcast has: formatting, lints, Rust unit and integration tests, the Autobahn
+# TestSuite's WebSocket cases against `serve --conformance-echo`, then the clients' tests (TypeScript
+# client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
 # This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
-# it needs itself (npm packages with npm ci, chromium with apt-get when missing).
+# it needs itself (kosoku into a venv under target/, npm packages with npm ci, chromium with apt-get
+# when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 log=$(mktemp)
@@ -16,6 +18,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee "$log"
+
+echo "== Autobahn TestSuite cases against /ws/echo (kosoku, from PyPI)"
+venv=target/conformance-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import kosoku' 2>/dev/null || "$venv/bin/pip" install --quiet kosoku==0.1.0
+"$venv/bin/python" tests/conformance/autobahn.py target/debug/jobcast target/autobahn-report 2>&1 | tee -a "$log"
 
 echo "== clients"
 bash clients/test.sh 2>&1 | tee -a "$log"

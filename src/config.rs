@@ -24,6 +24,9 @@ macro_rules! settings {
         pub struct Config {
             $( $(#[doc = $doc])* pub $name: $ty, )*
             $( $(#[doc = $odoc])* pub $oname: Option<$oty>, )*
+            /// `serve --conformance-echo`: routes `/ws/echo` (loopback binds only). A command-line
+            /// switch for protocol test suites, not a setting of files or the environment.
+            pub conformance_echo: bool,
         }
 
         impl Settings {
@@ -40,6 +43,7 @@ macro_rules! settings {
                 Config {
                     $( $name: self.$name.unwrap_or_else(|| $default), )*
                     $( $oname: self.$oname, )*
+                    conformance_echo: false,
                 }
             }
         }
@@ -197,6 +201,22 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `bind` names only this machine: an address in 127.0.0.0/8, `::1`, or `localhost`
+    /// (what `--conformance-echo` requires).
+    pub fn binds_loopback(&self) -> bool {
+        let host = match self.bind.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => return false,
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        host.eq_ignore_ascii_case("localhost")
+            || match host.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback(),
+                Ok(std::net::IpAddr::V6(ip)) => ip == std::net::Ipv6Addr::LOCALHOST,
+                Err(_) => false,
+            }
+    }
+
     /// `trusted_addresses`, parsed.
     pub fn trusted(&self) -> Result<Vec<std::net::IpAddr>, ConfigError> {
         self.trusted_addresses
@@ -259,5 +279,16 @@ mod tests {
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "store", .. })));
         let cli = Settings { redis_url: Some("redis://127.0.0.1:6379".into()), ..Default::default() };
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "redis_url", .. })));
+    }
+
+    #[test]
+    fn only_this_machine_counts_as_a_loopback_bind() {
+        let binds = |bind: &str| Config { bind: bind.into(), ..Config::default() }.binds_loopback();
+        for ok in ["127.0.0.1:0", "127.1.2.3:8080", "[::1]:9001", "localhost:80", "LOCALHOST:1"] {
+            assert!(binds(ok), "{ok}");
+        }
+        for no in ["0.0.0.0:8080", "[::]:8080", "10.0.0.1:80", "example.com:80", "127.0.0.1", "[::ffff:127.0.0.1]:1"] {
+            assert!(!binds(no), "{no}");
+        }
     }
 }

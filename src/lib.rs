@@ -76,6 +76,9 @@ pub enum StartError {
     /// The data directory could not be made.
     #[error("data directory {0}")]
     DataDir(String),
+    /// `conformance_echo` on a listener other machines can reach.
+    #[error("--conformance-echo serves /ws/echo without authentication: it needs a loopback bind (127.0.0.0/8, ::1 or localhost), not {0}")]
+    EchoNotLoopback(String),
     /// The listener could not be used.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -171,6 +174,10 @@ where
 /// actix `System`.
 pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     config.validate()?;
+    let addr = listener.local_addr()?;
+    if config.conformance_echo && !addr.ip().is_loopback() {
+        return Err(StartError::EchoNotLoopback(addr.to_string()));
+    }
     files::private_dir(&config.data_dir)
         .map_err(|e| StartError::DataDir(format!("{}: {e}", config.data_dir.display())))?;
     let secret = match &config.jwt_secret {
@@ -256,14 +263,14 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         scheduler,
         started: Instant::now(),
     };
-    let addr = listener.local_addr()?;
+    let echo = shared.config.conformance_echo;
     let app_shared = shared.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(app_shared.clone()))
             .app_data(http::path_config())
             .wrap(middleware::from_fn(http::access_log))
-            .configure(http::routes)
+            .configure(|cfg| http::routes(cfg, echo))
             .default_service(web::to(http::not_found))
     })
     .listen(listener)?

@@ -24,6 +24,11 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, env = "JOBCAST_CONFIG")]
         config: Option<PathBuf>,
+        /// Also serve `GET /ws/echo`, an unauthenticated WebSocket echo through `/ws`'s frame
+        /// handling, for protocol conformance suites (Autobahn). Loopback binds only: with any other
+        /// `bind` the server refuses to start (exit code 2).
+        #[arg(long)]
+        conformance_echo: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -68,7 +73,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, settings } => serve(settings, config),
+        Command::Serve { config, conformance_echo, settings } => serve(settings, config, conformance_echo),
         Command::Token { user, tenant, roles, ttl, config, settings } => {
             token(settings, config, &user, &tenant, &roles, ttl)
         }
@@ -76,6 +81,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Refused>() => {
+            eprintln!("jobcast: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("jobcast: {e}");
             ExitCode::FAILURE
@@ -84,6 +93,11 @@ fn main() -> ExitCode {
 }
 
 type AnyError = Box<dyn std::error::Error>;
+
+/// A start refused because of how it was asked for (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 fn auth_for(config: &Config) -> Result<jobcast::Auth, AnyError> {
     let secret = match &config.jwt_secret {
@@ -133,7 +147,7 @@ fn import(
     }
 }
 
-fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
+fn serve(settings: Settings, file: Option<PathBuf>, conformance_echo: bool) -> Result<(), AnyError> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("JOBCAST_LOG")
@@ -144,7 +158,15 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
         // A closed stderr must not turn a log line into a panic (it would stop the shutdown task).
         .log_internal_errors(false)
         .init();
-    let config = Config::load(settings, file.as_deref())?;
+    let mut config = Config::load(settings, file.as_deref())?;
+    config.conformance_echo = conformance_echo;
+    if conformance_echo && !config.binds_loopback() {
+        return Err(Box::new(Refused(format!(
+            "--conformance-echo serves /ws/echo without authentication: it needs a loopback bind \
+             (127.0.0.0/8, ::1 or localhost), not bind {}",
+            config.bind
+        ))));
+    }
     let listener = jobcast::listen(&config.bind).map_err(|e| format!("cannot listen on {}: {e}", config.bind))?;
     // The development admin token is printed only on a first start on loopback: the secret was
     // generated just now (so no one configured one), and only this machine can reach the server.
@@ -160,7 +182,10 @@ fn serve(settings: Settings, file: Option<PathBuf>) -> Result<(), AnyError> {
     let signs = config.jwt_public_key.is_none();
     actix_rt::System::new().block_on(async move {
         let signal = shutdown_signal()?;
-        let running = jobcast::start(listener, config)?;
+        let running = jobcast::start(listener, config).map_err(|e| match e {
+            e @ jobcast::StartError::EchoNotLoopback(_) => Box::new(Refused(e.to_string())) as AnyError,
+            e => e.into(),
+        })?;
         let addr = running.addr;
         // The banner goes to stdout; a closed stdout must not stop the server (no println! panic).
         let say = |line: String| {

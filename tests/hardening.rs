@@ -753,16 +753,19 @@ async fn a_membership_replays_its_history_once() {
 
 #[actix_rt::test]
 async fn a_replay_counts_toward_max_queued_bytes() {
+    // Each replayed event alone is larger than the byte bound, so the first one crosses it whatever
+    // the writer manages to drain meanwhile (a bound above one event would race the writer, which
+    // runs on the HTTP worker's thread while the room pushes from its own).
     let s = TestServer::with(|c| {
-        c.max_queued_bytes = 16 * 1024;
+        c.max_queued_bytes = 2 * 1024;
         c.compress_threshold_bytes = 1 << 20;
     });
     let mut c = s.connect_as("alice", "acme").await;
     let epoch = c.subscribe("tenant:acme").await["epoch"].as_str().expect("epoch").to_string();
     c.close().await;
-    // 40 events of about 1 KiB each: 40 KiB of history.
-    for i in 0..40 {
-        s.broadcast("tenant:acme", "info", serde_json::json!({ "i": i, "pad": "p".repeat(1000) })).await;
+    // 10 events of about 4 KiB each: 40 KiB of history, every event over the 2 KiB bound.
+    for i in 0..10 {
+        s.broadcast("tenant:acme", "info", serde_json::json!({ "i": i, "pad": "p".repeat(4000) })).await;
     }
     let mut c = s.connect_as("alice", "acme").await;
     c.send(&ClientMessage::Subscribe {
@@ -770,8 +773,9 @@ async fn a_replay_counts_toward_max_queued_bytes() {
         since: Some(jobcast::protocol::Since { seq: 0, epoch }),
     })
     .await;
-    let (code, reason, _) = c.expect_close().await;
+    let (code, reason, before) = c.expect_close().await;
     assert_eq!((code, reason.as_str()), (4008, "slow consumer"));
+    assert!(!before.iter().any(|e| e.event.kind() == EventType::Info), "no replayed event fits: {before:?}");
 }
 
 #[actix_rt::test]

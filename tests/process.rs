@@ -575,3 +575,28 @@ async fn a_graceful_stop_is_not_counted_against_a_jobs_resumes() {
         actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn conformance_echo_refuses_a_bind_other_machines_can_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    for bind in ["0.0.0.0:0", "[::]:0"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--conformance-echo", "--bind", bind])
+            .current_dir(dir.path())
+            .output()
+            .expect("run jobcast");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bind}: {stderr}");
+        assert!(stderr.contains(bind) && stderr.contains("loopback"), "{bind}: {stderr}");
+        assert!(out.stdout.is_empty(), "{bind}: it must not have started");
+    }
+}
+
+#[actix_rt::test]
+async fn conformance_echo_on_loopback_serves_ws_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::serve(dir.path(), &["--conformance-echo", "--bind", "127.0.0.1:0"], &[]);
+    let mut c = Client::connect(&format!("ws://{}/ws/echo", p.addr)).await;
+    c.send_text("{\"not\": \"a client message\"}").await;
+    assert!(matches!(c.frame().await, Some(awc::ws::Frame::Text(t)) if t == "{\"not\": \"a client message\"}"));
+}

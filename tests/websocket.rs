@@ -630,3 +630,78 @@ async fn a_client_close_is_answered_with_1000_and_counted() {
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// The conformance echo endpoint (`serve --conformance-echo`): the frame handling of /ws, no auth.
+
+fn echo_server(adjust: impl FnOnce(&mut jobcast::Config)) -> TestServer {
+    TestServer::with(|c| {
+        c.conformance_echo = true;
+        adjust(c)
+    })
+}
+
+#[actix_rt::test]
+async fn the_echo_endpoint_exists_only_with_conformance_echo() {
+    let s = TestServer::start();
+    assert_eq!(Client::try_connect(&s.ws_url("/ws/echo"), None).await.err(), Some(404));
+    let s = echo_server(|_| {});
+    let mut c = s.connect("/ws/echo").await;
+    c.send_text("hello").await;
+    assert!(matches!(c.frame().await, Some(ws::Frame::Text(t)) if t == "hello"));
+}
+
+#[actix_rt::test]
+async fn the_echo_endpoint_sends_every_message_back_as_it_came() {
+    let s = echo_server(|_| {});
+    let mut c = s.connect("/ws/echo").await;
+    c.send_frame(ws::Message::Binary(vec![0u8, 159, 146, 150].into())).await;
+    assert!(matches!(c.frame().await, Some(ws::Frame::Binary(b)) if b[..] == [0u8, 159, 146, 150]));
+    // A character cut between two fragments, with a ping between them: pong first, then the whole text.
+    let euro = "€".as_bytes();
+    c.send_frame(ws::Message::Continuation(actix_ws::Item::FirstText([b"a", &euro[..1]].concat().into()))).await;
+    c.send_frame(ws::Message::Ping(b"mid".to_vec().into())).await;
+    c.send_frame(ws::Message::Continuation(actix_ws::Item::Last([&euro[1..], b"b"].concat().into()))).await;
+    assert!(matches!(c.frame().await, Some(ws::Frame::Pong(p)) if p[..] == b"mid"[..]));
+    assert!(matches!(c.frame().await, Some(ws::Frame::Text(t)) if t == "a€b".as_bytes()));
+    // 64 KiB, the largest message of Autobahn's cases 1 to 7 and 10, though /ws takes 4 KiB.
+    let big = "x".repeat(64 << 10);
+    c.send_text(&big).await;
+    assert!(matches!(c.frame().await, Some(ws::Frame::Text(t)) if t.len() == big.len()));
+    // No JSON, no envelope, no rate limit: 50 messages in a burst are 50 echoes.
+    for i in 0..50 {
+        c.send_text(&format!("{i}")).await;
+    }
+    for i in 0..50 {
+        assert!(matches!(c.frame().await, Some(ws::Frame::Text(t)) if t == format!("{i}").as_bytes()));
+    }
+    // The client's close code comes back.
+    c.send_frame(ws::Message::Close(Some(ws::CloseReason { code: 4321.into(), description: None }))).await;
+    assert!(matches!(c.frame().await, Some(ws::Frame::Close(Some(r))) if u16::from(r.code) == 4321));
+}
+
+#[actix_rt::test]
+async fn the_echo_endpoint_applies_the_limits_of_ws() {
+    let s = echo_server(|_| {});
+    let mut c = s.connect("/ws/echo").await;
+    c.send_text(&"x".repeat((64 << 10) + 1)).await;
+    assert_eq!(c.expect_close().await.0, 1009);
+    let mut c = s.connect("/ws/echo").await;
+    c.send_fragments(true, &[b"ok", b"\xed\xa0\x80", b"more"]).await;
+    assert_eq!(c.expect_close().await.0, 1007);
+    let mut c = s.connect("/ws/echo").await;
+    let parts: Vec<&[u8]> = std::iter::repeat_n(&b"x"[..], jobcast::protocol::MAX_FRAGMENTS + 1).collect();
+    c.send_fragments(false, &parts).await;
+    assert_eq!(c.expect_close().await.0, 1009);
+    // A close code no endpoint may send is a protocol error.
+    let mut c = s.connect("/ws/echo").await;
+    c.send_frame(ws::Message::Close(Some(ws::CloseReason { code: 1005.into(), description: None }))).await;
+    assert_eq!(c.expect_close().await.0, 1002);
+    // Echo connections never authenticate: they count against max_unauthenticated_connections.
+    let s = echo_server(|c| c.max_unauthenticated_connections = 1);
+    let mut held = s.connect("/ws/echo").await;
+    // An echo comes only once the connection is registered (the actor waits for the registry).
+    held.send_text("registered?").await;
+    assert!(matches!(held.frame().await, Some(ws::Frame::Text(_))));
+    let mut second = s.connect("/ws/echo").await;
+    assert_eq!(second.expect_close().await.0, 4029);
+}

@@ -27,8 +27,11 @@ use crate::realtime::broker::Stats;
 use crate::realtime::registry::Count;
 use shared::Shared;
 
-/// Registers every route.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Registers every route; `/ws/echo` only with `conformance_echo`.
+pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
+    if conformance_echo {
+        cfg.route("/ws/echo", web::get().to(ws::echo));
+    }
     cfg.route("/ws", web::get().to(ws::ws))
         .route("/ws/jobs/{job_id}", web::get().to(ws::ws_job))
         .route("/healthz", web::get().to(healthz))

@@ -10,6 +10,7 @@ use crate::error::ApiError;
 use crate::framing::Format;
 use crate::http::extract::bearer;
 use crate::http::shared::Shared;
+use crate::realtime::echo::Echo;
 use crate::realtime::session::{Session, SessionParams};
 
 #[derive(Deserialize)]
@@ -67,6 +68,22 @@ fn upgrade(
         ip: req.peer_addr().map(|a| a.ip()),
     };
     Session::start(shared.session_deps(), params, session, stream);
+    Ok(response)
+}
+
+/// `GET /ws/echo` (routed by `serve --conformance-echo` only): every message sent back as it came,
+/// through `/ws`'s frame handling; no authentication.
+pub async fn echo(req: HttpRequest, body: web::Payload, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+    let (response, session, stream) =
+        actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
+    Echo::start(
+        shared.config.clone(),
+        shared.metrics.clone(),
+        shared.registry.clone(),
+        req.peer_addr(),
+        session,
+        stream,
+    );
     Ok(response)
 }
 

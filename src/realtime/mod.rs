@@ -1,7 +1,10 @@
 //! The realtime layer: WebSocket sessions, their outbound queues, the broker and its rooms,
 //! delivery confirmation and the connection registry.
 //!
-//! - `session.rs`: the `Session` actor, one per WebSocket; the only code that reads client frames.
+//! - `session.rs`: the `Session` actor, one per WebSocket.
+//! - `frames.rs`: inbound frames to whole messages (fragments, UTF-8, the close each protocol error
+//!   gets); every connection reads its frames through it.
+//! - `echo.rs`: the `Echo` actor, one per `/ws/echo` connection (`serve --conformance-echo` only).
 //! - `outbox.rs`: a connection's bounded outbound queue, the `Member` handle rooms write into, and
 //!   the writer task, the only code that writes frames.
 //! - `broker.rs`: the `Broker` actor, the one way into rooms: numbering, encoding once, persisting,
@@ -19,6 +22,8 @@
 
 pub mod ack_buffer;
 pub mod broker;
+pub mod echo;
+pub mod frames;
 pub mod history;
 pub mod outbox;
 pub mod rate_limit;

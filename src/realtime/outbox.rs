@@ -28,6 +28,7 @@ use crate::framing::{Encoded, Format, Frame};
 use crate::metrics::Metrics;
 use crate::protocol::{Envelope, Event, Subscribed};
 use crate::realtime::ack_buffer::{self, AckBuffer};
+use crate::realtime::frames::Data;
 
 /// A connection as its rooms see it: its outbound queue behind the membership's gate, and with
 /// `ack=1` its acknowledgement buffer, told of each event before the event is queued (so an `ack` from
@@ -163,6 +164,7 @@ impl Outbox {
     pub fn push(&self, item: Outgoing) -> Result<(), Refused> {
         let (msgs, len) = match &item {
             Outgoing::Frame { event, live, .. } => (usize::from(*live), event.len(self.format)),
+            Outgoing::Echo(data) => (1, data.as_bytes().len()),
             _ => (1, 0),
         };
         let q = &self.queued;
@@ -237,6 +239,8 @@ pub enum Outgoing {
     },
     Ping,
     Pong(Box<[u8]>),
+    /// A message of the `/ws/echo` conformance endpoint, sent back as it came.
+    Echo(Box<Data>),
     Close(u16, Box<str>),
     /// The session stopped without a close of its own (the client's stream ended): end the socket
     /// now rather than when the last room lets go of its outbox.
@@ -343,6 +347,14 @@ async fn write_until_closed(
             Outgoing::Pong(b) => {
                 queued.msgs.fetch_sub(1, Relaxed);
                 ws.pong(&b).await
+            }
+            Outgoing::Echo(data) => {
+                queued.msgs.fetch_sub(1, Relaxed);
+                queued.bytes.fetch_sub(data.as_bytes().len(), Relaxed);
+                match *data {
+                    Data::Text(t) => ws.text(t).await,
+                    Data::Binary(b) => ws.binary(b).await,
+                }
             }
             Outgoing::Close(code, reason) => {
                 let _ = ws.close(close_frame(code, reason.into())).await;

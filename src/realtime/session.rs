@@ -3,8 +3,9 @@
 //! Inbound frames arrive as a stream (`ctx.add_stream` over actix-ws's `MessageStream`); outbound
 //! messages go through the connection's [`Outbox`] (see `outbox.rs`) to a writer task that owns the
 //! actix-ws `Session` handle, so the actor never waits on a socket. Rooms write events straight into
-//! that queue. This file is the only one that reads client frames; the writer the only one that
-//! writes them. Authentication, refresh, heartbeat, rate limit, subscribe (with job-room
+//! that queue. Client frames become messages in `frames.rs` (shared with the `/ws/echo` conformance
+//! endpoint, so a conformance suite checks exactly this path); the writer is the only code that
+//! writes frames. Authentication, refresh, heartbeat, rate limit, subscribe (with job-room
 //! reservations), ack and cancel are handled here.
 
 use std::collections::HashMap;
@@ -13,8 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{Item, Message as WsMessage, ProtocolError};
-use bytes::BytesMut;
+use actix_ws::{Message as WsMessage, ProtocolError};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -28,10 +28,11 @@ use crate::metrics::Metrics;
 use crate::protocol::{
     close, error_code, excerpt, unix_to_rfc3339, AuthFailure, Authenticated, ClientMessage, ConnectionEstablished,
     Envelope, ErrorData, Event, JobSnapshot, Pong, RoomKind, Since, TokenExpiring, TokenRefreshed, Unsubscribed,
-    FEATURES, MAX_FRAGMENTS,
+    FEATURES,
 };
 use crate::realtime::ack_buffer::{self, AckBuffer};
 use crate::realtime::broker::{self, Broker};
+use crate::realtime::frames::{Frames, Inbound};
 use crate::realtime::outbox::{Outbox, OutboxSettings, Outgoing, Refused, SlowConsumer};
 use crate::realtime::rate_limit::{TokenBucket, Verdict};
 use crate::realtime::registry::{self, Disconnect, LimitReached, Registry};
@@ -88,41 +89,6 @@ struct Joined {
     replayed: bool,
 }
 
-/// A message arriving in fragments.
-struct Fragmented {
-    /// A text message (checked as UTF-8 as it arrives) or a binary one.
-    text: bool,
-    /// Its bytes so far.
-    buf: BytesMut,
-    /// How many of them are known to be valid UTF-8 (a character may straddle two frames).
-    checked: usize,
-    /// Frames so far.
-    frames: usize,
-}
-
-impl Fragmented {
-    fn new(text: bool) -> Self {
-        Fragmented { text, buf: BytesMut::new(), checked: 0, frames: 0 }
-    }
-
-    /// Whether the bytes so far can still begin valid UTF-8; `last`: whether they must be complete.
-    /// Each byte is checked once, so a message in many frames costs no more than one in a single frame.
-    fn utf8_so_far(&mut self, last: bool) -> bool {
-        match std::str::from_utf8(&self.buf[self.checked..]) {
-            Ok(_) => {
-                self.checked = self.buf.len();
-                true
-            }
-            // Invalid bytes, or (with `error_len` None) a character cut short by the frame's end.
-            Err(e) if e.error_len().is_some() || last => false,
-            Err(e) => {
-                self.checked += e.valid_up_to();
-                true
-            }
-        }
-    }
-}
-
 /// A WebSocket connection.
 pub struct Session {
     /// Server-chosen id.
@@ -141,8 +107,8 @@ pub struct Session {
     bucket: TokenBucket,
     /// Last time anything arrived from the client.
     last_seen: Instant,
-    /// A fragmented message being assembled.
-    fragments: Option<Fragmented>,
+    /// Frames to messages (fragments, UTF-8, the close each protocol error gets).
+    frames: Frames,
     /// Set once a close was sent; nothing else is sent after it.
     closing: bool,
     /// Timers for `token_expiring` and the 4001 close; replaced on refresh.
@@ -163,7 +129,8 @@ impl Session {
     ) -> Addr<Session> {
         let id = Uuid::new_v4();
         let span = tracing::info_span!("connection", conn = %id, user = tracing::field::Empty);
-        let stream = stream.max_frame_size(deps.config.max_inbound_message_bytes);
+        let limit = deps.config.max_inbound_message_bytes;
+        let stream = stream.max_frame_size(limit);
         let bucket = TokenBucket::new(deps.config.inbound_rate_per_s, deps.config.inbound_burst, Instant::now());
         Session::create(move |ctx| {
             ctx.add_stream(stream);
@@ -185,7 +152,7 @@ impl Session {
                 rooms: HashMap::new(),
                 bucket,
                 last_seen: Instant::now(),
-                fragments: None,
+                frames: Frames::new(limit),
                 closing: false,
                 expiry_timers: Vec::new(),
                 span,
@@ -574,46 +541,6 @@ impl Session {
             }
         }
     }
-
-    /// A data frame or a piece of a fragmented one. A text message is failed with 1007 as soon as
-    /// its bytes cannot be UTF-8 any more (RFC 6455 §8.1), whichever frame they arrive in.
-    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
-        let limit = self.deps.config.max_inbound_message_bytes;
-        let (last, chunk) = match item {
-            Item::FirstText(b) => {
-                self.fragments = Some(Fragmented::new(true));
-                (false, b)
-            }
-            Item::FirstBinary(b) => {
-                self.fragments = Some(Fragmented::new(false));
-                (false, b)
-            }
-            Item::Continue(b) => (false, b),
-            Item::Last(b) => (true, b),
-        };
-        let Some(msg) = self.fragments.as_mut() else {
-            return self.close_as(close::CONTINUATION_WITHOUT_FIRST, ctx);
-        };
-        msg.frames += 1;
-        if msg.frames > MAX_FRAGMENTS {
-            self.fragments = None;
-            return self.close_as(close::TOO_MANY_FRAGMENTS, ctx);
-        }
-        if msg.buf.len() + chunk.len() > limit {
-            self.fragments = None;
-            return self.close_as(close::MESSAGE_TOO_BIG, ctx);
-        }
-        msg.buf.extend_from_slice(&chunk);
-        if msg.text && !msg.utf8_so_far(last) {
-            self.fragments = None;
-            return self.close_as(close::INVALID_UTF8, ctx);
-        }
-        if last {
-            if let Some(msg) = self.fragments.take() {
-                self.on_message(&msg.buf, ctx);
-            }
-        }
-    }
 }
 
 impl Actor for Session {
@@ -710,35 +637,16 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
             return;
         }
         self.last_seen = Instant::now();
-        match item {
-            Ok(WsMessage::Text(text)) => {
-                if self.fragments.is_some() {
-                    return self.close_as(close::DATA_INSIDE_FRAGMENTED, ctx);
+        match self.frames.accept(item) {
+            Inbound::Message(data) => self.on_message(data.as_bytes(), ctx),
+            Inbound::Ping(bytes) => self.push(Outgoing::Pong(bytes.as_ref().into()), ctx),
+            Inbound::Pending => {}
+            Inbound::Closed(code) => self.close(code, close::CLIENT_CLOSED.1, ctx),
+            Inbound::Fail(reason) => {
+                if reason == close::BAD_FRAMES {
+                    self.span.in_scope(|| info!(conn = %self.id, "protocol error"));
                 }
-                self.on_message(text.as_bytes(), ctx)
-            }
-            Ok(WsMessage::Binary(bytes)) => {
-                if self.fragments.is_some() {
-                    return self.close_as(close::DATA_INSIDE_FRAGMENTED, ctx);
-                }
-                self.on_message(&bytes, ctx)
-            }
-            Ok(WsMessage::Continuation(item)) => self.on_fragment(item, ctx),
-            Ok(WsMessage::Ping(bytes)) => self.push(Outgoing::Pong(bytes.as_ref().into()), ctx),
-            Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
-            Ok(WsMessage::Close(reason)) => {
-                let (default, text) = close::CLIENT_CLOSED;
-                let code = reason.as_ref().map(|r| u16::from(r.code)).unwrap_or(default);
-                self.close(code, text, ctx);
-            }
-            Err(ProtocolError::Overflow) => self.close_as(close::MESSAGE_TOO_BIG, ctx),
-            // actix-ws reports a whole text frame that is not UTF-8 this way.
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.close_as(close::INVALID_UTF8, ctx)
-            }
-            Err(e) => {
-                self.span.in_scope(|| info!(conn = %self.id, error = %e, "protocol error"));
-                self.close_as(close::BAD_FRAMES, ctx);
+                self.close_as(reason, ctx)
             }
         }
     }

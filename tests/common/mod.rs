@@ -197,6 +197,12 @@ impl Client {
         }
     }
 
+    /// The next frame as it came (nothing answered or skipped); `None` when the connection ended.
+    pub async fn frame(&mut self) -> Option<Frame> {
+        let frame = tokio::time::timeout(WAIT, self.framed.next()).await.expect("timed out waiting for the server");
+        frame.and_then(Result::ok)
+    }
+
     /// The next server message; fails the test on a close.
     pub async fn recv(&mut self) -> Envelope {
         match self.next().await {
