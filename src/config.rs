@@ -112,6 +112,15 @@ settings! {
         max_upload_bytes: u64 = 52_428_800, "JOBCAST_MAX_UPLOAD_BYTES";
         /// Longest an upload's body may take to arrive, seconds (then 408).
         upload_timeout_s: u64 = 600, "JOBCAST_UPLOAD_TIMEOUT_S";
+        /// Per tenant: uploads being received plus jobs queued or running (then 429).
+        max_queued_jobs_per_tenant: usize = 100, "JOBCAST_MAX_QUEUED_JOBS_PER_TENANT";
+        /// Per tenant: bytes of uploads held at once, being received or waiting for their jobs to
+        /// run (then 429).
+        max_upload_bytes_per_tenant: u64 = 1 << 30, "JOBCAST_MAX_UPLOAD_BYTES_PER_TENANT";
+        /// Per tenant: imported rows kept (an upload beyond is 429; a job reaching it fails).
+        max_stored_rows_per_tenant: u64 = 100_000_000, "JOBCAST_MAX_STORED_ROWS_PER_TENANT";
+        /// Free bytes that must remain on the data directory's file system after an upload (then 507).
+        min_free_disk_bytes: u64 = 256 << 20, "JOBCAST_MIN_FREE_DISK_BYTES";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.

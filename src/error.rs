@@ -33,6 +33,12 @@ pub enum ApiError {
     /// 415 `unsupported_media_type`.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429 `quota_exceeded`: a per-tenant quota.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// 507 `insufficient_storage`: the server's disk.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 503 `unavailable`.
     #[error("{0}")]
     Unavailable(String),
@@ -53,8 +59,20 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<crate::quota::Exceeded> for ApiError {
+    fn from(e: crate::quota::Exceeded) -> Self {
+        if e.is_disk() {
+            ApiError::InsufficientStorage(e.to_string())
+        } else {
+            ApiError::QuotaExceeded(e.to_string())
         }
     }
 }
@@ -76,6 +94,8 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -30,6 +30,7 @@ mod http;
 mod jobs;
 mod metrics;
 pub mod protocol;
+mod quota;
 mod realtime;
 
 use std::net::{SocketAddr, TcpListener};
@@ -217,8 +218,14 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     let store = start_opened(StoreActor::new(first, keep), move || {
         StoreActor::new(Store::open(&loc).expect("store reopens"), keep)
     });
-    let loc = location.clone();
-    let rows = start_opened(rows, move || db::row_store::RowStore::open(&loc).expect("row store reopens"));
+    // The row store enforces `max_stored_rows_per_tenant` and reports committed counts to the quotas.
+    let quotas = quota::Quotas::new(quota::Limits::of(&config));
+    let rows = rows.with_quotas(quotas.clone())?;
+    let (loc, q) = (location.clone(), quotas.clone());
+    let rows = start_opened(rows, move || {
+        let reopened = db::row_store::RowStore::open(&loc).and_then(|r| r.with_quotas(q.clone()));
+        reopened.expect("row store reopens")
+    });
 
     let room_settings = RoomSettings {
         history_size: config.history_size,
@@ -241,7 +248,8 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         // Only the jobs jobcast runs itself have a spec; an external job waits for its publisher.
         if let Some(spec) = job.spec {
             tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
-            scheduler.do_send(Submit { spec, resume: Some(job.snapshot) });
+            let admission = quotas.resumed(&spec.tenant, spec.size_bytes);
+            scheduler.do_send(Submit { spec, resume: Some(job.snapshot), admission });
         }
     }
     let registry = Registry::new(Limits {
@@ -259,6 +267,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         broker,
         registry: registry.clone(),
         jobs: JobAccess::new(store.clone(), scheduler.clone()),
+        quotas,
         store,
         scheduler,
         started: Instant::now(),

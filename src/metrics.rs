@@ -41,6 +41,10 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Connections closed with 4008 "ack timeout".
     pub ack_timeouts: AtomicU64,
+    /// Upload bodies being received.
+    pub uploads_in_progress: AtomicU64,
+    /// Uploads refused by a per-tenant quota (429) or the free-disk floor (507).
+    pub quota_refusals: AtomicU64,
     /// Messages and bytes written to sockets, by event type.
     sent: [(AtomicU64, AtomicU64); EventType::COUNT],
     /// Closes by code (index into `CLOSE_CODES`, last slot for other codes).
@@ -114,6 +118,12 @@ impl Metrics {
         gauge(&mut out, "jobcast_connections", "Open WebSocket connections.", self.connections.load(Relaxed));
         gauge(&mut out, "jobcast_rooms", "Active rooms.", self.rooms.load(Relaxed));
         gauge(&mut out, "jobcast_subscriptions", "Room subscriptions.", self.subscriptions.load(Relaxed));
+        gauge(
+            &mut out,
+            "jobcast_uploads_in_progress",
+            "Upload bodies being received.",
+            self.uploads_in_progress.load(Relaxed),
+        );
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
@@ -130,6 +140,7 @@ impl Metrics {
             ("jobcast_redelivered_total", "Room events sent again for want of an ack.", &self.redelivered),
             ("jobcast_slow_consumer_closes_total", "Connections closed as slow consumers.", &self.slow_consumers),
             ("jobcast_ack_timeout_closes_total", "Connections closed for unacknowledged events.", &self.ack_timeouts),
+            ("jobcast_quota_refusals_total", "Uploads refused by a per-tenant quota (429) or the free-disk floor (507).", &self.quota_refusals),
         ] {
             counter(&mut out, name, help, value.load(Relaxed));
         }

@@ -842,3 +842,147 @@ async fn an_admin_disconnect_of_a_user_can_name_the_tenant() {
     globex_bob.send(&ClientMessage::Ping { ts: Some(1.into()) }).await;
     assert_eq!(globex_bob.expect_data(EventType::Pong).await["client_ts"], 1);
 }
+
+// Quotas: what one tenant may make the server hold (uploads in flight and queued jobs, their bytes,
+// stored rows) and the free-disk floor.
+
+/// A multipart upload head with a declared length.
+fn sized_upload_head(token: &str, length: usize) -> String {
+    format!(
+        "POST /api/v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+/// Waits (bounded) until `/metrics` shows `line`.
+async fn until_metric(s: &TestServer, line: &str) {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !s.metrics().await.lines().any(|l| l == line) {
+        assert!(std::time::Instant::now() < deadline, "/metrics never showed {line:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A CSV of `rows` distinct valid rows.
+fn unique_rows(rows: usize, salt: &str) -> Vec<u8> {
+    let mut out = String::from("date,amount,description\n");
+    for i in 0..rows {
+        out.push_str(&format!("2024-02-{:02},{i}.00,{salt} item {i}\n", i % 28 + 1));
+    }
+    out.into_bytes()
+}
+
+#[actix_rt::test]
+async fn an_upload_beyond_the_tenants_queued_jobs_is_429_before_its_body_is_read() {
+    let s = TestServer::with(|c| c.max_queued_jobs_per_tenant = 1);
+    let alice = s.token("alice", "acme", &[]);
+    // An upload in progress counts: its head is sent, its body not finished.
+    let mut first = TcpStream::connect(s.addr).expect("connect");
+    first.write_all(sized_upload_head(&alice, 1 << 20).as_bytes()).expect("head");
+    first
+        .write_all(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\n")
+        .expect("part");
+    until_metric(&s, "jobcast_uploads_in_progress 1").await;
+    // The second declares 40 MiB and sends none of it: the answer comes without the body.
+    let (status, text) = raw_http(&s, &sized_upload_head(&alice, 40 << 20), &[]);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("quota_exceeded") && text.contains("max_queued_jobs_per_tenant"), "{text}");
+    // Another tenant has its own quota.
+    let bob = s.token("bob", "other", &[]);
+    assert_eq!(s.upload(&bob, "b.csv", "text/csv", &unique_rows(3, "b"), None).await.0, 202);
+    // The first upload goes away mid-body: its share is given back.
+    drop(first);
+    until_metric(&s, "jobcast_uploads_in_progress 0").await;
+    assert_eq!(s.upload(&alice, "c.csv", "text/csv", &unique_rows(3, "c"), None).await.0, 202);
+    assert!(s.metrics().await.lines().any(|l| l == "jobcast_quota_refusals_total 1"));
+}
+
+#[actix_rt::test]
+async fn upload_bytes_beyond_the_tenants_quota_are_429_declared_or_not() {
+    let s = TestServer::with(|c| c.max_upload_bytes_per_tenant = 4096);
+    let token = s.token("alice", "acme", &[]);
+    let (status, text) = raw_http(&s, &sized_upload_head(&token, 8192), &[]);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("max_upload_bytes_per_tenant"), "{text}");
+    // Chunked, so nothing is declared: refused once the file passes the quota.
+    let mut pieces = vec![chunk(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\n")];
+    pieces.push(chunk(b"date,amount,description\n"));
+    for i in 0..20 {
+        pieces.push(chunk(format!("2024-01-01,1.00,{}\n", format!("{i}").repeat(400)).as_bytes()));
+    }
+    let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    let (status, text) = raw_http(&s, &upload_head(&s, ""), &refs);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("max_upload_bytes_per_tenant"), "{text}");
+    // Nothing of the refused uploads is held: a file under the quota goes through.
+    until_metric(&s, "jobcast_uploads_in_progress 0").await;
+    assert_eq!(s.upload(&token, "small.csv", "text/csv", &unique_rows(20, "s"), None).await.0, 202);
+    let left: Vec<_> = std::fs::read_dir(s.data_dir.path().join("uploads"))
+        .expect("uploads dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(left.is_empty(), "a refused upload left {left:?}");
+}
+
+#[actix_rt::test]
+async fn a_job_reaching_the_tenants_row_quota_fails_and_later_uploads_are_429_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().to_path_buf();
+    let config = |c: &mut jobcast::Config| {
+        c.store = "sqlite".into();
+        c.data_dir = path.clone();
+        c.zone_rows = 10;
+        c.max_stored_rows_per_tenant = 25;
+    };
+    let s = TestServer::with(config);
+    let token = s.token("alice", "acme", &[]);
+    let batch = uuid::Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe(&format!("job:{batch}")).await;
+    assert_eq!(s.upload(&token, "a.csv", "text/csv", &unique_rows(40, "q"), Some(batch)).await.0, 202);
+    let failed = loop {
+        let env = c.recv().await;
+        assert_ne!(env.event.kind(), EventType::ProcessingCompleted, "the job passed the row quota");
+        if env.event.kind() == EventType::ProcessingFailed {
+            break serde_json::to_value(&env).expect("json")["data"].clone();
+        }
+    };
+    let error = failed["error"].as_str().unwrap_or("");
+    assert!(error.contains("more than 25 rows (max_stored_rows_per_tenant)"), "{failed}");
+    assert_eq!(failed["recoverable"], false);
+    // Two zones of ten fitted (20 rows); the zone that would have passed 25 kept none of its rows, so
+    // 5 more fit exactly, and then nothing.
+    let fits = uuid::Uuid::new_v4();
+    let mut c = s.connect_as("alice", "acme").await;
+    c.subscribe(&format!("job:{fits}")).await;
+    assert_eq!(s.upload(&token, "b.csv", "text/csv", &unique_rows(5, "r"), Some(fits)).await.0, 202);
+    loop {
+        let env = c.recv().await;
+        assert_ne!(env.event.kind(), EventType::ProcessingFailed, "5 rows did not fit: {env:?}");
+        if env.event.kind() == EventType::ProcessingCompleted {
+            break;
+        }
+    }
+    let (status, body) = s.upload(&token, "c.csv", "text/csv", &unique_rows(5, "s"), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("max_stored_rows_per_tenant"), "{body}");
+    let bob = s.token("bob", "other", &[]);
+    assert_eq!(s.upload(&bob, "b.csv", "text/csv", &unique_rows(5, "r"), None).await.0, 202);
+    // The count is stored with the rows: a restarted server knows it.
+    s.shutdown.shutdown().await;
+    let s = TestServer::with(config);
+    let (status, _) = s.upload(&s.token("alice", "acme", &[]), "c.csv", "text/csv", &unique_rows(5, "t"), None).await;
+    assert_eq!(status, 429);
+}
+
+#[actix_rt::test]
+async fn an_upload_that_would_eat_the_free_disk_is_507_before_its_body_is_read() {
+    let s = TestServer::with(|c| c.min_free_disk_bytes = u64::MAX / 4);
+    let token = s.token("alice", "acme", &[]);
+    let (status, text) = raw_http(&s, &sized_upload_head(&token, 1 << 20), &[]);
+    assert_eq!(status, 507, "{text}");
+    assert!(text.contains("insufficient_storage") && text.contains("min_free_disk_bytes"), "{text}");
+    let (status, body) = s.upload(&token, "a.csv", "text/csv", &unique_rows(3, "d"), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (507, Some("insufficient_storage")));
+}

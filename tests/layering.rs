@@ -9,6 +9,7 @@ const RANKS: &[(&str, u32)] = &[
     ("protocol", 0),
     ("config", 0),
     ("files", 0),
+    ("quota", 1),
     ("framing", 1),
     ("metrics", 1),
     ("auth", 1),

@@ -260,6 +260,8 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         ApiError::Conflict(String::new()),
         ApiError::PayloadTooLarge(String::new()),
         ApiError::UnsupportedMediaType(String::new()),
+        ApiError::QuotaExceeded(String::new()),
+        ApiError::InsufficientStorage(String::new()),
         ApiError::Unavailable(String::new()),
         ApiError::Internal(String::new()),
     ];
@@ -274,6 +276,8 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
             | ApiError::Conflict(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
+            | ApiError::QuotaExceeded(_)
+            | ApiError::InsufficientStorage(_)
             | ApiError::Unavailable(_)
             | ApiError::Internal(_) => {}
         }

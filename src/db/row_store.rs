@@ -14,25 +14,39 @@
 //! entries keep the index small and fast: it takes rows at random positions, and its pages written per
 //! commit are what an import costs.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::db::sqlite::{connect, migrate, Location, StoreError};
 use crate::protocol::ZoneReport;
+use crate::quota::{Exceeded, Quotas};
 
 /// A group commit closes once it holds this many rows.
 pub const GROUP_ROWS: usize = 64 * 1024;
 
 /// Versioned migrations of `rows.db`, applied in order.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE zones (job_id TEXT NOT NULL, zone_index INTEGER NOT NULL, report TEXT NOT NULL,
-         PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
-     CREATE TABLE transactions (id INTEGER PRIMARY KEY, slot INTEGER NOT NULL UNIQUE, tenant TEXT NOT NULL,
-         key BLOB NOT NULL, job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL,
-         amount_cents INTEGER NOT NULL, description TEXT NOT NULL, category TEXT NOT NULL);",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE zones (job_id TEXT NOT NULL, zone_index INTEGER NOT NULL, report TEXT NOT NULL,
+             PRIMARY KEY (job_id, zone_index)) WITHOUT ROWID;
+         CREATE TABLE transactions (id INTEGER PRIMARY KEY, slot INTEGER NOT NULL UNIQUE, tenant TEXT NOT NULL,
+             key BLOB NOT NULL, job_id TEXT NOT NULL, line INTEGER NOT NULL, date TEXT NOT NULL,
+             amount_cents INTEGER NOT NULL, description TEXT NOT NULL, category TEXT NOT NULL);",
+    ),
+    // Rows per tenant, kept in each zone's transaction, for `max_stored_rows_per_tenant`.
+    (2, TENANT_ROWS),
+];
+
+/// The per-tenant row counts, (re)built from the rows.
+const TENANT_ROWS: &str =
+    "CREATE TABLE IF NOT EXISTS tenant_rows (tenant TEXT PRIMARY KEY, rows INTEGER NOT NULL) WITHOUT ROWID;
+     DELETE FROM tenant_rows;
+     INSERT INTO tenant_rows SELECT tenant, COUNT(*) FROM transactions GROUP BY tenant;";
 
 /// One row ready for the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +129,10 @@ pub struct RowStore {
     /// Zones written into the open transaction, with their completed reports.
     group: Vec<(StoreZone, ZoneReport)>,
     group_rows: usize,
+    /// Each tenant's row count as the open group leaves it, told to `quotas` once committed.
+    group_totals: HashMap<String, u64>,
+    /// `max_stored_rows_per_tenant` and the committed counts; no limit without.
+    quotas: Option<Arc<Quotas>>,
 }
 
 impl RowStore {
@@ -122,7 +140,22 @@ impl RowStore {
     pub fn open(main: &Location) -> Result<RowStore, StoreError> {
         let conn = connect(&main.rows(), 32_768)?;
         migrate(&conn, MIGRATIONS)?;
-        Ok(RowStore { conn, group: Vec::new(), group_rows: 0 })
+        Ok(RowStore { conn, group: Vec::new(), group_rows: 0, group_totals: HashMap::new(), quotas: None })
+    }
+
+    /// Enforces `quotas`' row limit from now on, and tells it every tenant's committed count.
+    pub fn with_quotas(mut self, quotas: Arc<Quotas>) -> Result<RowStore, StoreError> {
+        self.commit_group();
+        {
+            let mut stmt = self.conn.prepare("SELECT tenant, rows FROM tenant_rows")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (tenant, n) = row?;
+                quotas.set_stored_rows(&tenant, n.max(0) as u64);
+            }
+        }
+        self.quotas = Some(quotas);
+        Ok(self)
     }
 
     /// Copies rows and zone reports kept in the main database by versions before `rows.db` existed
@@ -177,6 +210,7 @@ impl RowStore {
                 copied += u64::from(writer.insert(&tenant, &job_id, &row)?);
             }
             tx.execute("INSERT OR IGNORE INTO main.zones SELECT job_id, zone_index, report FROM legacy.zones", [])?;
+            tx.execute_batch(TENANT_ROWS)?;
         }
         tx.commit()?;
         Ok(copied)
@@ -230,6 +264,7 @@ impl RowStore {
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
                 self.group_rows = 0;
+                self.group_totals.clear();
                 let others = std::mem::take(&mut self.group);
                 tracing::error!(job = %zone.job_id, zone = zone.index, %error, others = others.len(),
                     "zone not stored; its group is written again without it");
@@ -255,6 +290,21 @@ impl RowStore {
             inserted += u64::from(writer.insert(tenant, job_id, row)?);
         }
         drop(writer);
+        let total: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO tenant_rows (tenant, rows) VALUES (?1, ?2)
+                 ON CONFLICT (tenant) DO UPDATE SET rows = rows + excluded.rows RETURNING rows",
+            )?
+            .query_row(params![tenant, inserted as i64], |r| r.get(0))?;
+        let total = total.max(0) as u64;
+        if let Some(max) = self.quotas.as_ref().map(|q| q.limits().rows) {
+            if total > max {
+                // The group is rolled back (see `add`): none of this zone's rows stay.
+                return Err(StoreError::new(Exceeded::Rows { tenant: tenant.into(), max }.to_string()));
+            }
+        }
+        self.group_totals.insert(tenant.to_string(), total);
         report.inserted = inserted;
         report.duplicates = rows.len() as u64 - inserted;
         self.conn.prepare_cached("INSERT INTO zones (job_id, zone_index, report) VALUES (?1, ?2, ?3)")?.execute(
@@ -274,9 +324,15 @@ impl RowStore {
         }
         self.group_rows = 0;
         let group = std::mem::take(&mut self.group);
+        let totals = std::mem::take(&mut self.group_totals);
         let committed = self.conn.execute_batch("COMMIT");
         if committed.is_err() && self.in_group() {
             let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        if let (Ok(()), Some(quotas)) = (&committed, &self.quotas) {
+            for (tenant, rows) in totals {
+                quotas.set_stored_rows(&tenant, rows);
+            }
         }
         tracing::debug!(zones = group.len(), ok = committed.is_ok(), "row group committed");
         for (zone, report) in group {

@@ -12,6 +12,7 @@ use crate::db::store::StoreActor;
 use crate::jobs::lookup::JobAccess;
 use crate::jobs::scheduler::Scheduler;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::realtime::broker::Broker;
 use crate::realtime::registry::Registry;
 use crate::realtime::session::SessionDeps;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub(crate) scheduler: Addr<Scheduler>,
     /// Jobs as callers may see them.
     pub(crate) jobs: JobAccess,
+    /// Per-tenant quotas.
+    pub(crate) quotas: Arc<Quotas>,
     /// When the server started.
     pub(crate) started: Instant,
 }

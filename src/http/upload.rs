@@ -4,12 +4,17 @@
 //! what a client can make the server buffer or search is bounded whatever its headers claim: the
 //! whole body (`max_upload_bytes` plus room for the form around the file), each part's header block
 //! ([`MAX_PART_HEADER_BYTES`]), the number of parts ([`MAX_PARTS`]) and the time the body may take
-//! (`upload_timeout_s`). The file is streamed to disk, never held in memory. The job id is claimed
-//! in one store step, so two uploads with one `batch_id` cannot both win.
+//! (`upload_timeout_s`). The file is streamed to disk, never held in memory. The tenant's quotas
+//! (`quota.rs`) and the free disk are checked before the body is read and again as the file arrives
+//! (429 / 507); the upload's [`Admission`] then goes with its job. The job id is claimed in one store
+//! step, so two uploads with one `batch_id` cannot both win.
 
 use std::cell::Cell;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,7 +34,9 @@ use crate::http::extract::bearer;
 use crate::http::shared::Shared;
 use crate::jobs::job;
 use crate::jobs::scheduler::Submit;
+use crate::metrics::Metrics;
 use crate::protocol::{excerpt, JobStatus, RoomKind};
+use crate::quota::Admission;
 
 /// Bytes of the form around the file (boundaries, part headers, `batch_id`) allowed beyond
 /// `max_upload_bytes`.
@@ -120,9 +127,66 @@ fn looks_like_csv(filename: &str, content_type: Option<&str>) -> bool {
     type_ok && (name_ok || content_type.is_some_and(|t| t.starts_with("text/")))
 }
 
+/// Received bytes between two checks of the free disk space while a file arrives.
+const DISK_CHECK_EVERY: u64 = 4 << 20;
+
+/// Counts an upload body in `jobcast_uploads_in_progress` while it lives.
+struct Receiving(Arc<Metrics>);
+
+impl Receiving {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.uploads_in_progress.fetch_add(1, Relaxed);
+        Receiving(metrics.clone())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.uploads_in_progress.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What a file part is checked against as it arrives: the tenant's upload-bytes quota and the
+/// free-disk floor.
+struct Budget<'a> {
+    admission: &'a mut Admission,
+    dir: PathBuf,
+    min_free: u64,
+    /// Bytes at the last disk check.
+    checked_at: u64,
+}
+
+impl Budget<'_> {
+    async fn received(&mut self, size: u64) -> Result<(), ApiError> {
+        self.admission.grow_to(size)?;
+        if size - self.checked_at >= DISK_CHECK_EVERY {
+            self.checked_at = size;
+            disk_check(self.dir.clone(), 0, self.min_free).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `quota::check_disk` off the arbiter.
+async fn disk_check(dir: PathBuf, more: u64, min_free: u64) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(move || crate::quota::check_disk(&dir, more, min_free))
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot check the free disk space: {e}")))?
+        .map_err(ApiError::from)
+}
+
 /// The upload endpoint.
 pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let who = bearer(&req, &shared)?;
+    let answer = accept(req, &shared, body).await;
+    if let Err(ApiError::QuotaExceeded(why) | ApiError::InsufficientStorage(why)) = &answer {
+        shared.metrics.quota_refusals.fetch_add(1, Relaxed);
+        info!(target: "audit", event = "upload_refused", reason = %why, "upload refused");
+    }
+    answer
+}
+
+async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let who = bearer(&req, shared)?;
     let max = shared.config.max_upload_bytes;
     let too_large = || ApiError::PayloadTooLarge(format!("the upload is larger than {max} bytes"));
     let declared =
@@ -130,12 +194,17 @@ pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
     if declared.is_some_and(|n| n > max + FORM_OVERHEAD_BYTES) {
         return Err(too_large());
     }
+    // Quotas and the disk before a byte of the body is read; both are checked again as it arrives.
+    let _receiving = Receiving::new(&shared.metrics);
+    let mut admission = shared.quotas.admit(&who.tenant, declared.unwrap_or(0))?;
     let dir = shared.config.data_dir.join("uploads");
     let dir_made = dir.clone();
     tokio::task::spawn_blocking(move || crate::files::private_dir(&dir_made))
         .await
         .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?
         .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
+    let min_free = shared.quotas.limits().min_free_disk;
+    disk_check(dir.clone(), declared.unwrap_or(0), min_free).await?;
     let part = dir.join(format!("{}.part", Uuid::new_v4()));
     let meter = Rc::new(Meter::default());
     let mut form = Multipart::new(
@@ -143,7 +212,8 @@ pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
         Bounded { inner: body, meter: meter.clone(), max: max + FORM_OVERHEAD_BYTES, handed: false },
     );
     let limit = Duration::from_secs(shared.config.upload_timeout_s);
-    let received = match tokio::time::timeout(limit, receive(&mut form, &meter, &part, max)).await {
+    let mut budget = Budget { admission: &mut admission, dir: dir.clone(), min_free, checked_at: 0 };
+    let received = match tokio::time::timeout(limit, receive(&mut form, &meter, &part, max, &mut budget)).await {
         Ok(received) => received,
         Err(_) => Err(ApiError::RequestTimeout(format!(
             "the upload took longer than {} s (upload_timeout_s)",
@@ -167,6 +237,7 @@ pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
         let _ = tokio::fs::remove_file(&part).await;
         return Err(ApiError::BadRequest("the multipart field \"file\" is required".into()));
     };
+    admission.settle(size);
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
     let path = dir.join(format!("{job_id}.csv"));
     let spec = JobSpec {
@@ -204,7 +275,7 @@ pub async fn upload(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
         .await
         .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
     info!(target: "audit", event = "upload", user = %who.user_id, tenant = %who.tenant, job = %job_id, size, "job created");
-    shared.scheduler.do_send(Submit { spec, resume: None });
+    shared.scheduler.do_send(Submit { spec, resume: None, admission });
     Ok(HttpResponse::Accepted().json(json!({
         "job_id": job_id,
         "room": RoomKind::Job(job_id).name(),
@@ -223,6 +294,7 @@ async fn receive(
     meter: &Meter,
     part: &std::path::Path,
     max: u64,
+    budget: &mut Budget<'_>,
 ) -> Result<(Option<Uuid>, Option<(String, u64)>), ApiError> {
     let mut batch_id = None;
     let mut file = None;
@@ -281,6 +353,7 @@ async fn receive(
                     if size > max {
                         return Err(ApiError::PayloadTooLarge(format!("the upload is larger than {max} bytes")));
                     }
+                    budget.received(size).await?;
                     out.write_all(&chunk)
                         .await
                         .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;

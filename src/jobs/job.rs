@@ -25,6 +25,7 @@ use crate::protocol::{
     ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted, RoomKind, Stage, StatusData,
     ZoneReport,
 };
+use crate::quota::Admission;
 use crate::realtime::broker::{Broker, Publish};
 
 /// Results keep this many invalid rows and flagged cells.
@@ -174,12 +175,20 @@ pub struct Job {
     finished_at: Option<String>,
     /// Set for a job resumed after a restart.
     resumed: bool,
+    /// The job's share of its tenant's quotas (`quota.rs`), given back when the actor is dropped.
+    _admission: Admission,
     span: tracing::Span,
 }
 
 impl Job {
     /// A new job, or one resumed from its stored `snapshot`; `finished` is told when it stops.
-    pub fn new(spec: JobSpec, deps: JobDeps, finished: Recipient<Finished>, snapshot: Option<&JobSnapshot>) -> Self {
+    pub fn new(
+        spec: JobSpec,
+        deps: JobDeps,
+        finished: Recipient<Finished>,
+        snapshot: Option<&JobSnapshot>,
+        admission: Admission,
+    ) -> Self {
         let mut progress = Monotonic::default();
         if let Some(p) = snapshot.and_then(|s| s.progress) {
             progress.raise(p);
@@ -209,6 +218,7 @@ impl Job {
             cancelled_by: None,
             error: None,
             finished_at: None,
+            _admission: admission,
             span,
         }
     }

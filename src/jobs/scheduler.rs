@@ -12,6 +12,7 @@ use crate::db::store::{DeleteReservations, JobSpec, StaleReservations};
 use crate::jobs::job::{Begin, Cancel, Finished, Job, JobDeps, Queued};
 use crate::protocol::JobSnapshot;
 use crate::protocol::RoomKind;
+use crate::quota::Admission;
 use crate::realtime::broker::Occupied;
 
 /// Start a new job (or resume one from its stored snapshot).
@@ -22,6 +23,8 @@ pub struct Submit {
     pub spec: JobSpec,
     /// The stored snapshot of a job interrupted by a restart.
     pub resume: Option<JobSnapshot>,
+    /// The job's share of its tenant's quotas, held by the job actor until it ends.
+    pub admission: Admission,
 }
 
 /// Cancel a job that is queued or running.
@@ -127,7 +130,8 @@ impl Handler<Submit> for Scheduler {
             tracing::warn!(job = %id, "refused a second submit of a job that is already queued or running");
             return;
         }
-        let job = Job::new(msg.spec, self.deps.clone(), ctx.address().recipient(), msg.resume.as_ref()).start();
+        let job = Job::new(msg.spec, self.deps.clone(), ctx.address().recipient(), msg.resume.as_ref(), msg.admission)
+            .start();
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_waiting();
