@@ -120,11 +120,23 @@ pub fn gzip_msgpack(env: &Envelope) -> Result<Bytes, EncodeError> {
     Ok(Bytes::from(gz.finish()?))
 }
 
+/// The most a binary frame may inflate to: a frame from a hostile peer (a gzip bomb inflates about
+/// 1000 to 1) is refused at this size instead of filling memory.
+pub const MAX_DECODED_BYTES: usize = 16 << 20;
+
 /// Decodes a binary frame back into an envelope (used by tests, the harness and the CLI client).
+/// Whatever the bytes, it holds at most about twice [`MAX_DECODED_BYTES`] plus 1 MiB of heap (the
+/// inflated msgpack, the values decoded from it, and serde's cap on preallocating claimed lengths).
 pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
     use std::io::Read;
     let mut packed = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut packed).map_err(|e| format!("gzip: {e}"))?;
+    flate2::read::GzDecoder::new(bytes)
+        .take(MAX_DECODED_BYTES as u64 + 1)
+        .read_to_end(&mut packed)
+        .map_err(|e| format!("gzip: {e}"))?;
+    if packed.len() > MAX_DECODED_BYTES {
+        return Err(format!("gzip: the frame inflates past {MAX_DECODED_BYTES} bytes"));
+    }
     Envelope::deserialize(&mut rmp_serde::Deserializer::new(&packed[..]).with_human_readable())
         .map_err(|e| format!("msgpack: {e}"))
 }
@@ -221,13 +233,47 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
 
-        /// Any bytes, raw or gzipped: decoding a binary frame answers, never panics.
+        /// Any bytes, raw or gzipped: decoding a binary frame answers, never panics, and holds no
+        /// more than its bound.
         #[test]
         fn decoding_any_binary_frame_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = decode_binary(&bytes);
-            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-            gz.write_all(&bytes).unwrap();
-            let _ = decode_binary(&gz.finish().unwrap());
+            let (_, held) = crate::alloc_probe::peak(|| decode_binary(&bytes));
+            proptest::prop_assert!(held <= DECODE_BOUND);
+            let frame = gzip(&bytes);
+            let (_, held) = crate::alloc_probe::peak(|| decode_binary(&frame));
+            proptest::prop_assert!(held <= DECODE_BOUND);
+        }
+    }
+
+    /// What [`decode_binary`] may hold at most, whatever its input.
+    const DECODE_BOUND: usize = 2 * MAX_DECODED_BYTES + (1 << 20);
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_within_the_bound() {
+        // 64 KiB that inflate to 64 MiB (it held 134 MB before inflation was bounded).
+        let bomb = gzip(&vec![0u8; 64 << 20]);
+        let (decoded, held) = crate::alloc_probe::peak(|| decode_binary(&bomb));
+        assert!(decoded.is_err_and(|e| e.contains("inflates past")));
+        assert!(held <= DECODE_BOUND, "held {held} bytes for a {}-byte frame", bomb.len());
+    }
+
+    #[test]
+    fn a_msgpack_length_claim_allocates_nothing_like_it() {
+        // A map whose `data` claims 2^31 array elements, and a `type` string claiming 2 GiB.
+        for claim in [
+            &[0x81, 0xa4, b'd', b'a', b't', b'a', 0xdd, 0x7f, 0xff, 0xff, 0xff][..],
+            &[0x81, 0xa4, b't', b'y', b'p', b'e', 0xdb, 0x7f, 0xff, 0xff, 0xff],
+        ] {
+            let frame = gzip(claim);
+            let (decoded, held) = crate::alloc_probe::peak(|| decode_binary(&frame));
+            assert!(decoded.is_err());
+            assert!(held <= 2 << 20, "held {held} bytes for a claim");
         }
     }
 

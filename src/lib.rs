@@ -19,6 +19,8 @@
 //! the command line. Modules are private: what tests, the load-test harness and the binary use is
 //! re-exported here. `ARCHITECTURE.md` maps the actors and their messages.
 
+#[cfg(test)]
+mod alloc_probe;
 mod auth;
 mod cli;
 mod config;

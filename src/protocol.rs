@@ -19,6 +19,11 @@ pub const MAX_FRAGMENTS: usize = 1024;
 /// The most characters of client input quoted back in an error, a stored snapshot or a log line.
 pub const EXCERPT_CHARS: usize = 80;
 
+/// Heap a client message may cost to decode, per byte of it (plus 16 KiB): the typed decoder buffers
+/// an internally tagged message before it reads `type`, and a run of tiny JSON values is the most
+/// heap per byte. With `max_inbound_message_bytes` 4096, a message costs at most 144 KiB (measured: at most 17 bytes per byte).
+pub const DECODE_HEAP_PER_BYTE: usize = 32;
+
 /// Client input fit to quote: at most [`EXCERPT_CHARS`] characters written (then `…`), control characters
 /// (newlines, escapes, NUL, bidi overrides) written as escapes, so a quoted value can neither grow an
 /// error without bound nor forge a log line.
@@ -974,6 +979,44 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// JSON values built to cost the decoder the most per byte: long runs of tiny values, nested.
+        fn hostile_json() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("0".to_string()),
+                Just("[]".to_string()),
+                Just("{}".to_string()),
+                Just("\"\"".to_string()),
+                Just("null".to_string())
+            ];
+            leaf.prop_recursive(4, 4096, 1200, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..1200).prop_map(|v| format!("[{}]", v.join(","))),
+                    proptest::collection::vec(inner, 0..400).prop_map(|v| {
+                        let fields: Vec<String> = v.iter().enumerate().map(|(i, x)| format!("\"{i}\":{x}")).collect();
+                        format!("{{{}}}", fields.join(","))
+                    }),
+                ]
+            })
+        }
+
+        /// The shapes that cost the most per byte, at the size of the largest message.
+        #[test]
+        fn the_costliest_shapes_stay_within_the_decode_bound() {
+            for text in [
+                format!(r#"{{"type":"ping","x":[{}]}}"#, vec!["0"; 2000].join(",")),
+                format!(r#"{{"type":"ping","x":[{}]}}"#, vec!["[]"; 1300].join(",")),
+                format!(r#"{{"type":"ping","x":[{}]}}"#, vec!["{}"; 1300].join(",")),
+                format!(
+                    r#"{{"type":"ping","x":{{{}}}}}"#,
+                    (0..600).map(|i| format!("\"{i}\":0")).collect::<Vec<_>>().join(",")
+                ),
+                format!(r#"{{"type":"ping","x":{}{}}}"#, "[".repeat(127), "]".repeat(127)),
+            ] {
+                let (_, held) = crate::alloc_probe::peak(|| serde_json::from_str::<ClientMessage>(&text).is_ok());
+                assert!(held <= DECODE_HEAP_PER_BYTE * text.len() + (16 << 10), "{} bytes held {held}", text.len());
+            }
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
@@ -1000,6 +1043,16 @@ mod tests {
                     let again: ClientMessage = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
                     prop_assert_eq!(again, m);
                 }
+            }
+
+            /// JSON of any shape inside a message (nested arrays and objects of small values, the most
+            /// heap per input byte): decoding holds at most [`DECODE_HEAP_PER_BYTE`] bytes per input byte
+            /// plus 16 KiB.
+            #[test]
+            fn decoding_a_client_message_holds_a_bounded_heap(value in hostile_json(), kind in prop_oneof![Just("ping"), Just("subscribe"), Just("nope")]) {
+                let text = format!(r#"{{"type":"{kind}","room":"tenant:a","x":{value}}}"#);
+                let (_, held) = crate::alloc_probe::peak(|| serde_json::from_str::<ClientMessage>(&text).is_ok());
+                prop_assert!(held <= DECODE_HEAP_PER_BYTE * text.len() + (16 << 10), "{} bytes held {held}", text.len());
             }
 
             /// Any text: an excerpt is short and has no control character.

@@ -909,6 +909,59 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// The stated bound on what a reader holds beyond its output, whatever the file: its buffers
+        /// and one record of at most `MAX_RECORD_BYTES` (written as a number, so that raising a
+        /// record bound fails these properties rather than moving them).
+        const HEAP_PER_READER: usize = 768 << 10;
+
+        /// Heap that validating a file may hold at most: the reader, plus its list of zones.
+        fn validate_bound(zones: usize) -> usize {
+            HEAP_PER_READER + 64 * zones
+        }
+
+        /// Heap that reading a zone may hold at most: the reader, plus each kept record (three cells;
+        /// the other fields are never copied).
+        fn read_zone_bound(zone: &ZoneStart) -> usize {
+            HEAP_PER_READER + 256 * zone.rows as usize + 2 * zone.bytes as usize
+        }
+
+        /// Files shaped to cost memory: millions of tiny cells on one line, a header of megabytes,
+        /// cells of hundreds of KiB, a quote that never closes, and millions of tiny rows.
+        fn hostile_files() -> Vec<(&'static str, Vec<u8>)> {
+            let header = b"date,amount,description\n".to_vec();
+            let with = |body: Vec<u8>| [header.clone(), body].concat();
+            vec![
+                ("a line of 2M cells", with(b"=,".repeat(1 << 20))),
+                (
+                    "a 3 MiB header",
+                    [b"date,amount,description,".to_vec(), b"h".repeat(3 << 20), b"\n".to_vec()].concat(),
+                ),
+                (
+                    "cells of 300 KiB",
+                    with([b"2024-01-01,1,".to_vec(), b"x".repeat(300 << 10), b"\n".to_vec()].concat()),
+                ),
+                ("an unclosed quote", with([b"2024-01-01,1,\"".to_vec(), b",\n".repeat(1 << 20)].concat())),
+                ("400k tiny rows", with(b"1,2,3\n".repeat(400_000))),
+            ]
+        }
+
+        #[test]
+        fn hostile_files_are_read_within_the_heap_bounds() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("h.csv");
+            for (what, file) in hostile_files() {
+                std::fs::write(&path, &file).unwrap();
+                let (validated, held) = crate::alloc_probe::peak(|| validate(&path, 1 << 30, 1000, |_, _| {}));
+                let zones = validated.as_ref().map(|v| v.zones.len()).unwrap_or(0);
+                assert!(held <= validate_bound(zones), "{what}: validation held {held} bytes");
+                for z in validated.iter().flat_map(|v| v.zones.iter()) {
+                    let columns = validated.as_ref().map(|v| v.columns).unwrap();
+                    let (_, held) = crate::alloc_probe::peak(|| read_zone(&path, z, &columns));
+                    assert!(held <= read_zone_bound(z), "{what}: a zone of {} rows held {held} bytes", z.rows);
+                }
+            }
+        }
+
         /// CSV-ish bytes: mostly the characters that matter to the grammar.
         fn csvish() -> impl Strategy<Value = Vec<u8>> {
             proptest::collection::vec(
@@ -949,6 +1002,26 @@ mod tests {
                         prop_assert!(r.len() <= limits.0, "{} fields in {:?}", r.len(), r);
                         prop_assert!(r.iter().all(|f| f.len() <= limits.1), "a long field in {:?}", r);
                         prop_assert!(r.as_slice().len() <= limits.2, "a long record {:?}", r);
+                    }
+                }
+            }
+
+            /// A file of a CSV-ish pattern repeated up to 4,000 times: validation and zone reading
+            /// hold no more than their bounds, however long the file.
+            #[test]
+            fn validation_and_zone_reading_hold_bounded_heaps(pattern in csvish(), times in 1usize..4000) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("p.csv");
+                let mut file = b"date,amount,description\n".to_vec();
+                file.extend(std::iter::repeat_n(pattern.as_slice(), times).flatten());
+                std::fs::write(&path, &file).unwrap();
+                let (validated, held) = crate::alloc_probe::peak(|| validate(&path, 1 << 30, 1000, |_, _| {}));
+                let zones = validated.as_ref().map(|v| v.zones.len()).unwrap_or(0);
+                prop_assert!(held <= validate_bound(zones), "validation held {held} bytes");
+                if let Ok(v) = &validated {
+                    for z in &v.zones {
+                        let (_, held) = crate::alloc_probe::peak(|| read_zone(&path, z, &v.columns));
+                        prop_assert!(held <= read_zone_bound(z), "a zone of {} rows held {held} bytes", z.rows);
                     }
                 }
             }

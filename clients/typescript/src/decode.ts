@@ -17,8 +17,14 @@ async function toBytes(payload: Exclude<FramePayload, string>): Promise<Uint8Arr
   throw new Error('unsupported binary frame payload');
 }
 
-/** gunzip with the platform's `DecompressionStream` (browsers, Node 18+). */
-export async function gunzip(bytes: Uint8Array): Promise<Uint8Array> {
+/**
+ * The most a binary frame may inflate to (as the server's own decoder): a hostile peer's gzip bomb
+ * is refused at this size instead of filling the tab's memory. No server message comes near it.
+ */
+export const MAX_DECODED_BYTES = 16 * 1024 * 1024;
+
+/** gunzip with the platform's `DecompressionStream` (browsers, Node 18+), at most `max` bytes out. */
+export async function gunzip(bytes: Uint8Array, max = MAX_DECODED_BYTES): Promise<Uint8Array> {
   const stream = new DecompressionStream('gzip');
   const writer = stream.writable.getWriter();
   // Not awaited before reading: the stream would wait for a reader (backpressure).
@@ -32,8 +38,12 @@ export async function gunzip(bytes: Uint8Array): Promise<Uint8Array> {
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
-    chunks.push(value);
     length += value.length;
+    if (length > max) {
+      await reader.cancel().catch(() => undefined);
+      throw new Error(`binary frame inflates past ${max} bytes`);
+    }
+    chunks.push(value);
   }
   await written;
   const out = new Uint8Array(length);

@@ -21,6 +21,13 @@ describe('binary frames', () => {
     expect(Buffer.compare(Buffer.from(out), Buffer.from(big))).toBe(0);
   });
 
+  it('refuses a frame that inflates past the bound (a gzip bomb)', async () => {
+    const bomb = await gzip(new Uint8Array(20 * 1024 * 1024));
+    expect(bomb.length).toBeLessThan(64 * 1024);
+    await expect(decodeBinaryFrame(bomb)).rejects.toThrow(/inflates past 16777216 bytes/);
+    await expect(gunzip(await gzip(new Uint8Array(2048)), 1024)).rejects.toThrow(/inflates past 1024/);
+  });
+
   it('decodes gzip(msgpack(envelope)) to the same object as the JSON text', async () => {
     const json = {
       type: 'zone_completed',
