@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Ranks, most specific prefix first; a file may import only strictly lower ranks.
 const RANKS: &[(&str, u32)] = &[
+    ("alloc_probe", 0),
     ("protocol", 0),
     ("config", 0),
     ("files", 0),
