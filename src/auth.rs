@@ -97,6 +97,8 @@ pub enum AuthError {
     WebSocketTokenNotAccepted,
     #[error("authentication timed out")]
     Timeout,
+    #[error("the WebSocket token cannot be checked now (the cluster's Redis does not answer); try again")]
+    Unavailable,
 }
 
 impl AuthError {
@@ -116,6 +118,7 @@ impl AuthError {
             AuthError::Malformed => "malformed_token",
             AuthError::WebSocketTokenNotAccepted => "websocket_token_not_accepted",
             AuthError::Timeout => "timeout",
+            AuthError::Unavailable => "unavailable",
         }
     }
 
@@ -323,17 +326,33 @@ impl Auth {
 
     /// Verifies what a WebSocket connection presents: a single-use WebSocket token or an access JWT.
     pub fn verify_connect(&self, token: &str) -> Result<Identity, AuthError> {
+        let (id, spend) = self.check_connect(token, false)?;
+        if let Some((jti, exp)) = spend {
+            self.spend(&jti, exp)?;
+        }
+        Ok(id)
+    }
+
+    /// Cluster mode: verifies like [`Auth::verify_connect`] but leaves the single use of a WebSocket
+    /// token to the caller, which spends its id cluster-wide (`SET NX` in Redis): answers the identity
+    /// and, for a WebSocket token, its id and expiry. Tokens of any node's run are accepted (Redis
+    /// remembers used ids across restarts).
+    pub fn verify_connect_unspent(&self, token: &str) -> Result<(Identity, Option<(String, u64)>), AuthError> {
+        self.check_connect(token, true)
+    }
+
+    fn check_connect(&self, token: &str, cluster: bool) -> Result<(Identity, Option<(String, u64)>), AuthError> {
         let header_alg = peek_alg(token)?;
         if header_alg == "HS256" {
             match jsonwebtoken::decode::<Claims>(token, &self.ws_key, &self.ws_validation) {
                 Ok(data) if data.claims.typ.as_deref() == Some("ws") => {
                     let c = data.claims;
                     let id = identity(&c, c.cred_exp.unwrap_or(c.exp))?;
-                    if c.run.as_deref() != Some(self.run.as_str()) {
+                    if !cluster && c.run.as_deref() != Some(self.run.as_str()) {
                         return Err(AuthError::MintedBeforeStart);
                     }
-                    self.spend(c.jti.as_deref().ok_or(AuthError::Malformed)?, c.exp)?;
-                    return Ok(id);
+                    let jti = c.jti.ok_or(AuthError::Malformed)?;
+                    return Ok((id, Some((jti, c.exp))));
                 }
                 Ok(_) => return Err(AuthError::Malformed),
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
@@ -341,7 +360,7 @@ impl Auth {
                 Err(e) => return Err(AuthError::from_jwt(&e)),
             }
         }
-        self.verify_access(token)
+        Ok((self.verify_access(token)?, None))
     }
 
     /// Marks a WebSocket token id as used; refuses one already used.

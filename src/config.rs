@@ -121,6 +121,8 @@ settings! {
         max_stored_rows_per_tenant: u64 = 100_000_000, "JOBCAST_MAX_STORED_ROWS_PER_TENANT";
         /// Free bytes that must remain on the data directory's file system after an upload (then 507).
         min_free_disk_bytes: u64 = 256 << 20, "JOBCAST_MIN_FREE_DISK_BYTES";
+        /// Cluster mode: prefix of every Redis key of this cluster (`[A-Za-z0-9_-]`, 1 to 64).
+        cluster_prefix: String = "jobcast".into(), "JOBCAST_CLUSTER_PREFIX";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -128,8 +130,8 @@ settings! {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), "JOBCAST_MAX_CONCURRENT_JOBS";
     }
     optional {
-        /// Redis URL for cluster mode; refused until cluster mode is built (a node must not pretend
-        /// to share rooms it keeps to itself).
+        /// Redis URL: cluster mode, where nodes share rooms, `seq`, history and WebSocket tokens
+        /// (needs `jwt_secret`, the same on every node).
         redis_url: String, "JOBCAST_REDIS_URL";
         /// HS256 secret (generated and kept in data_dir when unset).
         jwt_secret: String, "JOBCAST_JWT_SECRET";
@@ -201,10 +203,16 @@ impl Config {
         if self.max_queued_messages == 0 {
             return invalid("max_queued_messages", "must be at least 1");
         }
-        if self.redis_url.is_some() {
+        let prefix_ok = |p: &str| {
+            (1..=64).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !prefix_ok(&self.cluster_prefix) {
+            return invalid("cluster_prefix", "must be 1 to 64 characters of A-Z a-z 0-9 - _");
+        }
+        if self.redis_url.is_some() && self.jwt_secret.is_none() {
             return invalid(
                 "redis_url",
-                "cluster mode is not built yet: this node would share nothing; leave it unset",
+                "cluster mode needs jwt_secret, the same on every node (WebSocket tokens minted by one node are used on another)",
             );
         }
         Ok(())
@@ -287,7 +295,9 @@ mod tests {
         let cli = Settings { store: Some("mongo".into()), ..Default::default() };
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "store", .. })));
         let cli = Settings { redis_url: Some("redis://127.0.0.1:6379".into()), ..Default::default() };
-        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "redis_url", .. })));
+        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "redis_url", .. })), "no jwt_secret");
+        let cli = Settings { cluster_prefix: Some("a:b".into()), ..Default::default() };
+        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "cluster_prefix", .. })));
     }
 
     #[test]

@@ -58,6 +58,7 @@ use crate::jobs::scheduler::{Scheduler, Submit};
 use crate::jobs::zone::ZoneDeps;
 use crate::metrics::Metrics;
 use crate::realtime::broker::Broker;
+use crate::realtime::redis::RedisEngine;
 use crate::realtime::registry::{CloseAll, Count, Limits, Registry};
 use crate::realtime::room::RoomSettings;
 
@@ -79,6 +80,9 @@ pub enum StartError {
     /// The data directory could not be made.
     #[error("data directory {0}")]
     DataDir(String),
+    /// `redis_url` is not a Redis URL.
+    #[error("redis_url: {0}")]
+    Redis(String),
     /// `conformance_echo` on a listener other machines can reach.
     #[error("--conformance-echo serves /ws/echo without authentication: it needs a loopback bind (127.0.0.0/8, ::1 or localhost), not {0}")]
     EchoNotLoopback(String),
@@ -234,7 +238,19 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         history_ttl: Duration::from_secs(config.history_ttl_s),
         compress_threshold: config.compress_threshold_bytes,
     };
-    let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors).start();
+    let redis = match &config.redis_url {
+        Some(url) => Some(
+            RedisEngine::new(url, &config.cluster_prefix, config.history_size, config.history_ttl_s)
+                .map_err(|e| StartError::Redis(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors);
+    let broker = match &redis {
+        Some(r) => broker.with_redis(r.clone()),
+        None => broker,
+    }
+    .start();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let deps = jobs::job::JobDeps {
         broker: broker.clone(),
@@ -270,6 +286,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         registry: registry.clone(),
         jobs: JobAccess::new(store.clone(), scheduler.clone()),
         quotas,
+        redis,
         store,
         scheduler,
         started: Instant::now(),

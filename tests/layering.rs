@@ -25,6 +25,7 @@ const RANKS: &[(&str, u32)] = &[
     ("realtime::frames", 20),
     ("realtime::registry", 20),
     ("realtime::ack_buffer", 21),
+    ("realtime::redis", 21),
     ("realtime::outbox", 22),
     ("realtime::room", 23),
     ("realtime::broker", 24),

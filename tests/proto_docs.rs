@@ -308,6 +308,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         AuthError::Malformed,
         AuthError::WebSocketTokenNotAccepted,
         AuthError::Timeout,
+        AuthError::Unavailable,
     ];
     for e in reasons {
         let reason = e.reason();

@@ -88,7 +88,7 @@ impl PostedEvent {
 /// A refused publish as an HTTP error: 503 when the server is stopping, 500 for a bug.
 pub fn publish_failed(e: PublishError) -> ApiError {
     match e {
-        PublishError::Stopped => ApiError::Unavailable(e.to_string()),
+        PublishError::Stopped | PublishError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         PublishError::Encode(_) => ApiError::Internal(e.to_string()),
     }
 }

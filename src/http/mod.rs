@@ -116,9 +116,16 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     let broker = shared.broker.send(Stats).await.is_ok();
     let store = matches!(shared.store.send(Ping).await, Ok(Ok(())));
     let registry = shared.registry.send(Count).await.is_ok();
-    let ok = broker && registry && store;
-    let body = json!({ "status": if ok { "ready" } else { "unavailable" },
+    let redis = match &shared.redis {
+        Some(r) => Some(r.ping().await),
+        None => None,
+    };
+    let ok = broker && registry && store && redis != Some(false);
+    let mut body = json!({ "status": if ok { "ready" } else { "unavailable" },
         "broker": broker, "registry": registry, "store": store });
+    if let Some(up) = redis {
+        body["redis"] = json!(up);
+    }
     if ok {
         HttpResponse::Ok().json(body)
     } else {

@@ -14,6 +14,7 @@ use crate::jobs::scheduler::Scheduler;
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::realtime::broker::Broker;
+use crate::realtime::redis::RedisEngine;
 use crate::realtime::registry::Registry;
 use crate::realtime::session::SessionDeps;
 
@@ -38,6 +39,8 @@ pub struct Shared {
     pub(crate) jobs: JobAccess,
     /// Per-tenant quotas.
     pub(crate) quotas: Arc<Quotas>,
+    /// Cluster mode: the Redis engine.
+    pub(crate) redis: Option<RedisEngine>,
     /// When the server started.
     pub(crate) started: Instant,
 }
@@ -52,6 +55,7 @@ impl Shared {
             broker: self.broker.clone(),
             registry: self.registry.clone(),
             jobs: self.jobs.clone(),
+            redis: self.redis.clone(),
         }
     }
 }

@@ -7,6 +7,12 @@
 //!
 //! Guarantee: an event is in the room's history before any member can see it, and a member that
 //! joins with `since` sees every later event exactly once, in order (see `room.rs`).
+//!
+//! Two engines behind the same messages: in-process (the default), where the broker numbers events
+//! and commits them to SQLite in batches; and Redis (`redis_url`, `redis.rs`), where one script
+//! numbers, stores and fans out each event to every node, and the broker hands what arrives from the
+//! channel to its local rooms. Either way nothing here assumes rooms share its thread: rooms are
+//! reached only by messages.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,7 +30,8 @@ use crate::framing::Encoded;
 use crate::metrics::Metrics;
 use crate::protocol::{now_rfc3339, Envelope, Event, JobSnapshot, RoomKind, Since};
 use crate::realtime::outbox::Member;
-use crate::realtime::room::{Deliver, Join, Part, Retire, Room, RoomSettings};
+use crate::realtime::redis::{RedisEngine, RemoteEvent, Resync};
+use crate::realtime::room::{CatchUp, Deliver, Join, Part, Retire, Room, RoomSettings};
 
 /// Publish an event into a room. The answer comes once the event's batch has been written to the store
 /// (a store error is logged and the event delivered anyway) and the event handed to the room, so a client
@@ -56,6 +63,9 @@ pub enum PublishError {
     /// The broker stopped (the server is shutting down) before the event reached its room.
     #[error("the server stopped before the event was delivered")]
     Stopped,
+    /// Cluster mode: Redis did not take the event (nothing was published).
+    #[error("the event was not published: {0}")]
+    Unavailable(String),
 }
 
 /// A connection joins a room (already authorised by the session).
@@ -161,6 +171,8 @@ pub struct Broker {
     pending: Vec<Pending>,
     /// Whether a batch write is in flight (one at a time keeps rooms in `seq` order).
     writing: bool,
+    /// Cluster mode: the Redis engine numbers, stores and fans out events.
+    redis: Option<RedisEngine>,
 }
 
 impl Broker {
@@ -172,7 +184,46 @@ impl Broker {
         cursors: Vec<RoomCursor>,
     ) -> Self {
         let cursors = cursors.into_iter().map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq))).collect();
-        Broker { rooms: HashMap::new(), cursors, settings, metrics, store, pending: Vec::new(), writing: false }
+        Broker {
+            rooms: HashMap::new(),
+            cursors,
+            settings,
+            metrics,
+            store,
+            pending: Vec::new(),
+            writing: false,
+            redis: None,
+        }
+    }
+
+    /// Cluster mode: events go through `redis` (numbered, stored and fanned out there).
+    pub fn with_redis(mut self, redis: RedisEngine) -> Self {
+        self.redis = Some(redis);
+        self
+    }
+
+    /// Cluster mode: numbers, stores and fans out through Redis; the event reaches this node's rooms
+    /// from the channel, like every other node's.
+    fn publish_redis(&mut self, redis: RedisEngine, msg: Publish) -> ResponseFuture<Result<Published, PublishError>> {
+        let delivered_to = self.rooms.get(msg.room.as_str()).map_or(0, |e| e.members.len());
+        let env = Envelope {
+            event: msg.event,
+            id: Uuid::new_v4(),
+            room: Some(RoomKind::name_of_key(&msg.room)),
+            seq: None,
+            epoch: None,
+            ts: now_rfc3339(),
+            redelivered: false,
+        };
+        let body = match serde_json::to_string(&env) {
+            Ok(body) => body,
+            Err(e) => return Box::pin(std::future::ready(Err(PublishError::Unavailable(e.to_string())))),
+        };
+        self.metrics.published.fetch_add(1, Relaxed);
+        Box::pin(async move {
+            let (seq, _) = redis.publish(msg.room, body).await.map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            Ok(Published { seq, delivered_to })
+        })
     }
 
     fn room(&mut self, name: &str) -> &mut RoomEntry {
@@ -182,7 +233,15 @@ impl Broker {
                 .remove(name)
                 .unwrap_or_else(|| (Arc::from(Uuid::new_v4().simple().to_string().as_str()), 0));
             let name: Arc<str> = Arc::from(name);
-            let addr = Room::new(name.clone(), epoch.clone(), seq, self.settings.clone(), self.store.clone()).start();
+            let addr = Room::new(
+                name.clone(),
+                epoch.clone(),
+                seq,
+                self.settings.clone(),
+                self.store.clone(),
+                self.redis.clone(),
+            )
+            .start();
             self.metrics.rooms.fetch_add(1, Relaxed);
             let entry = RoomEntry { addr, seq, epoch, members: HashSet::new(), active_at: Instant::now() };
             self.rooms.insert(name.clone(), entry);
@@ -204,6 +263,20 @@ impl Broker {
     /// Retires rooms with no members whose last activity is older than the history ttl.
     fn sweep(&mut self) {
         let ttl = self.settings.history_ttl;
+        if self.redis.is_some() {
+            // The history lives in Redis: a room actor stays only while it has members here, and a
+            // minute after (its ring serves quick resumes).
+            let metrics = &self.metrics;
+            self.rooms.retain(|_, e| {
+                let keep = !e.members.is_empty() || e.active_at.elapsed() <= ttl.min(Duration::from_secs(60));
+                if !keep {
+                    e.addr.do_send(Retire);
+                    metrics.rooms.fetch_sub(1, Relaxed);
+                }
+                keep
+            });
+            return;
+        }
         let metrics = &self.metrics;
         let cursors = &mut self.cursors;
         self.rooms.retain(|name, e| {
@@ -242,7 +315,7 @@ impl Broker {
                 Err(e) => tracing::error!(error = %e, events = batch.len(), "store unreachable; delivering anyway"),
             }
             for p in batch {
-                p.room.do_send(Deliver { seq: p.seq, event: p.event });
+                p.room.do_send(Deliver { seq: p.seq, epoch: Arc::from(p.stored.epoch.as_str()), event: p.event });
                 // The publisher may have stopped waiting; nothing to do then.
                 let _ = p.done.send(());
             }
@@ -258,12 +331,52 @@ impl Actor for Broker {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let every = self.settings.history_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
         ctx.run_interval(every, |broker, _| broker.sweep());
+        if let Some(redis) = &self.redis {
+            redis.run(ctx.address().recipient(), ctx.address().recipient());
+        }
+    }
+}
+
+impl Handler<RemoteEvent> for Broker {
+    type Result = ();
+    /// An event off the cluster channel: to this node's room, if it has one (only rooms with members
+    /// here, or recently, have an actor). Decoded and encoded once per node.
+    fn handle(&mut self, msg: RemoteEvent, _: &mut Context<Self>) {
+        let Some(entry) = self.rooms.get_mut(msg.room.as_str()) else {
+            return;
+        };
+        let env = match serde_json::from_str::<Envelope>(&msg.json) {
+            Ok(env) => env,
+            Err(e) => return tracing::warn!(room = %msg.room, error = %e, "unreadable event from the cluster channel"),
+        };
+        let (Some(seq), Some(epoch)) = (env.seq, env.epoch.clone()) else {
+            return tracing::warn!(room = %msg.room, "an event without seq or epoch on the cluster channel");
+        };
+        let event = match Encoded::new(&env, self.settings.compress_threshold) {
+            Ok(e) => Arc::new(e),
+            Err(e) => return tracing::warn!(room = %msg.room, error = %e, "cannot encode an event from the cluster"),
+        };
+        entry.seq = entry.seq.max(seq);
+        entry.active_at = Instant::now();
+        entry.addr.do_send(Deliver { seq, epoch: Arc::from(epoch.as_str()), event });
+    }
+}
+
+impl Handler<Resync> for Broker {
+    type Result = ();
+    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
+        for entry in self.rooms.values() {
+            entry.addr.do_send(CatchUp);
+        }
     }
 }
 
 impl Handler<Publish> for Broker {
     type Result = ResponseFuture<Result<Published, PublishError>>;
     fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(redis) = self.redis.clone() {
+            return self.publish_redis(redis, msg);
+        }
         let threshold = self.settings.compress_threshold;
         let entry = self.room(&msg.room);
         let seq = entry.seq + 1;

@@ -10,6 +10,8 @@
 //! - `broker.rs`: the `Broker` actor, the one way into rooms: numbering, encoding once, persisting,
 //!   delivering.
 //! - `room.rs`: the `Room` actor, one per active room: members and the history ring.
+//! - `redis.rs`: the broker's Redis engine in cluster mode (`redis_url`): numbering, history streams,
+//!   the cluster channel, single-use WebSocket tokens.
 //! - `ack_buffer.rs`: the `AckBuffer` actor, one per `ack=1` connection: unacknowledged events.
 //! - `registry.rs`: the `Registry` actor, every connection, for limits and the admin endpoints.
 //! - `history.rs`, `rate_limit.rs`: plain logic: the history ring, the inbound token bucket.
@@ -27,6 +29,7 @@ pub mod frames;
 pub mod history;
 pub mod outbox;
 pub mod rate_limit;
+pub mod redis;
 pub mod registry;
 pub mod room;
 pub mod session;

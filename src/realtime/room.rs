@@ -3,6 +3,11 @@
 //! Only the broker sends to a room. Because a room handles `Join` and `Deliver` one at a time, a
 //! joining member receives `subscribed`, then the replay, then live events, with no gap or duplicate
 //! even while events are being published.
+//!
+//! In cluster mode (`redis_url`) the room's epoch and `seq` come from Redis when the room starts,
+//! events arrive from every node through the broker, an event already held is dropped, a gap (events
+//! published while this node's subscription was down) is filled from the room's Redis stream before
+//! the event after it, and a new epoch (Redis lost the room) starts the ring over.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use crate::framing::Encoded;
 use crate::protocol::{Envelope, JobSnapshot, RoomKind, Since, Subscribed};
 use crate::realtime::history::{HistoryRing, Replay};
 use crate::realtime::outbox::Member;
+use crate::realtime::redis::RedisEngine;
 
 /// What every room needs to know.
 #[derive(Debug, Clone)]
@@ -35,9 +41,17 @@ pub struct RoomSettings {
 pub struct Deliver {
     /// Its `seq`.
     pub seq: u64,
+    /// Its epoch.
+    pub epoch: Arc<str>,
     /// The encoded envelope every member receives.
     pub event: Arc<Encoded>,
 }
+
+/// Cluster mode: read the events after the newest held from Redis (the broker's subscription was
+/// down for a while).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CatchUp;
 
 /// A connection joins (or re-joins) the room.
 #[derive(Message)]
@@ -86,14 +100,86 @@ pub struct Room {
     /// Whether the store's history was read into the ring already: it is read once per room actor,
     /// whatever number of clients resume from it.
     loaded: bool,
+    /// Cluster mode: where the room's epoch, `seq` and history live.
+    redis: Option<RedisEngine>,
 }
+
+/// A run of stored events, decoded, or `None` when the source failed or changed epoch.
+type Run = Option<Vec<(u64, Instant, Arc<Encoded>)>>;
 
 impl Room {
     /// The room of `key` whose newest event is `head` (0: none yet).
-    pub fn new(key: Arc<str>, epoch: Arc<str>, head: u64, settings: RoomSettings, store: Addr<StoreActor>) -> Self {
+    pub fn new(
+        key: Arc<str>,
+        epoch: Arc<str>,
+        head: u64,
+        settings: RoomSettings,
+        store: Addr<StoreActor>,
+        redis: Option<RedisEngine>,
+    ) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);
         let name = Arc::from(RoomKind::name_of_key(&key).as_str());
-        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store, loaded: false }
+        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store, loaded: false, redis }
+    }
+
+    /// Takes the next event: into the ring and to every member.
+    fn accept(&mut self, seq: u64, event: Arc<Encoded>) {
+        self.head = seq;
+        self.history.push(seq, event.clone(), Instant::now());
+        for member in self.members.values() {
+            member.event(&self.name, &event, false);
+        }
+    }
+
+    /// The stored events after `after`, at most `limit`, decoded off this thread: from Redis in
+    /// cluster mode (only if still of this room's epoch), else from the store.
+    fn load_after(&self, after: u64, limit: usize) -> futures_util::future::BoxFuture<'static, Run> {
+        let threshold = self.settings.compress_threshold;
+        let min_created_ms = now_ms() - self.settings.history_ttl.as_millis() as i64;
+        let room = self.key.to_string();
+        if let Some(redis) = self.redis.clone() {
+            let epoch = self.epoch.to_string();
+            return Box::pin(async move {
+                let (now, rows) = redis.events_after(&room, after, limit, min_created_ms).await.ok()?;
+                if now != epoch {
+                    return None;
+                }
+                let Some(first) = rows.first().map(|r| r.0) else {
+                    return Some(Vec::new());
+                };
+                tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
+            });
+        }
+        let store = self.store.clone();
+        let query = EventsAfter { room, seq: after, limit, min_created_ms };
+        Box::pin(async move {
+            let rows = store.send(query).await.ok()?.ok()?;
+            let Some(first) = rows.first().map(|r| r.0) else {
+                return Some(Vec::new());
+            };
+            tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
+        })
+    }
+
+    /// Cluster mode: fills the gap after `head` from Redis, then takes `then` (the event that showed
+    /// the gap). Events the stream no longer has are lost to this node's members, who see the gap in
+    /// `seq` and resume (`recovered: false`).
+    fn catch_up(&mut self, then: Option<Deliver>, ctx: &mut Context<Self>) {
+        if self.redis.is_none() {
+            return;
+        }
+        let limit = then.as_ref().map_or(self.settings.history_size, |d| (d.seq - self.head - 1) as usize);
+        let load = self.load_after(self.head, limit.clamp(1, self.settings.history_size.max(1)));
+        ctx.wait(load.into_actor(self).map(move |run, room, _| {
+            for (seq, _, event) in run.unwrap_or_default() {
+                if seq == room.head + 1 {
+                    room.accept(seq, event);
+                }
+            }
+            if let Some(d) = then.filter(|d| d.seq > room.head) {
+                room.accept(d.seq, d.event);
+            }
+        }));
     }
 
     /// Sends `subscribed`, then the replay, and adds the member.
@@ -137,17 +223,46 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(Duration::from_secs(30), |room, _| room.history.expire(Instant::now()));
+        // Cluster mode: nothing is handled before the room knows its epoch and newest `seq`.
+        if let Some(redis) = self.redis.clone() {
+            let key = self.key.to_string();
+            let cursor = async move { redis.cursor(&key).await };
+            ctx.wait(cursor.into_actor(self).map(|res, room, _| match res {
+                Ok((epoch, seq)) => {
+                    room.epoch = Arc::from(epoch.as_str());
+                    room.head = seq;
+                }
+                Err(e) => tracing::warn!(room = %room.key, error = %e, "room cursor unavailable; starting empty"),
+            }));
+        }
     }
 }
 
 impl Handler<Deliver> for Room {
     type Result = ();
-    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        self.head = msg.seq;
-        self.history.push(msg.seq, msg.event.clone(), Instant::now());
-        for member in self.members.values() {
-            member.event(&self.name, &msg.event, false);
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        if *msg.epoch != *self.epoch {
+            // Redis lost the room and began a new epoch: what the ring holds belongs to the old one.
+            tracing::warn!(room = %self.key, old = %self.epoch, new = %msg.epoch, "room epoch changed");
+            self.epoch = msg.epoch.clone();
+            self.head = 0;
+            self.history = HistoryRing::new(self.settings.history_size, self.settings.history_ttl);
+            self.loaded = false;
         }
+        if msg.seq <= self.head {
+            return;
+        }
+        if msg.seq > self.head + 1 && self.redis.is_some() {
+            return self.catch_up(Some(msg), ctx);
+        }
+        self.accept(msg.seq, msg.event);
+    }
+}
+
+impl Handler<CatchUp> for Room {
+    type Result = ();
+    fn handle(&mut self, _: CatchUp, ctx: &mut Context<Self>) {
+        self.catch_up(None, ctx);
     }
 }
 
@@ -170,21 +285,7 @@ impl Handler<Join> for Room {
         }
         let after = self.head.saturating_sub(self.settings.history_size as u64);
         let before = self.history.oldest().unwrap_or(self.head + 1);
-        let query = EventsAfter {
-            room: self.key.to_string(),
-            seq: after,
-            limit: before.saturating_sub(after + 1) as usize,
-            min_created_ms: now_ms() - self.settings.history_ttl.as_millis() as i64,
-        };
-        let threshold = self.settings.compress_threshold;
-        let store = self.store.clone();
-        let load = async move {
-            let rows = store.send(query).await.ok()?.ok()?;
-            let Some(first) = rows.first().map(|r| r.0) else {
-                return Some(Vec::new());
-            };
-            tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
-        };
+        let load = self.load_after(after, before.saturating_sub(after + 1) as usize);
         // `wait`: no live event is handled before this member has its replay.
         ctx.wait(load.into_actor(self).map(move |run, room, _| {
             if let Some(run) = run {

@@ -35,6 +35,7 @@ use crate::realtime::broker::{self, Broker};
 use crate::realtime::frames::{Frames, Inbound};
 use crate::realtime::outbox::{Outbox, OutboxSettings, Outgoing, Refused, SlowConsumer};
 use crate::realtime::rate_limit::{TokenBucket, Verdict};
+use crate::realtime::redis::RedisEngine;
 use crate::realtime::registry::{self, Disconnect, LimitReached, Registry};
 
 /// What every session is handed at construction.
@@ -52,6 +53,8 @@ pub struct SessionDeps {
     pub registry: Addr<Registry>,
     /// Job rooms and cancels.
     pub jobs: JobAccess,
+    /// Cluster mode: where WebSocket tokens are spent, once across every node.
+    pub redis: Option<RedisEngine>,
 }
 
 /// How a connection starts.
@@ -233,10 +236,33 @@ impl Session {
 
     /// Verifies `token` and, once the registry accepts the user, marks the connection authenticated.
     fn authenticate(&mut self, token: &str, ctx: &mut Context<Self>) {
-        let identity = match self.deps.auth.verify_connect(token) {
-            Ok(id) => id,
-            Err(e) => return self.auth_failed(e, ctx),
-        };
+        if let Some(redis) = self.deps.redis.clone() {
+            let (identity, spend) = match self.deps.auth.verify_connect_unspent(token) {
+                Ok(checked) => checked,
+                Err(e) => return self.auth_failed(e, ctx),
+            };
+            let Some((jti, exp)) = spend else {
+                return self.identify(identity, ctx);
+            };
+            let spent = async move { redis.spend_token(&jti, exp).await };
+            ctx.wait(spent.into_actor(self).map(move |res, act, ctx| match res {
+                Ok(true) => act.identify(identity, ctx),
+                Ok(false) => act.auth_failed(AuthError::Reused, ctx),
+                Err(e) => {
+                    act.span.in_scope(|| warn!(conn = %act.id, error = %e, "cannot spend a WebSocket token"));
+                    act.auth_failed(AuthError::Unavailable, ctx)
+                }
+            }));
+            return;
+        }
+        match self.deps.auth.verify_connect(token) {
+            Ok(id) => self.identify(id, ctx),
+            Err(e) => self.auth_failed(e, ctx),
+        }
+    }
+
+    /// Tells the registry who the connection is; once it accepts, the connection is authenticated.
+    fn identify(&mut self, identity: Identity, ctx: &mut Context<Self>) {
         let fut = self.deps.registry.send(registry::Identify { id: self.id, identity: identity.clone() });
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => act.authenticated(identity, ctx),

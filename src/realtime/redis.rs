@@ -1,0 +1,341 @@
+//! The Redis engine of the broker (cluster mode, `redis_url`): how several nodes share rooms.
+//!
+//! Per room, under `cluster_prefix`, a hash `<prefix>:room:{<room>}` holds its `epoch` and last `seq`,
+//! and a stream `<prefix>:hist:{<room>}` its history, one entry per event with the id `<seq>-0`
+//! (fields `t`: created ms, `j`: the envelope's JSON), trimmed to about `history_size` entries; both
+//! expire `history_ttl_s` after the room's last event. One Lua script numbers, stores and fans out an
+//! event atomically ([`PUBLISH`]): `seq` comes from `HINCRBY` on the room's hash, the envelope gets its
+//! `seq` and `epoch`, goes into the stream and is published on `<prefix>:events`, so every node sees
+//! a room's events in `seq` order, and an event is in the history before any node can deliver it.
+//! When Redis lost a room's hash (a flush, a restart without persistence) the script starts a new
+//! epoch at `seq` 1 and drops what is left of the stream, so a resume from the old epoch answers
+//! `recovered: false` rather than a silent gap. A resume reads only the entries after its `seq`
+//! (`XRANGE` from an exclusive id: a seek, never a scan of the stream).
+//!
+//! Publishes of one node go out through one task, pipelined in arrival order; the subscriber task
+//! reconnects by itself and then tells the broker to let every room catch up from its stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot, OnceCell};
+
+/// Numbers, stores and publishes one event. KEYS: room hash, stream. ARGV: epoch for a new room,
+/// envelope JSON without `seq`/`epoch`, stream length, ttl seconds, channel, room key, created ms.
+const PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local env = string.sub(ARGV[2], 1, -2) .. ',"seq":' .. seq .. ',"epoch":"' .. epoch .. '"}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 't', ARGV[7], 'j', env)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\n' .. env)
+return {seq, epoch}
+"#;
+
+/// A room's epoch and last `seq`, creating the room (so every node names the same epoch for a room
+/// that has no event yet). KEYS: room hash, stream. ARGV: epoch for a new room, ttl seconds.
+const CURSOR: &str = r#"
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'seq', 0)
+  redis.call('DEL', KEYS[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+"#;
+
+/// An event another node (or this one) published, as it came off `<prefix>:events`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteEvent {
+    /// The room's key.
+    pub room: String,
+    /// The envelope's JSON, with its `seq` and `epoch`.
+    pub json: String,
+}
+
+/// The subscriber reconnected: events may have been missed meanwhile; rooms catch up from Redis.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+/// Why Redis could not do something.
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct RedisFailure(String);
+
+impl From<redis::RedisError> for RedisFailure {
+    fn from(e: redis::RedisError) -> Self {
+        RedisFailure(e.to_string())
+    }
+}
+
+/// A stream entry as `XRANGE` answers it: its id and its field-value pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
+/// One event to publish, with where its answer goes.
+struct Outgoing {
+    room: String,
+    body: String,
+    reply: oneshot::Sender<Result<(u64, String), RedisFailure>>,
+}
+
+/// The shared handle on the Redis engine (cheap to clone).
+#[derive(Clone)]
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    history_size: usize,
+    ttl_s: u64,
+    publish: mpsc::UnboundedSender<Outgoing>,
+    queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
+}
+
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl RedisEngine {
+    /// An engine for `url` (checked here, connected on first use) under `prefix`.
+    pub fn new(url: &str, prefix: &str, history_size: usize, ttl_s: u64) -> Result<Self, RedisFailure> {
+        let client = redis::Client::open(url)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(RedisEngine {
+            inner: Arc::new(Inner {
+                client,
+                conn: OnceCell::new(),
+                prefix: prefix.to_string(),
+                history_size: history_size.max(1),
+                ttl_s: ttl_s.max(1),
+                publish: tx,
+                queue: std::sync::Mutex::new(Some(rx)),
+            }),
+        })
+    }
+
+    fn room_key(&self, room: &str) -> String {
+        format!("{}:room:{{{room}}}", self.inner.prefix)
+    }
+
+    fn stream_key(&self, room: &str) -> String {
+        format!("{}:hist:{{{room}}}", self.inner.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:events", self.inner.prefix)
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, RedisFailure> {
+        let conn = self
+            .inner
+            .conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)));
+                self.inner.client.get_connection_manager_with_config(config).await
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> bool {
+        let Ok(mut conn) = self.conn().await else { return false };
+        redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+    }
+
+    /// Spends a WebSocket token id cluster-wide: true the first time on any node (`SET NX`, kept
+    /// until the token expires), false after.
+    pub async fn spend_token(&self, jti: &str, exp: u64) -> Result<bool, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let ttl = exp.saturating_sub(crate::auth::unix_now()).max(1) + 60;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:wstoken:{jti}", self.inner.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Numbers, stores and publishes an event of `room` (the envelope's JSON without `seq` and
+    /// `epoch`); answers its `seq` and the room's epoch once Redis has it.
+    pub async fn publish(&self, room: String, body: String) -> Result<(u64, String), RedisFailure> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .publish
+            .send(Outgoing { room, body, reply })
+            .map_err(|_| RedisFailure("the publisher stopped".into()))?;
+        answer.await.map_err(|_| RedisFailure("the publisher stopped".into()))?
+    }
+
+    /// The room's epoch and last `seq` (creating the room's epoch when it has none).
+    pub async fn cursor(&self, room: &str) -> Result<(String, u64), RedisFailure> {
+        let mut conn = self.conn().await?;
+        let (epoch, seq): (Option<String>, Option<u64>) = redis::cmd("EVAL")
+            .arg(CURSOR)
+            .arg(2)
+            .arg(self.room_key(room))
+            .arg(self.stream_key(room))
+            .arg(new_epoch())
+            .arg(self.inner.ttl_s)
+            .query_async(&mut conn)
+            .await?;
+        Ok((epoch.unwrap_or_default(), seq.unwrap_or(0)))
+    }
+
+    /// The room's epoch and its stored events after `after`, at most `limit`, not older than
+    /// `min_created_ms`: `(seq, created ms, envelope JSON)`, in order.
+    pub async fn events_after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+        min_created_ms: i64,
+    ) -> Result<(String, Vec<(u64, i64, String)>), RedisFailure> {
+        let mut conn = self.conn().await?;
+        let (epoch, entries): (Option<String>, Vec<StreamEntry>) = redis::pipe()
+            .cmd("HGET")
+            .arg(self.room_key(room))
+            .arg("epoch")
+            .cmd("XRANGE")
+            .arg(self.stream_key(room))
+            .arg(format!("({after}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let Some(seq) = id.split('-').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
+            let mut created = 0i64;
+            let mut json = None;
+            for (k, v) in fields {
+                match k.as_str() {
+                    "t" => created = v.parse().unwrap_or(0),
+                    "j" => json = Some(v),
+                    _ => {}
+                }
+            }
+            if created < min_created_ms {
+                continue;
+            }
+            if let Some(json) = json {
+                out.push((seq, created, json));
+            }
+        }
+        Ok((epoch.unwrap_or_default(), out))
+    }
+
+    /// Starts the publisher task (once) and the subscriber task, which hands every event on the
+    /// channel to `events` and, after each reconnection, sends `resync`.
+    pub fn run(&self, events: Recipient<RemoteEvent>, resync: Recipient<Resync>) {
+        let queue = self.inner.queue.lock().ok().and_then(|mut q| q.take());
+        if let Some(queue) = queue {
+            actix_rt::spawn(self.clone().publisher(queue));
+        }
+        actix_rt::spawn(self.clone().subscriber(events, resync));
+    }
+
+    /// Sends queued publishes in arrival order, as many per round trip as are waiting.
+    async fn publisher(self, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+        let mut batch = Vec::new();
+        while let Some(first) = queue.recv().await {
+            batch.push(first);
+            while batch.len() < 256 {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let answers = self.publish_batch(&batch).await;
+            for (item, answer) in batch.drain(..).zip(answers) {
+                let _ = item.reply.send(answer);
+            }
+        }
+    }
+
+    async fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(u64, String), RedisFailure>> {
+        let failed = |e: &RedisFailure| batch.iter().map(|_| Err(RedisFailure(e.0.clone()))).collect();
+        let mut conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => return failed(&e),
+        };
+        let mut pipe = redis::pipe();
+        let now = crate::db::sqlite::now_ms();
+        let channel = self.channel();
+        for item in batch {
+            pipe.cmd("EVAL")
+                .arg(PUBLISH)
+                .arg(2)
+                .arg(self.room_key(&item.room))
+                .arg(self.stream_key(&item.room))
+                .arg(new_epoch())
+                .arg(&item.body)
+                .arg(self.inner.history_size)
+                .arg(self.inner.ttl_s)
+                .arg(&channel)
+                .arg(&item.room)
+                .arg(now);
+        }
+        match pipe.query_async::<Vec<(u64, String)>>(&mut conn).await {
+            Ok(answers) if answers.len() == batch.len() => answers.into_iter().map(Ok).collect(),
+            Ok(_) => failed(&RedisFailure("a short answer to a pipelined publish".into())),
+            Err(e) => failed(&RedisFailure(e.to_string())),
+        }
+    }
+
+    /// Listens on the channel for as long as the node runs, reconnecting with backoff.
+    async fn subscriber(self, events: Recipient<RemoteEvent>, resync: Recipient<Resync>) {
+        let mut wait = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            match self.inner.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(self.channel()).await.is_ok() {
+                        wait = Duration::from_millis(100);
+                        // Whatever was published while no subscription was open, rooms read from
+                        // their streams (nothing to read on the first one, unless Redis was late).
+                        if !first {
+                            tracing::info!("redis subscriber reconnected; rooms catch up");
+                        }
+                        resync.do_send(Resync);
+                        first = false;
+                        let mut stream = pubsub.into_on_message();
+                        while let Some(msg) = stream.next().await {
+                            let payload = msg.get_payload_bytes();
+                            let Some(cut) = payload.iter().position(|b| *b == b'\n') else { continue };
+                            let (Ok(room), Ok(json)) =
+                                (std::str::from_utf8(&payload[..cut]), std::str::from_utf8(&payload[cut + 1..]))
+                            else {
+                                continue;
+                            };
+                            events.do_send(RemoteEvent { room: room.to_string(), json: json.to_string() });
+                        }
+                        tracing::warn!("redis subscriber lost its connection");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "redis subscriber cannot connect"),
+            }
+            actix_rt::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Cluster mode: several real `jobcast serve` processes sharing one real Redis (127.0.0.1:6379), each
+//! run under a key prefix of its own. Without a Redis listening the tests are skipped with a printed
+//! reason, except under `CI=true`, where they must run.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::Client;
+use jobcast::protocol::{ClientMessage, Event, EventType, Since};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_jobcast");
+const REDIS: &str = "redis://127.0.0.1:6379";
+const SECRET: &str = "cluster-test-secret-shared-by-every-node";
+
+/// Whether a Redis answers; when not, a test returns early (and fails under CI).
+fn redis_up() -> bool {
+    let up = std::net::TcpStream::connect("127.0.0.1:6379").is_ok();
+    if !up {
+        assert!(std::env::var("CI").is_err(), "CI=true: the cluster tests need Redis on 127.0.0.1:6379");
+        eprintln!("skipped: no Redis on 127.0.0.1:6379");
+    }
+    up
+}
+
+/// One node of a cluster.
+struct Node {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(prefix: &str) -> Node {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--bind", "127.0.0.1:0", "--redis-url", REDIS, "--cluster-prefix", prefix])
+            .args(["--jwt-secret", SECRET, "--store", "memory"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn jobcast");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines.next().expect("jobcast printed its banner").expect("utf-8");
+            if let Some(a) = line.strip_prefix("jobcast listening on http://") {
+                break a.to_string();
+            }
+        };
+        // The banner's remaining lines go nowhere; keep the pipe drained.
+        std::thread::spawn(move || lines.for_each(drop));
+        Node { child, addr, _dir: dir }
+    }
+
+    fn ws(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    async fn broadcast(&self, room: &str, data: Value) -> Value {
+        broadcast(&self.addr, room, data).await
+    }
+
+    async fn ws_token(&self, access: &str) -> String {
+        let mut res = awc::Client::default()
+            .post(format!("http://{}/api/v1/auth/websocket-token", self.addr))
+            .insert_header(("Authorization", format!("Bearer {access}")))
+            .send()
+            .await
+            .expect("token");
+        let body: Value = res.json().await.expect("json");
+        body["token"].as_str().expect("token").to_string()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An admin broadcast through the node at `addr`; answers `{seq, delivered_to}`.
+async fn broadcast(addr: &str, room: &str, data: Value) -> Value {
+    let res = awc::Client::default()
+        .post(format!("http://{addr}/api/v1/admin/broadcast/{room}"))
+        .insert_header(("Authorization", format!("Bearer {}", token("ops", "acme", &["admin"]))))
+        .send_json(&json!({ "type": "info", "data": data }))
+        .await;
+    let mut res = res.expect("broadcast");
+    assert_eq!(res.status().as_u16(), 200);
+    res.json().await.expect("json")
+}
+
+fn token(user: &str, tenant: &str, roles: &[&str]) -> String {
+    let config = jobcast::Config { jwt_secret: Some(SECRET.into()), ..jobcast::Config::default() };
+    let auth = jobcast::Auth::new(&config, SECRET).expect("auth");
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    auth.mint_access(user, tenant, &roles, 3600).expect("mint")
+}
+
+/// A key prefix of this test's own; its keys are deleted when it is dropped.
+struct Prefix(String);
+
+impl Prefix {
+    fn new() -> Prefix {
+        Prefix(format!("jobcast-test-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let Ok(mut conn) = redis::Client::open(REDIS).and_then(|c| c.get_connection()) else { return };
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.0)).query(&mut conn).unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+fn prefix() -> Prefix {
+    Prefix::new()
+}
+
+async fn member(node: &Node, user: &str, room: &str) -> (Client, Value) {
+    let mut c = Client::connect(&node.ws(&format!("token={}&format=json", token(user, "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    let sub = c.subscribe(room).await;
+    (c, sub)
+}
+
+/// The next `n` room events, as (seq, epoch, data).
+async fn events(c: &mut Client, n: usize) -> Vec<(u64, String, Value)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let env = c.recv().await;
+        if let Event::Info(data) = &env.event {
+            out.push((env.seq.expect("seq"), env.epoch.clone().expect("epoch"), data.clone()));
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn events_published_on_two_nodes_reach_both_in_one_gapless_seq() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let (mut on_a, sub_a) = member(&a, "alice", "tenant:acme").await;
+    let (mut on_b, sub_b) = member(&b, "bob", "tenant:acme").await;
+    assert_eq!(sub_a["epoch"], sub_b["epoch"], "every node names the same epoch for a room");
+    // 40 from each node, concurrently.
+    let publish = |node: &Node, from: &'static str| {
+        let addr = node.addr.clone();
+        async move {
+            for i in 0..40 {
+                broadcast(&addr, "tenant:acme", json!({ "from": from, "i": i })).await;
+            }
+        }
+    };
+    futures_util::future::join(publish(&a, "a"), publish(&b, "b")).await;
+    let seen_a = events(&mut on_a, 80).await;
+    let seen_b = events(&mut on_b, 80).await;
+    let seqs: Vec<u64> = seen_a.iter().map(|e| e.0).collect();
+    assert_eq!(seqs, (1..=80).collect::<Vec<u64>>(), "seq rises by one across both nodes' publishes");
+    assert_eq!(seen_a, seen_b, "both nodes deliver the same events in the same order");
+    // Each node's own publishes stay in the order it made them.
+    for from in ["a", "b"] {
+        let order: Vec<u64> =
+            seen_a.iter().filter(|e| e.2["from"] == from).map(|e| e.2["i"].as_u64().unwrap()).collect();
+        assert_eq!(order, (0..40).collect::<Vec<u64>>());
+    }
+}
+
+#[actix_rt::test]
+async fn a_client_that_moves_to_another_node_resumes_with_no_gap() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let (mut c, _) = member(&a, "alice", "tenant:acme").await;
+    for i in 0..5 {
+        a.broadcast("tenant:acme", json!({ "i": i })).await;
+    }
+    let seen = events(&mut c, 5).await;
+    let (last, epoch) = (seen[4].0, seen[4].1.clone());
+    c.close().await;
+    for i in 5..12 {
+        a.broadcast("tenant:acme", json!({ "i": i })).await;
+    }
+    // On node B, which never had this room.
+    let mut c = Client::connect(&b.ws(&format!("token={}&format=json", token("alice", "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.send(&ClientMessage::Subscribe {
+        room: "tenant:acme".into(),
+        since: Some(Since { seq: last, epoch: epoch.clone() }),
+    })
+    .await;
+    let sub = c.expect_data(EventType::Subscribed).await;
+    assert_eq!((sub["recovered"].as_bool(), sub["replayed"].as_u64()), (Some(true), Some(7)), "{sub}");
+    let replayed = events(&mut c, 7).await;
+    assert_eq!(replayed.iter().map(|e| e.0).collect::<Vec<_>>(), (6..=12).collect::<Vec<u64>>());
+    assert!(replayed.iter().all(|e| e.1 == epoch));
+    // And it is live on B afterwards.
+    a.broadcast("tenant:acme", json!({ "i": 12 })).await;
+    assert_eq!(events(&mut c, 1).await[0].0, 13);
+}
+
+#[actix_rt::test]
+async fn a_node_killed_mid_stream_loses_its_clients_nothing() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (mut a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let (mut c, _) = member(&a, "alice", "tenant:acme").await;
+    for i in 0..4 {
+        b.broadcast("tenant:acme", json!({ "i": i })).await;
+    }
+    let seen = events(&mut c, 4).await;
+    a.child.kill().expect("kill -9");
+    a.child.wait().expect("reaped");
+    assert!(matches!(c.next().await, common::Incoming::Ended | common::Incoming::Close(_)), "node A is gone");
+    // Published while the client was between nodes.
+    for i in 4..9 {
+        b.broadcast("tenant:acme", json!({ "i": i })).await;
+    }
+    let mut c = Client::connect(&b.ws(&format!("token={}&format=json", token("alice", "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    let since = Since { seq: seen[3].0, epoch: seen[3].1.clone() };
+    c.send(&ClientMessage::Subscribe { room: "tenant:acme".into(), since: Some(since) }).await;
+    let sub = c.expect_data(EventType::Subscribed).await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    let resumed = events(&mut c, 5).await;
+    assert_eq!(resumed.iter().map(|e| e.0).collect::<Vec<_>>(), (5..=9).collect::<Vec<u64>>());
+    assert_eq!(resumed.iter().map(|e| e.2["i"].as_u64().unwrap()).collect::<Vec<_>>(), (4..9).collect::<Vec<u64>>());
+}
+
+#[actix_rt::test]
+async fn a_websocket_token_is_used_once_across_nodes_even_in_a_race() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    for _ in 0..5 {
+        let ws = a.ws_token(&token("alice", "acme", &[])).await;
+        let (on_a, on_b) = futures_util::future::join(
+            Client::connect(&a.ws(&format!("token={ws}&format=json"))),
+            Client::connect(&b.ws(&format!("token={ws}&format=json"))),
+        )
+        .await;
+        let mut outcomes = Vec::new();
+        for mut c in [on_a, on_b] {
+            c.expect(EventType::ConnectionEstablished).await;
+            let env = c.recv().await;
+            outcomes.push(match env.event {
+                Event::Authenticated(_) => "authenticated".to_string(),
+                Event::AuthFailure(f) => f.reason,
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        outcomes.sort();
+        assert_eq!(outcomes, ["authenticated", "token_reused"], "one node took the token, the other refused it");
+    }
+}
+
+/// Deletes every key of `prefix` (as a Redis flush or a restart without persistence would lose them).
+async fn lose_everything(prefix: &str) {
+    let client = redis::Client::open(REDIS).expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.expect("keys");
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
+    }
+}
+
+#[actix_rt::test]
+async fn when_redis_loses_the_history_a_resume_says_so() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let (mut live, _) = member(&b, "bob", "tenant:acme").await;
+    for i in 0..3 {
+        a.broadcast("tenant:acme", json!({ "i": i })).await;
+    }
+    let before = events(&mut live, 3).await;
+    lose_everything(&prefix).await;
+    let after = a.broadcast("tenant:acme", json!({ "i": "after" })).await;
+    assert_eq!(after["seq"], 1, "a new epoch starts at 1");
+    // The live member sees the new epoch (never silence), and a resume from the old one is refused.
+    let next = events(&mut live, 1).await;
+    assert_eq!(next[0].0, 1);
+    assert_ne!(next[0].1, before[2].1, "the epoch changed");
+    let mut c = Client::connect(&a.ws(&format!("token={}&format=json", token("alice", "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.send(&ClientMessage::Subscribe {
+        room: "tenant:acme".into(),
+        since: Some(Since { seq: 2, epoch: before[2].1.clone() }),
+    })
+    .await;
+    let sub = c.expect_data(EventType::Subscribed).await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(sub["epoch"], next[0].1);
+}
