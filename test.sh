@@ -10,6 +10,23 @@ cd "$(dirname "$0")"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+# Cluster tests need Redis on 127.0.0.1:6379: started here when nothing listens (installed from
+# Debian's packages when missing). Without it they are skipped with a printed reason, except under
+# CI=true, where they fail.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if ! listening 6379; then
+  if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
+    echo "== installing redis-server (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || true
+  fi
+  if command -v redis-server >/dev/null; then
+    echo "== starting redis-server on 127.0.0.1:6379"
+    redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null
+    for _ in $(seq 50); do listening 6379 && break; sleep 0.1; done
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

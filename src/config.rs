@@ -203,6 +203,15 @@ impl Config {
         if self.max_queued_messages == 0 {
             return invalid("max_queued_messages", "must be at least 1");
         }
+        if self.max_queued_jobs_per_tenant == 0 {
+            return invalid("max_queued_jobs_per_tenant", "must be at least 1 (0 would refuse every upload)");
+        }
+        if self.max_upload_bytes_per_tenant < self.max_upload_bytes {
+            return invalid(
+                "max_upload_bytes_per_tenant",
+                "must be at least max_upload_bytes (a largest upload would always be refused)",
+            );
+        }
         let prefix_ok = |p: &str| {
             (1..=64).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
@@ -296,6 +305,13 @@ mod tests {
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "store", .. })));
         let cli = Settings { redis_url: Some("redis://127.0.0.1:6379".into()), ..Default::default() };
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "redis_url", .. })), "no jwt_secret");
+        let cli = Settings { max_queued_jobs_per_tenant: Some(0), ..Default::default() };
+        assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "max_queued_jobs_per_tenant", .. })));
+        let cli = Settings { max_upload_bytes_per_tenant: Some(1), ..Default::default() };
+        assert!(matches!(
+            Config::load(cli, None),
+            Err(ConfigError::Invalid { key: "max_upload_bytes_per_tenant", .. })
+        ));
         let cli = Settings { cluster_prefix: Some("a:b".into()), ..Default::default() };
         assert!(matches!(Config::load(cli, None), Err(ConfigError::Invalid { key: "cluster_prefix", .. })));
     }

@@ -124,9 +124,72 @@ pub fn gzip_msgpack(env: &Envelope) -> Result<Bytes, EncodeError> {
 /// 1000 to 1) is refused at this size instead of filling memory.
 pub const MAX_DECODED_BYTES: usize = 16 << 20;
 
+/// What [`decode_binary`] may hold at most, whatever its input (measured: see its tests).
+pub const DECODE_HEAP_BOUND: usize = 3 * MAX_DECODED_BYTES + 32 * MAX_DECODED_VALUES;
+
+/// The most msgpack values (scalars and containers) a binary frame may hold: serde buffers the
+/// envelope's values before it reads them (about 32 bytes each), so a frame of millions of one-byte
+/// values would cost far more memory than its bytes.
+pub const MAX_DECODED_VALUES: usize = 1 << 20;
+
+/// Counts the msgpack values of one complete value in `bytes`, refusing past `max` and refusing any
+/// container that claims more values than bytes remain (each value takes at least one byte).
+fn msgpack_values(mut b: &[u8], max: usize) -> Result<usize, String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err("msgpack: truncated".into());
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn len(b: &mut &[u8], n: usize) -> Result<usize, String> {
+        Ok(take(b, n)?.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x)))
+    }
+    let (mut pending, mut seen) = (1usize, 0usize);
+    while pending > 0 {
+        pending -= 1;
+        seen += 1;
+        if seen > max {
+            return Err(format!("msgpack: more than {max} values"));
+        }
+        let m = take(&mut b, 1)?[0];
+        let more = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
+            0x80..=0x8f => 2 * usize::from(m & 0x0f),
+            0x90..=0x9f => usize::from(m & 0x0f),
+            0xa0..=0xbf => take(&mut b, usize::from(m & 0x1f)).map(|_| 0)?,
+            0xc4 | 0xd9 => len(&mut b, 1).and_then(|n| take(&mut b, n)).map(|_| 0)?,
+            0xc5 | 0xda => len(&mut b, 2).and_then(|n| take(&mut b, n)).map(|_| 0)?,
+            0xc6 | 0xdb => len(&mut b, 4).and_then(|n| take(&mut b, n)).map(|_| 0)?,
+            0xc7 => len(&mut b, 1).and_then(|n| take(&mut b, n + 1)).map(|_| 0)?,
+            0xc8 => len(&mut b, 2).and_then(|n| take(&mut b, n + 1)).map(|_| 0)?,
+            0xc9 => len(&mut b, 4).and_then(|n| take(&mut b, n + 1)).map(|_| 0)?,
+            0xcc | 0xd0 => take(&mut b, 1).map(|_| 0)?,
+            0xcd | 0xd1 | 0xd4 => take(&mut b, 2).map(|_| 0)?,
+            0xd5 => take(&mut b, 3).map(|_| 0)?,
+            0xca | 0xce | 0xd2 => take(&mut b, 4).map(|_| 0)?,
+            0xd6 => take(&mut b, 5).map(|_| 0)?,
+            0xcb | 0xcf | 0xd3 => take(&mut b, 8).map(|_| 0)?,
+            0xd7 => take(&mut b, 9).map(|_| 0)?,
+            0xd8 => take(&mut b, 17).map(|_| 0)?,
+            0xdc => len(&mut b, 2)?,
+            0xdd => len(&mut b, 4)?,
+            0xde => 2 * len(&mut b, 2)?,
+            0xdf => 2 * len(&mut b, 4)?,
+            0xc1 => return Err("msgpack: the never-used marker 0xc1".into()),
+        };
+        pending = pending.saturating_add(more);
+        if pending > b.len() {
+            return Err("msgpack: a container claims more values than the frame has bytes".into());
+        }
+    }
+    Ok(seen)
+}
+
 /// Decodes a binary frame back into an envelope (used by tests, the harness and the CLI client).
-/// Whatever the bytes, it holds at most about twice [`MAX_DECODED_BYTES`] plus 1 MiB of heap (the
-/// inflated msgpack, the values decoded from it, and serde's cap on preallocating claimed lengths).
+/// Whatever the bytes, it holds at most about [`DECODE_HEAP_BOUND`]: the inflated msgpack (at most
+/// [`MAX_DECODED_BYTES`]), serde's buffered values (at most [`MAX_DECODED_VALUES`]) and the envelope.
 pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
     use std::io::Read;
     let mut packed = Vec::new();
@@ -137,6 +200,7 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, String> {
     if packed.len() > MAX_DECODED_BYTES {
         return Err(format!("gzip: the frame inflates past {MAX_DECODED_BYTES} bytes"));
     }
+    msgpack_values(&packed, MAX_DECODED_VALUES)?;
     Envelope::deserialize(&mut rmp_serde::Deserializer::new(&packed[..]).with_human_readable())
         .map_err(|e| format!("msgpack: {e}"))
 }
@@ -245,8 +309,7 @@ mod tests {
         }
     }
 
-    /// What [`decode_binary`] may hold at most, whatever its input.
-    const DECODE_BOUND: usize = 2 * MAX_DECODED_BYTES + (1 << 20);
+    const DECODE_BOUND: usize = DECODE_HEAP_BOUND;
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut gz = GzEncoder::new(Vec::new(), Compression::best());
@@ -261,6 +324,22 @@ mod tests {
         let (decoded, held) = crate::alloc_probe::peak(|| decode_binary(&bomb));
         assert!(decoded.is_err_and(|e| e.contains("inflates past")));
         assert!(held <= DECODE_BOUND, "held {held} bytes for a {}-byte frame", bomb.len());
+    }
+
+    #[test]
+    fn millions_of_one_byte_values_are_refused_before_serde_buffers_them() {
+        // {"data": [[], [], ... 8 Mi times]}: 8 KiB of gzip that held 272 MiB before values were counted.
+        let mut packed = vec![0x81, 0xa4, b'd', b'a', b't', b'a', 0xdd, 0x00, 0x80, 0x00, 0x00];
+        packed.extend(std::iter::repeat_n(0x90u8, 8 << 20));
+        let frame = gzip(&packed);
+        let (decoded, held) = crate::alloc_probe::peak(|| decode_binary(&frame));
+        assert!(decoded.is_err_and(|e| e.contains("values")));
+        assert!(held <= DECODE_BOUND, "held {held} bytes for a {}-byte frame", frame.len());
+        // The counter agrees with the format on real frames.
+        let env = env_with(5000);
+        let e = Encoded::new(&env, 1024).unwrap();
+        let Frame::Binary(b) = e.frame(Format::Auto) else { panic!("binary expected") };
+        assert_eq!(decode_binary(&b).unwrap(), env);
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub use cli::import::{run as run_import, ImportError, Outcome as ImportOutcome};
 pub use config::{Config, ConfigError, Settings};
 pub use db::sqlite::StoreError;
 pub use error::ApiError;
-pub use framing::decode_binary;
+pub use framing::{decode_binary, DECODE_HEAP_BOUND, MAX_DECODED_BYTES, MAX_DECODED_VALUES};
 pub use http::shared::Shared;
 
 use crate::auth::Auth as Verifier;

@@ -899,12 +899,20 @@ async fn an_upload_beyond_the_tenants_queued_jobs_is_429_before_its_body_is_read
 
 #[actix_rt::test]
 async fn upload_bytes_beyond_the_tenants_quota_are_429_declared_or_not() {
-    let s = TestServer::with(|c| c.max_upload_bytes_per_tenant = 4096);
+    let s = TestServer::with(|c| {
+        c.max_upload_bytes = 6000;
+        c.max_upload_bytes_per_tenant = 6000;
+    });
     let token = s.token("alice", "acme", &[]);
     let (status, text) = raw_http(&s, &sized_upload_head(&token, 8192), &[]);
     assert_eq!(status, 429, "{text}");
     assert!(text.contains("max_upload_bytes_per_tenant"), "{text}");
-    // Chunked, so nothing is declared: refused once the file passes the quota.
+    // One upload of the tenant holds 3000 bytes (declared, its body not sent yet)...
+    let mut held = TcpStream::connect(s.addr).expect("connect");
+    held.write_all(sized_upload_head(&token, 3000).as_bytes()).expect("head");
+    until_metric(&s, "jobcast_uploads_in_progress 1").await;
+    // ...so a chunked one, which declares nothing, is refused as soon as its file passes the other
+    // 3000 (before the 6000 of max_upload_bytes would refuse it with 413).
     let mut pieces = vec![chunk(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\n")];
     pieces.push(chunk(b"date,amount,description\n"));
     for i in 0..20 {
@@ -915,6 +923,7 @@ async fn upload_bytes_beyond_the_tenants_quota_are_429_declared_or_not() {
     assert_eq!(status, 429, "{text}");
     assert!(text.contains("max_upload_bytes_per_tenant"), "{text}");
     // Nothing of the refused uploads is held: a file under the quota goes through.
+    drop(held);
     until_metric(&s, "jobcast_uploads_in_progress 0").await;
     assert_eq!(s.upload(&token, "small.csv", "text/csv", &unique_rows(20, "s"), None).await.0, 202);
     let left: Vec<_> = std::fs::read_dir(s.data_dir.path().join("uploads"))

@@ -133,6 +133,10 @@ pub struct RowStore {
     group_totals: HashMap<String, u64>,
     /// `max_stored_rows_per_tenant` and the committed counts; no limit without.
     quotas: Option<Arc<Quotas>>,
+    /// Jobs a zone of which passed the row limit, with that zone's index: their later zones are
+    /// refused too, so what such a job stored is the zones before the one that failed (the job fails
+    /// with it); earlier ones rolled back with its group are written again.
+    over_quota: HashMap<String, u64>,
 }
 
 impl RowStore {
@@ -140,7 +144,14 @@ impl RowStore {
     pub fn open(main: &Location) -> Result<RowStore, StoreError> {
         let conn = connect(&main.rows(), 32_768)?;
         migrate(&conn, MIGRATIONS)?;
-        Ok(RowStore { conn, group: Vec::new(), group_rows: 0, group_totals: HashMap::new(), quotas: None })
+        Ok(RowStore {
+            conn,
+            group: Vec::new(),
+            group_rows: 0,
+            group_totals: HashMap::new(),
+            quotas: None,
+            over_quota: HashMap::new(),
+        })
     }
 
     /// Enforces `quotas`' row limit from now on, and tells it every tenant's committed count.
@@ -244,6 +255,10 @@ impl RowStore {
         if let Some(text) = existing {
             return serde_json::from_str(&text).map_err(|e| StoreError::new(e.to_string()));
         }
+        if self.over_quota.get(job_id).is_some_and(|failed| zone_index > *failed) {
+            let max = self.quotas.as_ref().map_or(0, |q| q.limits().rows);
+            return Err(StoreError::new(Exceeded::Rows { tenant: tenant.into(), max }.to_string()));
+        }
         // No savepoint per zone: a savepoint copies every page a zone touches to a sub-journal, which
         // cost more than the inserts. A failing zone rolls back its group instead (see `add`).
         self.insert_zone(job_id, tenant, zone_index, rows, &mut report)?;
@@ -301,6 +316,8 @@ impl RowStore {
         if let Some(max) = self.quotas.as_ref().map(|q| q.limits().rows) {
             if total > max {
                 // The group is rolled back (see `add`): none of this zone's rows stay.
+                let first = self.over_quota.entry(job_id.to_string()).or_insert(zone_index);
+                *first = (*first).min(zone_index);
                 return Err(StoreError::new(Exceeded::Rows { tenant: tenant.into(), max }.to_string()));
             }
         }
@@ -465,6 +482,27 @@ mod tests {
         assert_eq!(store_zone(&mut s, "j3", "t2", 0, &rows).inserted, 2);
         assert_eq!(s.row_count("t1").unwrap(), 2);
         assert_eq!(s.zone_reports("j1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_job_past_the_row_limit_stores_nothing_after_the_zone_that_passed_it() {
+        let limits = crate::quota::Limits { jobs: 10, upload_bytes: 1 << 30, rows: 25, min_free_disk: 0 };
+        let quotas = crate::quota::Quotas::new(limits);
+        let mut s = RowStore::open(&Location::memory()).unwrap().with_quotas(quotas.clone()).unwrap();
+        let rows = |from: u8, n: u8| (from..from + n).map(|k| row(u64::from(k), k)).collect::<Vec<_>>();
+        assert_eq!(store_zone(&mut s, "j", "t", 0, &rows(0, 10)).inserted, 10);
+        assert_eq!(store_zone(&mut s, "j", "t", 1, &rows(10, 10)).inserted, 10);
+        let failed = s.write_zone("j", "t", 2, &rows(20, 10), ZoneReport::default()).unwrap_err();
+        assert!(failed.to_string().contains("more than 25 rows"), "{failed}");
+        let _ = s.conn.execute_batch("ROLLBACK");
+        // Three more would fit (23), but they come after the zone that failed.
+        assert!(s.write_zone("j", "t", 3, &rows(30, 3), ZoneReport::default()).is_err());
+        let _ = s.conn.execute_batch("ROLLBACK");
+        // A zone before it, written again after its group was rolled back, still goes in; so does
+        // another job of the tenant, up to the limit.
+        assert_eq!(store_zone(&mut s, "other", "t", 0, &rows(40, 5)).inserted, 5);
+        assert_eq!(quotas.stored_rows("t"), 25);
+        assert_eq!(s.row_count("t").unwrap(), 25);
     }
 
     #[test]

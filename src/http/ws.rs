@@ -34,12 +34,9 @@ pub async fn ws_job(
     upgrade(req, body, shared.get_ref().clone(), Some(room))
 }
 
-fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    shared: Shared,
-    auto_room: Option<String>,
-) -> Result<HttpResponse, ApiError> {
+/// With `allowed_origins` set, an upgrade must come from one of them (browsers send `Origin`; CORS
+/// does not cover WebSockets).
+fn check_origin(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
     if let Some(allowed) = shared.config.origins() {
         let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
         if !origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
@@ -47,6 +44,16 @@ fn upgrade(
             return Err(ApiError::Forbidden("this Origin is not allowed".into()));
         }
     }
+    Ok(())
+}
+
+fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    shared: Shared,
+    auto_room: Option<String>,
+) -> Result<HttpResponse, ApiError> {
+    check_origin(&req, &shared)?;
     let q = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
         .into_inner();
@@ -74,6 +81,7 @@ fn upgrade(
 /// `GET /ws/echo` (routed by `serve --conformance-echo` only): every message sent back as it came,
 /// through `/ws`'s frame handling; no authentication.
 pub async fn echo(req: HttpRequest, body: web::Payload, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+    check_origin(&req, &shared)?;
     let (response, session, stream) =
         actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
     Echo::start(

@@ -6,9 +6,11 @@
 //! gets), and its answers through the same bounded [`Outbox`] and writer, so what a suite such as
 //! Autobahn's checks here is what every client of `/ws` gets.
 //!
-//! It is registered like any connection: it counts against `max_connections`, the per-address cap and
-//! (never authenticating) `max_unauthenticated_connections`, shows in the admin listing, and closes
-//! with 1001 at shutdown. A connection silent for `client_timeout_s` is closed with 4008.
+//! It is registered like any connection: it counts against `max_connections`, the per-address cap
+//! (loopback is trusted by default) and, never authenticating, `max_unauthenticated_connections`;
+//! the upgrade is refused an `Origin` outside `allowed_origins` as `/ws`'s is; it shows in the admin
+//! listing, and closes with 1001 at shutdown. A connection silent for `client_timeout_s` is closed with
+//! 4008.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
