@@ -34,9 +34,13 @@ struct Node {
 
 impl Node {
     fn start(prefix: &str) -> Node {
+        Node::on(REDIS, prefix)
+    }
+
+    fn on(redis: &str, prefix: &str) -> Node {
         let dir = tempfile::tempdir().expect("dir");
         let mut child = Command::new(BIN)
-            .args(["serve", "--bind", "127.0.0.1:0", "--redis-url", REDIS, "--cluster-prefix", prefix])
+            .args(["serve", "--bind", "127.0.0.1:0", "--redis-url", redis, "--cluster-prefix", prefix])
             .args(["--jwt-secret", SECRET, "--store", "memory"])
             .arg("--data-dir")
             .arg(dir.path())
@@ -86,14 +90,82 @@ impl Drop for Node {
 
 /// An admin broadcast through the node at `addr`; answers `{seq, delivered_to}`.
 async fn broadcast(addr: &str, room: &str, data: Value) -> Value {
+    let (status, body) = try_broadcast(addr, room, data).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn try_broadcast(addr: &str, room: &str, data: Value) -> (u16, Value) {
     let res = awc::Client::default()
         .post(format!("http://{addr}/api/v1/admin/broadcast/{room}"))
+        .timeout(common::WAIT)
         .insert_header(("Authorization", format!("Bearer {}", token("ops", "acme", &["admin"]))))
         .send_json(&json!({ "type": "info", "data": data }))
         .await;
     let mut res = res.expect("broadcast");
-    assert_eq!(res.status().as_u16(), 200);
-    res.json().await.expect("json")
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
+
+async fn ready(addr: &str) -> u16 {
+    let res = awc::Client::default().get(format!("http://{addr}/readyz")).timeout(common::WAIT).send().await;
+    res.expect("readyz").status().as_u16()
+}
+
+/// Waits (bounded) until `/readyz` answers `want`.
+async fn until_ready(addr: &str, want: u16) {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while ready(addr).await != want {
+        assert!(std::time::Instant::now() < deadline, "/readyz never answered {want}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis of this test's own, on a free port, that it can stop and start again.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<PrivateRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let mut redis = PrivateRedis { port, child: None };
+        redis.restart().then_some(redis)
+    }
+
+    fn restart(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn();
+        let Ok(child) = child else { return false };
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + common::WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 fn token(user: &str, tenant: &str, roles: &[&str]) -> String {
@@ -280,6 +352,33 @@ async fn a_websocket_token_is_used_once_across_nodes_even_in_a_race() {
         outcomes.sort();
         assert_eq!(outcomes, ["authenticated", "token_reused"], "one node took the token, the other refused it");
     }
+}
+
+#[actix_rt::test]
+async fn with_redis_away_a_node_says_so_and_recovers_by_itself() {
+    if !redis_up() {
+        return;
+    }
+    let Some(mut redis) = PrivateRedis::start() else {
+        assert!(std::env::var("CI").is_err(), "CI=true: redis-server is needed to stop and start a Redis");
+        return eprintln!("skipped: cannot start a redis-server of this test's own");
+    };
+    let node = Node::on(&redis.url(), "away");
+    let (mut c, _) = member(&node, "alice", "tenant:acme").await;
+    node.broadcast("tenant:acme", json!({ "i": 0 })).await;
+    let first = events(&mut c, 1).await;
+    redis.stop();
+    until_ready(&node.addr, 503).await;
+    let (status, body) = try_broadcast(&node.addr, "tenant:acme", json!({ "i": 1 })).await;
+    assert_eq!(status, 503, "a publish Redis did not take is refused, not acknowledged: {body}");
+    // Redis comes back empty (no persistence): the node recovers by itself, in a new epoch.
+    assert!(redis.restart());
+    until_ready(&node.addr, 200).await;
+    let after = node.broadcast("tenant:acme", json!({ "i": 2 })).await;
+    assert_eq!(after["seq"], 1);
+    let next = events(&mut c, 1).await;
+    assert_eq!((next[0].0, &next[0].2["i"]), (1, &json!(2)), "the live member gets what came after");
+    assert_ne!(next[0].1, first[0].1, "in a new epoch, so a resume from the old one says recovered: false");
 }
 
 /// Deletes every key of `prefix` (as a Redis flush or a restart without persistence would lose them).

@@ -118,7 +118,7 @@ pub async fn admin_broadcast(
     for key in keys {
         let published = shared
             .broker
-            .send(Publish { room: key, event: event.clone() })
+            .send(Publish::api(key, event.clone()))
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?
             .map_err(publish_failed)?;

@@ -123,7 +123,7 @@ async fn publish_event(
     let kind = event.kind();
     let published = shared
         .broker
-        .send(Publish { room: RoomKind::Job(job_id).name(), event })
+        .send(Publish::api(RoomKind::Job(job_id).name(), event))
         .await
         .map_err(unavailable)?
         .map_err(publish_failed)?;

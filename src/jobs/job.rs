@@ -224,7 +224,7 @@ impl Job {
     }
 
     fn publish(&self, event: Event) {
-        self.deps.broker.do_send(Publish { room: self.room.clone(), event });
+        self.deps.broker.do_send(Publish::job(self.room.clone(), event));
     }
 
     fn zones_total(&self) -> u64 {

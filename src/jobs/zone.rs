@@ -134,15 +134,15 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     let started = Instant::now();
     let room = RoomKind::Job(m.job_id).name();
     let id = zone_id(m.job_id, m.index);
-    deps.broker.do_send(Publish {
-        room: room.clone(),
-        event: Event::ZoneProcessing(ZoneProcessing {
+    deps.broker.do_send(Publish::job(
+        room.clone(),
+        Event::ZoneProcessing(ZoneProcessing {
             job_id: m.job_id,
             zone_id: id.clone(),
             zone_index: m.index,
             processing_tool: "csv".into(),
         }),
-    });
+    ));
     let (path, start, columns, rules) = (m.path.clone(), m.start, m.columns, deps.rules.clone());
     let parsed = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -169,16 +169,22 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     let job_id = m.job_id.to_string();
     deps.rows.do_send(StoreZone { job_id, tenant: m.tenant, index: m.index, rows, report, reply });
     let report = answer.await.map_err(|_| "the row store stopped".to_string())?.map_err(|e| e.to_string())?;
-    deps.broker.do_send(Publish {
-        room,
-        event: Event::ZoneCompleted(ZoneCompleted {
-            job_id: m.job_id,
-            zone_id: id,
-            zone_index: m.index,
-            rows: m.start.rows,
-            errors: report.invalid_count,
-            duration_ms: started.elapsed().as_millis() as u64,
-        }),
+    let completed = Event::ZoneCompleted(ZoneCompleted {
+        job_id: m.job_id,
+        zone_id: id,
+        zone_index: m.index,
+        rows: m.start.rows,
+        errors: report.invalid_count,
+        duration_ms: started.elapsed().as_millis() as u64,
     });
+    // Answered once the event is published (in cluster mode, once Redis took it): with Redis away
+    // the zone waits here, and its job pauses instead of running ahead of its events. Its budgets are
+    // given back first: its rows are stored.
+    drop((_rows, _kib));
+    match deps.broker.send(Publish::job(room, completed)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "zone_completed not published"),
+        Err(_) => return Err("the server is stopping".into()),
+    }
     Ok(Some(report))
 }

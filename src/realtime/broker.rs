@@ -43,6 +43,22 @@ pub struct Publish {
     pub room: String,
     /// The event.
     pub event: Event,
+    /// Cluster mode: keep trying while Redis is away, in order, answering once it took the event
+    /// (the events of jobs, which must not be lost: a zone waiting for its answer pauses its job).
+    /// Without it an API publish fails at once with [`PublishError::Unavailable`] (503).
+    pub until_published: bool,
+}
+
+impl Publish {
+    /// An event no caller will retry: kept until published.
+    pub fn job(room: String, event: Event) -> Publish {
+        Publish { room, event, until_published: true }
+    }
+
+    /// An event of an API caller, who is told when it could not be published.
+    pub fn api(room: String, event: Event) -> Publish {
+        Publish { room, event, until_published: false }
+    }
 }
 
 /// Where a published event went.
@@ -221,7 +237,10 @@ impl Broker {
         };
         self.metrics.published.fetch_add(1, Relaxed);
         Box::pin(async move {
-            let (seq, _) = redis.publish(msg.room, body).await.map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            let (seq, _) = redis
+                .publish(msg.room, body, msg.until_published)
+                .await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
             Ok(Published { seq, delivered_to })
         })
     }
@@ -408,6 +427,11 @@ impl Handler<Publish> for Broker {
         self.pending.push(pending);
         self.flush(ctx);
         self.metrics.published.fetch_add(1, Relaxed);
+        if msg.until_published {
+            // A job's event: in-process it is never refused (a store error is logged and the event
+            // delivered anyway), so its sender need not wait for the batch.
+            return Box::pin(std::future::ready(Ok(Published { seq, delivered_to })));
+        }
         Box::pin(async move {
             // The sender is dropped unanswered only when the broker itself goes.
             delivered.await.map_err(|_| PublishError::Stopped)?;

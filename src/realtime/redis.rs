@@ -85,6 +85,8 @@ type StreamEntry = (String, Vec<(String, String)>);
 struct Outgoing {
     room: String,
     body: String,
+    /// Kept and tried again while Redis is away (else answered with the failure at once).
+    retry: bool,
     reply: oneshot::Sender<Result<(u64, String), RedisFailure>>,
 }
 
@@ -176,11 +178,12 @@ impl RedisEngine {
 
     /// Numbers, stores and publishes an event of `room` (the envelope's JSON without `seq` and
     /// `epoch`); answers its `seq` and the room's epoch once Redis has it.
-    pub async fn publish(&self, room: String, body: String) -> Result<(u64, String), RedisFailure> {
+    /// With `retry`, an event Redis cannot take now is kept, in order, and tried again until it can.
+    pub async fn publish(&self, room: String, body: String, retry: bool) -> Result<(u64, String), RedisFailure> {
         let (reply, answer) = oneshot::channel();
         self.inner
             .publish
-            .send(Outgoing { room, body, reply })
+            .send(Outgoing { room, body, retry, reply })
             .map_err(|_| RedisFailure("the publisher stopped".into()))?;
         answer.await.map_err(|_| RedisFailure("the publisher stopped".into()))?
     }
@@ -254,11 +257,19 @@ impl RedisEngine {
         actix_rt::spawn(self.clone().subscriber(events, resync));
     }
 
-    /// Sends queued publishes in arrival order, as many per round trip as are waiting.
+    /// Sends queued publishes in arrival order, as many per round trip as are waiting. Events to
+    /// retry that Redis refused stay at the front, in order, and go again after a pause that grows
+    /// to 2 s; the others are answered with the failure.
     async fn publisher(self, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
-        let mut batch = Vec::new();
-        while let Some(first) = queue.recv().await {
-            batch.push(first);
+        let mut batch: Vec<Outgoing> = Vec::new();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            if batch.is_empty() {
+                match queue.recv().await {
+                    Some(first) => batch.push(first),
+                    None => return,
+                }
+            }
             while batch.len() < 256 {
                 match queue.try_recv() {
                     Ok(next) => batch.push(next),
@@ -266,9 +277,23 @@ impl RedisEngine {
                 }
             }
             let answers = self.publish_batch(&batch).await;
+            let mut kept = Vec::new();
             for (item, answer) in batch.drain(..).zip(answers) {
-                let _ = item.reply.send(answer);
+                match answer {
+                    Err(_) if item.retry && !item.reply.is_closed() => kept.push(item),
+                    answer => {
+                        let _ = item.reply.send(answer);
+                    }
+                }
             }
+            if kept.is_empty() {
+                wait = Duration::from_millis(50);
+                continue;
+            }
+            tracing::warn!(waiting = kept.len(), "redis refused events; they are kept and tried again");
+            batch = kept;
+            actix_rt::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -335,7 +360,7 @@ impl RedisEngine {
                 Err(e) => tracing::warn!(error = %e, "redis subscriber cannot connect"),
             }
             actix_rt::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(5));
+            wait = (wait * 2).min(Duration::from_secs(1));
         }
     }
 }

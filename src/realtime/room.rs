@@ -162,24 +162,55 @@ impl Room {
     }
 
     /// Cluster mode: fills the gap after `head` from Redis, then takes `then` (the event that showed
-    /// the gap). Events the stream no longer has are lost to this node's members, who see the gap in
-    /// `seq` and resume (`recovered: false`).
+    /// the gap). When Redis has a new epoch for the room (it lost the old one), the ring starts over
+    /// and the new epoch's events are taken from its first. Events the stream no longer has are lost
+    /// to this node's members, who see the gap in `seq` and resume (`recovered: false`).
     fn catch_up(&mut self, then: Option<Deliver>, ctx: &mut Context<Self>) {
-        if self.redis.is_none() {
+        let Some(redis) = self.redis.clone() else {
             return;
-        }
-        let limit = then.as_ref().map_or(self.settings.history_size, |d| (d.seq - self.head - 1) as usize);
-        let load = self.load_after(self.head, limit.clamp(1, self.settings.history_size.max(1)));
-        ctx.wait(load.into_actor(self).map(move |run, room, _| {
-            for (seq, _, event) in run.unwrap_or_default() {
-                if seq == room.head + 1 {
-                    room.accept(seq, event);
+        };
+        let limit = self.settings.history_size.max(1);
+        let (key, epoch, head) = (self.key.to_string(), self.epoch.to_string(), self.head);
+        let threshold = self.settings.compress_threshold;
+        let min_created_ms = now_ms() - self.settings.history_ttl.as_millis() as i64;
+        let load = async move {
+            let (mut now, mut rows) = redis.events_after(&key, head, limit, min_created_ms).await.ok()?;
+            if now != epoch {
+                (now, rows) = redis.events_after(&key, 0, limit, min_created_ms).await.ok()?;
+            }
+            let first = rows.first().map_or(1, |r| r.0);
+            let run = tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()?;
+            Some((now, run))
+        };
+        ctx.wait(load.into_actor(self).map(move |loaded, room, _| {
+            if let Some((epoch, run)) = loaded {
+                if !epoch.is_empty() && *epoch != *room.epoch {
+                    room.start_epoch(Arc::from(epoch.as_str()));
+                }
+                for (seq, _, event) in run {
+                    if seq == room.head + 1 {
+                        room.accept(seq, event);
+                    }
                 }
             }
-            if let Some(d) = then.filter(|d| d.seq > room.head) {
-                room.accept(d.seq, d.event);
+            if let Some(d) = then {
+                if *d.epoch != *room.epoch {
+                    room.start_epoch(d.epoch.clone());
+                }
+                if d.seq > room.head {
+                    room.accept(d.seq, d.event);
+                }
             }
         }));
+    }
+
+    /// Redis lost the room and began `epoch`: what the ring holds belongs to the old one.
+    fn start_epoch(&mut self, epoch: Arc<str>) {
+        tracing::warn!(room = %self.key, old = %self.epoch, new = %epoch, "room epoch changed");
+        self.epoch = epoch;
+        self.head = 0;
+        self.history = HistoryRing::new(self.settings.history_size, self.settings.history_ttl);
+        self.loaded = false;
     }
 
     /// Sends `subscribed`, then the replay, and adds the member.
@@ -242,12 +273,7 @@ impl Handler<Deliver> for Room {
     type Result = ();
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
         if *msg.epoch != *self.epoch {
-            // Redis lost the room and began a new epoch: what the ring holds belongs to the old one.
-            tracing::warn!(room = %self.key, old = %self.epoch, new = %msg.epoch, "room epoch changed");
-            self.epoch = msg.epoch.clone();
-            self.head = 0;
-            self.history = HistoryRing::new(self.settings.history_size, self.settings.history_ttl);
-            self.loaded = false;
+            self.start_epoch(msg.epoch.clone());
         }
         if msg.seq <= self.head {
             return;
