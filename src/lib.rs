@@ -278,6 +278,9 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         trusted: config.trusted()?,
     })
     .start();
+    if let Some(redis) = &redis {
+        realtime::presence::Presence::new(redis.clone(), registry.clone(), metrics.clone(), addr.to_string()).start();
+    }
     let shared = Shared {
         config: Arc::new(config),
         auth,
@@ -290,6 +293,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         store,
         scheduler,
         started: Instant::now(),
+        addr: addr.to_string(),
     };
     let echo = shared.config.conformance_echo;
     let app_shared = shared.clone();

@@ -422,3 +422,106 @@ async fn when_redis_loses_the_history_a_resume_says_so() {
     assert_eq!(sub["recovered"], false, "{sub}");
     assert_eq!(sub["epoch"], next[0].1);
 }
+
+/// An admin request to the node at `addr`.
+async fn admin(addr: &str, method: &str, path: &str) -> (u16, Value) {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+    let res = awc::Client::default()
+        .request(method, format!("http://{addr}{path}"))
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {}", token("ops", "acme", &["admin"]))))
+        .send()
+        .await;
+    let mut res = res.expect("admin request");
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
+
+/// Connects `user` to `node`; answers the client and its connection id, or the close code.
+async fn connect_user(node: &Node, user: &str) -> Result<(Client, String), u16> {
+    let mut c = Client::connect(&node.ws(&format!("token={}&format=json", token(user, "acme", &[])))).await;
+    let est = c.expect_data(EventType::ConnectionEstablished).await;
+    match c.next().await {
+        common::Incoming::Message { env, .. } if env.event.kind() == EventType::Authenticated => {
+            Ok((c, est["connection_id"].as_str().expect("id").to_string()))
+        }
+        common::Incoming::Close(Some(r)) => Err(u16::from(r.code)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn a_users_connection_limit_holds_across_the_cluster() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let mut held = Vec::new();
+    for node in [&a, &a, &a, &b, &b] {
+        held.push(connect_user(node, "alice").await.expect("within max_connections_per_user (5)"));
+    }
+    assert_eq!(connect_user(&b, "alice").await.err(), Some(4029), "a sixth, on either node");
+    assert_eq!(connect_user(&a, "alice").await.err(), Some(4029));
+    assert!(connect_user(&b, "bob").await.is_ok(), "another user has a budget of their own");
+    // One closes on A: a place is free on B (its release is asynchronous: wait for it, bounded).
+    held.remove(0).0.close().await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        match connect_user(&b, "alice").await {
+            Ok(c) => break held.push(c),
+            Err(code) => assert!(std::time::Instant::now() < deadline, "the place never came free ({code})"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn admin_disconnects_and_stats_reach_every_node() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let (a, mut b) = (Node::start(&prefix), Node::start(&prefix));
+    let (mut on_b, id) = connect_user(&b, "alice").await.expect("connect");
+    let (mut on_a, _) = connect_user(&a, "alice").await.expect("connect");
+    let (_other, _) = connect_user(&b, "carol").await.expect("connect");
+    // Closing a connection of node B through node A.
+    let (status, body) = admin(&a.addr, "DELETE", &format!("/api/v1/admin/connections/{id}")).await;
+    assert_eq!((status, &body), (200, &json!({ "closed": 1 })));
+    assert_eq!(on_b.expect_close().await.0, 4000);
+    let (status, _) = admin(&a.addr, "DELETE", &format!("/api/v1/admin/connections/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(status, 404, "on no node");
+    // Both nodes are in the stats, with their counts and the totals.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let stats = loop {
+        let (_, stats) = admin(&a.addr, "GET", "/api/v1/admin/stats").await;
+        if stats["totals"]["connections"] == 2 && stats["nodes"].as_array().is_some_and(|n| n.len() == 2) {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "stats never showed both nodes: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_ne!(stats["nodes"][0]["node_id"], stats["nodes"][1]["node_id"]);
+    // Every connection of a user, on every node.
+    let (status, body) = admin(&b.addr, "DELETE", "/api/v1/admin/users/alice/connections").await;
+    assert_eq!((status, &body), (200, &json!({ "closed": 1 })), "alice has one left, on A");
+    assert_eq!(on_a.expect_close().await.0, 4000);
+    // A node killed drops out of the stats within its presence ttl.
+    b.child.kill().expect("kill -9");
+    b.child.wait().expect("reaped");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(jobcast_presence_ttl() + 5);
+    loop {
+        let (_, stats) = admin(&a.addr, "GET", "/api/v1/admin/stats").await;
+        if stats["nodes"].as_array().is_some_and(|n| n.len() == 1) {
+            assert_eq!(stats["totals"]["connections"], 0, "{stats}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dead node is still listed: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// How long a dead node stays listed (`realtime::redis::PRESENCE_TTL_S`).
+fn jobcast_presence_ttl() -> u64 {
+    5
+}

@@ -29,6 +29,7 @@ const RANKS: &[(&str, u32)] = &[
     ("realtime::outbox", 22),
     ("realtime::room", 23),
     ("realtime::broker", 24),
+    ("realtime::presence", 25),
     ("jobs::progress", 30),
     ("jobs::csv", 30),
     ("jobs::zone", 31),

@@ -133,10 +133,12 @@ pub struct RowStore {
     group_totals: HashMap<String, u64>,
     /// `max_stored_rows_per_tenant` and the committed counts; no limit without.
     quotas: Option<Arc<Quotas>>,
-    /// Jobs a zone of which passed the row limit, with that zone's index: their later zones are
-    /// refused too, so what such a job stored is the zones before the one that failed (the job fails
-    /// with it); earlier ones rolled back with its group are written again.
-    over_quota: HashMap<String, u64>,
+    /// Jobs a zone of which passed the row limit: zones of theirs that come after are refused too,
+    /// so what such a job stored is the zones stored before the one that failed (the job fails with
+    /// it); those rolled back with its group are written again.
+    over_quota: std::collections::HashSet<String>,
+    /// Set while a rolled-back group is written again: its zones came before the failure.
+    rewriting: bool,
 }
 
 impl RowStore {
@@ -150,7 +152,8 @@ impl RowStore {
             group_rows: 0,
             group_totals: HashMap::new(),
             quotas: None,
-            over_quota: HashMap::new(),
+            over_quota: std::collections::HashSet::new(),
+            rewriting: false,
         })
     }
 
@@ -255,7 +258,7 @@ impl RowStore {
         if let Some(text) = existing {
             return serde_json::from_str(&text).map_err(|e| StoreError::new(e.to_string()));
         }
-        if self.over_quota.get(job_id).is_some_and(|failed| zone_index > *failed) {
+        if !self.rewriting && self.over_quota.contains(job_id) {
             let max = self.quotas.as_ref().map_or(0, |q| q.limits().rows);
             return Err(StoreError::new(Exceeded::Rows { tenant: tenant.into(), max }.to_string()));
         }
@@ -284,9 +287,11 @@ impl RowStore {
                 tracing::error!(job = %zone.job_id, zone = zone.index, %error, others = others.len(),
                     "zone not stored; its group is written again without it");
                 let _ = zone.reply.send(Err(error));
+                let was = std::mem::replace(&mut self.rewriting, true);
                 for (other, _) in others {
                     self.add(other);
                 }
+                self.rewriting = was;
             }
         }
     }
@@ -316,8 +321,7 @@ impl RowStore {
         if let Some(max) = self.quotas.as_ref().map(|q| q.limits().rows) {
             if total > max {
                 // The group is rolled back (see `add`): none of this zone's rows stay.
-                let first = self.over_quota.entry(job_id.to_string()).or_insert(zone_index);
-                *first = (*first).min(zone_index);
+                self.over_quota.insert(job_id.to_string());
                 return Err(StoreError::new(Exceeded::Rows { tenant: tenant.into(), max }.to_string()));
             }
         }

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use serde_json::{json, Value};
 use tracing::info;
 use uuid::Uuid;
 
@@ -13,12 +13,15 @@ use crate::http::shared::Shared;
 use crate::jobs::scheduler::Load;
 use crate::protocol::{close, excerpt, valid_id, RoomKind};
 use crate::realtime::broker::{Publish, Published, Stats, UserRooms};
+use crate::realtime::presence::Presence;
+use crate::realtime::redis::Control;
 use crate::realtime::registry::{CloseConnection, CloseUser, ListConnections};
 
 pub async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     admin(&req, &shared)?;
     let b = shared.broker.send(Stats).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let (queued, running) = shared.scheduler.send(Load).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let (nodes, totals) = nodes_and_totals(&shared).await?;
     let m = &shared.metrics;
     Ok(HttpResponse::Ok().json(json!({
         "connections": m.connections.load(Relaxed),
@@ -38,7 +41,33 @@ pub async fn admin_stats(req: HttpRequest, shared: web::Data<Shared>) -> Result<
         "jobs_running": running,
         "uptime_s": shared.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
+        "node_id": node_id(&shared),
+        "nodes": nodes,
+        "totals": totals,
     })))
+}
+
+/// This node's id: its cluster id, or `local` on its own.
+fn node_id(shared: &Shared) -> &str {
+    shared.redis.as_ref().map_or("local", |r| r.node())
+}
+
+/// Every node's counts (in cluster mode, from their heartbeats, so a node that died drops out within
+/// a few seconds), and their sums.
+async fn nodes_and_totals(shared: &Shared) -> Result<(Vec<Value>, Value), ApiError> {
+    let nodes = match &shared.redis {
+        Some(redis) => redis.nodes().await.map_err(|e| ApiError::Unavailable(e.to_string()))?,
+        None => vec![Presence::counts("local", &shared.addr, &shared.metrics, shared.started)],
+    };
+    let sum = |field: &str| nodes.iter().filter_map(|n| n[field].as_u64()).sum::<u64>();
+    let totals = json!({
+        "nodes": nodes.len(),
+        "connections": sum("connections"),
+        "rooms": sum("rooms"),
+        "subscriptions": sum("subscriptions"),
+        "events_published": sum("events_published"),
+    });
+    Ok((nodes, totals))
 }
 
 pub async fn admin_connections(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
@@ -55,8 +84,18 @@ pub async fn admin_close_connection(
     let who = admin(&req, &shared)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such connection".into()))?;
     let (code, reason) = close::BY_ADMIN;
-    let msg = CloseConnection { id, code, reason: reason.into() };
-    let found = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let found = match &shared.redis {
+        // On whichever node holds it.
+        Some(redis) => {
+            let control =
+                Control { id: Uuid::new_v4().simple().to_string(), connection: Some(id), user: None, tenant: None };
+            redis.control(&control).await.map_err(|e| ApiError::Unavailable(e.to_string()))? > 0
+        }
+        None => {
+            let msg = CloseConnection { id, code, reason: reason.into() };
+            shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?
+        }
+    };
     info!(target: "audit", event = "admin_disconnect", admin = %who.user_id, conn = %id, found, "admin action");
     if !found {
         return Err(ApiError::NotFound("no such connection".into()));
@@ -73,8 +112,19 @@ pub async fn admin_close_user(
     let who = admin(&req, &shared)?;
     let user_id = user_id.into_inner();
     let (code, reason) = close::BY_ADMIN;
-    let msg = CloseUser { user_id: user_id.clone(), tenant: query.into_inner().tenant, code, reason: reason.into() };
-    let closed = shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let tenant = query.into_inner().tenant;
+    let closed = match &shared.redis {
+        // On every node.
+        Some(redis) => {
+            let id = Uuid::new_v4().simple().to_string();
+            let control = Control { id, connection: None, user: Some(user_id.clone()), tenant };
+            redis.control(&control).await.map_err(|e| ApiError::Unavailable(e.to_string()))? as usize
+        }
+        None => {
+            let msg = CloseUser { user_id: user_id.clone(), tenant, code, reason: reason.into() };
+            shared.registry.send(msg).await.map_err(|e| ApiError::Unavailable(e.to_string()))?
+        }
+    };
     info!(target: "audit", event = "admin_disconnect_user", admin = %who.user_id, user = %user_id, closed, "admin action");
     Ok(HttpResponse::Ok().json(json!({ "closed": closed })))
 }

@@ -41,6 +41,8 @@ pub struct Shared {
     pub(crate) quotas: Arc<Quotas>,
     /// Cluster mode: the Redis engine.
     pub(crate) redis: Option<RedisEngine>,
+    /// Where the server listens.
+    pub(crate) addr: String,
     /// When the server started.
     pub(crate) started: Instant,
 }

@@ -10,6 +10,7 @@
 //! - `broker.rs`: the `Broker` actor, the one way into rooms: numbering, encoding once, persisting,
 //!   delivering.
 //! - `room.rs`: the `Room` actor, one per active room: members and the history ring.
+//! - `presence.rs`: the `Presence` actor (cluster mode): heartbeats, admin actions across nodes.
 //! - `redis.rs`: the broker's Redis engine in cluster mode (`redis_url`): numbering, history streams,
 //!   the cluster channel, single-use WebSocket tokens.
 //! - `ack_buffer.rs`: the `AckBuffer` actor, one per `ack=1` connection: unacknowledged events.
@@ -28,6 +29,7 @@ pub mod echo;
 pub mod frames;
 pub mod history;
 pub mod outbox;
+pub mod presence;
 pub mod rate_limit;
 pub mod redis;
 pub mod registry;

@@ -52,6 +52,49 @@ end
 return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 "#;
 
+/// Counts a connection of a user cluster-wide, refusing past the limit. Connections are counted per
+/// node in a hash; a node whose presence key has expired (it died) is dropped from the count.
+/// KEYS: the user's hash. ARGV: this node, the limit, the presence key prefix, ttl seconds.
+const CLAIM_USER: &str = r#"
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local node, n = fields[i], tonumber(fields[i + 1])
+  if node == ARGV[1] or redis.call('EXISTS', ARGV[3] .. node) == 1 then
+    total = total + n
+  else
+    redis.call('HDEL', KEYS[1], node)
+  end
+end
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Gives a user's connection back. KEYS: the user's hash. ARGV: this node.
+const RELEASE_USER: &str = r#"
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+/// How long a node's presence lasts without a heartbeat (it beats every second).
+pub const PRESENCE_TTL_S: u64 = 5;
+
+/// A command for every node, off `<prefix>:control`: close connections (admin disconnects).
+#[derive(Message, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "()")]
+pub struct Control {
+    /// Request id: each node answers with how many it closed, on `<prefix>:reply:<id>`.
+    pub id: String,
+    /// The connection to close, by id.
+    pub connection: Option<uuid::Uuid>,
+    /// Or every connection of this user (in `tenant`, or in every tenant).
+    pub user: Option<String>,
+    /// The user's tenant.
+    pub tenant: Option<String>,
+}
+
 /// An event another node (or this one) published, as it came off `<prefix>:events`.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -97,6 +140,8 @@ pub struct RedisEngine {
 }
 
 struct Inner {
+    /// This node's id in the cluster (random per start).
+    node: String,
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     prefix: String,
@@ -117,6 +162,7 @@ impl RedisEngine {
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(RedisEngine {
             inner: Arc::new(Inner {
+                node: uuid::Uuid::new_v4().simple().to_string(),
                 client,
                 conn: OnceCell::new(),
                 prefix: prefix.to_string(),
@@ -138,6 +184,129 @@ impl RedisEngine {
 
     fn channel(&self) -> String {
         format!("{}:events", self.inner.prefix)
+    }
+
+    fn control_channel(&self) -> String {
+        format!("{}:control", self.inner.prefix)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// Says this node is alive, with its counts (`stats`, JSON), for [`PRESENCE_TTL_S`].
+    pub async fn heartbeat(&self, stats: &serde_json::Value) -> Result<(), RedisFailure> {
+        let mut conn = self.conn().await?;
+        let key = format!("{}:node:{}", self.inner.prefix, self.inner.node);
+        redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(stats.to_string())
+            .arg("EX")
+            .arg(PRESENCE_TTL_S)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("{}:nodes", self.inner.prefix))
+            .arg(&self.inner.node)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Every live node's last heartbeat; nodes whose presence expired are forgotten.
+    pub async fn nodes(&self) -> Result<Vec<serde_json::Value>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let set = format!("{}:nodes", self.inner.prefix);
+        let ids: Vec<String> = redis::cmd("SMEMBERS").arg(&set).query_async(&mut conn).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("{}:node:{id}", self.inner.prefix)).collect();
+        let beats: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, beat) in ids.into_iter().zip(beats) {
+            match beat.and_then(|b| serde_json::from_str(&b).ok()) {
+                Some(v) => out.push(v),
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<(), _> = redis::cmd("SREM").arg(&set).arg(gone).query_async(&mut conn).await;
+        }
+        Ok(out)
+    }
+
+    fn user_key(&self, tenant: &str, user: &str) -> String {
+        format!("{}:users:{{{tenant}/{user}}}", self.inner.prefix)
+    }
+
+    /// Counts one more connection of `user` across the cluster; false when it has `max` already.
+    pub async fn claim_user(&self, tenant: &str, user: &str, max: usize) -> Result<bool, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let ok: i64 = redis::cmd("EVAL")
+            .arg(CLAIM_USER)
+            .arg(1)
+            .arg(self.user_key(tenant, user))
+            .arg(&self.inner.node)
+            .arg(max)
+            .arg(format!("{}:node:", self.inner.prefix))
+            .arg(86_400)
+            .query_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Gives back a connection [`RedisEngine::claim_user`] counted.
+    pub async fn release_user(&self, tenant: &str, user: &str) -> Result<(), RedisFailure> {
+        let mut conn = self.conn().await?;
+        redis::cmd("EVAL")
+            .arg(RELEASE_USER)
+            .arg(1)
+            .arg(self.user_key(tenant, user))
+            .arg(&self.inner.node)
+            .query_async::<i64>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends `control` to every node (this one too) and answers how many connections they closed,
+    /// counting the answers of the nodes alive now, for at most a second.
+    pub async fn control(&self, control: &Control) -> Result<u64, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let expected = self.nodes().await?.len().max(1);
+        let payload = serde_json::to_string(control).map_err(|e| RedisFailure(e.to_string()))?;
+        redis::cmd("PUBLISH").arg(self.control_channel()).arg(payload).query_async::<i64>(&mut conn).await?;
+        let reply = format!("{}:reply:{}", self.inner.prefix, control.id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let answers: Vec<u64> = redis::cmd("LRANGE").arg(&reply).arg(0).arg(-1).query_async(&mut conn).await?;
+            if answers.len() >= expected || tokio::time::Instant::now() >= deadline {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&reply).query_async(&mut conn).await;
+                return Ok(answers.iter().sum());
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// This node's answer to a [`Control`]: how many connections it closed.
+    pub async fn answer(&self, id: &str, closed: u64) -> Result<(), RedisFailure> {
+        let mut conn = self.conn().await?;
+        let reply = format!("{}:reply:{id}", self.inner.prefix);
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(&reply)
+            .arg(closed)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&reply)
+            .arg(10)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn conn(&self) -> Result<ConnectionManager, RedisFailure> {
@@ -255,6 +424,30 @@ impl RedisEngine {
             actix_rt::spawn(self.clone().publisher(queue));
         }
         actix_rt::spawn(self.clone().subscriber(events, resync));
+    }
+
+    /// Starts the subscriber of the control channel, which hands every command to `control`.
+    pub fn run_control(&self, control: Recipient<Control>) {
+        let me = self.clone();
+        actix_rt::spawn(async move {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                if let Ok(mut pubsub) = me.inner.client.get_async_pubsub().await {
+                    if pubsub.subscribe(me.control_channel()).await.is_ok() {
+                        wait = Duration::from_millis(100);
+                        let mut stream = pubsub.into_on_message();
+                        while let Some(msg) = stream.next().await {
+                            match serde_json::from_slice::<Control>(msg.get_payload_bytes()) {
+                                Ok(c) => control.do_send(c),
+                                Err(e) => tracing::warn!(error = %e, "unreadable cluster control message"),
+                            }
+                        }
+                    }
+                }
+                actix_rt::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        });
     }
 
     /// Sends queued publishes in arrival order, as many per round trip as are waiting. Events to

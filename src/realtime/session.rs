@@ -120,6 +120,8 @@ pub struct Session {
     span: tracing::Span,
     /// The acknowledgement buffer, with `ack=1`.
     acks: Option<Addr<AckBuffer>>,
+    /// Cluster mode: the (tenant, user) this connection is counted for across the cluster.
+    user_claimed: Option<(String, String)>,
 }
 
 impl Session {
@@ -160,6 +162,7 @@ impl Session {
                 expiry_timers: Vec::new(),
                 span,
                 acks: None,
+                user_claimed: None,
             }
         })
     }
@@ -262,7 +265,25 @@ impl Session {
     }
 
     /// Tells the registry who the connection is; once it accepts, the connection is authenticated.
+    /// In cluster mode the user's connections are counted across every node first.
     fn identify(&mut self, identity: Identity, ctx: &mut Context<Self>) {
+        if let (Some(redis), None) = (self.deps.redis.clone(), &self.user_claimed) {
+            let (tenant, user, max) =
+                (identity.tenant.clone(), identity.user_id.clone(), self.deps.config.max_connections_per_user);
+            let claim = async move { redis.claim_user(&tenant, &user, max).await };
+            ctx.wait(claim.into_actor(self).map(move |res, act, ctx| match res {
+                Ok(true) => {
+                    act.user_claimed = Some((identity.tenant.clone(), identity.user_id.clone()));
+                    act.identify(identity, ctx)
+                }
+                Ok(false) => act.close_as(close::TOO_MANY_FOR_USER, ctx),
+                Err(e) => {
+                    act.span.in_scope(|| warn!(conn = %act.id, error = %e, "cannot count the user's connections"));
+                    act.auth_failed(AuthError::Unavailable, ctx)
+                }
+            }));
+            return;
+        }
         let fut = self.deps.registry.send(registry::Identify { id: self.id, identity: identity.clone() });
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => act.authenticated(identity, ctx),
@@ -640,6 +661,13 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Context<Self>) {
         if !self.closing {
             self.out.end();
+        }
+        if let (Some((tenant, user)), Some(redis)) = (self.user_claimed.take(), self.deps.redis.clone()) {
+            actix_rt::spawn(async move {
+                if let Err(e) = redis.release_user(&tenant, &user).await {
+                    tracing::warn!(error = %e, "a user's cluster connection count was not given back");
+                }
+            });
         }
         self.deps.metrics.connections.fetch_sub(1, Relaxed);
         if let Some(acks) = self.acks.take() {
