@@ -213,6 +213,26 @@ async fn member(node: &Node, user: &str, room: &str) -> (Client, Value) {
     (c, sub)
 }
 
+/// Two nodes on the shared Redis under a prefix of their own (dropped after them), or `None` when no
+/// Redis listens.
+fn two_nodes() -> Option<(Node, Node, Prefix)> {
+    if !redis_up() {
+        return None;
+    }
+    let prefix = prefix();
+    Some((Node::start(&prefix), Node::start(&prefix), prefix))
+}
+
+/// A client of `user` on `node` that subscribes to `room` with `since`; answers it and `subscribed`.
+async fn resume(node: &Node, user: &str, room: &str, since: Since) -> (Client, Value) {
+    let mut c = Client::connect(&node.ws(&format!("token={}&format=json", token(user, "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.send(&ClientMessage::Subscribe { room: room.into(), since: Some(since) }).await;
+    let sub = c.expect_data(EventType::Subscribed).await;
+    (c, sub)
+}
+
 /// The next `n` room events, as (seq, epoch, data).
 async fn events(c: &mut Client, n: usize) -> Vec<(u64, String, Value)> {
     let mut out = Vec::new();
@@ -227,11 +247,7 @@ async fn events(c: &mut Client, n: usize) -> Vec<(u64, String, Value)> {
 
 #[actix_rt::test]
 async fn events_published_on_two_nodes_reach_both_in_one_gapless_seq() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, b, _prefix)) = two_nodes() else { return };
     let (mut on_a, sub_a) = member(&a, "alice", "tenant:acme").await;
     let (mut on_b, sub_b) = member(&b, "bob", "tenant:acme").await;
     assert_eq!(sub_a["epoch"], sub_b["epoch"], "every node names the same epoch for a room");
@@ -260,11 +276,7 @@ async fn events_published_on_two_nodes_reach_both_in_one_gapless_seq() {
 
 #[actix_rt::test]
 async fn a_client_that_moves_to_another_node_resumes_with_no_gap() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, b, _prefix)) = two_nodes() else { return };
     let (mut c, _) = member(&a, "alice", "tenant:acme").await;
     for i in 0..5 {
         a.broadcast("tenant:acme", json!({ "i": i })).await;
@@ -296,11 +308,7 @@ async fn a_client_that_moves_to_another_node_resumes_with_no_gap() {
 
 #[actix_rt::test]
 async fn a_node_killed_mid_stream_loses_its_clients_nothing() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (mut a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((mut a, b, _prefix)) = two_nodes() else { return };
     let (mut c, _) = member(&a, "alice", "tenant:acme").await;
     for i in 0..4 {
         b.broadcast("tenant:acme", json!({ "i": i })).await;
@@ -313,12 +321,8 @@ async fn a_node_killed_mid_stream_loses_its_clients_nothing() {
     for i in 4..9 {
         b.broadcast("tenant:acme", json!({ "i": i })).await;
     }
-    let mut c = Client::connect(&b.ws(&format!("token={}&format=json", token("alice", "acme", &[])))).await;
-    c.expect(EventType::ConnectionEstablished).await;
-    c.expect(EventType::Authenticated).await;
     let since = Since { seq: seen[3].0, epoch: seen[3].1.clone() };
-    c.send(&ClientMessage::Subscribe { room: "tenant:acme".into(), since: Some(since) }).await;
-    let sub = c.expect_data(EventType::Subscribed).await;
+    let (mut c, sub) = resume(&b, "alice", "tenant:acme", since).await;
     assert_eq!(sub["recovered"], true, "{sub}");
     let resumed = events(&mut c, 5).await;
     assert_eq!(resumed.iter().map(|e| e.0).collect::<Vec<_>>(), (5..=9).collect::<Vec<u64>>());
@@ -327,11 +331,7 @@ async fn a_node_killed_mid_stream_loses_its_clients_nothing() {
 
 #[actix_rt::test]
 async fn a_websocket_token_is_used_once_across_nodes_even_in_a_race() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, b, _prefix)) = two_nodes() else { return };
     for _ in 0..5 {
         let ws = a.ws_token(&token("alice", "acme", &[])).await;
         let (on_a, on_b) = futures_util::future::join(
@@ -393,11 +393,7 @@ async fn lose_everything(prefix: &str) {
 
 #[actix_rt::test]
 async fn when_redis_loses_the_history_a_resume_says_so() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, b, prefix)) = two_nodes() else { return };
     let (mut live, _) = member(&b, "bob", "tenant:acme").await;
     for i in 0..3 {
         a.broadcast("tenant:acme", json!({ "i": i })).await;
@@ -451,11 +447,7 @@ async fn connect_user(node: &Node, user: &str) -> Result<(Client, String), u16> 
 
 #[actix_rt::test]
 async fn a_users_connection_limit_holds_across_the_cluster() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, b, _prefix)) = two_nodes() else { return };
     let mut held = Vec::new();
     for node in [&a, &a, &a, &b, &b] {
         held.push(connect_user(node, "alice").await.expect("within max_connections_per_user (5)"));
@@ -477,11 +469,7 @@ async fn a_users_connection_limit_holds_across_the_cluster() {
 
 #[actix_rt::test]
 async fn admin_disconnects_and_stats_reach_every_node() {
-    if !redis_up() {
-        return;
-    }
-    let prefix = prefix();
-    let (a, mut b) = (Node::start(&prefix), Node::start(&prefix));
+    let Some((a, mut b, _prefix)) = two_nodes() else { return };
     let (mut on_b, id) = connect_user(&b, "alice").await.expect("connect");
     let (mut on_a, _) = connect_user(&a, "alice").await.expect("connect");
     let (_other, _) = connect_user(&b, "carol").await.expect("connect");

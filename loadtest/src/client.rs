@@ -160,7 +160,7 @@ async fn publish(
     let mut tasks = Vec::new();
     for p in 0..publishers {
         let (addr, admin, publisher, pad, rooms, last, published) = (
-            s.addr.clone(),
+            s.publish_addr.clone(),
             admin.clone(),
             publisher.clone(),
             pad.clone(),

@@ -23,18 +23,72 @@ pub struct Target {
     /// The binary to start when no `--server` is given.
     #[arg(long, global = true, default_value = "target/release/jobcast")]
     pub binary: PathBuf,
+    /// Start the server(s) in cluster mode on this Redis (`redis://127.0.0.1:PORT`), under a key
+    /// prefix of this run's own (deleted at the end).
+    #[arg(long, global = true)]
+    pub redis: Option<String>,
+    /// With `--redis`: how many nodes. With 2, clients connect to the second and events are published
+    /// through the first, so every delivery crosses nodes.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub nodes: usize,
 }
 
 /// A server the harness talks to.
 pub struct Server {
-    /// `127.0.0.1:PORT`.
+    /// `127.0.0.1:PORT`: where clients connect.
     pub addr: String,
+    /// Where events are published (another node with `--nodes 2`).
+    pub publish_addr: String,
     /// Mints tokens with the server's secret.
     pub auth: jobcast::Auth,
     /// For /proc figures.
     pub pid: Option<u32>,
     child: Option<tokio::process::Child>,
     dir: Option<PathBuf>,
+    /// With `--nodes 2`: the publishing node.
+    peer: Option<tokio::process::Child>,
+    /// `--redis` and the run's key prefix.
+    cluster: Option<(String, String)>,
+}
+
+/// Starts one node; answers it and where it listens.
+async fn spawn(
+    t: &Target,
+    secret: &str,
+    dir: &std::path::Path,
+    cluster: Option<&(String, String)>,
+) -> Result<(tokio::process::Child, String), String> {
+    let mut cmd = tokio::process::Command::new(&t.binary);
+    cmd.args(["serve", "--bind", "127.0.0.1:0", "--store", "memory", "--jwt-secret", secret])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--max-connections", "200000", "--max-connections-per-user", "200000"])
+        .args(["--history-size", "20000", "--max-queued-messages", "20000", "--max-upload-bytes", "1000000000"])
+        .args(["--max-upload-bytes-per-tenant", "100000000000"]);
+    if let Some((url, prefix)) = cluster {
+        cmd.args(["--redis-url", url, "--cluster-prefix", prefix]);
+    }
+    let mut child = cmd
+        .env("JOBCAST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {} (build it with cargo build --release): {e}", t.binary.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                if let Some(a) = line.strip_prefix("jobcast listening on http://") {
+                    break a.to_string();
+                }
+            }
+            _ => return Err("the server exited before listening".into()),
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
 }
 
 /// Figures read from /proc/<pid>.
@@ -57,43 +111,65 @@ impl Server {
                 return Err("the harness only talks to 127.0.0.1".into());
             }
             let secret = t.secret.clone().ok_or("--secret is needed with --server")?;
-            return Ok(Server { addr, auth: auth(&secret)?, pid: t.server_pid, child: None, dir: None });
+            return Ok(Server {
+                publish_addr: addr.clone(),
+                addr,
+                auth: auth(&secret)?,
+                pid: t.server_pid,
+                child: None,
+                dir: None,
+                peer: None,
+                cluster: None,
+            });
         }
         let secret = format!("loadtest-{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("jobcast-loadtest-{}", std::process::id()));
-        let mut child = tokio::process::Command::new(&t.binary)
-            .args(["serve", "--bind", "127.0.0.1:0", "--store", "memory", "--jwt-secret", &secret])
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(["--max-connections", "200000", "--max-connections-per-user", "200000"])
-            .args(["--history-size", "20000", "--max-queued-messages", "20000", "--max-upload-bytes", "1000000000"])
-            .env("JOBCAST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start {} (build it with cargo build --release): {e}", t.binary.display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            match lines.next_line().await {
-                Ok(Some(line)) => {
-                    if let Some(a) = line.strip_prefix("jobcast listening on http://") {
-                        break a.to_string();
-                    }
-                }
-                _ => return Err("the server exited before listening".into()),
+        let cluster = t.redis.clone().map(|url| (url, format!("loadtest-{}", std::process::id())));
+        if cluster.as_ref().is_some_and(|(url, _)| !url.starts_with("redis://127.")) {
+            return Err("the harness only talks to 127.0.0.1 (--redis redis://127.0.0.1:PORT)".into());
+        }
+        let (peer, publish_addr) = match (&cluster, t.nodes) {
+            (Some(_), 2) => {
+                let (child, addr) = spawn(t, &secret, &dir.join("a"), cluster.as_ref()).await?;
+                (Some(child), Some(addr))
             }
+            (_, 1) => (None, None),
+            _ => return Err("--nodes 2 needs --redis".into()),
         };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, addr) = spawn(t, &secret, &dir.join("b"), cluster.as_ref()).await?;
         let pid = child.id();
-        Ok(Server { addr, auth: auth(&secret)?, pid, child: Some(child), dir: Some(dir) })
+        Ok(Server {
+            publish_addr: publish_addr.unwrap_or_else(|| addr.clone()),
+            addr,
+            auth: auth(&secret)?,
+            pid,
+            child: Some(child),
+            dir: Some(dir),
+            peer,
+            cluster,
+        })
     }
 
-    /// Stops a server the harness started.
+    /// Stops a server the harness started (and deletes its cluster keys).
     pub async fn stop(mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
+        }
+        if let Some(mut c) = self.peer.take() {
+            let _ = c.kill().await;
+        }
+        if let Some((url, prefix)) = self.cluster.take() {
+            let keys = tokio::process::Command::new("redis-cli")
+                .args(["-u", &url, "--scan", "--pattern", &format!("{prefix}:*")])
+                .output()
+                .await;
+            if let Ok(out) = keys {
+                let keys: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+                for chunk in keys.chunks(500) {
+                    let _ =
+                        tokio::process::Command::new("redis-cli").args(["-u", &url, "DEL"]).args(chunk).output().await;
+                }
+            }
         }
         if let Some(d) = self.dir.take() {
             let _ = std::fs::remove_dir_all(d);
