@@ -194,6 +194,10 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     if declared.is_some_and(|n| n > max + FORM_OVERHEAD_BYTES) {
         return Err(too_large());
     }
+    // In cluster mode with Redis away, a new job could not report anything: refused until it is back.
+    if shared.redis.as_ref().is_some_and(|r| r.is_down()) {
+        return Err(ApiError::Unavailable("the cluster's Redis is not answering; try again shortly".into()));
+    }
     // Quotas and the disk before a byte of the body is read; both are checked again as it arrives.
     let _receiving = Receiving::new(&shared.metrics);
     let mut admission = shared.quotas.admit(&who.tenant, declared.unwrap_or(0))?;

@@ -236,11 +236,10 @@ impl Broker {
             Err(e) => return Box::pin(std::future::ready(Err(PublishError::Unavailable(e.to_string())))),
         };
         self.metrics.published.fetch_add(1, Relaxed);
+        // Queued here, in the handler, so the broker's order of messages is the order of publishes.
+        let published = redis.publish(msg.room, env.id.to_string(), body, msg.until_published);
         Box::pin(async move {
-            let (seq, _) = redis
-                .publish(msg.room, body, msg.until_published)
-                .await
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            let (seq, _) = published.await.map_err(|e| PublishError::Unavailable(e.to_string()))?;
             Ok(Published { seq, delivered_to })
         })
     }
@@ -448,7 +447,13 @@ impl Handler<Subscribe> for Broker {
         if entry.members.insert(msg.conn) {
             metrics.subscriptions.fetch_add(1, Relaxed);
         }
-        entry.addr.do_send(Join { conn: msg.conn, member: msg.member, since: msg.since, snapshot: msg.snapshot });
+        entry.addr.do_send(Join {
+            conn: msg.conn,
+            member: msg.member,
+            since: msg.since,
+            snapshot: msg.snapshot,
+            caught_up: false,
+        });
     }
 }
 

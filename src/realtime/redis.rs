@@ -23,9 +23,16 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
-/// Numbers, stores and publishes one event. KEYS: room hash, stream. ARGV: epoch for a new room,
-/// envelope JSON without `seq`/`epoch`, stream length, ttl seconds, channel, room key, created ms.
+/// Numbers, stores and publishes one event, once: a retry of an event Redis already took (its answer
+/// was lost) answers the `seq` it got then. KEYS: room hash, stream, the event's marker. ARGV: epoch
+/// for a new room, envelope JSON without `seq`/`epoch`, stream length, ttl seconds, channel, room key,
+/// created ms.
 const PUBLISH: &str = r#"
+local done = redis.call('GET', KEYS[3])
+if done then
+  local cut = string.find(done, ':', 1, true)
+  return {tonumber(string.sub(done, 1, cut - 1)), string.sub(done, cut + 1)}
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -37,6 +44,7 @@ local env = string.sub(ARGV[2], 1, -2) .. ',"seq":' .. seq .. ',"epoch":"' .. ep
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 't', ARGV[7], 'j', env)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], seq .. ':' .. epoch, 'EX', 600)
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\n' .. env)
 return {seq, epoch}
 "#;
@@ -127,6 +135,8 @@ type StreamEntry = (String, Vec<(String, String)>);
 /// One event to publish, with where its answer goes.
 struct Outgoing {
     room: String,
+    /// The envelope's id: the script takes each event once.
+    id: String,
     body: String,
     /// Kept and tried again while Redis is away (else answered with the failure at once).
     retry: bool,
@@ -149,6 +159,8 @@ struct Inner {
     ttl_s: u64,
     publish: mpsc::UnboundedSender<Outgoing>,
     queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
+    /// Set while Redis refuses publishes: API publishes and uploads are refused at once meanwhile.
+    down: std::sync::atomic::AtomicBool,
 }
 
 fn new_epoch() -> String {
@@ -170,6 +182,7 @@ impl RedisEngine {
                 ttl_s: ttl_s.max(1),
                 publish: tx,
                 queue: std::sync::Mutex::new(Some(rx)),
+                down: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -209,6 +222,10 @@ impl RedisEngine {
             .cmd("SADD")
             .arg(format!("{}:nodes", self.inner.prefix))
             .arg(&self.inner.node)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(self.beat_payload())
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -347,14 +364,40 @@ impl RedisEngine {
 
     /// Numbers, stores and publishes an event of `room` (the envelope's JSON without `seq` and
     /// `epoch`); answers its `seq` and the room's epoch once Redis has it.
-    /// With `retry`, an event Redis cannot take now is kept, in order, and tried again until it can.
-    pub async fn publish(&self, room: String, body: String, retry: bool) -> Result<(u64, String), RedisFailure> {
+    /// With `retry`, an event Redis cannot take now is kept, in order, and tried again until it can;
+    /// without, one is refused at once while Redis is known to be away. Queued in the call itself, so
+    /// the order of calls is the order of publishes.
+    pub fn publish(
+        &self,
+        room: String,
+        id: String,
+        body: String,
+        retry: bool,
+    ) -> impl std::future::Future<Output = Result<(u64, String), RedisFailure>> {
         let (reply, answer) = oneshot::channel();
-        self.inner
-            .publish
-            .send(Outgoing { room, body, retry, reply })
-            .map_err(|_| RedisFailure("the publisher stopped".into()))?;
-        answer.await.map_err(|_| RedisFailure("the publisher stopped".into()))?
+        let queued = if !retry && self.is_down() {
+            Err(RedisFailure("Redis is not answering".into()))
+        } else {
+            self.inner
+                .publish
+                .send(Outgoing { room, id, body, retry, reply })
+                .map_err(|_| RedisFailure("the publisher stopped".into()))
+        };
+        async move {
+            queued?;
+            answer.await.map_err(|_| RedisFailure("the publisher stopped".into()))?
+        }
+    }
+
+    /// Whether Redis refused the last publishes (until one goes through again).
+    pub fn is_down(&self) -> bool {
+        self.inner.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What a node's heartbeat publishes on the events channel (an empty room name): each node hears
+    /// its own every second, so a subscription that went silent is known to be dead.
+    fn beat_payload(&self) -> String {
+        format!("\n{}", self.inner.node)
     }
 
     /// The room's epoch and last `seq` (creating the room's epoch when it has none).
@@ -450,9 +493,11 @@ impl RedisEngine {
         });
     }
 
-    /// Sends queued publishes in arrival order, as many per round trip as are waiting. Events to
-    /// retry that Redis refused stay at the front, in order, and go again after a pause that grows
-    /// to 2 s; the others are answered with the failure.
+    /// Sends queued publishes in arrival order, as many per round trip as are waiting. Each event's
+    /// answer is its own (a refused one does not fail the others). Events to retry that Redis refused
+    /// stay at the front, in order, and go again after a pause that grows to 2 s (the script takes each
+    /// event once, so a retry of one Redis did take answers its first `seq`); the others are answered
+    /// with the failure. While events are kept, [`RedisEngine::is_down`] holds.
     async fn publisher(self, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
         let mut batch: Vec<Outgoing> = Vec::new();
         let mut wait = Duration::from_millis(50);
@@ -463,7 +508,8 @@ impl RedisEngine {
                     None => return,
                 }
             }
-            while batch.len() < 256 {
+            // Kept events first, then whatever arrived meanwhile (a bounded number per round).
+            for _ in 0..256 {
                 match queue.try_recv() {
                     Ok(next) => batch.push(next),
                     Err(_) => break,
@@ -479,6 +525,7 @@ impl RedisEngine {
                     }
                 }
             }
+            self.inner.down.store(!kept.is_empty(), std::sync::atomic::Ordering::Relaxed);
             if kept.is_empty() {
                 wait = Duration::from_millis(50);
                 continue;
@@ -497,14 +544,16 @@ impl RedisEngine {
             Err(e) => return failed(&e),
         };
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         let now = crate::db::sqlite::now_ms();
         let channel = self.channel();
         for item in batch {
             pipe.cmd("EVAL")
                 .arg(PUBLISH)
-                .arg(2)
+                .arg(3)
                 .arg(self.room_key(&item.room))
                 .arg(self.stream_key(&item.room))
+                .arg(format!("{}:pub:{{{}}}:{}", self.inner.prefix, item.room, item.id))
                 .arg(new_epoch())
                 .arg(&item.body)
                 .arg(self.inner.history_size)
@@ -513,8 +562,10 @@ impl RedisEngine {
                 .arg(&item.room)
                 .arg(now);
         }
-        match pipe.query_async::<Vec<(u64, String)>>(&mut conn).await {
-            Ok(answers) if answers.len() == batch.len() => answers.into_iter().map(Ok).collect(),
+        match pipe.query_async::<Vec<redis::RedisResult<(u64, String)>>>(&mut conn).await {
+            Ok(answers) if answers.len() == batch.len() => {
+                answers.into_iter().map(|a| a.map_err(RedisFailure::from)).collect()
+            }
             Ok(_) => failed(&RedisFailure("a short answer to a pipelined publish".into())),
             Err(e) => failed(&RedisFailure(e.to_string())),
         }
@@ -537,9 +588,15 @@ impl RedisEngine {
                         resync.do_send(Resync);
                         first = false;
                         let mut stream = pubsub.into_on_message();
-                        while let Some(msg) = stream.next().await {
+                        // Every node's heartbeat passes here each second: silence means a dead
+                        // connection (a partition sends no FIN), so it is dropped and made again.
+                        let silence = Duration::from_secs(PRESENCE_TTL_S);
+                        while let Ok(Some(msg)) = tokio::time::timeout(silence, stream.next()).await {
                             let payload = msg.get_payload_bytes();
                             let Some(cut) = payload.iter().position(|b| *b == b'\n') else { continue };
+                            if cut == 0 {
+                                continue;
+                            }
                             let (Ok(room), Ok(json)) =
                                 (std::str::from_utf8(&payload[..cut]), std::str::from_utf8(&payload[cut + 1..]))
                             else {
@@ -555,5 +612,40 @@ impl RedisEngine {
             actix_rt::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Redis on 127.0.0.1:6379, or `None` (the test is then skipped, except under CI).
+    fn engine(prefix: &str) -> Option<RedisEngine> {
+        if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
+            assert!(std::env::var("CI").is_err(), "CI=true: this test needs Redis on 127.0.0.1:6379");
+            return None;
+        }
+        RedisEngine::new("redis://127.0.0.1:6379", prefix, 100, 60).ok()
+    }
+
+    #[actix_rt::test]
+    async fn an_event_published_twice_is_stored_and_numbered_once() {
+        let prefix = format!("jobcast-unit-{}", uuid::Uuid::new_v4().simple());
+        let Some(engine) = engine(&prefix) else { return };
+        let queue = engine.inner.queue.lock().ok().and_then(|mut q| q.take()).expect("queue");
+        actix_rt::spawn(engine.clone().publisher(queue));
+        let body = r#"{"type":"info","data":{},"id":"x","ts":"t"}"#.to_string();
+        let first = engine.publish("tenant:t".into(), "id-1".into(), body.clone(), false).await.expect("first");
+        // The same event again, as after a lost answer: the same seq, nothing stored twice.
+        let again = engine.publish("tenant:t".into(), "id-1".into(), body.clone(), false).await.expect("again");
+        let other = engine.publish("tenant:t".into(), "id-2".into(), body, false).await.expect("other");
+        assert_eq!((first.0, again.0, other.0), (1, 1, 2));
+        assert_eq!(first.1, again.1);
+        let (_, stored) = engine.events_after("tenant:t", 0, 10, 0).await.expect("read");
+        assert_eq!(stored.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+        let mut conn = engine.conn().await.expect("conn");
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.expect("keys");
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
     }
 }

@@ -65,6 +65,9 @@ pub struct Join {
     pub since: Option<Since>,
     /// For job rooms, the job's state for `subscribed.snapshot`.
     pub snapshot: Option<Box<JobSnapshot>>,
+    /// Cluster mode: the room already read up to Redis for this join (its `since` was ahead of the
+    /// room here).
+    pub caught_up: bool,
 }
 
 /// A connection leaves the room.
@@ -102,6 +105,8 @@ pub struct Room {
     loaded: bool,
     /// Cluster mode: where the room's epoch, `seq` and history live.
     redis: Option<RedisEngine>,
+    /// Cluster mode: the cursor could not be read when the room started; the first event sets it.
+    cursor_unknown: bool,
 }
 
 /// A run of stored events, decoded, or `None` when the source failed or changed epoch.
@@ -119,7 +124,19 @@ impl Room {
     ) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);
         let name = Arc::from(RoomKind::name_of_key(&key).as_str());
-        Room { key, name, epoch, head, history, members: HashMap::new(), settings, store, loaded: false, redis }
+        Room {
+            key,
+            name,
+            epoch,
+            head,
+            history,
+            members: HashMap::new(),
+            settings,
+            store,
+            loaded: false,
+            redis,
+            cursor_unknown: false,
+        }
     }
 
     /// Takes the next event: into the ring and to every member.
@@ -169,8 +186,12 @@ impl Room {
         let Some(redis) = self.redis.clone() else {
             return;
         };
-        let limit = self.settings.history_size.max(1);
-        let (key, epoch, head) = (self.key.to_string(), self.epoch.to_string(), self.head);
+        let size = self.settings.history_size.max(1) as u64;
+        // Up to the event that showed the gap (or the newest), at most a history's worth before it.
+        let until = then.as_ref().map_or(u64::MAX, |d| d.seq.saturating_sub(1));
+        let from = if until == u64::MAX { self.head } else { self.head.max(until.saturating_sub(size)) };
+        let limit = if until == u64::MAX { size } else { until.saturating_sub(from).clamp(1, size) } as usize;
+        let (key, epoch, head) = (self.key.to_string(), self.epoch.to_string(), from);
         let threshold = self.settings.compress_threshold;
         let min_created_ms = now_ms() - self.settings.history_ttl.as_millis() as i64;
         let load = async move {
@@ -193,10 +214,8 @@ impl Room {
                     }
                 }
             }
-            if let Some(d) = then {
-                if *d.epoch != *room.epoch {
-                    room.start_epoch(d.epoch.clone());
-                }
+            // An event of an epoch Redis has since replaced is dropped: the stream read is newer.
+            if let Some(d) = then.filter(|d| *d.epoch == *room.epoch) {
                 if d.seq > room.head {
                     room.accept(d.seq, d.event);
                 }
@@ -263,7 +282,10 @@ impl Actor for Room {
                     room.epoch = Arc::from(epoch.as_str());
                     room.head = seq;
                 }
-                Err(e) => tracing::warn!(room = %room.key, error = %e, "room cursor unavailable; starting empty"),
+                Err(e) => {
+                    tracing::warn!(room = %room.key, error = %e, "room cursor unavailable; the first event sets it");
+                    room.cursor_unknown = true;
+                }
             }));
         }
     }
@@ -272,6 +294,11 @@ impl Actor for Room {
 impl Handler<Deliver> for Room {
     type Result = ();
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        if std::mem::take(&mut self.cursor_unknown) {
+            // Nothing older is claimed: the room starts at the event before this one.
+            self.epoch = msg.epoch.clone();
+            self.head = msg.seq.saturating_sub(1);
+        }
         if *msg.epoch != *self.epoch {
             self.start_epoch(msg.epoch.clone());
         }
@@ -294,11 +321,19 @@ impl Handler<CatchUp> for Room {
 
 impl Handler<Join> for Room {
     type Result = ();
-    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Join, ctx: &mut Context<Self>) {
         let since = match &msg.since {
             Some(since) if *since.epoch == *self.epoch => since.seq,
             _ => return self.admit(msg, false, Vec::new()),
         };
+        if since > self.head && self.redis.is_some() && !msg.caught_up {
+            // The client saw more than this node has (its subscription lags, or was reconnecting):
+            // read up from Redis first, then take the join again, behind what arrived meanwhile.
+            self.catch_up(None, ctx);
+            msg.caught_up = true;
+            ctx.address().do_send(msg);
+            return;
+        }
         if let Replay::Recovered(events) = self.history.since(since, self.head, Instant::now()) {
             return self.admit(msg, true, events);
         }

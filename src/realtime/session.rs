@@ -664,8 +664,19 @@ impl Actor for Session {
         }
         if let (Some((tenant, user)), Some(redis)) = (self.user_claimed.take(), self.deps.redis.clone()) {
             actix_rt::spawn(async move {
-                if let Err(e) = redis.release_user(&tenant, &user).await {
-                    tracing::warn!(error = %e, "a user's cluster connection count was not given back");
+                // Tried for about half a minute (a Redis blip must not leave the user's count high).
+                let mut wait = Duration::from_millis(200);
+                for attempt in 1..=8 {
+                    match redis.release_user(&tenant, &user).await {
+                        Ok(()) => return,
+                        Err(e) if attempt == 8 => {
+                            tracing::warn!(error = %e, "a user's cluster connection count was not given back")
+                        }
+                        Err(_) => {
+                            actix_rt::time::sleep(wait).await;
+                            wait *= 2;
+                        }
+                    }
                 }
             });
         }
