@@ -66,6 +66,17 @@ pub struct Identity {
     pub expires_at: u64,
 }
 
+/// A WebSocket token checked but not spent yet (cluster mode spends it in Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unspent {
+    /// The token's id.
+    pub jti: String,
+    /// Its expiry (Unix seconds).
+    pub exp: u64,
+    /// The generation it was minted in.
+    pub run: String,
+}
+
 /// Why a token was refused; `reason()` is what `auth_failure` and the metrics carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -167,8 +178,10 @@ pub struct Auth {
     /// Used WebSocket token ids, so each works once.
     used: Mutex<UsedTokens>,
     /// This run of the server (random per start): WebSocket tokens of another run are refused, since
-    /// the ids they may have used before a restart are not known any more.
-    run: String,
+    /// the ids they may have used before a restart are not known any more. In cluster mode it is the
+    /// cluster's generation in Redis instead, shared by every node, so a token is refused only after
+    /// Redis lost the used ids.
+    run: std::sync::RwLock<String>,
 }
 
 /// Used WebSocket token ids, pruned in expiry order: each prune removes only what has expired,
@@ -301,7 +314,7 @@ impl Auth {
             ws_validation,
             ws_ttl_s: config.ws_token_ttl_s,
             used: Mutex::new(UsedTokens::default()),
-            run: uuid::Uuid::new_v4().simple().to_string(),
+            run: std::sync::RwLock::new(uuid::Uuid::new_v4().simple().to_string()),
         })
     }
 
@@ -327,8 +340,8 @@ impl Auth {
     /// Verifies what a WebSocket connection presents: a single-use WebSocket token or an access JWT.
     pub fn verify_connect(&self, token: &str) -> Result<Identity, AuthError> {
         let (id, spend) = self.check_connect(token, false)?;
-        if let Some((jti, exp)) = spend {
-            self.spend(&jti, exp)?;
+        if let Some(u) = spend {
+            self.spend(&u.jti, u.exp)?;
         }
         Ok(id)
     }
@@ -337,22 +350,36 @@ impl Auth {
     /// token to the caller, which spends its id cluster-wide (`SET NX` in Redis): answers the identity
     /// and, for a WebSocket token, its id and expiry. Tokens of any node's run are accepted (Redis
     /// remembers used ids across restarts).
-    pub fn verify_connect_unspent(&self, token: &str) -> Result<(Identity, Option<(String, u64)>), AuthError> {
+    pub fn verify_connect_unspent(&self, token: &str) -> Result<(Identity, Option<Unspent>), AuthError> {
         self.check_connect(token, true)
     }
 
-    fn check_connect(&self, token: &str, cluster: bool) -> Result<(Identity, Option<(String, u64)>), AuthError> {
+    /// The run (or, in cluster mode, the generation) new WebSocket tokens carry.
+    pub fn run(&self) -> String {
+        self.run.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Cluster mode: the cluster's generation, which WebSocket tokens carry from now on.
+    pub fn set_run(&self, run: &str) {
+        if let Ok(mut r) = self.run.write() {
+            if *r != run {
+                *r = run.to_string();
+            }
+        }
+    }
+
+    fn check_connect(&self, token: &str, cluster: bool) -> Result<(Identity, Option<Unspent>), AuthError> {
         let header_alg = peek_alg(token)?;
         if header_alg == "HS256" {
             match jsonwebtoken::decode::<Claims>(token, &self.ws_key, &self.ws_validation) {
                 Ok(data) if data.claims.typ.as_deref() == Some("ws") => {
                     let c = data.claims;
                     let id = identity(&c, c.cred_exp.unwrap_or(c.exp))?;
-                    if !cluster && c.run.as_deref() != Some(self.run.as_str()) {
+                    if !cluster && c.run.as_deref() != Some(self.run().as_str()) {
                         return Err(AuthError::MintedBeforeStart);
                     }
                     let jti = c.jti.ok_or(AuthError::Malformed)?;
-                    return Ok((id, Some((jti, c.exp))));
+                    return Ok((id, Some(Unspent { jti, exp: c.exp, run: c.run.unwrap_or_default() })));
                 }
                 Ok(_) => return Err(AuthError::Malformed),
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
@@ -386,7 +413,7 @@ impl Auth {
             typ: Some("ws".into()),
             jti: Some(uuid::Uuid::new_v4().to_string()),
             cred_exp: Some(id.expires_at),
-            run: Some(self.run.clone()),
+            run: Some(self.run()),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
         Ok((token, exp.saturating_sub(now)))

@@ -279,7 +279,14 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     })
     .start();
     if let Some(redis) = &redis {
-        realtime::presence::Presence::new(redis.clone(), registry.clone(), metrics.clone(), addr.to_string()).start();
+        let presence = realtime::presence::Presence::new(
+            redis.clone(),
+            auth.clone(),
+            registry.clone(),
+            metrics.clone(),
+            addr.to_string(),
+        );
+        presence.start();
     }
     let shared = Shared {
         config: Arc::new(config),

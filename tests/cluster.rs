@@ -513,3 +513,23 @@ async fn admin_disconnects_and_stats_reach_every_node() {
 fn jobcast_presence_ttl() -> u64 {
     5
 }
+
+#[actix_rt::test]
+async fn a_used_token_stays_used_when_redis_loses_its_data() {
+    let Some((a, b, prefix)) = two_nodes() else { return };
+    let ws = a.ws_token(&token("alice", "acme", &[])).await;
+    let mut first = Client::connect(&a.ws(&format!("token={ws}&format=json"))).await;
+    first.expect(EventType::ConnectionEstablished).await;
+    first.expect(EventType::Authenticated).await;
+    // Redis forgets everything, the used token ids with it: the old token must not work again.
+    lose_everything(&prefix).await;
+    let mut again = Client::connect(&b.ws(&format!("token={ws}&format=json"))).await;
+    again.expect(EventType::ConnectionEstablished).await;
+    let failure = again.expect_data(EventType::AuthFailure).await;
+    assert_eq!(failure["reason"], "token_reused", "{failure}");
+    // A token minted now works, once.
+    let fresh = b.ws_token(&token("alice", "acme", &[])).await;
+    let mut c = Client::connect(&a.ws(&format!("token={fresh}&format=json"))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+}

@@ -98,6 +98,12 @@ pub async fn echo(req: HttpRequest, body: web::Payload, shared: web::Data<Shared
 /// `POST /api/v1/auth/websocket-token`: a single-use token for the WebSocket URL.
 pub async fn websocket_token(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let id = bearer(&req, &shared)?;
+    // Cluster mode: the token carries the cluster's generation as Redis has it now (read here, so a
+    // token minted right after a start or a Redis loss is good on every node).
+    if let Some(redis) = &shared.redis {
+        let generation = redis.generation().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        shared.auth.set_run(&generation);
+    }
     let (token, expires_in) = shared.auth.mint_ws_token(&id).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(target: "audit", event = "websocket_token", user = %id.user_id, tenant = %id.tenant, "minted");
     Ok(HttpResponse::Created().json(json!({ "token": token, "expires_in": expires_in })))

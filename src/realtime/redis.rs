@@ -86,6 +86,37 @@ if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS
 return 1
 "#;
 
+/// Spends a WebSocket token once, in the generation it was minted in. KEYS: the generation, the
+/// token's id. ARGV: the token's generation, seconds to remember the id. Answers 1 (spent now), 0
+/// (spent before) or -1 (minted in a generation Redis no longer has: it lost the used ids).
+const SPEND: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"#;
+
+/// The cluster's generation, created when Redis has none (first start, or after it lost its data).
+/// KEYS: the generation. ARGV: a new one.
+const GENERATION: &str = r#"
+local g = redis.call('GET', KEYS[1])
+if not g then
+  g = ARGV[1]
+  redis.call('SET', KEYS[1], g)
+end
+return g
+"#;
+
+/// What [`RedisEngine::spend_token`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// First use, on any node.
+    Spent,
+    /// Used before.
+    Reused,
+    /// Minted before Redis lost the used ids: refused, a new token works.
+    Stale,
+}
+
 /// How long a node's presence lasts without a heartbeat (it beats every second).
 pub const PRESENCE_TTL_S: u64 = 5;
 
@@ -346,20 +377,42 @@ impl RedisEngine {
         redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
     }
 
-    /// Spends a WebSocket token id cluster-wide: true the first time on any node (`SET NX`, kept
-    /// until the token expires), false after.
-    pub async fn spend_token(&self, jti: &str, exp: u64) -> Result<bool, RedisFailure> {
+    /// Spends a WebSocket token id cluster-wide (`SET NX`, kept until the token expires), in the
+    /// generation `run` it was minted in.
+    pub async fn spend_token(&self, jti: &str, exp: u64, run: &str) -> Result<Spend, RedisFailure> {
         let mut conn = self.conn().await?;
         let ttl = exp.saturating_sub(crate::auth::unix_now()).max(1) + 60;
-        let set: Option<String> = redis::cmd("SET")
+        let answer: i64 = redis::cmd("EVAL")
+            .arg(SPEND)
+            .arg(2)
+            .arg(self.generation_key())
             .arg(format!("{}:wstoken:{jti}", self.inner.prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("EX")
+            .arg(run)
             .arg(ttl)
             .query_async(&mut conn)
             .await?;
-        Ok(set.is_some())
+        Ok(match answer {
+            1 => Spend::Spent,
+            0 => Spend::Reused,
+            _ => Spend::Stale,
+        })
+    }
+
+    fn generation_key(&self) -> String {
+        format!("{}:generation", self.inner.prefix)
+    }
+
+    /// The cluster's generation (made when Redis has none): WebSocket tokens carry it.
+    pub async fn generation(&self) -> Result<String, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let g: String = redis::cmd("EVAL")
+            .arg(GENERATION)
+            .arg(1)
+            .arg(self.generation_key())
+            .arg(new_epoch())
+            .query_async(&mut conn)
+            .await?;
+        Ok(g)
     }
 
     /// Numbers, stores and publishes an event of `room` (the envelope's JSON without `seq` and

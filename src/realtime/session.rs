@@ -35,7 +35,7 @@ use crate::realtime::broker::{self, Broker};
 use crate::realtime::frames::{Frames, Inbound};
 use crate::realtime::outbox::{Outbox, OutboxSettings, Outgoing, Refused, SlowConsumer};
 use crate::realtime::rate_limit::{TokenBucket, Verdict};
-use crate::realtime::redis::RedisEngine;
+use crate::realtime::redis::{RedisEngine, Spend};
 use crate::realtime::registry::{self, Disconnect, LimitReached, Registry};
 
 /// What every session is handed at construction.
@@ -244,13 +244,14 @@ impl Session {
                 Ok(checked) => checked,
                 Err(e) => return self.auth_failed(e, ctx),
             };
-            let Some((jti, exp)) = spend else {
+            let Some(unspent) = spend else {
                 return self.identify(identity, ctx);
             };
-            let spent = async move { redis.spend_token(&jti, exp).await };
+            let spent = async move { redis.spend_token(&unspent.jti, unspent.exp, &unspent.run).await };
             ctx.wait(spent.into_actor(self).map(move |res, act, ctx| match res {
-                Ok(true) => act.identify(identity, ctx),
-                Ok(false) => act.auth_failed(AuthError::Reused, ctx),
+                Ok(Spend::Spent) => act.identify(identity, ctx),
+                Ok(Spend::Reused) => act.auth_failed(AuthError::Reused, ctx),
+                Ok(Spend::Stale) => act.auth_failed(AuthError::MintedBeforeStart, ctx),
                 Err(e) => {
                     act.span.in_scope(|| warn!(conn = %act.id, error = %e, "cannot spend a WebSocket token"));
                     act.auth_failed(AuthError::Unavailable, ctx)
