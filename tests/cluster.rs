@@ -29,7 +29,7 @@ fn redis_up() -> bool {
 struct Node {
     child: Child,
     addr: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Node {
@@ -39,11 +39,28 @@ impl Node {
 
     fn on(redis: &str, prefix: &str) -> Node {
         let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().to_path_buf();
+        Node::spawn(redis, prefix, &path, &["--store", "memory"], Some(dir))
+    }
+
+    /// A node keeping its SQLite store in `data` (so it can be killed and started again on it).
+    fn durable(prefix: &str, data: &std::path::Path, extra: &[&str]) -> Node {
+        Node::spawn(REDIS, prefix, data, &[&["--store", "sqlite"], extra].concat(), None)
+    }
+
+    fn spawn(
+        redis: &str,
+        prefix: &str,
+        data: &std::path::Path,
+        extra: &[&str],
+        dir: Option<tempfile::TempDir>,
+    ) -> Node {
         let mut child = Command::new(BIN)
             .args(["serve", "--bind", "127.0.0.1:0", "--redis-url", redis, "--cluster-prefix", prefix])
-            .args(["--jwt-secret", SECRET, "--store", "memory"])
+            .args(["--jwt-secret", SECRET])
+            .args(extra)
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(data)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -532,4 +549,50 @@ async fn a_used_token_stays_used_when_redis_loses_its_data() {
     let mut c = Client::connect(&a.ws(&format!("token={fresh}&format=json"))).await;
     c.expect(EventType::ConnectionEstablished).await;
     c.expect(EventType::Authenticated).await;
+}
+
+#[actix_rt::test]
+async fn a_watcher_on_another_node_sees_a_job_through_its_nodes_crash_and_restart() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let data = tempfile::tempdir().expect("dir");
+    let args = ["--zone-rows", "10"];
+    let mut a = Node::durable(&prefix, data.path(), &args);
+    let b = Node::start(&prefix);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "cluster-crash");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    let mut zones = 0;
+    while zones < 20 {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(last + 1));
+        last += 1;
+        zones += u64::from(env.event.kind() == EventType::ZoneCompleted);
+    }
+    a.child.kill().expect("kill -9");
+    a.child.wait().expect("reaped");
+    // The job's node comes back on its data; the watcher on B never moved and misses nothing.
+    let a2 = Node::durable(&prefix, data.path(), &args);
+    let mut resumed = false;
+    let results = loop {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(last + 1), "gap across the crash: {env:?}");
+        last += 1;
+        match env.event {
+            Event::Status(s) if s.message == "resuming after a restart" => resumed = true,
+            Event::ProcessingCompleted(done) => break done.results,
+            _ => {}
+        }
+    };
+    assert!(resumed, "the job was interrupted and resumed");
+    assert_eq!(results["processed_rows"], 20_000);
+    assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates), "every row stored exactly once");
+    drop(a2);
 }
