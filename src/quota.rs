@@ -112,7 +112,7 @@ impl Quotas {
         }
         u.jobs += 1;
         u.bytes += declared;
-        Ok(Admission { quotas: self.clone(), tenant: tenant.into(), bytes: declared })
+        Ok(Admission { quotas: self.clone(), tenant: tenant.into(), bytes: declared, on_release: None })
     }
 
     /// A job resumed after a restart: counted, never refused (it was admitted before).
@@ -121,7 +121,7 @@ impl Quotas {
         let u = usage.entry(tenant.to_string()).or_default();
         u.jobs += 1;
         u.bytes = u.bytes.saturating_add(bytes);
-        Admission { quotas: self.clone(), tenant: tenant.into(), bytes }
+        Admission { quotas: self.clone(), tenant: tenant.into(), bytes, on_release: None }
     }
 
     /// Rows `tenant` has committed.
@@ -152,15 +152,34 @@ impl Quotas {
     }
 }
 
+/// Told the bytes an admission held when it is given back (cluster mode gives back its share in Redis).
+pub type OnRelease = Box<dyn FnOnce(u64) + Send + Sync>;
+
 /// One upload's (then one job's) share of its tenant's quota, given back when dropped.
-#[derive(Debug)]
 pub struct Admission {
     quotas: Arc<Quotas>,
     tenant: String,
     bytes: u64,
+    on_release: Option<OnRelease>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("tenant", &self.tenant).field("bytes", &self.bytes).finish()
+    }
 }
 
 impl Admission {
+    /// Also calls `f` with the bytes held when given back.
+    pub fn on_release(&mut self, f: OnRelease) {
+        self.on_release = Some(f);
+    }
+
+    /// The bytes counted for it now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The upload has brought `bytes` so far: counts them (when above what was declared), refusing
     /// once the tenant's upload bytes would pass the limit.
     pub fn grow_to(&mut self, bytes: u64) -> Result<(), Exceeded> {
@@ -193,6 +212,9 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.quotas.release(&self.tenant, self.bytes);
+        if let Some(f) = self.on_release.take() {
+            f(self.bytes);
+        }
     }
 }
 

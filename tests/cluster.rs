@@ -43,6 +43,13 @@ impl Node {
         Node::spawn(redis, prefix, &path, &["--store", "memory"], Some(dir))
     }
 
+    /// A node with more settings.
+    fn with(prefix: &str, extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().to_path_buf();
+        Node::spawn(REDIS, prefix, &path, &[&["--store", "memory"], extra].concat(), Some(dir))
+    }
+
     /// A node keeping its SQLite store in `data` (so it can be killed and started again on it).
     fn durable(prefix: &str, data: &std::path::Path, extra: &[&str]) -> Node {
         Node::spawn(REDIS, prefix, data, &[&["--store", "sqlite"], extra].concat(), None)
@@ -595,4 +602,56 @@ async fn a_watcher_on_another_node_sees_a_job_through_its_nodes_crash_and_restar
     assert_eq!(results["processed_rows"], 20_000);
     assert_eq!(results["inserted"].as_u64(), Some(csv.valid() - csv.duplicates), "every row stored exactly once");
     drop(a2);
+}
+
+/// The jobs the cluster counts for `tenant` (every node's).
+async fn cluster_jobs(prefix: &str, tenant: &str) -> i64 {
+    let client = redis::Client::open(REDIS).expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}:quota:{{{tenant}}}"))
+        .query_async(&mut conn)
+        .await
+        .expect("hgetall");
+    fields.iter().filter(|(k, _)| k.ends_with(":jobs")).map(|(_, n)| n).sum()
+}
+
+#[actix_rt::test]
+async fn a_tenants_queued_jobs_are_counted_across_the_cluster() {
+    if !redis_up() {
+        return;
+    }
+    let prefix = prefix();
+    let one = ["--max-queued-jobs-per-tenant", "1"];
+    let (a, b) = (Node::with(&prefix, &one), Node::with(&prefix, &one));
+    let alice = token("alice", "acme", &[]);
+    // An upload in progress on A (its head sent, its body not) holds alice's tenant's one place.
+    let mut held = std::net::TcpStream::connect(&a.addr).expect("connect");
+    let head = format!(
+        "POST /api/v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 100000\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut held, head.as_bytes()).expect("head");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while cluster_jobs(&prefix, "acme").await != 1 {
+        assert!(std::time::Instant::now() < deadline, "node A never counted the upload in Redis");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let csv = common::generate_csv(5, "quota");
+    let upload = |node: &Node, token: &str| {
+        let (url, token, bytes) =
+            (format!("http://{}/api/v1/uploads", node.addr), token.to_string(), csv.bytes.clone());
+        async move { common::upload_to(&url, &token, "q.csv", "text/csv", &bytes, None).await }
+    };
+    let (status, body) = upload(&b, &alice).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{body}");
+    assert_eq!(upload(&b, &token("bob", "other", &[])).await.0, 202, "another tenant has its own quota");
+    // The upload on A goes away: its place comes free on every node.
+    drop(held);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while cluster_jobs(&prefix, "acme").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "node A never gave the place back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(upload(&b, &alice).await.0, 202);
 }

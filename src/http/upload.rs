@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,7 +36,8 @@ use crate::jobs::job;
 use crate::jobs::scheduler::Submit;
 use crate::metrics::Metrics;
 use crate::protocol::{excerpt, JobStatus, RoomKind};
-use crate::quota::Admission;
+use crate::quota::{Admission, Exceeded};
+use crate::realtime::redis::{QuotaPassed, RedisEngine};
 
 /// Bytes of the form around the file (boundaries, part headers, `batch_id`) allowed beyond
 /// `max_upload_bytes`.
@@ -167,6 +168,73 @@ impl Budget<'_> {
     }
 }
 
+/// Cluster mode: the upload's share of its tenant's quotas across every node (`redis.rs`), given back
+/// with its [`Admission`].
+struct ClusterShare {
+    redis: RedisEngine,
+    tenant: String,
+    /// The bytes the cluster counts for it (the declared length, then the file's size).
+    bytes: Arc<AtomicU64>,
+}
+
+impl ClusterShare {
+    async fn claim(
+        redis: &RedisEngine,
+        shared: &Shared,
+        tenant: &str,
+        admission: &mut Admission,
+    ) -> Result<ClusterShare, ApiError> {
+        let limits = shared.quotas.limits();
+        let declared = admission.bytes();
+        let passed = redis
+            .claim_quota(tenant, limits.jobs, limits.upload_bytes, declared)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        match passed {
+            Some(QuotaPassed::Jobs) => return Err(Exceeded::Jobs { tenant: tenant.into(), max: limits.jobs }.into()),
+            Some(QuotaPassed::Bytes) => {
+                return Err(Exceeded::UploadBytes { tenant: tenant.into(), max: limits.upload_bytes }.into())
+            }
+            None => {}
+        }
+        let share =
+            ClusterShare { redis: redis.clone(), tenant: tenant.into(), bytes: Arc::new(AtomicU64::new(declared)) };
+        let (r, t, bytes) = (share.redis.clone(), share.tenant.clone(), share.bytes.clone());
+        admission.on_release(Box::new(move |_| {
+            let held = bytes.load(Relaxed) as i64;
+            // Dropped on an arbiter (the upload's or the job's); outside one there is nothing to run on.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = r.adjust_quota(&t, -1, -held, 0).await {
+                        tracing::warn!(error = %e, tenant = %t, "a cluster quota share was not given back");
+                    }
+                });
+            }
+        }));
+        Ok(share)
+    }
+
+    /// The file is in: the cluster counts its size instead of the declared length (refused when that
+    /// passes the tenant's bytes).
+    async fn settle(&self, shared: &Shared, size: u64) -> Result<(), ApiError> {
+        let delta = size as i64 - self.bytes.load(Relaxed) as i64;
+        if delta == 0 {
+            return Ok(());
+        }
+        let max = shared.quotas.limits().upload_bytes;
+        let passed = self
+            .redis
+            .adjust_quota(&self.tenant, 0, delta, if delta > 0 { max } else { 0 })
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        if passed.is_some() {
+            return Err(Exceeded::UploadBytes { tenant: self.tenant.clone(), max }.into());
+        }
+        self.bytes.store(size, Relaxed);
+        Ok(())
+    }
+}
+
 /// `quota::check_disk` off the arbiter.
 async fn disk_check(dir: PathBuf, more: u64, min_free: u64) -> Result<(), ApiError> {
     tokio::task::spawn_blocking(move || crate::quota::check_disk(&dir, more, min_free))
@@ -201,6 +269,10 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     // Quotas and the disk before a byte of the body is read; both are checked again as it arrives.
     let _receiving = Receiving::new(&shared.metrics);
     let mut admission = shared.quotas.admit(&who.tenant, declared.unwrap_or(0))?;
+    let cluster = match &shared.redis {
+        Some(redis) => Some(ClusterShare::claim(redis, shared, &who.tenant, &mut admission).await?),
+        None => None,
+    };
     let dir = shared.config.data_dir.join("uploads");
     let dir_made = dir.clone();
     tokio::task::spawn_blocking(move || crate::files::private_dir(&dir_made))
@@ -242,6 +314,12 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
         return Err(ApiError::BadRequest("the multipart field \"file\" is required".into()));
     };
     admission.settle(size);
+    if let Some(share) = &cluster {
+        if let Err(e) = share.settle(shared, size).await {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    }
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
     let path = dir.join(format!("{job_id}.csv"));
     let spec = JobSpec {

@@ -106,6 +106,15 @@ end
 return g
 "#;
 
+/// Which cluster-wide quota an upload would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPassed {
+    /// `max_queued_jobs_per_tenant`.
+    Jobs,
+    /// `max_upload_bytes_per_tenant`.
+    Bytes,
+}
+
 /// What [`RedisEngine::spend_token`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spend {
@@ -116,6 +125,49 @@ pub enum Spend {
     /// Minted before Redis lost the used ids: refused, a new token works.
     Stale,
 }
+
+/// Takes a tenant's upload (a job, `ARGV[4]` bytes) against the cluster's quotas; counts are kept per
+/// node (`<node>:jobs`, `<node>:bytes`) and a dead node's are dropped. KEYS: the tenant's hash. ARGV:
+/// this node, max jobs, max bytes, bytes, presence key prefix, ttl. Answers 0 (taken), 1 (jobs) or 2
+/// (bytes).
+const CLAIM_QUOTA: &str = r#"
+local jobs, bytes = 0, 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local node, what = string.match(fields[i], '^(.*):(%a+)$')
+  local n = tonumber(fields[i + 1])
+  if node == ARGV[1] or (node and redis.call('EXISTS', ARGV[5] .. node) == 1) then
+    if what == 'jobs' then jobs = jobs + n else bytes = bytes + n end
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+if jobs + 1 > tonumber(ARGV[2]) then return 1 end
+if bytes + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return 2 end
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':jobs', 1)
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':bytes', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 0
+"#;
+
+/// Changes this node's counts of a tenant (a job given back, bytes settled). KEYS: the tenant's hash.
+/// ARGV: this node, jobs delta, bytes delta, max bytes (checked when bytes grow; 0: unchecked).
+const ADJUST_QUOTA: &str = r#"
+if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
+  local total = 0
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], -6) == ':bytes' then total = total + tonumber(fields[i + 1]) end
+  end
+  if total + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return 2 end
+end
+local jobs = redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':jobs', ARGV[2])
+local bytes = redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':bytes', ARGV[3])
+if jobs <= 0 and bytes <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1] .. ':jobs', ARGV[1] .. ':bytes')
+end
+return 0
+"#;
 
 /// How long a node's presence lasts without a heartbeat (it beats every second).
 pub const PRESENCE_TTL_S: u64 = 5;
@@ -285,6 +337,62 @@ impl RedisEngine {
             let _: Result<(), _> = redis::cmd("SREM").arg(&set).arg(gone).query_async(&mut conn).await;
         }
         Ok(out)
+    }
+
+    fn quota_key(&self, tenant: &str) -> String {
+        format!("{}:quota:{{{tenant}}}", self.inner.prefix)
+    }
+
+    /// Counts an upload of `bytes` (declared) against the tenant's quotas across the cluster; answers
+    /// which limit it passes, if any (`max_jobs`, `max_bytes`).
+    pub async fn claim_quota(
+        &self,
+        tenant: &str,
+        max_jobs: usize,
+        max_bytes: u64,
+        bytes: u64,
+    ) -> Result<Option<QuotaPassed>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let answer: i64 = redis::cmd("EVAL")
+            .arg(CLAIM_QUOTA)
+            .arg(1)
+            .arg(self.quota_key(tenant))
+            .arg(&self.inner.node)
+            .arg(max_jobs)
+            .arg(max_bytes)
+            .arg(bytes)
+            .arg(format!("{}:node:", self.inner.prefix))
+            .arg(86_400)
+            .query_async(&mut conn)
+            .await?;
+        Ok(match answer {
+            1 => Some(QuotaPassed::Jobs),
+            2 => Some(QuotaPassed::Bytes),
+            _ => None,
+        })
+    }
+
+    /// Changes this node's counts of the tenant by `jobs` and `bytes`; growing bytes past
+    /// `max_bytes` (when not 0) is refused (`Some(QuotaPassed::Bytes)`).
+    pub async fn adjust_quota(
+        &self,
+        tenant: &str,
+        jobs: i64,
+        bytes: i64,
+        max_bytes: u64,
+    ) -> Result<Option<QuotaPassed>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let answer: i64 = redis::cmd("EVAL")
+            .arg(ADJUST_QUOTA)
+            .arg(1)
+            .arg(self.quota_key(tenant))
+            .arg(&self.inner.node)
+            .arg(jobs)
+            .arg(bytes)
+            .arg(max_bytes)
+            .query_async(&mut conn)
+            .await?;
+        Ok((answer == 2).then_some(QuotaPassed::Bytes))
     }
 
     fn user_key(&self, tenant: &str, user: &str) -> String {
