@@ -178,10 +178,10 @@ pub struct Auth {
     /// Used WebSocket token ids, so each works once.
     used: Mutex<UsedTokens>,
     /// This run of the server (random per start): WebSocket tokens of another run are refused, since
-    /// the ids they may have used before a restart are not known any more. In cluster mode it is the
-    /// cluster's generation in Redis instead, shared by every node, so a token is refused only after
-    /// Redis lost the used ids.
-    run: std::sync::RwLock<String>,
+    /// the ids they may have used before a restart are not known any more. (In cluster mode tokens
+    /// carry the cluster's generation in Redis instead, shared by every node, so a token is refused
+    /// only after Redis lost the used ids.)
+    run: String,
 }
 
 /// Used WebSocket token ids, pruned in expiry order: each prune removes only what has expired,
@@ -314,7 +314,7 @@ impl Auth {
             ws_validation,
             ws_ttl_s: config.ws_token_ttl_s,
             used: Mutex::new(UsedTokens::default()),
-            run: std::sync::RwLock::new(uuid::Uuid::new_v4().simple().to_string()),
+            run: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
@@ -354,18 +354,10 @@ impl Auth {
         self.check_connect(token, true)
     }
 
-    /// The run (or, in cluster mode, the generation) new WebSocket tokens carry.
+    /// The run new WebSocket tokens of this node carry (cluster mode mints in the cluster's generation
+    /// instead, [`Auth::mint_ws_token_in`]).
     pub fn run(&self) -> String {
-        self.run.read().map(|r| r.clone()).unwrap_or_default()
-    }
-
-    /// Cluster mode: the cluster's generation, which WebSocket tokens carry from now on.
-    pub fn set_run(&self, run: &str) {
-        if let Ok(mut r) = self.run.write() {
-            if *r != run {
-                *r = run.to_string();
-            }
-        }
+        self.run.clone()
     }
 
     fn check_connect(&self, token: &str, cluster: bool) -> Result<(Identity, Option<Unspent>), AuthError> {
@@ -401,6 +393,11 @@ impl Auth {
 
     /// Mints a single-use WebSocket token for `id`; returns it with its lifetime in seconds.
     pub fn mint_ws_token(&self, id: &Identity) -> Result<(String, u64), KeyError> {
+        self.mint_ws_token_in(id, &self.run())
+    }
+
+    /// Cluster mode: mints a WebSocket token of the cluster's `generation` (as just read from Redis).
+    pub fn mint_ws_token_in(&self, id: &Identity, generation: &str) -> Result<(String, u64), KeyError> {
         let now = unix_now();
         let exp = (now + self.ws_ttl_s).min(id.expires_at);
         let claims = Claims {
@@ -413,7 +410,7 @@ impl Auth {
             typ: Some("ws".into()),
             jti: Some(uuid::Uuid::new_v4().to_string()),
             cred_exp: Some(id.expires_at),
-            run: Some(self.run()),
+            run: Some(generation.to_string()),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
         Ok((token, exp.saturating_sub(now)))

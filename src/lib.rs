@@ -266,7 +266,18 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         // Only the jobs jobcast runs itself have a spec; an external job waits for its publisher.
         if let Some(spec) = job.spec {
             tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
-            let admission = quotas.resumed(&spec.tenant, spec.size_bytes);
+            let mut admission = quotas.resumed(&spec.tenant, spec.size_bytes);
+            if let Some(redis) = &redis {
+                // Counted across the cluster again (this node has a new id: its old counts lapse).
+                let upload = spec.job_id.simple().to_string();
+                redis.release_with(&mut admission, &spec.tenant, &upload);
+                let (r, tenant, bytes) = (redis.clone(), spec.tenant.clone(), spec.size_bytes);
+                actix_rt::spawn(async move {
+                    if let Err(e) = r.claim_quota(&tenant, &upload, 0, 0, bytes).await {
+                        tracing::warn!(error = %e, "a resumed job is not counted across the cluster");
+                    }
+                });
+            }
             scheduler.do_send(Submit { spec, resume: Some(job.snapshot), admission });
         }
     }
@@ -279,13 +290,8 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     })
     .start();
     if let Some(redis) = &redis {
-        let presence = realtime::presence::Presence::new(
-            redis.clone(),
-            auth.clone(),
-            registry.clone(),
-            metrics.clone(),
-            addr.to_string(),
-        );
+        let presence =
+            realtime::presence::Presence::new(redis.clone(), registry.clone(), metrics.clone(), addr.to_string());
         presence.start();
     }
     let shared = Shared {

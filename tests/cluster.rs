@@ -545,8 +545,13 @@ async fn a_used_token_stays_used_when_redis_loses_its_data() {
     let mut first = Client::connect(&a.ws(&format!("token={ws}&format=json"))).await;
     first.expect(EventType::ConnectionEstablished).await;
     first.expect(EventType::Authenticated).await;
-    // Redis forgets everything, the used token ids with it: the old token must not work again.
+    let unused = a.ws_token(&token("alice", "acme", &[])).await;
+    // Redis forgets everything, the used token ids with it: the old token must not work again, nor
+    // one minted before that was never used (its use could not be told from a reuse).
     lose_everything(&prefix).await;
+    let mut c = Client::connect(&b.ws(&format!("token={unused}&format=json"))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    assert_eq!(c.expect_data(EventType::AuthFailure).await["reason"], "token_reused");
     let mut again = Client::connect(&b.ws(&format!("token={ws}&format=json"))).await;
     again.expect(EventType::ConnectionEstablished).await;
     let failure = again.expect_data(EventType::AuthFailure).await;
@@ -556,6 +561,9 @@ async fn a_used_token_stays_used_when_redis_loses_its_data() {
     let mut c = Client::connect(&a.ws(&format!("token={fresh}&format=json"))).await;
     c.expect(EventType::ConnectionEstablished).await;
     c.expect(EventType::Authenticated).await;
+    let mut twice = Client::connect(&b.ws(&format!("token={fresh}&format=json"))).await;
+    twice.expect(EventType::ConnectionEstablished).await;
+    assert_eq!(twice.expect_data(EventType::AuthFailure).await["reason"], "token_reused");
 }
 
 #[actix_rt::test]
@@ -608,12 +616,8 @@ async fn a_watcher_on_another_node_sees_a_job_through_its_nodes_crash_and_restar
 async fn cluster_jobs(prefix: &str, tenant: &str) -> i64 {
     let client = redis::Client::open(REDIS).expect("redis");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
-    let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
-        .arg(format!("{prefix}:quota:{{{tenant}}}"))
-        .query_async(&mut conn)
-        .await
-        .expect("hgetall");
-    fields.iter().filter(|(k, _)| k.ends_with(":jobs")).map(|(_, n)| n).sum()
+    // One field per upload or job.
+    redis::cmd("HLEN").arg(format!("{prefix}:quota:{{{tenant}}}")).query_async(&mut conn).await.expect("hlen")
 }
 
 #[actix_rt::test]
@@ -654,4 +658,11 @@ async fn a_tenants_queued_jobs_are_counted_across_the_cluster() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(upload(&b, &alice).await.0, 202);
+    // Its job runs to its end on B, and gives the place back.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while cluster_jobs(&prefix, "acme").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "the finished job never gave its place back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(upload(&a, &alice).await.0, 202, "on node A too");
 }

@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -168,13 +168,12 @@ impl Budget<'_> {
     }
 }
 
-/// Cluster mode: the upload's share of its tenant's quotas across every node (`redis.rs`), given back
-/// with its [`Admission`].
+/// Cluster mode: the upload's share of its tenant's quotas across every node (`redis.rs`), one field
+/// per upload, given back with its [`Admission`].
 struct ClusterShare {
     redis: RedisEngine,
     tenant: String,
-    /// The bytes the cluster counts for it (the declared length, then the file's size).
-    bytes: Arc<AtomicU64>,
+    upload: String,
 }
 
 impl ClusterShare {
@@ -184,54 +183,34 @@ impl ClusterShare {
         tenant: &str,
         admission: &mut Admission,
     ) -> Result<ClusterShare, ApiError> {
-        let limits = shared.quotas.limits();
-        let declared = admission.bytes();
-        let passed = redis
-            .claim_quota(tenant, limits.jobs, limits.upload_bytes, declared)
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        match passed {
-            Some(QuotaPassed::Jobs) => return Err(Exceeded::Jobs { tenant: tenant.into(), max: limits.jobs }.into()),
-            Some(QuotaPassed::Bytes) => {
-                return Err(Exceeded::UploadBytes { tenant: tenant.into(), max: limits.upload_bytes }.into())
-            }
-            None => {}
-        }
         let share =
-            ClusterShare { redis: redis.clone(), tenant: tenant.into(), bytes: Arc::new(AtomicU64::new(declared)) };
-        let (r, t, bytes) = (share.redis.clone(), share.tenant.clone(), share.bytes.clone());
-        admission.on_release(Box::new(move |_| {
-            let held = bytes.load(Relaxed) as i64;
-            // Dropped on an arbiter (the upload's or the job's); outside one there is nothing to run on.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = r.adjust_quota(&t, -1, -held, 0).await {
-                        tracing::warn!(error = %e, tenant = %t, "a cluster quota share was not given back");
-                    }
-                });
-            }
-        }));
+            ClusterShare { redis: redis.clone(), tenant: tenant.into(), upload: Uuid::new_v4().simple().to_string() };
+        // Before the claim, so that one whose answer is lost is given back all the same.
+        redis.release_with(admission, tenant, &share.upload);
+        share.count(shared, admission.bytes()).await?;
         Ok(share)
     }
 
-    /// The file is in: the cluster counts its size instead of the declared length (refused when that
-    /// passes the tenant's bytes).
-    async fn settle(&self, shared: &Shared, size: u64) -> Result<(), ApiError> {
-        let delta = size as i64 - self.bytes.load(Relaxed) as i64;
-        if delta == 0 {
-            return Ok(());
-        }
-        let max = shared.quotas.limits().upload_bytes;
+    /// Counts the upload at `bytes`, refusing past the tenant's limits.
+    async fn count(&self, shared: &Shared, bytes: u64) -> Result<(), ApiError> {
+        let limits = shared.quotas.limits();
         let passed = self
             .redis
-            .adjust_quota(&self.tenant, 0, delta, if delta > 0 { max } else { 0 })
+            .claim_quota(&self.tenant, &self.upload, limits.jobs, limits.upload_bytes, bytes)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        if passed.is_some() {
-            return Err(Exceeded::UploadBytes { tenant: self.tenant.clone(), max }.into());
+        match passed {
+            Some(QuotaPassed::Jobs) => Err(Exceeded::Jobs { tenant: self.tenant.clone(), max: limits.jobs }.into()),
+            Some(QuotaPassed::Bytes) => {
+                Err(Exceeded::UploadBytes { tenant: self.tenant.clone(), max: limits.upload_bytes }.into())
+            }
+            None => Ok(()),
         }
-        self.bytes.store(size, Relaxed);
-        Ok(())
+    }
+
+    /// The file is in: the cluster counts its size instead of the declared length.
+    async fn settle(&self, shared: &Shared, size: u64) -> Result<(), ApiError> {
+        self.count(shared, size).await
     }
 }
 

@@ -100,11 +100,14 @@ pub async fn websocket_token(req: HttpRequest, shared: web::Data<Shared>) -> Res
     let id = bearer(&req, &shared)?;
     // Cluster mode: the token carries the cluster's generation as Redis has it now (read here, so a
     // token minted right after a start or a Redis loss is good on every node).
-    if let Some(redis) = &shared.redis {
-        let generation = redis.generation().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        shared.auth.set_run(&generation);
-    }
-    let (token, expires_in) = shared.auth.mint_ws_token(&id).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let minted = match &shared.redis {
+        Some(redis) => {
+            let generation = redis.generation().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            shared.auth.mint_ws_token_in(&id, &generation)
+        }
+        None => shared.auth.mint_ws_token(&id),
+    };
+    let (token, expires_in) = minted.map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(target: "audit", event = "websocket_token", user = %id.user_id, tenant = %id.tenant, "minted");
     Ok(HttpResponse::Created().json(json!({ "token": token, "expires_in": expires_in })))
 }

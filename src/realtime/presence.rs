@@ -1,8 +1,7 @@
 //! The `Presence` actor (cluster mode only): this node's heartbeat and its part in admin actions
 //! across the cluster.
 //!
-//! Every second it writes the node's counts, and reads the cluster's generation (which WebSocket tokens
-//! carry: a token of a generation Redis lost is refused, since its used ids are gone). It writes the counts under `<prefix>:node:<id>` for
+//! Every second it writes the node's counts under `<prefix>:node:<id>` for
 //! [`PRESENCE_TTL_S`](crate::realtime::redis::PRESENCE_TTL_S) seconds, so a node that dies drops out
 //! of `GET /api/v1/admin/stats` and of the per-user connection counts within that time. It takes the
 //! cluster's [`Control`] commands (admin disconnects) off `<prefix>:control`, closes the matching
@@ -15,7 +14,6 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::json;
 
-use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::realtime::redis::{Control, RedisEngine};
@@ -24,8 +22,6 @@ use crate::realtime::registry::{CloseConnection, CloseUser, Registry};
 /// This node in the cluster.
 pub struct Presence {
     redis: RedisEngine,
-    /// WebSocket tokens are minted in the cluster's generation, read with each heartbeat.
-    auth: Arc<Auth>,
     registry: Addr<Registry>,
     metrics: Arc<Metrics>,
     started: Instant,
@@ -35,14 +31,8 @@ pub struct Presence {
 
 impl Presence {
     /// The presence of the node listening on `addr`.
-    pub fn new(
-        redis: RedisEngine,
-        auth: Arc<Auth>,
-        registry: Addr<Registry>,
-        metrics: Arc<Metrics>,
-        addr: String,
-    ) -> Self {
-        Presence { redis, auth, registry, metrics, started: Instant::now(), addr }
+    pub fn new(redis: RedisEngine, registry: Addr<Registry>, metrics: Arc<Metrics>, addr: String) -> Self {
+        Presence { redis, registry, metrics, started: Instant::now(), addr }
     }
 
     /// This node's counts as `GET /api/v1/admin/stats` lists them under `nodes`.
@@ -60,15 +50,11 @@ impl Presence {
 
     fn beat(&self, ctx: &mut Context<Self>) {
         let stats = Presence::counts(self.redis.node(), &self.addr, &self.metrics, self.started);
-        let (redis, auth) = (self.redis.clone(), self.auth.clone());
+        let redis = self.redis.clone();
         ctx.spawn(
             async move {
                 if let Err(e) = redis.heartbeat(&stats).await {
                     tracing::warn!(error = %e, "heartbeat not written");
-                }
-                match redis.generation().await {
-                    Ok(g) => auth.set_run(&g),
-                    Err(e) => tracing::debug!(error = %e, "generation not read"),
                 }
             }
             .into_actor(self),

@@ -126,46 +126,37 @@ pub enum Spend {
     Stale,
 }
 
-/// Takes a tenant's upload (a job, `ARGV[4]` bytes) against the cluster's quotas; counts are kept per
-/// node (`<node>:jobs`, `<node>:bytes`) and a dead node's are dropped. KEYS: the tenant's hash. ARGV:
-/// this node, max jobs, max bytes, bytes, presence key prefix, ttl. Answers 0 (taken), 1 (jobs) or 2
-/// (bytes).
-const CLAIM_QUOTA: &str = r#"
+/// A tenant's uploads and jobs across the cluster: one field per upload, `<node>|<upload id>` = its
+/// bytes, so giving one back is an `HDEL` that is safe to repeat, and a dead node's fields are dropped.
+/// Sums the fields of live nodes into `jobs` (their number) and `bytes`, leaving out `ARGV[2]`.
+/// KEYS: the tenant's hash. ARGV: this node, this upload, presence key prefix.
+const QUOTA_SUM: &str = r#"
 local jobs, bytes = 0, 0
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
-  local node, what = string.match(fields[i], '^(.*):(%a+)$')
-  local n = tonumber(fields[i + 1])
-  if node == ARGV[1] or (node and redis.call('EXISTS', ARGV[5] .. node) == 1) then
-    if what == 'jobs' then jobs = jobs + n else bytes = bytes + n end
+  local cut = string.find(fields[i], '|', 1, true)
+  local node = cut and string.sub(fields[i], 1, cut - 1)
+  if node and (node == ARGV[1] or redis.call('EXISTS', ARGV[3] .. node) == 1) then
+    if string.sub(fields[i], cut + 1) ~= ARGV[2] then
+      jobs = jobs + 1
+      bytes = bytes + tonumber(fields[i + 1])
+    end
   else
     redis.call('HDEL', KEYS[1], fields[i])
   end
 end
-if jobs + 1 > tonumber(ARGV[2]) then return 1 end
-if bytes + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return 2 end
-redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':jobs', 1)
-redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':bytes', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-return 0
 "#;
 
-/// Changes this node's counts of a tenant (a job given back, bytes settled). KEYS: the tenant's hash.
-/// ARGV: this node, jobs delta, bytes delta, max bytes (checked when bytes grow; 0: unchecked).
-const ADJUST_QUOTA: &str = r#"
-if tonumber(ARGV[3]) > 0 and tonumber(ARGV[4]) > 0 then
-  local total = 0
-  local fields = redis.call('HGETALL', KEYS[1])
-  for i = 1, #fields, 2 do
-    if string.sub(fields[i], -6) == ':bytes' then total = total + tonumber(fields[i + 1]) end
-  end
-  if total + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return 2 end
+/// Counts (or re-counts, at `ARGV[6]` bytes) an upload against the tenant's quotas. ARGV after
+/// [`QUOTA_SUM`]'s: max jobs (0: not checked, for a job resumed after a restart), max bytes, bytes,
+/// ttl. Answers 0 (counted), 1 (jobs) or 2 (bytes).
+const CLAIM_QUOTA: &str = r#"
+if tonumber(ARGV[4]) > 0 then
+  if jobs + 1 > tonumber(ARGV[4]) then return 1 end
+  if bytes + tonumber(ARGV[6]) > tonumber(ARGV[5]) then return 2 end
 end
-local jobs = redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':jobs', ARGV[2])
-local bytes = redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':bytes', ARGV[3])
-if jobs <= 0 and bytes <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1] .. ':jobs', ARGV[1] .. ':bytes')
-end
+redis.call('HSET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 0
 "#;
 
@@ -343,25 +334,28 @@ impl RedisEngine {
         format!("{}:quota:{{{tenant}}}", self.inner.prefix)
     }
 
-    /// Counts an upload of `bytes` (declared) against the tenant's quotas across the cluster; answers
-    /// which limit it passes, if any (`max_jobs`, `max_bytes`).
+    /// Counts upload `upload` of `bytes` against the tenant's quotas across the cluster (again, with
+    /// its final size, when called a second time); answers which limit it would pass, if any. With
+    /// `max_jobs` 0 nothing is checked (a job resumed after a restart is counted whatever the totals).
     pub async fn claim_quota(
         &self,
         tenant: &str,
+        upload: &str,
         max_jobs: usize,
         max_bytes: u64,
         bytes: u64,
     ) -> Result<Option<QuotaPassed>, RedisFailure> {
         let mut conn = self.conn().await?;
         let answer: i64 = redis::cmd("EVAL")
-            .arg(CLAIM_QUOTA)
+            .arg(format!("{QUOTA_SUM}{CLAIM_QUOTA}"))
             .arg(1)
             .arg(self.quota_key(tenant))
             .arg(&self.inner.node)
+            .arg(upload)
+            .arg(format!("{}:node:", self.inner.prefix))
             .arg(max_jobs)
             .arg(max_bytes)
             .arg(bytes)
-            .arg(format!("{}:node:", self.inner.prefix))
             .arg(86_400)
             .query_async(&mut conn)
             .await?;
@@ -372,27 +366,38 @@ impl RedisEngine {
         })
     }
 
-    /// Changes this node's counts of the tenant by `jobs` and `bytes`; growing bytes past
-    /// `max_bytes` (when not 0) is refused (`Some(QuotaPassed::Bytes)`).
-    pub async fn adjust_quota(
-        &self,
-        tenant: &str,
-        jobs: i64,
-        bytes: i64,
-        max_bytes: u64,
-    ) -> Result<Option<QuotaPassed>, RedisFailure> {
+    /// Gives upload `upload` back (safe to repeat).
+    pub async fn release_quota(&self, tenant: &str, upload: &str) -> Result<(), RedisFailure> {
         let mut conn = self.conn().await?;
-        let answer: i64 = redis::cmd("EVAL")
-            .arg(ADJUST_QUOTA)
-            .arg(1)
-            .arg(self.quota_key(tenant))
-            .arg(&self.inner.node)
-            .arg(jobs)
-            .arg(bytes)
-            .arg(max_bytes)
-            .query_async(&mut conn)
-            .await?;
-        Ok((answer == 2).then_some(QuotaPassed::Bytes))
+        let field = format!("{}|{upload}", self.inner.node);
+        redis::cmd("HDEL").arg(self.quota_key(tenant)).arg(field).query_async::<i64>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Makes `admission` give its cluster share (upload `upload` of `tenant`) back when dropped,
+    /// retrying for about half a minute. Attach it before claiming: a claim whose answer was lost is
+    /// given back too.
+    pub fn release_with(&self, admission: &mut crate::quota::Admission, tenant: &str, upload: &str) {
+        let (redis, tenant, upload) = (self.clone(), tenant.to_string(), upload.to_string());
+        admission.on_release(Box::new(move |_| {
+            // Dropped on an arbiter (the upload's or the job's); outside one there is nothing to run on.
+            let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+            rt.spawn(async move {
+                let mut wait = Duration::from_millis(200);
+                for attempt in 1..=8 {
+                    match redis.release_quota(&tenant, &upload).await {
+                        Ok(()) => return,
+                        Err(e) if attempt == 8 => {
+                            tracing::warn!(error = %e, tenant = %tenant, "a cluster quota share was not given back")
+                        }
+                        Err(_) => {
+                            actix_rt::time::sleep(wait).await;
+                            wait *= 2;
+                        }
+                    }
+                }
+            });
+        }));
     }
 
     fn user_key(&self, tenant: &str, user: &str) -> String {
