@@ -666,3 +666,29 @@ async fn a_tenants_queued_jobs_are_counted_across_the_cluster() {
     }
     assert_eq!(upload(&a, &alice).await.0, 202, "on node A too");
 }
+
+#[actix_rt::test]
+async fn delivered_to_counts_the_members_on_every_node() {
+    let Some((a, b, _prefix)) = two_nodes() else { return };
+    let (_a1, _) = member(&a, "alice", "tenant:acme").await;
+    let (b1, _) = member(&b, "bob", "tenant:acme").await;
+    let (_b2, _) = member(&b, "carol", "tenant:acme").await;
+    // Counts are written in the background: wait (bounded) until a publish through A sees all three.
+    let until = |want: u64| {
+        let addr = a.addr.clone();
+        async move {
+            let deadline = std::time::Instant::now() + common::WAIT;
+            loop {
+                let answer = broadcast(&addr, "tenant:acme", json!({})).await;
+                if answer["delivered_to"] == want {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "delivered_to never reached {want}: {answer}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(3).await;
+    b1.close().await;
+    until(2).await;
+}

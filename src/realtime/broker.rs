@@ -239,8 +239,9 @@ impl Broker {
         // Queued here, in the handler, so the broker's order of messages is the order of publishes.
         let published = redis.publish(msg.room, env.id.to_string(), body, msg.until_published);
         Box::pin(async move {
-            let (seq, _) = published.await.map_err(|e| PublishError::Unavailable(e.to_string()))?;
-            Ok(Published { seq, delivered_to })
+            let (seq, _, members) = published.await.map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            // Every node's members; this node's as it knows them when Redis could not count them yet.
+            Ok(Published { seq, delivered_to: members.max(delivered_to) })
         })
     }
 
@@ -274,6 +275,9 @@ impl Broker {
                 self.metrics.subscriptions.fetch_sub(1, Relaxed);
                 entry.active_at = Instant::now();
                 entry.addr.do_send(Part { conn });
+                if let Some(redis) = &self.redis {
+                    redis.members_changed(room, entry.members.len());
+                }
             }
         }
     }
@@ -442,10 +446,13 @@ impl Handler<Publish> for Broker {
 impl Handler<Subscribe> for Broker {
     type Result = ();
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        let metrics = self.metrics.clone();
+        let (metrics, redis) = (self.metrics.clone(), self.redis.clone());
         let entry = self.room(&msg.room);
         if entry.members.insert(msg.conn) {
             metrics.subscriptions.fetch_add(1, Relaxed);
+            if let Some(redis) = redis {
+                redis.members_changed(&msg.room, entry.members.len());
+            }
         }
         entry.addr.do_send(Join {
             conn: msg.conn,

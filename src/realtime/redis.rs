@@ -24,14 +24,24 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
 /// Numbers, stores and publishes one event, once: a retry of an event Redis already took (its answer
-/// was lost) answers the `seq` it got then. KEYS: room hash, stream, the event's marker. ARGV: epoch
-/// for a new room, envelope JSON without `seq`/`epoch`, stream length, ttl seconds, channel, room key,
-/// created ms.
+/// was lost) answers the `seq` it got then. Also answers how many connections the room has on the
+/// nodes alive (its members hash: a count per node). KEYS: room hash, stream, the event's marker,
+/// members hash. ARGV: epoch for a new room, envelope JSON without `seq`/`epoch`, stream length, ttl
+/// seconds, channel, room key, created ms, this node, presence key prefix.
 const PUBLISH: &str = r#"
+local members = 0
+local counts = redis.call('HGETALL', KEYS[4])
+for i = 1, #counts, 2 do
+  if counts[i] == ARGV[8] or redis.call('EXISTS', ARGV[9] .. counts[i]) == 1 then
+    members = members + math.max(tonumber(counts[i + 1]), 0)
+  else
+    redis.call('HDEL', KEYS[4], counts[i])
+  end
+end
 local done = redis.call('GET', KEYS[3])
 if done then
   local cut = string.find(done, ':', 1, true)
-  return {tonumber(string.sub(done, 1, cut - 1)), string.sub(done, cut + 1)}
+  return {tonumber(string.sub(done, 1, cut - 1)), string.sub(done, cut + 1), members}
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -46,7 +56,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('SET', KEYS[3], seq .. ':' .. epoch, 'EX', 600)
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\n' .. env)
-return {seq, epoch}
+return {seq, epoch, members}
 "#;
 
 /// A room's epoch and last `seq`, creating the room (so every node names the same epoch for a room
@@ -214,8 +224,12 @@ struct Outgoing {
     body: String,
     /// Kept and tried again while Redis is away (else answered with the failure at once).
     retry: bool,
-    reply: oneshot::Sender<Result<(u64, String), RedisFailure>>,
+    reply: oneshot::Sender<Result<Taken, RedisFailure>>,
 }
+
+/// What Redis answered for a published event: its `seq`, the room's epoch, and how many connections
+/// the room had across the cluster.
+pub type Taken = (u64, String, usize);
 
 /// The shared handle on the Redis engine (cheap to clone).
 #[derive(Clone)]
@@ -235,6 +249,9 @@ struct Inner {
     queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
     /// Set while Redis refuses publishes: API publishes and uploads are refused at once meanwhile.
     down: std::sync::atomic::AtomicBool,
+    /// Member counts per room, to the writer task.
+    members: mpsc::UnboundedSender<(String, usize)>,
+    member_changes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(String, usize)>>>,
 }
 
 fn new_epoch() -> String {
@@ -246,6 +263,7 @@ impl RedisEngine {
     pub fn new(url: &str, prefix: &str, history_size: usize, ttl_s: u64) -> Result<Self, RedisFailure> {
         let client = redis::Client::open(url)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (members, member_changes) = mpsc::unbounded_channel();
         Ok(RedisEngine {
             inner: Arc::new(Inner {
                 node: uuid::Uuid::new_v4().simple().to_string(),
@@ -257,6 +275,8 @@ impl RedisEngine {
                 publish: tx,
                 queue: std::sync::Mutex::new(Some(rx)),
                 down: std::sync::atomic::AtomicBool::new(false),
+                members,
+                member_changes: std::sync::Mutex::new(Some(member_changes)),
             }),
         })
     }
@@ -271,6 +291,40 @@ impl RedisEngine {
 
     fn channel(&self) -> String {
         format!("{}:events", self.inner.prefix)
+    }
+
+    fn members_key(&self, room: &str) -> String {
+        format!("{}:members:{{{room}}}", self.inner.prefix)
+    }
+
+    /// This node now has `count` connections in `room` (for `delivered_to` across the cluster). Written
+    /// in the background, in order, the latest count per room of each round.
+    pub fn members_changed(&self, room: &str, count: usize) {
+        let _ = self.inner.members.send((room.to_string(), count));
+    }
+
+    /// Writes member counts as they change, coalesced per room.
+    async fn member_writer(self, mut changes: mpsc::UnboundedReceiver<(String, usize)>) {
+        while let Some((room, count)) = changes.recv().await {
+            let mut latest = std::collections::HashMap::from([(room, count)]);
+            while let Ok((room, count)) = changes.try_recv() {
+                latest.insert(room, count);
+            }
+            let Ok(mut conn) = self.conn().await else { continue };
+            let mut pipe = redis::pipe();
+            for (room, count) in &latest {
+                let key = self.members_key(room);
+                if *count == 0 {
+                    pipe.cmd("HDEL").arg(&key).arg(&self.inner.node).ignore();
+                } else {
+                    pipe.cmd("HSET").arg(&key).arg(&self.inner.node).arg(*count).ignore();
+                    pipe.cmd("EXPIRE").arg(&key).arg(self.inner.ttl_s).ignore();
+                }
+            }
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::debug!(error = %e, "room member counts not written");
+            }
+        }
     }
 
     fn control_channel(&self) -> String {
@@ -539,7 +593,7 @@ impl RedisEngine {
         id: String,
         body: String,
         retry: bool,
-    ) -> impl std::future::Future<Output = Result<(u64, String), RedisFailure>> {
+    ) -> impl std::future::Future<Output = Result<Taken, RedisFailure>> {
         let (reply, answer) = oneshot::channel();
         let queued = if !retry && self.is_down() {
             Err(RedisFailure("Redis is not answering".into()))
@@ -632,6 +686,9 @@ impl RedisEngine {
         if let Some(queue) = queue {
             actix_rt::spawn(self.clone().publisher(queue));
         }
+        if let Some(changes) = self.inner.member_changes.lock().ok().and_then(|mut c| c.take()) {
+            actix_rt::spawn(self.clone().member_writer(changes));
+        }
         actix_rt::spawn(self.clone().subscriber(events, resync));
     }
 
@@ -703,7 +760,7 @@ impl RedisEngine {
         }
     }
 
-    async fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<(u64, String), RedisFailure>> {
+    async fn publish_batch(&self, batch: &[Outgoing]) -> Vec<Result<Taken, RedisFailure>> {
         let failed = |e: &RedisFailure| batch.iter().map(|_| Err(RedisFailure(e.0.clone()))).collect();
         let mut conn = match self.conn().await {
             Ok(c) => c,
@@ -716,19 +773,22 @@ impl RedisEngine {
         for item in batch {
             pipe.cmd("EVAL")
                 .arg(PUBLISH)
-                .arg(3)
+                .arg(4)
                 .arg(self.room_key(&item.room))
                 .arg(self.stream_key(&item.room))
                 .arg(format!("{}:pub:{{{}}}:{}", self.inner.prefix, item.room, item.id))
+                .arg(self.members_key(&item.room))
                 .arg(new_epoch())
                 .arg(&item.body)
                 .arg(self.inner.history_size)
                 .arg(self.inner.ttl_s)
                 .arg(&channel)
                 .arg(&item.room)
-                .arg(now);
+                .arg(now)
+                .arg(&self.inner.node)
+                .arg(format!("{}:node:", self.inner.prefix));
         }
-        match pipe.query_async::<Vec<redis::RedisResult<(u64, String)>>>(&mut conn).await {
+        match pipe.query_async::<Vec<redis::RedisResult<Taken>>>(&mut conn).await {
             Ok(answers) if answers.len() == batch.len() => {
                 answers.into_iter().map(|a| a.map_err(RedisFailure::from)).collect()
             }
