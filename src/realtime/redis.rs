@@ -249,9 +249,35 @@ struct Inner {
     queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
     /// Set while Redis refuses publishes: API publishes and uploads are refused at once meanwhile.
     down: std::sync::atomic::AtomicBool,
+    /// Where the control channel's commands go (the presence actor).
+    control: std::sync::Mutex<Option<Recipient<Control>>>,
     /// Member counts per room, to the writer task.
     members: mpsc::UnboundedSender<(String, usize)>,
     member_changes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(String, usize)>>>,
+}
+
+/// Runs `attempt` in the background until it succeeds, 8 times at most over about half a minute (a
+/// Redis blip must not leave a count high); logs `what` when it never did. Outside a runtime (nothing
+/// to run on) it does nothing.
+pub fn retry_in_background<F, Fut>(what: &'static str, attempt: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), RedisFailure>> + Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(async move {
+        let mut wait = Duration::from_millis(200);
+        for n in 1..=8 {
+            match attempt().await {
+                Ok(()) => return,
+                Err(e) if n == 8 => tracing::warn!(error = %e, "{what}"),
+                Err(_) => {
+                    actix_rt::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    });
 }
 
 fn new_epoch() -> String {
@@ -275,6 +301,7 @@ impl RedisEngine {
                 publish: tx,
                 queue: std::sync::Mutex::new(Some(rx)),
                 down: std::sync::atomic::AtomicBool::new(false),
+                control: std::sync::Mutex::new(None),
                 members,
                 member_changes: std::sync::Mutex::new(Some(member_changes)),
             }),
@@ -434,22 +461,9 @@ impl RedisEngine {
     pub fn release_with(&self, admission: &mut crate::quota::Admission, tenant: &str, upload: &str) {
         let (redis, tenant, upload) = (self.clone(), tenant.to_string(), upload.to_string());
         admission.on_release(Box::new(move |_| {
-            // Dropped on an arbiter (the upload's or the job's); outside one there is nothing to run on.
-            let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-            rt.spawn(async move {
-                let mut wait = Duration::from_millis(200);
-                for attempt in 1..=8 {
-                    match redis.release_quota(&tenant, &upload).await {
-                        Ok(()) => return,
-                        Err(e) if attempt == 8 => {
-                            tracing::warn!(error = %e, tenant = %tenant, "a cluster quota share was not given back")
-                        }
-                        Err(_) => {
-                            actix_rt::time::sleep(wait).await;
-                            wait *= 2;
-                        }
-                    }
-                }
+            retry_in_background("a cluster quota share was not given back", move || {
+                let (redis, tenant, upload) = (redis.clone(), tenant.clone(), upload.clone());
+                async move { redis.release_quota(&tenant, &upload).await }
             });
         }));
     }
@@ -679,7 +693,7 @@ impl RedisEngine {
         Ok((epoch.unwrap_or_default(), out))
     }
 
-    /// Starts the publisher task (once) and the subscriber task, which hands every event on the
+    /// Starts the publisher task (once) and the subscriber task, which hands every event on the events
     /// channel to `events` and, after each reconnection, sends `resync`.
     pub fn run(&self, events: Recipient<RemoteEvent>, resync: Recipient<Resync>) {
         let queue = self.inner.queue.lock().ok().and_then(|mut q| q.take());
@@ -692,28 +706,12 @@ impl RedisEngine {
         actix_rt::spawn(self.clone().subscriber(events, resync));
     }
 
-    /// Starts the subscriber of the control channel, which hands every command to `control`.
+    /// Hands the cluster's admin commands (off `<prefix>:control`, on the same subscription as the
+    /// events) to `control` from now on.
     pub fn run_control(&self, control: Recipient<Control>) {
-        let me = self.clone();
-        actix_rt::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                if let Ok(mut pubsub) = me.inner.client.get_async_pubsub().await {
-                    if pubsub.subscribe(me.control_channel()).await.is_ok() {
-                        wait = Duration::from_millis(100);
-                        let mut stream = pubsub.into_on_message();
-                        while let Some(msg) = stream.next().await {
-                            match serde_json::from_slice::<Control>(msg.get_payload_bytes()) {
-                                Ok(c) => control.do_send(c),
-                                Err(e) => tracing::warn!(error = %e, "unreadable cluster control message"),
-                            }
-                        }
-                    }
-                }
-                actix_rt::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
-        });
+        if let Ok(mut c) = self.inner.control.lock() {
+            *c = Some(control);
+        }
     }
 
     /// Sends queued publishes in arrival order, as many per round trip as are waiting. Each event's
@@ -797,14 +795,29 @@ impl RedisEngine {
         }
     }
 
-    /// Listens on the channel for as long as the node runs, reconnecting with backoff.
+    /// A command off the control channel, to the presence actor (once it is there).
+    fn to_control(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Control>(payload) {
+            Ok(c) => {
+                if let Some(control) = self.inner.control.lock().ok().and_then(|r| r.clone()) {
+                    control.do_send(c);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable cluster control message"),
+        }
+    }
+
+    /// Listens on the events and control channels for as long as the node runs, reconnecting with
+    /// backoff.
     async fn subscriber(self, events: Recipient<RemoteEvent>, resync: Recipient<Resync>) {
         let mut wait = Duration::from_millis(100);
         let mut first = true;
         loop {
             match self.inner.client.get_async_pubsub().await {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(self.channel()).await.is_ok() {
+                    let subscribed = pubsub.subscribe(self.channel()).await.is_ok()
+                        && pubsub.subscribe(self.control_channel()).await.is_ok();
+                    if subscribed {
                         wait = Duration::from_millis(100);
                         // Whatever was published while no subscription was open, rooms read from
                         // their streams (nothing to read on the first one, unless Redis was late).
@@ -817,8 +830,13 @@ impl RedisEngine {
                         // Every node's heartbeat passes here each second: silence means a dead
                         // connection (a partition sends no FIN), so it is dropped and made again.
                         let silence = Duration::from_secs(PRESENCE_TTL_S);
+                        let control = self.control_channel();
                         while let Ok(Some(msg)) = tokio::time::timeout(silence, stream.next()).await {
                             let payload = msg.get_payload_bytes();
+                            if msg.get_channel_name() == control {
+                                self.to_control(payload);
+                                continue;
+                            }
                             let Some(cut) = payload.iter().position(|b| *b == b'\n') else { continue };
                             if cut == 0 {
                                 continue;

@@ -161,20 +161,14 @@ impl Room {
                 if now != epoch {
                     return None;
                 }
-                let Some(first) = rows.first().map(|r| r.0) else {
-                    return Some(Vec::new());
-                };
-                tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
+                decode_off_thread(rows, threshold).await
             });
         }
         let store = self.store.clone();
         let query = EventsAfter { room, seq: after, limit, min_created_ms };
         Box::pin(async move {
             let rows = store.send(query).await.ok()?.ok()?;
-            let Some(first) = rows.first().map(|r| r.0) else {
-                return Some(Vec::new());
-            };
-            tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
+            decode_off_thread(rows, threshold).await
         })
     }
 
@@ -199,9 +193,7 @@ impl Room {
             if now != epoch {
                 (now, rows) = redis.events_after(&key, 0, limit, min_created_ms).await.ok()?;
             }
-            let first = rows.first().map_or(1, |r| r.0);
-            let run = tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()?;
-            Some((now, run))
+            Some((now, decode_off_thread(rows, threshold).await?))
         };
         ctx.wait(load.into_actor(self).map(move |loaded, room, _| {
             if let Some((epoch, run)) = loaded {
@@ -266,6 +258,14 @@ fn decode_run(rows: Vec<(u64, i64, String)>, after: u64, threshold: usize) -> Ve
         out.push((seq, now.checked_sub(age).unwrap_or(now), Arc::new(enc)));
     }
     out
+}
+
+/// [`decode_run`] of stored rows from their first `seq`, on `spawn_blocking`; `None` when that failed.
+async fn decode_off_thread(rows: Vec<(u64, i64, String)>, threshold: usize) -> Run {
+    let Some(first) = rows.first().map(|r| r.0) else {
+        return Some(Vec::new());
+    };
+    tokio::task::spawn_blocking(move || decode_run(rows, first - 1, threshold)).await.ok()
 }
 
 impl Actor for Room {

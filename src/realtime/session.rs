@@ -35,7 +35,7 @@ use crate::realtime::broker::{self, Broker};
 use crate::realtime::frames::{Frames, Inbound};
 use crate::realtime::outbox::{Outbox, OutboxSettings, Outgoing, Refused, SlowConsumer};
 use crate::realtime::rate_limit::{TokenBucket, Verdict};
-use crate::realtime::redis::{RedisEngine, Spend};
+use crate::realtime::redis::{retry_in_background, RedisEngine, Spend};
 use crate::realtime::registry::{self, Disconnect, LimitReached, Registry};
 
 /// What every session is handed at construction.
@@ -664,21 +664,9 @@ impl Actor for Session {
             self.out.end();
         }
         if let (Some((tenant, user)), Some(redis)) = (self.user_claimed.take(), self.deps.redis.clone()) {
-            actix_rt::spawn(async move {
-                // Tried for about half a minute (a Redis blip must not leave the user's count high).
-                let mut wait = Duration::from_millis(200);
-                for attempt in 1..=8 {
-                    match redis.release_user(&tenant, &user).await {
-                        Ok(()) => return,
-                        Err(e) if attempt == 8 => {
-                            tracing::warn!(error = %e, "a user's cluster connection count was not given back")
-                        }
-                        Err(_) => {
-                            actix_rt::time::sleep(wait).await;
-                            wait *= 2;
-                        }
-                    }
-                }
+            retry_in_background("a user's cluster connection count was not given back", move || {
+                let (redis, tenant, user) = (redis.clone(), tenant.clone(), user.clone());
+                async move { redis.release_user(&tenant, &user).await }
             });
         }
         self.deps.metrics.connections.fetch_sub(1, Relaxed);
