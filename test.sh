@@ -3,8 +3,9 @@
 # TestSuite's WebSocket cases against `serve --conformance-echo`, then the clients' tests (TypeScript
 # client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
 # This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
-# it needs itself (kosoku into a venv under target/, npm packages with npm ci, chromium with apt-get
-# when missing).
+# it needs itself (Redis started, or installed with apt-get, when none listens; kosoku into a venv
+# under target/; npm packages with npm ci; chromium with apt-get when missing). No test needs
+# PostgreSQL yet (the PostgreSQL store is not built).
 set -euo pipefail
 cd "$(dirname "$0")"
 log=$(mktemp)
@@ -22,7 +23,8 @@ if ! listening 6379; then
   fi
   if command -v redis-server >/dev/null; then
     echo "== starting redis-server on 127.0.0.1:6379"
-    redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null
+    # (a package install may have started one already: then this one just fails to bind)
+    redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null || true
     for _ in $(seq 50); do listening 6379 && break; sleep 0.1; done
   fi
 fi
@@ -38,7 +40,12 @@ cargo test --workspace 2>&1 | tee "$log"
 
 echo "== Autobahn TestSuite cases against /ws/echo (kosoku, from PyPI)"
 venv=target/conformance-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+if [ ! -x "$venv/bin/python" ] && ! python3 -m venv "$venv" && command -v apt-get >/dev/null; then
+  # Debian's python3 ships venv separately.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null || true
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+fi
 "$venv/bin/python" -c 'import kosoku' 2>/dev/null || "$venv/bin/pip" install --quiet kosoku==0.1.0
 "$venv/bin/python" tests/conformance/autobahn.py target/debug/jobcast target/autobahn-report 2>&1 | tee -a "$log"
 
