@@ -123,6 +123,9 @@ settings! {
         min_free_disk_bytes: u64 = 256 << 20, "JOBCAST_MIN_FREE_DISK_BYTES";
         /// Cluster mode: prefix of every Redis key of this cluster (`[A-Za-z0-9_-]`, 1 to 64).
         cluster_prefix: String = "jobcast".into(), "JOBCAST_CLUSTER_PREFIX";
+        /// Cluster mode with `database_url`: seconds a node's lease on a job it runs lasts; renewed
+        /// every third of it, and another node takes over a job whose lease expired.
+        job_lease_s: u64 = 30, "JOBCAST_JOB_LEASE_S";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -133,6 +136,9 @@ settings! {
         /// Redis URL: cluster mode, where nodes share rooms, `seq`, history and WebSocket tokens
         /// (needs `jwt_secret`, the same on every node).
         redis_url: String, "JOBCAST_REDIS_URL";
+        /// PostgreSQL URL (needs `redis_url`): jobs, snapshots, uploads and rows shared by every
+        /// node, in the schema named `cluster_prefix`, so any node serves and takes over any job.
+        database_url: String, "JOBCAST_DATABASE_URL";
         /// HS256 secret (generated and kept in data_dir when unset).
         jwt_secret: String, "JOBCAST_JWT_SECRET";
         /// PEM public key file; switches verification to RS256/ES256.
@@ -223,6 +229,15 @@ impl Config {
                 "redis_url",
                 "cluster mode needs jwt_secret, the same on every node (WebSocket tokens minted by one node are used on another)",
             );
+        }
+        if self.database_url.is_some() && self.redis_url.is_none() {
+            return invalid(
+                "database_url",
+                "needs redis_url: nodes sharing jobs also share their rooms, tokens and cancels through Redis",
+            );
+        }
+        if !(3..=86_400).contains(&self.job_lease_s) {
+            return invalid("job_lease_s", "must be 3 to 86400 seconds");
         }
         Ok(())
     }

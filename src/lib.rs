@@ -53,6 +53,7 @@ pub use http::shared::Shared;
 use crate::auth::Auth as Verifier;
 use crate::db::sqlite::Location;
 use crate::db::store::{Store, StoreActor};
+use crate::db::{RowsAddr, StoreAddr};
 use crate::jobs::lookup::JobAccess;
 use crate::jobs::scheduler::{Scheduler, Submit};
 use crate::jobs::zone::ZoneDeps;
@@ -96,6 +97,7 @@ pub enum StartError {
 pub struct Shutdown {
     server: actix_web::dev::ServerHandle,
     registry: Addr<Registry>,
+    scheduler: Addr<Scheduler>,
     /// Set when a graceful stop began; see [`Running::wait`].
     graceful: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -116,6 +118,8 @@ impl Shutdown {
                 Ok(_) => actix_rt::time::sleep(Duration::from_millis(20)).await,
             }
         }
+        // With a shared store, other nodes take this node's jobs over at once.
+        let _ = self.scheduler.send(jobs::scheduler::ReleaseAll).await;
         self.graceful.store(true, std::sync::atomic::Ordering::SeqCst);
         self.server.stop(true).await;
     }
@@ -177,9 +181,48 @@ where
     SyncArbiter::start(1, move || first.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(&reopen))
 }
 
+/// Opens this node's own SQLite stores (start-up may block: done once, before anything is
+/// accepted) and starts their sync actors; answers them with the rooms' cursors and the jobs a
+/// restart interrupted.
+#[allow(clippy::type_complexity)]
+fn open_local(
+    config: &Config,
+    keep: usize,
+    quotas: &Arc<quota::Quotas>,
+) -> Result<(Addr<StoreActor>, Addr<db::row_store::RowStore>, Vec<db::store::RoomCursor>, Vec<db::store::JobRecord>), StartError> {
+    let location = Location::from_config(config);
+    let (first, rows) = db::open(&location)?;
+    let cursors = first.room_cursors()?;
+    // Each resume after a crash is counted and saved before the job runs again, so a job that
+    // brings the process down is not resumed forever (`jobs::job::MAX_RESUMES`); a graceful stop
+    // leaves a marker and is not counted.
+    let stopped_cleanly = std::fs::remove_file(config.data_dir.join(CLEAN_STOP)).is_ok();
+    let mut unfinished = first.unfinished_jobs()?;
+    // Only jobs that had begun work count: one that was queued behind the crash did not cause it.
+    let started = |j: &&mut db::store::JobRecord| j.snapshot.status != protocol::JobStatus::Queued;
+    for job in unfinished.iter_mut().filter(|_| !stopped_cleanly).filter(started) {
+        if let Some(spec) = job.spec.as_mut() {
+            spec.resumes = spec.resumes.saturating_add(1);
+            first.save_job(job)?;
+        }
+    }
+    let loc = location.clone();
+    let store = start_opened(StoreActor::new(first, keep), move || {
+        StoreActor::new(Store::open(&loc).expect("store reopens"), keep)
+    });
+    // The row store enforces `max_stored_rows_per_tenant` and reports committed counts to the quotas.
+    let rows = rows.with_quotas(quotas.clone())?;
+    let (loc, q) = (location, quotas.clone());
+    let rows = start_opened(rows, move || {
+        let reopened = db::row_store::RowStore::open(&loc).and_then(|r| r.with_quotas(q.clone()));
+        reopened.expect("row store reopens")
+    });
+    Ok((store, rows, cursors, unfinished))
+}
+
 /// Starts jobcast on `listener` (made by [`listen`], or any bound listener). Must be called inside an
 /// actix `System`.
-pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
+pub async fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let addr = listener.local_addr()?;
     if config.conformance_echo && !addr.ip().is_loopback() {
@@ -202,37 +245,6 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         None => jobs::csv::Rules::default(),
     });
 
-    // The databases: opened here (start-up may block), then owned by their sync actors.
-    let location = Location::from_config(&config);
-    let (first, rows) = db::open(&location)?;
-    let cursors = first.room_cursors()?;
-    // Each resume after a crash is counted and saved before the job runs again, so a job that
-    // brings the process down is not resumed forever (`jobs::job::MAX_RESUMES`); a graceful stop
-    // leaves a marker and is not counted.
-    let clean_stop = config.data_dir.join(CLEAN_STOP);
-    let stopped_cleanly = std::fs::remove_file(&clean_stop).is_ok();
-    let mut unfinished = first.unfinished_jobs()?;
-    // Only jobs that had begun work count: one that was queued behind the crash did not cause it.
-    let started = |j: &&mut db::store::JobRecord| j.snapshot.status != protocol::JobStatus::Queued;
-    for job in unfinished.iter_mut().filter(|_| !stopped_cleanly).filter(started) {
-        if let Some(spec) = job.spec.as_mut() {
-            spec.resumes = spec.resumes.saturating_add(1);
-            first.save_job(job)?;
-        }
-    }
-    let (loc, keep) = (location.clone(), config.history_size);
-    let store = start_opened(StoreActor::new(first, keep), move || {
-        StoreActor::new(Store::open(&loc).expect("store reopens"), keep)
-    });
-    // The row store enforces `max_stored_rows_per_tenant` and reports committed counts to the quotas.
-    let quotas = quota::Quotas::new(quota::Limits::of(&config));
-    let rows = rows.with_quotas(quotas.clone())?;
-    let (loc, q) = (location.clone(), quotas.clone());
-    let rows = start_opened(rows, move || {
-        let reopened = db::row_store::RowStore::open(&loc).and_then(|r| r.with_quotas(q.clone()));
-        reopened.expect("row store reopens")
-    });
-
     let room_settings = RoomSettings {
         history_size: config.history_size,
         history_ttl: Duration::from_secs(config.history_ttl_s),
@@ -245,6 +257,26 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         ),
         None => None,
     };
+    let quotas = quota::Quotas::new(quota::Limits::of(&config));
+    let uploads = config.data_dir.join("uploads");
+    files::private_dir(&uploads).map_err(|e| StartError::DataDir(format!("{}: {e}", uploads.display())))?;
+    let keep = config.history_size;
+    let (store, rows, cursors, unfinished) = match (&config.database_url, &redis) {
+        (Some(url), Some(redis)) => {
+            // Shared: every node's jobs and rows in PostgreSQL. Jobs are not resumed here at start:
+            // whichever node sees a job's lease expire takes it over (this one included).
+            let lease = Duration::from_secs(config.job_lease_s);
+            let prefix = &config.cluster_prefix;
+            let store = db::pg_store::PgStore::open(url, prefix, keep, redis.node(), lease).await?;
+            let rows = db::pg_rows::PgRows::open(url, prefix, quotas.clone()).await?;
+            (StoreAddr::Postgres(store.start_own()), RowsAddr::Postgres(rows.start_own()), Vec::new(), Vec::new())
+        }
+        _ => {
+            let (store, rows, cursors, unfinished) = open_local(&config, keep, &quotas)?;
+            (StoreAddr::Sqlite(store), RowsAddr::Sqlite(rows), cursors, unfinished)
+        }
+    };
+
     let broker = Broker::new(room_settings, metrics.clone(), store.clone(), cursors);
     let broker = match &redis {
         Some(r) => broker.with_redis(r.clone()),
@@ -261,23 +293,23 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         progress_rate: config.progress_max_rate_per_s,
         reservation_ttl: Duration::from_secs(config.reservation_ttl_s),
     };
-    let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).start();
+    let scheduler = Scheduler::new(deps, config.max_concurrent_jobs);
+    let scheduler = match (store.shared(), &redis) {
+        (Some(shared), Some(redis)) => scheduler.with_leases(jobs::scheduler::Leases {
+            store: shared.clone(),
+            every: Duration::from_secs(config.job_lease_s) / 3,
+            uploads,
+            quotas: quotas.clone(),
+            redis: redis.clone(),
+        }),
+        _ => scheduler,
+    }
+    .start();
     for job in unfinished {
         // Only the jobs jobcast runs itself have a spec; an external job waits for its publisher.
         if let Some(spec) = job.spec {
             tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
-            let mut admission = quotas.resumed(&spec.tenant, spec.size_bytes);
-            if let Some(redis) = &redis {
-                // Counted across the cluster again (this node has a new id: its old counts lapse).
-                let upload = spec.job_id.simple().to_string();
-                redis.release_with(&mut admission, &spec.tenant, &upload);
-                let (r, tenant, bytes) = (redis.clone(), spec.tenant.clone(), spec.size_bytes);
-                actix_rt::spawn(async move {
-                    if let Err(e) = r.claim_quota(&tenant, &upload, 0, 0, bytes).await {
-                        tracing::warn!(error = %e, "a resumed job is not counted across the cluster");
-                    }
-                });
-            }
+            let admission = jobs::scheduler::resumed_admission(&quotas, redis.as_ref(), &spec);
             scheduler.do_send(Submit { spec, resume: Some(job.snapshot), admission });
         }
     }
@@ -292,7 +324,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     if let Some(redis) = &redis {
         let presence =
             realtime::presence::Presence::new(redis.clone(), registry.clone(), metrics.clone(), addr.to_string());
-        presence.start();
+        presence.with_jobs(scheduler.clone().recipient()).start();
     }
     let shared = Shared {
         config: Arc::new(config),
@@ -300,7 +332,10 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
         metrics,
         broker,
         registry: registry.clone(),
-        jobs: JobAccess::new(store.clone(), scheduler.clone()),
+        jobs: match &redis {
+            Some(redis) => JobAccess::new(store.clone(), scheduler.clone()).with_cluster(redis.clone()),
+            None => JobAccess::new(store.clone(), scheduler.clone()),
+        },
         quotas,
         redis,
         store,
@@ -323,6 +358,7 @@ pub fn start(listener: TcpListener, config: Config) -> Result<Running, StartErro
     .disable_signals()
     .shutdown_timeout(5)
     .run();
-    let shutdown = Shutdown { server: server.handle(), registry, graceful: Arc::default() };
+    let shutdown = Shutdown { server: server.handle(), registry, scheduler: shared.scheduler.clone(), graceful: Arc::default() };
+    let clean_stop = shared.config.data_dir.join(CLEAN_STOP);
     Ok(Running { addr, shared, shutdown, server, clean_stop })
 }

@@ -182,7 +182,7 @@ fn serve(settings: Settings, file: Option<PathBuf>, conformance_echo: bool) -> R
     let signs = config.jwt_public_key.is_none();
     actix_rt::System::new().block_on(async move {
         let signal = shutdown_signal()?;
-        let running = jobcast::start(listener, config).map_err(|e| match e {
+        let running = jobcast::start(listener, config).await.map_err(|e| match e {
             e @ jobcast::StartError::EchoNotLoopback(_) => Box::new(Refused(e.to_string())) as AnyError,
             e => e.into(),
         })?;

@@ -6,16 +6,111 @@
 //! - `row_store.rs`: `rows.db`, imported rows and zone reports in group commits, behind the
 //!   `RowStore` actor (a sync arbiter of its own).
 //!
-//! This layer uses only the top-level modules (`protocol`, `config`); the two stores never use each
-//! other, and only [`open`] knows that they go together.
+//! - `pg.rs`, `pg_store.rs`, `pg_rows.rs`: the same two stores on PostgreSQL (`database_url`,
+//!   cluster mode), shared by every node, with job leases and uploads kept for takeover.
+//!
+//! Callers hold a [`StoreAddr`] and a [`RowsAddr`]: the same messages reach SQLite or PostgreSQL.
+//! This layer uses only the top-level modules (`protocol`, `config`, `quota`); the stores never use
+//! each other, and only [`open`] and the two handles know that they go together.
 
+pub mod pg;
+pub mod pg_rows;
+pub mod pg_store;
 pub mod row_store;
 pub mod sqlite;
 pub mod store;
 
-use row_store::RowStore;
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+use futures_util::future::Either;
+use pg_rows::PgRows;
+use pg_store::PgStore;
+use row_store::{RowStore, StoreZone, ZoneReports};
 use sqlite::{Location, StoreError};
-use store::Store;
+use store::{Store, StoreActor};
+
+/// The event and job store, whichever engine keeps it. Cheap to clone.
+#[derive(Clone)]
+pub enum StoreAddr {
+    /// `jobcast.db`, this node's own.
+    Sqlite(Addr<StoreActor>),
+    /// PostgreSQL, shared by the cluster.
+    Postgres(Addr<PgStore>),
+}
+
+impl StoreAddr {
+    /// Sends `msg` to the store and waits for its answer.
+    pub fn send<M>(&self, msg: M) -> impl std::future::Future<Output = Result<M::Result, MailboxError>>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        StoreActor: Handler<M>,
+        PgStore: Handler<M>,
+        <StoreActor as Actor>::Context: ToEnvelope<StoreActor, M>,
+        <PgStore as Actor>::Context: ToEnvelope<PgStore, M>,
+    {
+        match self {
+            StoreAddr::Sqlite(a) => Either::Left(a.send(msg)),
+            StoreAddr::Postgres(a) => Either::Right(a.send(msg)),
+        }
+    }
+
+    /// Sends `msg` without waiting for an answer.
+    pub fn do_send<M>(&self, msg: M)
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        StoreActor: Handler<M>,
+        PgStore: Handler<M>,
+        <StoreActor as Actor>::Context: ToEnvelope<StoreActor, M>,
+        <PgStore as Actor>::Context: ToEnvelope<PgStore, M>,
+    {
+        match self {
+            StoreAddr::Sqlite(a) => a.do_send(msg),
+            StoreAddr::Postgres(a) => a.do_send(msg),
+        }
+    }
+
+    /// The shared store, when this node has one (leases, kept uploads).
+    pub fn shared(&self) -> Option<&Addr<PgStore>> {
+        match self {
+            StoreAddr::Sqlite(_) => None,
+            StoreAddr::Postgres(a) => Some(a),
+        }
+    }
+}
+
+/// The row store, whichever engine keeps it. Cheap to clone.
+#[derive(Clone)]
+pub enum RowsAddr {
+    /// `rows.db`, this node's own.
+    Sqlite(Addr<RowStore>),
+    /// PostgreSQL, shared by the cluster.
+    Postgres(Addr<PgRows>),
+}
+
+impl RowsAddr {
+    /// Hands a zone's rows over; the answer comes on the zone's own channel.
+    pub fn store_zone(&self, zone: StoreZone) {
+        match self {
+            RowsAddr::Sqlite(a) => a.do_send(zone),
+            RowsAddr::Postgres(a) => a.do_send(zone),
+        }
+    }
+
+    /// A job's stored zone reports.
+    pub fn zone_reports(
+        &self,
+        job_id: String,
+    ) -> impl std::future::Future<Output = Result<Result<Vec<(u64, crate::protocol::ZoneReport)>, StoreError>, MailboxError>>
+    {
+        match self {
+            RowsAddr::Sqlite(a) => Either::Left(a.send(ZoneReports(job_id))),
+            RowsAddr::Postgres(a) => Either::Right(a.send(ZoneReports(job_id))),
+        }
+    }
+}
+
 
 /// Opens (creating and migrating when needed) both databases of `location`: first the row store,
 /// which takes over the rows and zone reports a version-1 main database kept (copying again is

@@ -88,7 +88,7 @@ pub async fn admin_close_connection(
         // On whichever node holds it.
         Some(redis) => {
             let control =
-                Control { id: Uuid::new_v4().simple().to_string(), connection: Some(id), user: None, tenant: None };
+                Control { id: Uuid::new_v4().simple().to_string(), connection: Some(id), ..Default::default() };
             redis.control(&control).await.map_err(|e| ApiError::Unavailable(e.to_string()))? > 0
         }
         None => {
@@ -117,7 +117,7 @@ pub async fn admin_close_user(
         // On every node.
         Some(redis) => {
             let id = Uuid::new_v4().simple().to_string();
-            let control = Control { id, connection: None, user: Some(user_id.clone()), tenant };
+            let control = Control { id, user: Some(user_id.clone()), tenant, ..Default::default() };
             redis.control(&control).await.map_err(|e| ApiError::Unavailable(e.to_string()))? as usize
         }
         None => {

@@ -8,7 +8,7 @@ use actix::prelude::*;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::db::store::StoreActor;
+use crate::db::StoreAddr;
 use crate::jobs::lookup::JobAccess;
 use crate::jobs::scheduler::Scheduler;
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ pub struct Shared {
     /// The registry actor.
     pub(crate) registry: Addr<Registry>,
     /// The store actor.
-    pub(crate) store: Addr<StoreActor>,
+    pub(crate) store: StoreAddr,
     /// The scheduler actor.
     pub(crate) scheduler: Addr<Scheduler>,
     /// Jobs as callers may see them.

@@ -28,6 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 use uuid::Uuid;
 
+use crate::db::pg_store::SaveUpload;
 use crate::db::store::{JobChange, JobRecord, JobSpec, Refusal, UpdateJob};
 use crate::error::ApiError;
 use crate::http::extract::bearer;
@@ -331,6 +332,15 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     if let Err(e) = claimed {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
+    }
+    // With a shared store the file is kept in the database too: a node that takes the job over
+    // reads it from there.
+    if let Some(store) = shared.store.shared() {
+        let kept = store.send(SaveUpload { job_id, path: part.clone() }).await;
+        if let Err(e) = kept.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(ApiError::Unavailable(format!("the upload could not be kept in the database: {e}")));
+        }
     }
     tokio::fs::rename(&part, &spec.path)
         .await

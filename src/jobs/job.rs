@@ -15,8 +15,8 @@ use actix::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::db::row_store::ZoneReports;
-use crate::db::store::{JobRecord, JobSpec, SaveJob, StoreActor};
+use crate::db::store::{JobRecord, JobSpec, SaveJob};
+use crate::db::StoreAddr;
 use crate::jobs::csv::{validate, Validated};
 use crate::jobs::progress::{stage_at, validation_progress, zone_progress, Coalescer, Eta, Monotonic};
 use crate::jobs::zone::{ProcessZone, Zone, ZoneDeps};
@@ -40,7 +40,7 @@ pub struct JobDeps {
     /// Where events go.
     pub broker: Addr<Broker>,
     /// Where snapshots go.
-    pub store: Addr<StoreActor>,
+    pub store: StoreAddr,
     /// What the job's zone actor needs.
     pub zone: ZoneDeps,
     /// Limits from the configuration.
@@ -557,7 +557,7 @@ impl Handler<Begin> for Job {
                 }
             })
         });
-        let reports = self.deps.zone.rows.send(ZoneReports(self.spec.job_id.to_string()));
+        let reports = self.deps.zone.rows.zone_reports(self.spec.job_id.to_string());
         let both = async move { (work.await, reports.await) };
         // `spawn`, not `wait`: validation progress and a cancel are handled while it runs.
         ctx.spawn(both.into_actor(self).map(|(validated, reports), job, ctx| {
@@ -600,6 +600,26 @@ impl Handler<ValidationProgress> for Job {
         if self.validated.is_none() && self.error.is_none() {
             self.advance(validation_progress(done, total).min(19.9), ctx);
         }
+    }
+}
+
+/// Stop at once, publishing and saving nothing: another node took this job over (this one could
+/// not renew its lease in time). Zones not begun are skipped; one being stored either lands before
+/// the other node's copy of that zone or is refused by it (a zone is stored once).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abandon;
+
+impl Handler<Abandon> for Job {
+    type Result = ();
+    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        {
+            let _g = self.span.enter();
+            tracing::warn!("another node took this job over; stopping here");
+        }
+        self.stop_zones.store(true, Ordering::Release);
+        self.coalescer.clear();
+        ctx.stop();
     }
 }
 

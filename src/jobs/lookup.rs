@@ -5,8 +5,11 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob, StoreActor};
+use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob};
+use crate::db::StoreAddr;
+use crate::db::pg_store::RequestCancel;
 use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler};
+use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 use crate::protocol::{JobSnapshot, JobStatus};
 
 /// Why a caller cannot have a job.
@@ -25,8 +28,10 @@ pub enum Refused {
 /// Finds, reserves, lists and cancels jobs for callers. Cheap to clone.
 #[derive(Clone)]
 pub struct JobAccess {
-    store: Addr<StoreActor>,
+    store: StoreAddr,
     scheduler: Addr<Scheduler>,
+    /// The cluster's Redis: a cancel reaches the node that runs the job.
+    redis: Option<RedisEngine>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Refused {
@@ -49,8 +54,14 @@ fn check(who: &Identity, job: Option<JobRecord>, reservations: bool) -> Result<J
 
 impl JobAccess {
     /// Jobs as `store` keeps them and `scheduler` runs them.
-    pub fn new(store: Addr<StoreActor>, scheduler: Addr<Scheduler>) -> Self {
-        JobAccess { store, scheduler }
+    pub fn new(store: StoreAddr, scheduler: Addr<Scheduler>) -> Self {
+        JobAccess { store, scheduler, redis: None }
+    }
+
+    /// With a shared store, cancels of jobs another node runs go to it through `redis`.
+    pub fn with_cluster(mut self, redis: RedisEngine) -> Self {
+        self.redis = Some(redis);
+        self
     }
 
     /// The job `id` if `who` may see it. A reservation counts as a job for the WebSocket (its room
@@ -76,8 +87,25 @@ impl JobAccess {
 
     /// Cancels a job found with [`JobAccess::find`]; `by` is who asked.
     pub async fn cancel(&self, job: &JobRecord, by: &str) -> Result<CancelOutcome, Refused> {
-        let msg = CancelJob { job_id: job.snapshot.job_id, by: by.to_string() };
-        self.scheduler.send(msg).await.map_err(unavailable)
+        let job_id = job.snapshot.job_id;
+        let msg = CancelJob { job_id, by: by.to_string() };
+        let here = self.scheduler.send(msg).await.map_err(unavailable)?;
+        let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else { return Ok(here) };
+        if here == CancelOutcome::Cancelling || job.spec.is_none() || job.snapshot.status.is_terminal() {
+            return Ok(here);
+        }
+        // Another node runs the job (it answers), or ran it and died: the cancel is recorded, and
+        // the node that takes the job over cancels it instead of running it.
+        let cancel = RemoteCancel { job_id, by: by.to_string() };
+        let control = Control { id: Uuid::new_v4().simple().to_string(), cancel: Some(cancel), ..Default::default() };
+        if redis.control(&control).await.map_err(unavailable)? > 0 {
+            return Ok(CancelOutcome::Cancelling);
+        }
+        let recorded = shared.send(RequestCancel { job_id, by: by.to_string() }).await;
+        match recorded.map_err(unavailable)?.map_err(unavailable)? {
+            true => Ok(CancelOutcome::Cancelling),
+            false => Ok(CancelOutcome::NotRunning),
+        }
     }
 }
 

@@ -20,7 +20,8 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::db::row_store::{RowStore, StoreZone};
+use crate::db::row_store::StoreZone;
+use crate::db::RowsAddr;
 use crate::jobs::csv::{process_records, read_zone, Columns, Rules, ZoneStart, KEEP_PER_ZONE};
 use crate::protocol::{Event, RoomKind, ZoneCompleted, ZoneProcessing, ZoneReport};
 use crate::realtime::broker::{Broker, Publish};
@@ -50,7 +51,7 @@ pub struct ProcessZone {
 #[derive(Clone)]
 pub struct ZoneDeps {
     /// Where rows go.
-    pub rows: Addr<RowStore>,
+    pub rows: RowsAddr,
     /// Categorization rules.
     pub rules: Arc<Rules>,
     /// Where events go.
@@ -74,7 +75,7 @@ pub const KIB_IN_FLIGHT: usize = 64 * 1024;
 
 impl ZoneDeps {
     /// Zone dependencies with one CPU permit per `cores`.
-    pub fn new(rows: Addr<RowStore>, rules: Arc<Rules>, broker: Addr<Broker>, cores: usize) -> Self {
+    pub fn new(rows: RowsAddr, rules: Arc<Rules>, broker: Addr<Broker>, cores: usize) -> Self {
         ZoneDeps {
             rows,
             rules,
@@ -167,7 +168,7 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     let (rows, report) = parsed.await.map_err(|e| format!("zone work stopped: {e}"))??;
     let (reply, answer) = tokio::sync::oneshot::channel();
     let job_id = m.job_id.to_string();
-    deps.rows.do_send(StoreZone { job_id, tenant: m.tenant, index: m.index, rows, report, reply });
+    deps.rows.store_zone(StoreZone { job_id, tenant: m.tenant, index: m.index, rows, report, reply });
     let report = answer.await.map_err(|_| "the row store stopped".to_string())?.map_err(|e| e.to_string())?;
     let completed = Event::ZoneCompleted(ZoneCompleted {
         job_id: m.job_id,

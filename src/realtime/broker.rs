@@ -25,7 +25,8 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::db::sqlite::now_ms;
-use crate::db::store::{AppendEvents, ExpireEvents, RoomCursor, StoreActor, StoredEvent};
+use crate::db::store::{AppendEvents, ExpireEvents, RoomCursor, StoredEvent};
+use crate::db::StoreAddr;
 use crate::framing::Encoded;
 use crate::metrics::Metrics;
 use crate::protocol::{now_rfc3339, Envelope, Event, JobSnapshot, RoomKind, Since};
@@ -182,7 +183,7 @@ pub struct Broker {
     cursors: HashMap<String, (Arc<str>, u64)>,
     settings: RoomSettings,
     metrics: Arc<Metrics>,
-    store: Addr<StoreActor>,
+    store: StoreAddr,
     /// Events waiting for the next batch write.
     pending: Vec<Pending>,
     /// Whether a batch write is in flight (one at a time keeps rooms in `seq` order).
@@ -196,7 +197,7 @@ impl Broker {
     pub fn new(
         settings: RoomSettings,
         metrics: Arc<Metrics>,
-        store: Addr<StoreActor>,
+        store: StoreAddr,
         cursors: Vec<RoomCursor>,
     ) -> Self {
         let cursors = cursors.into_iter().map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq))).collect();

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::protocol::close;
-use crate::realtime::redis::{Control, RedisEngine};
+use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 use crate::realtime::registry::{CloseConnection, CloseUser, Registry};
 
 /// This node in the cluster.
@@ -27,12 +27,20 @@ pub struct Presence {
     started: Instant,
     /// Where clients reach this node (for the admin view).
     addr: String,
+    /// Where a cluster cancel goes (the scheduler), when this node runs jobs of a shared store.
+    jobs: Option<Recipient<RemoteCancel>>,
 }
 
 impl Presence {
     /// The presence of the node listening on `addr`.
     pub fn new(redis: RedisEngine, registry: Addr<Registry>, metrics: Arc<Metrics>, addr: String) -> Self {
-        Presence { redis, registry, metrics, started: Instant::now(), addr }
+        Presence { redis, registry, metrics, started: Instant::now(), addr, jobs: None }
+    }
+
+    /// Cluster cancels of jobs go to `jobs`.
+    pub fn with_jobs(mut self, jobs: Recipient<RemoteCancel>) -> Self {
+        self.jobs = Some(jobs);
+        self
     }
 
     /// This node's counts as `GET /api/v1/admin/stats` lists them under `nodes`.
@@ -78,9 +86,14 @@ impl Handler<Control> for Presence {
         let (code, reason) = close::BY_ADMIN;
         let registry = self.registry.clone();
         let redis = self.redis.clone();
+        let jobs = self.jobs.clone();
         ctx.spawn(
             async move {
                 let closed = match (&msg.connection, &msg.user) {
+                    _ if msg.cancel.is_some() => match (&msg.cancel, &jobs) {
+                        (Some(cancel), Some(jobs)) => u64::from(jobs.send(cancel.clone()).await.unwrap_or(false)),
+                        _ => 0,
+                    },
                     (Some(id), _) => {
                         let found = registry.send(CloseConnection { id: *id, code, reason: reason.into() }).await;
                         u64::from(found.unwrap_or(false))

@@ -173,11 +173,12 @@ return 0
 /// How long a node's presence lasts without a heartbeat (it beats every second).
 pub const PRESENCE_TTL_S: u64 = 5;
 
-/// A command for every node, off `<prefix>:control`: close connections (admin disconnects).
-#[derive(Message, Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// A command for every node, off `<prefix>:control`: close connections (admin disconnects), or
+/// cancel a job (the node running it does).
+#[derive(Message, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "()")]
 pub struct Control {
-    /// Request id: each node answers with how many it closed, on `<prefix>:reply:<id>`.
+    /// Request id: each node answers with how many it closed (or cancelled), on `<prefix>:reply:<id>`.
     pub id: String,
     /// The connection to close, by id.
     pub connection: Option<uuid::Uuid>,
@@ -185,6 +186,19 @@ pub struct Control {
     pub user: Option<String>,
     /// The user's tenant.
     pub tenant: Option<String>,
+    /// Or cancel this job, where it runs.
+    #[serde(default)]
+    pub cancel: Option<RemoteCancel>,
+}
+
+/// A cancel from another node, for the job if it runs here; answers whether it did.
+#[derive(Message, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "bool")]
+pub struct RemoteCancel {
+    /// The job.
+    pub job_id: uuid::Uuid,
+    /// Who asked.
+    pub by: String,
 }
 
 /// An event another node (or this one) published, as it came off `<prefix>:events`.

@@ -17,7 +17,8 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::db::sqlite::now_ms;
-use crate::db::store::{EventsAfter, StoreActor};
+use crate::db::store::{EventsAfter};
+use crate::db::StoreAddr;
 use crate::framing::Encoded;
 use crate::protocol::{Envelope, JobSnapshot, RoomKind, Since, Subscribed};
 use crate::realtime::history::{HistoryRing, Replay};
@@ -99,7 +100,7 @@ pub struct Room {
     members: HashMap<Uuid, Member>,
     settings: RoomSettings,
     /// Where older history is read from when the ring does not hold it (after a restart).
-    store: Addr<StoreActor>,
+    store: StoreAddr,
     /// Whether the store's history was read into the ring already: it is read once per room actor,
     /// whatever number of clients resume from it.
     loaded: bool,
@@ -119,7 +120,7 @@ impl Room {
         epoch: Arc<str>,
         head: u64,
         settings: RoomSettings,
-        store: Addr<StoreActor>,
+        store: StoreAddr,
         redis: Option<RedisEngine>,
     ) -> Self {
         let history = HistoryRing::new(settings.history_size, settings.history_ttl);

@@ -48,7 +48,7 @@ impl TestServer {
             let sys = actix_rt::System::new();
             sys.block_on(async move {
                 let listener = jobcast::listen("127.0.0.1:0").expect("bind");
-                let running = jobcast::start(listener, config).expect("start");
+                let running = jobcast::start(listener, config).await.expect("start");
                 tx.send((running.addr, running.shared.clone(), running.shutdown.clone())).expect("send");
                 let _ = running.wait().await;
             });

@@ -1,0 +1,578 @@
+//! The shared event and job store on PostgreSQL (cluster mode with `database_url`): the same
+//! messages as the SQLite [`StoreActor`](crate::db::store::StoreActor), so every caller holds a
+//! [`StoreAddr`](crate::db::StoreAddr) and does not know which one answers, plus what only a shared
+//! store can do: job leases (which node runs a job, renewed by it, taken over by another when it
+//! expires) and uploads kept in the database so the node that takes a job over can read its file.
+//!
+//! [`PgStore`] is an async actor on an arbiter of its own; each message runs on a pooled
+//! connection. [`UpdateJob`] reads with `FOR UPDATE` inside its transaction, so two nodes updating
+//! one job cannot interleave either.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::prelude::*;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use deadpool_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::db::pg;
+use crate::db::sqlite::{now_ms, StoreError};
+use crate::db::store::*;
+use crate::protocol::{JobSnapshot, JobStatus};
+
+/// The schema, in the order it was introduced.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq BIGINT NOT NULL);
+     CREATE TABLE events (room TEXT NOT NULL, seq BIGINT NOT NULL, created_ms BIGINT NOT NULL,
+         envelope TEXT NOT NULL, PRIMARY KEY (room, seq));
+     CREATE INDEX events_by_age ON events (created_ms);
+     CREATE TABLE jobs (id UUID PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL, snapshot TEXT NOT NULL,
+         created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, runs BOOLEAN NOT NULL,
+         lease_node TEXT, lease_until_ms BIGINT NOT NULL DEFAULT 0, cancel_by TEXT);
+     CREATE INDEX jobs_by_tenant ON jobs (tenant, created_ms);
+     CREATE INDEX jobs_leased ON jobs (lease_until_ms) WHERE runs;
+     CREATE TABLE upload_parts (job_id UUID NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL,
+         PRIMARY KEY (job_id, part));",
+)];
+
+/// Bytes per stored piece of an upload.
+const UPLOAD_PART: usize = 8 << 20;
+
+/// The shared store actor.
+pub struct PgStore {
+    pool: Pool,
+    /// Events kept per room.
+    keep: usize,
+    /// This node's id: the holder of the leases it takes.
+    node: String,
+    /// How long a lease lasts.
+    lease: Duration,
+}
+
+impl PgStore {
+    /// Connects to `url`, creating and migrating the schema of `prefix` when needed. Fails when the
+    /// database cannot be reached: a node does not start half-configured.
+    pub async fn open(url: &str, prefix: &str, keep: usize, node: &str, lease: Duration) -> Result<Self, StoreError> {
+        // Migrated on a connection of its own; the pool's connections are made where the actor runs.
+        let setup = pg::pool(url, prefix, 1, Some(Duration::from_secs(5)))?;
+        pg::migrate(&setup, prefix, MIGRATIONS, "store_version").await?;
+        setup.close();
+        let pool = pg::pool(url, prefix, 8, Some(Duration::from_secs(5)))?;
+        Ok(PgStore { pool, keep, node: node.to_string(), lease })
+    }
+
+    /// Starts the actor on an arbiter of its own (its connections' I/O runs there too).
+    pub fn start_own(self) -> Addr<PgStore> {
+        PgStore::start_in_arbiter(&Arbiter::new().handle(), move |_| self)
+    }
+
+    /// Runs `work` on a pooled connection, as the answer to a message.
+    fn run<T, F, Fut>(&self, work: F) -> ResponseFuture<Result<T, StoreError>>
+    where
+        T: 'static,
+        F: FnOnce(Ctx) -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + 'static,
+    {
+        let ctx = Ctx { pool: self.pool.clone(), keep: self.keep, node: self.node.clone(), lease: self.lease };
+        Box::pin(work(ctx))
+    }
+}
+
+impl Actor for PgStore {
+    type Context = Context<Self>;
+}
+
+/// What one message's work needs.
+struct Ctx {
+    pool: Pool,
+    keep: usize,
+    node: String,
+    lease: Duration,
+}
+
+fn encode(job: &JobRecord) -> Result<String, StoreError> {
+    serde_json::to_string(job).map_err(|e| StoreError::new(e.to_string()))
+}
+
+fn parse_job(text: &str) -> Option<JobRecord> {
+    serde_json::from_str(text).map_err(|e| tracing::error!(error = %e, "a stored job does not parse")).ok()
+}
+
+fn statuses(list: &[JobStatus]) -> Vec<String> {
+    list.iter().map(|s| s.as_str().to_string()).collect()
+}
+
+/// Whether a saved job ends its upload's life (the file is not needed again).
+fn upload_done(job: &JobRecord) -> bool {
+    let s = &job.snapshot;
+    s.status.is_terminal() && !(s.status == JobStatus::Failed && s.error.as_ref().and_then(|e| e.as_ref()).is_some_and(|e| e.recoverable))
+}
+
+impl Ctx {
+    fn lease_until(&self) -> i64 {
+        now_ms() + self.lease.as_millis() as i64
+    }
+
+    /// Writes `job`: a job jobcast runs is leased to this node while it is not terminal, and is
+    /// written only while no other node holds a live lease on it. Answers whether it was written.
+    async fn save(&self, c: &impl GenericClient, job: &JobRecord, insert_only: bool) -> Result<bool, StoreError> {
+        let s = &job.snapshot;
+        let now = now_ms();
+        let runs = job.spec.is_some();
+        let (holder, until) = match (runs, s.status.is_terminal()) {
+            (true, false) => (Some(self.node.as_str()), self.lease_until()),
+            (true, true) => (Some(self.node.as_str()), 0),
+            (false, _) => (None, 0),
+        };
+        let text = encode(job)?;
+        let sql = if insert_only {
+            "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+        } else {
+            "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot,
+                 updated_ms = excluded.updated_ms, runs = excluded.runs, lease_node = excluded.lease_node,
+                 lease_until_ms = excluded.lease_until_ms
+             WHERE jobs.lease_node IS NULL OR jobs.lease_node = excluded.lease_node OR jobs.lease_until_ms < $5"
+        };
+        let n = c.execute(sql, &[&s.job_id, &s.tenant, &s.status.as_str(), &text, &now, &runs, &holder, &until]).await?;
+        if n == 1 && runs && upload_done(job) {
+            c.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&s.job_id]).await?;
+        }
+        Ok(n == 1)
+    }
+
+    async fn job(&self, c: &impl GenericClient, id: Uuid, lock: bool) -> Result<Option<JobRecord>, StoreError> {
+        let sql = if lock {
+            "SELECT snapshot FROM jobs WHERE id = $1 FOR UPDATE"
+        } else {
+            "SELECT snapshot FROM jobs WHERE id = $1"
+        };
+        let row = c.query_opt(sql, &[&id]).await?;
+        Ok(row.and_then(|r| parse_job(r.get::<_, &str>(0))))
+    }
+
+    async fn update(&self, id: Uuid, change: DecideChange) -> Result<Result<(), Refusal>, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let current = self.job(&tx, id, true).await?;
+        let existed = current.is_some();
+        match change(current.as_ref()) {
+            JobChange::Save(job) => {
+                // A job that did not exist is only inserted: when another node created it meanwhile,
+                // the decision was made on a stale view, and the caller is told so.
+                if !self.save(&tx, &job, !existed).await? {
+                    return Err(StoreError::new(format!(
+                        "job {id} was changed by another node at the same moment (or is leased by one); try again"
+                    )));
+                }
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+            JobChange::Keep => Ok(Ok(())),
+            JobChange::Refuse(why) => Ok(Err(why)),
+        }
+    }
+
+    async fn reserve(&self, id: Uuid, tenant: &str, max: usize) -> Result<Option<JobRecord>, StoreError> {
+        let c = self.pool.get().await?;
+        let (now, pending) = (now_ms(), JobStatus::Pending.as_str());
+        let renewed = c
+            .execute("UPDATE jobs SET updated_ms = $3 WHERE id = $1 AND tenant = $2 AND status = $4", &[
+                &id, &tenant, &now, &pending,
+            ])
+            .await?;
+        if renewed == 0 && self.job(&c, id, false).await?.is_none() {
+            let held: i64 = c
+                .query_one("SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status = $2", &[&tenant, &pending])
+                .await?
+                .get(0);
+            if held as usize >= max {
+                return Ok(None);
+            }
+            let job = JobRecord { snapshot: JobSnapshot::reservation(id, tenant), spec: None };
+            self.save(&c, &job, true).await?;
+        }
+        self.job(&c, id, false).await?.map(Some).ok_or_else(|| StoreError::new(format!("job {id} vanished")))
+    }
+
+    async fn append(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let ins = tx
+            .prepare(
+                "INSERT INTO events (room, seq, created_ms, envelope) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (room, seq) DO UPDATE SET created_ms = excluded.created_ms, envelope = excluded.envelope",
+            )
+            .await?;
+        for e in &events {
+            tx.execute(&ins, &[&e.room, &(e.seq as i64), &e.created_ms, &e.envelope]).await?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in events.iter().rev() {
+            if seen.insert(e.room.as_str()) {
+                tx.execute(
+                    "INSERT INTO rooms (room, epoch, last_seq) VALUES ($1, $2, $3) ON CONFLICT (room) DO UPDATE
+                     SET epoch = excluded.epoch, last_seq = GREATEST(rooms.last_seq, excluded.last_seq)",
+                    &[&e.room, &e.epoch, &(e.seq as i64)],
+                )
+                .await?;
+                if e.seq as usize > self.keep {
+                    let cut = (e.seq as usize - self.keep) as i64;
+                    tx.execute("DELETE FROM events WHERE room = $1 AND seq <= $2", &[&e.room, &cut]).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_expired(&self, limit: i64) -> Result<Vec<(JobRecord, Option<String>)>, StoreError> {
+        let c = self.pool.get().await?;
+        let ended = statuses(&[JobStatus::Pending, JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled]);
+        let rows = c
+            .query(
+                "UPDATE jobs SET lease_node = $1, lease_until_ms = $2 WHERE id IN (
+                     SELECT id FROM jobs WHERE runs AND lease_until_ms < $3 AND status <> ALL($4)
+                     ORDER BY created_ms LIMIT $5 FOR UPDATE SKIP LOCKED)
+                 RETURNING snapshot, cancel_by",
+                &[&self.node, &self.lease_until(), &now_ms(), &ended, &limit],
+            )
+            .await?;
+        Ok(rows.iter().filter_map(|r| Some((parse_job(r.get::<_, &str>(0))?, r.get(1)))).collect())
+    }
+
+    async fn save_upload(&self, job_id: Uuid, path: PathBuf) -> Result<u64, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let io = |e: std::io::Error| StoreError::new(format!("{}: {e}", path.display()));
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&job_id]).await?;
+        let ins = tx.prepare("INSERT INTO upload_parts (job_id, part, data) VALUES ($1, $2, $3)").await?;
+        let (mut part, mut total) = (0i32, 0u64);
+        let mut buf = Vec::with_capacity(UPLOAD_PART);
+        loop {
+            buf.clear();
+            while buf.len() < UPLOAD_PART {
+                let n = (&mut file).take((UPLOAD_PART - buf.len()) as u64).read_to_end(&mut buf).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() && part > 0 {
+                break;
+            }
+            tx.execute(&ins, &[&job_id, &part, &buf.as_slice()]).await?;
+            total += buf.len() as u64;
+            part += 1;
+            if buf.len() < UPLOAD_PART {
+                break;
+            }
+        }
+        tx.commit().await?;
+        Ok(total)
+    }
+
+    async fn restore_upload(&self, job_id: Uuid, to: PathBuf) -> Result<bool, StoreError> {
+        let io = |e: std::io::Error| StoreError::new(format!("{}: {e}", to.display()));
+        let c = self.pool.get().await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&job_id];
+        let rows = c
+            .query_raw("SELECT data FROM upload_parts WHERE job_id = $1 ORDER BY part", params.iter().copied())
+            .await?;
+        futures_util::pin_mut!(rows);
+        let partial = to.with_extension("partial");
+        let mut file = tokio::fs::OpenOptions::from(crate::files::private_options())
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .await
+            .map_err(io)?;
+        let mut parts = 0;
+        while let Some(row) = rows.next().await {
+            file.write_all(row?.get::<_, &[u8]>(0)).await.map_err(io)?;
+            parts += 1;
+        }
+        file.sync_all().await.map_err(io)?;
+        drop(file);
+        if parts == 0 {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Ok(false);
+        }
+        tokio::fs::rename(&partial, &to).await.map_err(io)?;
+        Ok(true)
+    }
+}
+
+impl Handler<AppendEvents> for PgStore {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, msg: AppendEvents, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.append(msg.0).await })
+    }
+}
+
+impl Handler<EventsAfter> for PgStore {
+    type Result = ResponseFuture<Result<Vec<(u64, i64, String)>, StoreError>>;
+    fn handle(&mut self, m: EventsAfter, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let (seq, limit) = (m.seq as i64, m.limit as i64);
+            let rows = client
+                .query(
+                    "SELECT seq, created_ms, envelope FROM events WHERE room = $1 AND seq > $2 AND seq <= $2 + $4
+                     AND created_ms >= $3 ORDER BY seq LIMIT $4",
+                    &[&m.room, &seq, &m.min_created_ms, &limit],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get(2))).collect())
+        })
+    }
+}
+
+impl Handler<ExpireEvents> for PgStore {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, m: ExpireEvents, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            Ok(client.execute("DELETE FROM events WHERE created_ms < $1", &[&m.before_ms]).await? as usize)
+        })
+    }
+}
+
+impl Handler<SaveJob> for PgStore {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, m: SaveJob, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            if c.save(&client, &m.0, false).await? {
+                Ok(())
+            } else {
+                let id = m.0.snapshot.job_id;
+                tracing::warn!(job = %id, "job not saved: another node holds its lease (it took the job over)");
+                Err(StoreError::new(format!("job {id} is leased by another node")))
+            }
+        })
+    }
+}
+
+impl Handler<GetJob> for PgStore {
+    type Result = ResponseFuture<Result<Option<JobRecord>, StoreError>>;
+    fn handle(&mut self, m: GetJob, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            c.job(&client, m.0, false).await
+        })
+    }
+}
+
+impl Handler<UpdateJob> for PgStore {
+    type Result = ResponseFuture<Result<Result<(), Refusal>, StoreError>>;
+    fn handle(&mut self, m: UpdateJob, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.update(m.id, m.change).await })
+    }
+}
+
+impl Handler<ReserveJob> for PgStore {
+    type Result = ResponseFuture<Result<Option<JobRecord>, StoreError>>;
+    fn handle(&mut self, m: ReserveJob, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.reserve(m.id, &m.tenant, m.max).await })
+    }
+}
+
+impl Handler<StaleReservations> for PgStore {
+    type Result = ResponseFuture<Result<Vec<Uuid>, StoreError>>;
+    fn handle(&mut self, m: StaleReservations, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let rows = client
+                .query("SELECT id FROM jobs WHERE status = $1 AND updated_ms < $2 LIMIT 10000", &[
+                    &JobStatus::Pending.as_str(),
+                    &m.before_ms,
+                ])
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+}
+
+impl Handler<DeleteReservations> for PgStore {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, m: DeleteReservations, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let n = client
+                .execute("DELETE FROM jobs WHERE id = ANY($1) AND status = $2 AND updated_ms < $3", &[
+                    &m.ids,
+                    &JobStatus::Pending.as_str(),
+                    &m.before_ms,
+                ])
+                .await?;
+            Ok(n as usize)
+        })
+    }
+}
+
+impl Handler<ListJobs> for PgStore {
+    type Result = ResponseFuture<Result<Vec<JobSnapshot>, StoreError>>;
+    fn handle(&mut self, m: ListJobs, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let rows = client
+                .query(
+                    "SELECT snapshot FROM jobs WHERE ($1::TEXT IS NULL OR tenant = $1) AND status <> $2
+                     ORDER BY created_ms DESC, id LIMIT $3",
+                    &[&m.tenant, &JobStatus::Pending.as_str(), &(m.limit as i64)],
+                )
+                .await?;
+            Ok(rows.iter().filter_map(|r| parse_job(r.get::<_, &str>(0))).map(|j| j.snapshot).collect())
+        })
+    }
+}
+
+impl Handler<Ping> for PgStore {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let ping = async {
+                c.pool.get().await?.query_one("SELECT 1", &[]).await?;
+                Ok(())
+            };
+            tokio::time::timeout(Duration::from_secs(2), ping)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::new("postgres did not answer within 2 s")))
+        })
+    }
+}
+
+/// Renew this node's leases on `jobs` (those it has queued or running); answers the ones it still
+/// holds. A job missing from the answer was taken over by another node (this one could not renew
+/// in time): its actor here must stop.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Uuid>, StoreError>")]
+pub struct RenewLeases(pub Vec<Uuid>);
+
+/// Take over up to `limit` jobs whose lease expired (their node died, or lost the database for
+/// longer than a lease); answers them, now leased to this node, each with who asked to cancel it
+/// meanwhile (when someone did).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(JobRecord, Option<String>)>, StoreError>")]
+pub struct ClaimExpired {
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Record a cancel of a job no live node runs (its node died and its lease has not expired yet):
+/// the node that takes it over cancels it instead of running it. Answers whether the job was
+/// still unfinished.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct RequestCancel {
+    /// The job.
+    pub job_id: Uuid,
+    /// Who asked.
+    pub by: String,
+}
+
+impl Handler<RequestCancel> for PgStore {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+    fn handle(&mut self, m: RequestCancel, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let ended = statuses(&[JobStatus::Pending, JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled]);
+            let n = client
+                .execute("UPDATE jobs SET cancel_by = $2 WHERE id = $1 AND runs AND status <> ALL($3)", &[
+                    &m.job_id, &m.by, &ended,
+                ])
+                .await?;
+            Ok(n == 1)
+        })
+    }
+}
+
+/// Give up this node's leases on `jobs` at once (a graceful stop), so another node takes them
+/// over without waiting for them to expire.
+#[derive(Message)]
+#[rtype(result = "Result<u64, StoreError>")]
+pub struct ReleaseLeases(pub Vec<Uuid>);
+
+/// Keep a job's uploaded file in the database (any node that takes the job over can read it);
+/// answers its size.
+#[derive(Message)]
+#[rtype(result = "Result<u64, StoreError>")]
+pub struct SaveUpload {
+    /// The job.
+    pub job_id: Uuid,
+    /// The file as received.
+    pub path: PathBuf,
+}
+
+/// Write a job's kept upload to `to` on this node; answers whether the database had it.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct RestoreUpload {
+    /// The job.
+    pub job_id: Uuid,
+    /// Where the file goes.
+    pub to: PathBuf,
+}
+
+impl Handler<RenewLeases> for PgStore {
+    type Result = ResponseFuture<Result<Vec<Uuid>, StoreError>>;
+    fn handle(&mut self, m: RenewLeases, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            if m.0.is_empty() {
+                return Ok(Vec::new());
+            }
+            let client = c.pool.get().await?;
+            let rows = client
+                .query("UPDATE jobs SET lease_until_ms = $2 WHERE id = ANY($1) AND lease_node = $3 RETURNING id", &[
+                    &m.0,
+                    &c.lease_until(),
+                    &c.node,
+                ])
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+}
+
+impl Handler<ClaimExpired> for PgStore {
+    type Result = ResponseFuture<Result<Vec<(JobRecord, Option<String>)>, StoreError>>;
+    fn handle(&mut self, m: ClaimExpired, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.claim_expired(m.limit).await })
+    }
+}
+
+impl Handler<ReleaseLeases> for PgStore {
+    type Result = ResponseFuture<Result<u64, StoreError>>;
+    fn handle(&mut self, m: ReleaseLeases, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.pool.get().await?;
+            let n = client
+                .execute("UPDATE jobs SET lease_until_ms = 0 WHERE id = ANY($1) AND lease_node = $2", &[&m.0, &c.node])
+                .await?;
+            Ok(n)
+        })
+    }
+}
+
+impl Handler<SaveUpload> for PgStore {
+    type Result = ResponseFuture<Result<u64, StoreError>>;
+    fn handle(&mut self, m: SaveUpload, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.save_upload(m.job_id, m.path).await })
+    }
+}
+
+impl Handler<RestoreUpload> for PgStore {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+    fn handle(&mut self, m: RestoreUpload, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move { c.restore_upload(m.job_id, m.to).await })
+    }
+}
