@@ -4,8 +4,8 @@
 # client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
 # This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
 # it needs itself (Redis started, or installed with apt-get, when none listens; kosoku into a venv
-# under target/; npm packages with npm ci; chromium with apt-get when missing). No test needs
-# PostgreSQL yet (the PostgreSQL store is not built).
+# under target/; npm packages with npm ci; chromium with apt-get when missing; PostgreSQL started, or
+# installed with apt-get, when none listens).
 set -euo pipefail
 cd "$(dirname "$0")"
 log=$(mktemp)
@@ -27,6 +27,38 @@ if ! listening 6379; then
     redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null || true
     for _ in $(seq 50); do listening 6379 && break; sleep 0.1; done
   fi
+fi
+
+# Shared-store cluster tests need PostgreSQL on 127.0.0.1:5432 with a role that may create schemas in
+# database `test` (JOBCAST_TEST_DATABASE_URL overrides postgres://root@127.0.0.1:5432/test). Started
+# here when nothing listens (installed from Debian's packages when missing); skipped like Redis's
+# tests otherwise, and failed under CI=true.
+if [ -z "${JOBCAST_TEST_DATABASE_URL:-}" ] && ! listening 5432; then
+  if ! command -v pg_ctlcluster >/dev/null && command -v apt-get >/dev/null; then
+    echo "== installing postgresql (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null || true
+  fi
+  if command -v pg_lsclusters >/dev/null; then
+    if [ -z "$(pg_lsclusters -h)" ]; then
+      pg_createcluster "$(ls /usr/lib/postgresql | sort -n | tail -1)" main >/dev/null || true
+    fi
+    echo "== starting PostgreSQL on 127.0.0.1:5432"
+    pg_lsclusters -h | while read -r version cluster _; do pg_ctlcluster "$version" "$cluster" start || true; done
+    for _ in $(seq 100); do listening 5432 && break; sleep 0.1; done
+  fi
+fi
+if [ -z "${JOBCAST_TEST_DATABASE_URL:-}" ] && listening 5432 && command -v psql >/dev/null \
+  && ! psql -h 127.0.0.1 -U root -d test -w -qAtc 'SELECT 1' >/dev/null 2>&1 && id postgres >/dev/null 2>&1; then
+  # A fresh Debian cluster knows neither role root nor database test, and asks TCP clients for a
+  # password: make both, with a password the tests then use.
+  as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -n -u postgres "$@"; fi; }
+  as_pg psql -qAtc "SELECT 1 FROM pg_roles WHERE rolname = 'root'" | grep -q 1 \
+    || as_pg psql -qc "CREATE ROLE root SUPERUSER LOGIN" || true
+  as_pg psql -qc "ALTER ROLE root PASSWORD 'jobcast-tests'" || true
+  as_pg psql -qAtc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
+    || as_pg createdb -O root test || true
+  export JOBCAST_TEST_DATABASE_URL=postgres://root:jobcast-tests@127.0.0.1:5432/test
 fi
 
 echo "== cargo fmt --check"

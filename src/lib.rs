@@ -189,7 +189,10 @@ fn open_local(
     config: &Config,
     keep: usize,
     quotas: &Arc<quota::Quotas>,
-) -> Result<(Addr<StoreActor>, Addr<db::row_store::RowStore>, Vec<db::store::RoomCursor>, Vec<db::store::JobRecord>), StartError> {
+) -> Result<
+    (Addr<StoreActor>, Addr<db::row_store::RowStore>, Vec<db::store::RoomCursor>, Vec<db::store::JobRecord>),
+    StartError,
+> {
     let location = Location::from_config(config);
     let (first, rows) = db::open(&location)?;
     let cursors = first.room_cursors()?;
@@ -358,7 +361,8 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     .disable_signals()
     .shutdown_timeout(5)
     .run();
-    let shutdown = Shutdown { server: server.handle(), registry, scheduler: shared.scheduler.clone(), graceful: Arc::default() };
+    let shutdown =
+        Shutdown { server: server.handle(), registry, scheduler: shared.scheduler.clone(), graceful: Arc::default() };
     let clean_stop = shared.config.data_dir.join(CLEAN_STOP);
     Ok(Running { addr, shared, shutdown, server, clean_stop })
 }

@@ -692,3 +692,296 @@ async fn delivered_to_counts_the_members_on_every_node() {
     b1.close().await;
     until(2).await;
 }
+
+// ---- With PostgreSQL as well (`database_url`): jobs and rows shared, leases and takeover. ----
+
+/// The PostgreSQL the shared-store tests use (each under a schema of its own).
+fn postgres_url() -> String {
+    std::env::var("JOBCAST_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+/// Whether Redis and PostgreSQL answer; when not, a test returns early (and fails under CI).
+fn engines_up() -> bool {
+    if !redis_up() {
+        return false;
+    }
+    let up = std::net::TcpStream::connect("127.0.0.1:5432").is_ok();
+    if !up {
+        assert!(std::env::var("CI").is_err(), "CI=true: the cluster tests need PostgreSQL on 127.0.0.1:5432");
+        eprintln!("skipped: no PostgreSQL on 127.0.0.1:5432");
+    }
+    up
+}
+
+/// Runs `query` on `url` (a runtime of its own, so it works from `Drop` too) and answers the first
+/// column of the first row as an integer, when there is one.
+fn sql(url: &str, query: &str) -> Option<i64> {
+    let (url, query) = (url.to_string(), query.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+            tokio::spawn(conn);
+            let rows = client.simple_query(&query).await.expect("query");
+            rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+        })
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// A prefix for Redis keys and the PostgreSQL schema of one test; both are removed when dropped.
+struct Shared {
+    prefix: Prefix,
+    url: String,
+}
+
+impl Shared {
+    fn new(url: String) -> Shared {
+        Shared { prefix: Prefix::new(), url }
+    }
+
+    fn count(&self, query: &str) -> i64 {
+        let query = query.replace("{schema}", &format!("\"{}\"", &*self.prefix));
+        sql(&self.url, &query).unwrap_or(-1)
+    }
+
+    /// A node on this cluster keeping its files in `data`.
+    fn node(&self, data: &std::path::Path, extra: &[&str]) -> Node {
+        let args = [&["--store", "sqlite", "--database-url", &self.url, "--job-lease-s", "3"], extra].concat();
+        Node::spawn(REDIS, &self.prefix, data, &args, None)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        sql(&self.url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", &*self.prefix));
+    }
+}
+
+async fn job_status(addr: &str, id: uuid::Uuid) -> Value {
+    let mut res = awc::Client::default()
+        .get(format!("http://{addr}/api/v1/jobs/{id}"))
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {}", token("alice", "acme", &[]))))
+        .send()
+        .await
+        .expect("job");
+    assert_eq!(res.status(), 200);
+    res.json().await.expect("json")
+}
+
+/// Reads `watcher` until `processing_completed`, checking that `seq` has no gap; answers the
+/// results and whether the job said it resumed.
+async fn until_completed(watcher: &mut Client, last: &mut u64) -> (Value, bool) {
+    let mut resumed = false;
+    loop {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(*last + 1), "gap: {env:?}");
+        *last += 1;
+        match env.event {
+            Event::Status(s) if s.message == "resuming after a restart" => resumed = true,
+            Event::ProcessingCompleted(done) => return (done.results, resumed),
+            Event::ProcessingFailed(f) => panic!("the job failed: {}", f.error),
+            _ => {}
+        }
+    }
+}
+
+/// Reads `watcher` until `n` zones completed, checking that `seq` has no gap.
+async fn zones(watcher: &mut Client, last: &mut u64, n: u64) {
+    let mut zones = 0;
+    while zones < n {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(*last + 1));
+        *last += 1;
+        zones += u64::from(env.event.kind() == EventType::ZoneCompleted);
+    }
+}
+
+#[actix_rt::test]
+async fn a_job_whose_node_is_killed_is_taken_over_and_every_row_is_stored_once() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let args = ["--zone-rows", "10"];
+    let mut a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "takeover");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    zones(&mut watcher, &mut last, 20).await;
+    // Any node answers for the job while it runs.
+    let running = job_status(&b.addr, batch).await["status"].clone();
+    assert!(["scanning", "parsing", "processing"].contains(&running.as_str().unwrap_or_default()), "{running}");
+    a.child.kill().expect("kill -9");
+    a.child.wait().expect("reaped");
+    // A's disk goes with it: B reads the upload from the database.
+    drop(data_a);
+    let (results, resumed) = until_completed(&mut watcher, &mut last).await;
+    assert!(resumed, "B took the job over");
+    let expected = csv.valid() - csv.duplicates;
+    assert_eq!(results["processed_rows"], 20_000);
+    assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.transactions") as u64, expected, "every row stored once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.zones"), 2000);
+    assert_eq!(job_status(&b.addr, batch).await["status"], "completed");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.upload_parts"), 0, "the kept upload is gone with the job");
+}
+
+#[actix_rt::test]
+async fn a_cancel_on_any_node_stops_the_job_where_it_runs() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let args = ["--zone-rows", "10"];
+    let a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&a, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "cancel-anywhere");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    zones(&mut watcher, &mut last, 5).await;
+    let res = awc::Client::default()
+        .post(format!("http://{}/api/v1/jobs/{batch}/cancel", b.addr))
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {}", token("alice", "acme", &[]))))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(res.status(), 202, "B passed the cancel to A");
+    loop {
+        let env = watcher.recv().await;
+        if let Event::JobCancelled(c) = env.event {
+            assert_eq!(c.by, "alice");
+            break;
+        }
+        assert_ne!(env.event.kind(), EventType::ProcessingCompleted, "the job ran to its end");
+    }
+    assert_eq!(job_status(&b.addr, batch).await["status"], "cancelled");
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// A PostgreSQL server of this test's own, on a free port, that it can stop and start again.
+struct PrivatePostgres {
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Initialises and starts one; `None` when the server programs are not installed.
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").is_file())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let dir = tempfile::tempdir().ok()?;
+        let pg = PrivatePostgres { port, dir, bin };
+        // As root, the server runs as `postgres` (it refuses root), so the directory is given to it.
+        if is_root() && !Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().ok()?.success() {
+            return None;
+        }
+        let data = pg.data();
+        pg.run("initdb", &["-D", &data, "-U", "root", "-A", "trust", "--no-sync"])?;
+        pg.restart().then_some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Option<()> {
+        let path = self.bin.join(program);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        let ok = cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().ok()?.success();
+        ok.then_some(())
+    }
+
+    fn restart(&self) -> bool {
+        let options =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-o", &options, "-l", &log, "-w", "start"]).is_some()
+    }
+
+    /// Stops at once, as a crash would (no checkpoint, connections cut).
+    fn stop(&self) {
+        let _ = self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[actix_rt::test]
+async fn postgres_restarted_mid_job_pauses_the_job_and_loses_no_row() {
+    if !engines_up() {
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        assert!(std::env::var("CI").is_err(), "CI=true: this test needs PostgreSQL's server programs");
+        eprintln!("skipped: cannot start a private PostgreSQL");
+        return;
+    };
+    let cluster = Shared::new(pg.url());
+    let data = tempfile::tempdir().expect("dir");
+    let a = cluster.node(data.path(), &["--zone-rows", "10"]);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&a, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "pg-restart");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let alice = token("alice", "acme", &[]);
+    let (status, _) = common::upload_to(&url, &alice, "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    zones(&mut watcher, &mut last, 20).await;
+    pg.stop();
+    until_ready(&a.addr, 503).await;
+    let (status, body) =
+        common::upload_to(&url, &alice, "more.csv", "text/csv", b"date,amount,description\n2024-01-01,1,x\n", None)
+            .await;
+    assert_eq!(status, 503, "no upload is taken while the database is away: {body}");
+    assert!(pg.restart(), "PostgreSQL starts again");
+    until_ready(&a.addr, 200).await;
+    let (results, _) = until_completed(&mut watcher, &mut last).await;
+    let expected = csv.valid() - csv.duplicates;
+    assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.transactions") as u64, expected, "every row stored once");
+}

@@ -111,7 +111,6 @@ impl RowsAddr {
     }
 }
 
-
 /// Opens (creating and migrating when needed) both databases of `location`: first the row store,
 /// which takes over the rows and zone reports a version-1 main database kept (copying again is
 /// harmless, and a newer main database has none), then the main store, whose migration 2 drops them.

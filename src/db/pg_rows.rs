@@ -87,7 +87,8 @@ impl PgRows {
                 rows += zone.rows.len();
                 group.extend(self.queue.pop_front());
             }
-            let (refused, group): (Vec<_>, Vec<_>) = group.into_iter().partition(|z| self.over_quota.contains(&z.job_id));
+            let (refused, group): (Vec<_>, Vec<_>) =
+                group.into_iter().partition(|z| self.over_quota.contains(&z.job_id));
             for zone in refused {
                 let max = self.quotas.limits().rows;
                 let _ = zone.reply.send(Err(StoreError::new(Exceeded::Rows { tenant: zone.tenant, max }.to_string())));
@@ -344,7 +345,8 @@ impl Writer {
             let mut report = zone.report.clone();
             report.inserted = inserted.get(&at).copied().unwrap_or(0);
             report.duplicates = zone.rows.len() as u64 - report.inserted;
-            let text = serde_json::to_string(&report).map_err(|e| GroupError::Refused(StoreError::new(e.to_string())))?;
+            let text =
+                serde_json::to_string(&report).map_err(|e| GroupError::Refused(StoreError::new(e.to_string())))?;
             ids.push(zone.job_id.as_str());
             idx.push(at.1);
             texts.push(text);

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use actix::prelude::*;
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::db::pg;
@@ -109,7 +109,8 @@ fn statuses(list: &[JobStatus]) -> Vec<String> {
 /// Whether a saved job ends its upload's life (the file is not needed again).
 fn upload_done(job: &JobRecord) -> bool {
     let s = &job.snapshot;
-    s.status.is_terminal() && !(s.status == JobStatus::Failed && s.error.as_ref().and_then(|e| e.as_ref()).is_some_and(|e| e.recoverable))
+    s.status.is_terminal()
+        && !(s.status == JobStatus::Failed && s.error.as_ref().and_then(|e| e.as_ref()).is_some_and(|e| e.recoverable))
 }
 
 impl Ctx {
@@ -140,7 +141,8 @@ impl Ctx {
                  lease_until_ms = excluded.lease_until_ms
              WHERE jobs.lease_node IS NULL OR jobs.lease_node = excluded.lease_node OR jobs.lease_until_ms < $5"
         };
-        let n = c.execute(sql, &[&s.job_id, &s.tenant, &s.status.as_str(), &text, &now, &runs, &holder, &until]).await?;
+        let n =
+            c.execute(sql, &[&s.job_id, &s.tenant, &s.status.as_str(), &text, &now, &runs, &holder, &until]).await?;
         if n == 1 && runs && upload_done(job) {
             c.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&s.job_id]).await?;
         }
@@ -183,9 +185,10 @@ impl Ctx {
         let c = self.pool.get().await?;
         let (now, pending) = (now_ms(), JobStatus::Pending.as_str());
         let renewed = c
-            .execute("UPDATE jobs SET updated_ms = $3 WHERE id = $1 AND tenant = $2 AND status = $4", &[
-                &id, &tenant, &now, &pending,
-            ])
+            .execute(
+                "UPDATE jobs SET updated_ms = $3 WHERE id = $1 AND tenant = $2 AND status = $4",
+                &[&id, &tenant, &now, &pending],
+            )
             .await?;
         if renewed == 0 && self.job(&c, id, false).await?.is_none() {
             let held: i64 = c
@@ -239,6 +242,7 @@ impl Ctx {
             .query(
                 "UPDATE jobs SET lease_node = $1, lease_until_ms = $2 WHERE id IN (
                      SELECT id FROM jobs WHERE runs AND lease_until_ms < $3 AND status <> ALL($4)
+                         AND lease_node IS DISTINCT FROM $1
                      ORDER BY created_ms LIMIT $5 FOR UPDATE SKIP LOCKED)
                  RETURNING snapshot, cancel_by",
                 &[&self.node, &self.lease_until(), &now_ms(), &ended, &limit],
@@ -392,10 +396,10 @@ impl Handler<StaleReservations> for PgStore {
         self.run(move |c| async move {
             let client = c.pool.get().await?;
             let rows = client
-                .query("SELECT id FROM jobs WHERE status = $1 AND updated_ms < $2 LIMIT 10000", &[
-                    &JobStatus::Pending.as_str(),
-                    &m.before_ms,
-                ])
+                .query(
+                    "SELECT id FROM jobs WHERE status = $1 AND updated_ms < $2 LIMIT 10000",
+                    &[&JobStatus::Pending.as_str(), &m.before_ms],
+                )
                 .await?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
         })
@@ -408,11 +412,10 @@ impl Handler<DeleteReservations> for PgStore {
         self.run(move |c| async move {
             let client = c.pool.get().await?;
             let n = client
-                .execute("DELETE FROM jobs WHERE id = ANY($1) AND status = $2 AND updated_ms < $3", &[
-                    &m.ids,
-                    &JobStatus::Pending.as_str(),
-                    &m.before_ms,
-                ])
+                .execute(
+                    "DELETE FROM jobs WHERE id = ANY($1) AND status = $2 AND updated_ms < $3",
+                    &[&m.ids, &JobStatus::Pending.as_str(), &m.before_ms],
+                )
                 .await?;
             Ok(n as usize)
         })
@@ -487,9 +490,10 @@ impl Handler<RequestCancel> for PgStore {
             let client = c.pool.get().await?;
             let ended = statuses(&[JobStatus::Pending, JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled]);
             let n = client
-                .execute("UPDATE jobs SET cancel_by = $2 WHERE id = $1 AND runs AND status <> ALL($3)", &[
-                    &m.job_id, &m.by, &ended,
-                ])
+                .execute(
+                    "UPDATE jobs SET cancel_by = $2 WHERE id = $1 AND runs AND status <> ALL($3)",
+                    &[&m.job_id, &m.by, &ended],
+                )
                 .await?;
             Ok(n == 1)
         })
@@ -532,11 +536,10 @@ impl Handler<RenewLeases> for PgStore {
             }
             let client = c.pool.get().await?;
             let rows = client
-                .query("UPDATE jobs SET lease_until_ms = $2 WHERE id = ANY($1) AND lease_node = $3 RETURNING id", &[
-                    &m.0,
-                    &c.lease_until(),
-                    &c.node,
-                ])
+                .query(
+                    "UPDATE jobs SET lease_until_ms = $2 WHERE id = ANY($1) AND lease_node = $3 RETURNING id",
+                    &[&m.0, &c.lease_until(), &c.node],
+                )
                 .await?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
         })

@@ -5,12 +5,12 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::auth::Identity;
+use crate::db::pg_store::RequestCancel;
 use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob};
 use crate::db::StoreAddr;
-use crate::db::pg_store::RequestCancel;
 use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler};
-use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 use crate::protocol::{JobSnapshot, JobStatus};
+use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 
 /// Why a caller cannot have a job.
 #[derive(Debug, Clone, PartialEq, Eq)]

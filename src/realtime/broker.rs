@@ -194,12 +194,7 @@ pub struct Broker {
 
 impl Broker {
     /// A broker that persists through `store` and continues the rooms of `cursors`.
-    pub fn new(
-        settings: RoomSettings,
-        metrics: Arc<Metrics>,
-        store: StoreAddr,
-        cursors: Vec<RoomCursor>,
-    ) -> Self {
+    pub fn new(settings: RoomSettings, metrics: Arc<Metrics>, store: StoreAddr, cursors: Vec<RoomCursor>) -> Self {
         let cursors = cursors.into_iter().map(|c| (c.room, (Arc::from(c.epoch.as_str()), c.last_seq))).collect();
         Broker {
             rooms: HashMap::new(),

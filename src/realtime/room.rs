@@ -17,7 +17,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::db::sqlite::now_ms;
-use crate::db::store::{EventsAfter};
+use crate::db::store::EventsAfter;
 use crate::db::StoreAddr;
 use crate::framing::Encoded;
 use crate::protocol::{Envelope, JobSnapshot, RoomKind, Since, Subscribed};
