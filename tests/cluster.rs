@@ -985,3 +985,35 @@ async fn postgres_restarted_mid_job_pauses_the_job_and_loses_no_row() {
     assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
     assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.transactions") as u64, expected, "every row stored once");
 }
+
+#[actix_rt::test]
+async fn with_postgres_a_jobs_outcome_outlives_redis() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = cluster.node(data_a.path(), &[]);
+    let b = cluster.node(data_b.path(), &[]);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, joined) = member(&a, "alice", &format!("job:{batch}")).await;
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    let csv = common::generate_csv(500, "outlives-redis");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "small.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    let (results, _) = until_completed(&mut watcher, &mut last).await;
+    lose_everything(&cluster.prefix).await;
+    // Node B never had the room: Redis has nothing of it now, PostgreSQL has the job.
+    let mut c = Client::connect(&b.ws(&format!("token={}&format=json", token("alice", "acme", &[])))).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.send(&ClientMessage::Subscribe { room: format!("job:{batch}"), since: Some(Since { seq: last, epoch }) }).await;
+    let sub = c.expect_data(EventType::Subscribed).await;
+    assert_eq!(sub["recovered"], false, "the events are gone with Redis: {sub}");
+    assert_eq!(sub["snapshot"]["status"], "completed", "the job's outcome is not: {sub}");
+    assert_eq!(sub["snapshot"]["results"]["inserted"], results["inserted"]);
+    assert_eq!(job_status(&b.addr, batch).await["results"]["inserted"], results["inserted"]);
+}
