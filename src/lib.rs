@@ -271,7 +271,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
             let lease = Duration::from_secs(config.job_lease_s);
             let prefix = &config.cluster_prefix;
             let store = db::pg_store::PgStore::open(url, prefix, keep, redis.node(), lease).await?;
-            let rows = db::pg_rows::PgRows::open(url, prefix, quotas.clone()).await?;
+            let rows = db::pg_rows::PgRows::open(url, prefix, redis.node(), quotas.clone()).await?;
             (StoreAddr::Postgres(store.start_own()), RowsAddr::Postgres(rows.start_own()), Vec::new(), Vec::new())
         }
         _ => {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -752,7 +753,8 @@ impl Shared {
 
     /// A node on this cluster keeping its files in `data`.
     fn node(&self, data: &std::path::Path, extra: &[&str]) -> Node {
-        let args = [&["--store", "sqlite", "--database-url", &self.url, "--job-lease-s", "3"], extra].concat();
+        let lease: &[&str] = if extra.contains(&"--job-lease-s") { &[] } else { &["--job-lease-s", "3"] };
+        let args = [&["--store", "sqlite", "--database-url", &self.url], lease, extra].concat();
         Node::spawn(REDIS, &self.prefix, data, &args, None)
     }
 }
@@ -1016,4 +1018,97 @@ async fn with_postgres_a_jobs_outcome_outlives_redis() {
     assert_eq!(sub["snapshot"]["status"], "completed", "the job's outcome is not: {sub}");
     assert_eq!(sub["snapshot"]["results"]["inserted"], results["inserted"]);
     assert_eq!(job_status(&b.addr, batch).await["results"]["inserted"], results["inserted"]);
+}
+
+/// Reads `watcher` until `processing_completed`, checking that `seq` has no gap, and counts the
+/// events of each kind on the way.
+async fn count_until_completed(watcher: &mut Client, last: &mut u64) -> HashMap<EventType, usize> {
+    let mut seen = HashMap::new();
+    loop {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(*last + 1), "gap: {env:?}");
+        *last += 1;
+        *seen.entry(env.event.kind()).or_insert(0) += 1;
+        match env.event {
+            Event::ProcessingCompleted(_) => return seen,
+            Event::ProcessingFailed(f) => panic!("the job failed: {}", f.error),
+            _ => {}
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_stopped_gracefully_hands_its_job_to_another_at_once() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    // A lease far longer than the test: only the handover can move the job.
+    let args = ["--zone-rows", "10", "--job-lease-s", "3600"];
+    let mut a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "handover");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    zones(&mut watcher, &mut last, 20).await;
+    assert!(Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().expect("kill").success());
+    assert!(a.child.wait().expect("reaped").success(), "A stopped cleanly");
+    let (results, resumed) = until_completed(&mut watcher, &mut last).await;
+    assert!(resumed, "B took the job over well before its 3600 s lease ran out");
+    let expected = csv.valid() - csv.duplicates;
+    assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.transactions") as u64, expected, "every row stored once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.zones"), 2000);
+}
+
+/// This node's running jobs, from its admin stats.
+async fn jobs_running(addr: &str) -> u64 {
+    admin(addr, "GET", "/api/v1/admin/stats").await.1["jobs_running"].as_u64().expect("jobs_running")
+}
+
+#[actix_rt::test]
+async fn a_node_that_lost_its_lease_stores_nothing_more_and_stops_silently() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let data = tempfile::tempdir().expect("dir");
+    let a = cluster.node(data.path(), &["--zone-rows", "10"]);
+    let batch = uuid::Uuid::new_v4();
+    let (mut watcher, _) = member(&a, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(20_000, "fenced");
+    let url = format!("http://{}/api/v1/uploads", a.addr);
+    let (status, _) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202);
+    let mut last = 0;
+    zones(&mut watcher, &mut last, 20).await;
+    // What a node that took the job over while A could not renew would have written.
+    let far = i64::MAX / 2;
+    cluster.count(&format!(
+        "UPDATE {{schema}}.jobs SET lease_node = 'another-node', lease_until_ms = {far} WHERE id = '{batch}'"
+    ));
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while jobs_running(&a.addr).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "A went on running a job it lost");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stored = cluster.count("SELECT COUNT(*) FROM {schema}.zones");
+    assert!(stored < 2000, "A stopped before the end ({stored} zones stored)");
+    assert_eq!(job_status(&a.addr, batch).await["status"].as_str().map(|s| s != "completed"), Some(true));
+    // The other node "dies": its lease runs out, and A takes the job over like any other.
+    cluster.count(&format!("UPDATE {{schema}}.jobs SET lease_until_ms = 0 WHERE id = '{batch}'"));
+    let seen = count_until_completed(&mut watcher, &mut last).await;
+    assert_eq!(seen.get(&EventType::ProcessingCompleted), Some(&1));
+    let expected = csv.valid() - csv.duplicates;
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.transactions") as u64, expected, "every row stored once");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.zones"), 2000);
+    let results = &job_status(&a.addr, batch).await["results"];
+    assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
 }

@@ -32,12 +32,15 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// work), rather than that the statement itself was refused.
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        None => true,
-        // Class 08 (connection exception), 57P01..57P03 (admin shutdown, crash shutdown, cannot
-        // connect now), 40001/40P01 (serialization failure, deadlock: the transaction may be retried).
+        // No server code: transient only when the connection broke or could not be made (an
+        // encoding or conversion error would fail again, and is not retried).
+        None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+        // Class 08 (connection exception), 53 (insufficient resources: too many connections, disk
+        // full), 57P01..57P03 (admin shutdown, crash shutdown, cannot connect now), 40001/40P01
+        // (serialization failure, deadlock: the transaction may be retried).
         Some(code) => {
             let c = code.code();
-            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "40001" || c == "40P01"
         }
     }
 }
@@ -54,8 +57,18 @@ pub fn pool(url: &str, prefix: &str, size: usize, wait: Option<Duration>) -> Res
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|e| StoreError::new(format!("database_url is not a PostgreSQL URL: {e}")))?;
     config.connect_timeout(Duration::from_secs(5));
+    // A server (or the path to it) that vanished is noticed by TCP keepalives, and a transaction
+    // left open by a node that vanished holds its locks for at most a minute.
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
     // Notices (a schema or temporary table that exists already) are not worth a log line each.
-    config.options(format!("-c search_path={} -c client_min_messages=warning", schema_ident(prefix)));
+    config.options(format!(
+        "-c search_path={} -c client_min_messages=warning -c idle_in_transaction_session_timeout=60000",
+        schema_ident(prefix)
+    ));
     config.application_name("jobcast");
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
@@ -73,8 +86,8 @@ pub fn pool(url: &str, prefix: &str, size: usize, wait: Option<Duration>) -> Res
 pub async fn migrate(pool: &Pool, prefix: &str, migrations: &[(i64, &str)], table: &str) -> Result<(), StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    // One lock per schema and table: two stores of one schema migrate one after the other.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("{prefix}/{table}")]).await?;
+    // One lock per schema: its stores migrate one after the other (and create the schema once).
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("jobcast-schema/{prefix}")]).await?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
          CREATE TABLE IF NOT EXISTS {schema}.{table} (version BIGINT NOT NULL)",

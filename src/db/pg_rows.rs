@@ -20,9 +20,10 @@ use actix::prelude::*;
 use deadpool_postgres::Pool;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
+use uuid::Uuid;
 
 use crate::db::pg::{self, is_transient};
-use crate::db::row_store::{StoreZone, ZoneReports, GROUP_ROWS};
+use crate::db::row_store::{fnv1a_128, StoreZone, ZoneReports, GROUP_ROWS};
 use crate::db::sqlite::StoreError;
 use crate::protocol::ZoneReport;
 use crate::quota::{Exceeded, Quotas};
@@ -34,18 +35,30 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     1,
     "CREATE TABLE zones (job_id TEXT NOT NULL, zone_index BIGINT NOT NULL, report TEXT NOT NULL,
          PRIMARY KEY (job_id, zone_index));
-     CREATE TABLE transactions (tenant TEXT NOT NULL, key BYTEA NOT NULL, job_id TEXT NOT NULL,
+     CREATE TABLE transactions (tenant_key UUID PRIMARY KEY, tenant TEXT NOT NULL, job_id TEXT NOT NULL,
          zone_index BIGINT NOT NULL, line BIGINT NOT NULL, date TEXT NOT NULL, amount_cents BIGINT NOT NULL,
-         description TEXT NOT NULL, category TEXT NOT NULL, PRIMARY KEY (tenant, key));
+         description TEXT NOT NULL, category TEXT NOT NULL);
      CREATE TABLE tenant_rows (tenant TEXT PRIMARY KEY, rows BIGINT NOT NULL);",
 )];
 
-const STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS staging (zone_index BIGINT, tenant TEXT, job_id TEXT,
-     key BYTEA, line BIGINT, date TEXT, amount_cents BIGINT, description TEXT, category TEXT) ON COMMIT DELETE ROWS";
+/// A group's rows before they are deduplicated into `transactions`; `zone` is the row's zone's
+/// position in the group (its tenant, job and index come as arrays beside the insert).
+const STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS staging (zone INTEGER, tenant_key UUID, line BIGINT,
+     date TEXT, amount_cents BIGINT, description TEXT, category TEXT) ON COMMIT DELETE ROWS";
+
+/// A row's deduplication key in PostgreSQL: one 128-bit hash of its tenant and its content key, so the
+/// unique index compares 16 fixed bytes (a `(tenant, key)` index spent most of the database's time
+/// in text comparisons). Equal rows of a tenant have equal keys; two different rows collide about
+/// once in 2^64, as their content keys already may.
+fn tenant_key(tenant: &str, key: &[u8; 16]) -> Uuid {
+    Uuid::from_u128(fnv1a_128(&[tenant.as_bytes(), &[0], key]))
+}
 
 /// The shared row store actor.
 pub struct PgRows {
     pool: Pool,
+    /// This node's id: zones are stored only for jobs whose lease it holds.
+    node: Arc<str>,
     quotas: Arc<Quotas>,
     queue: VecDeque<StoreZone>,
     writers: usize,
@@ -55,7 +68,7 @@ pub struct PgRows {
 
 impl PgRows {
     /// Connects, migrates, and reads every tenant's row count into `quotas`.
-    pub async fn open(url: &str, prefix: &str, quotas: Arc<Quotas>) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, prefix: &str, node: &str, quotas: Arc<Quotas>) -> Result<Self, StoreError> {
         let setup = pg::pool(url, prefix, 1, Some(Duration::from_secs(5)))?;
         pg::migrate(&setup, prefix, MIGRATIONS, "rows_version").await?;
         let client = setup.get().await?;
@@ -67,7 +80,7 @@ impl PgRows {
         // Writers wait for a connection as long as it takes: their zones must not be dropped. The
         // connections are made where the actor runs.
         let pool = pg::pool(url, prefix, WRITERS + 1, None)?;
-        Ok(PgRows { pool, quotas, queue: VecDeque::new(), writers: 0, over_quota: HashSet::new() })
+        Ok(PgRows { pool, node: node.into(), quotas, queue: VecDeque::new(), writers: 0, over_quota: HashSet::new() })
     }
 
     /// Starts the actor on an arbiter of its own (encoding rows for `COPY` is its CPU work).
@@ -97,7 +110,7 @@ impl PgRows {
                 continue;
             }
             self.writers += 1;
-            let writer = Writer { pool: self.pool.clone(), quotas: self.quotas.clone() };
+            let writer = Writer { pool: self.pool.clone(), node: self.node.clone(), quotas: self.quotas.clone() };
             ctx.spawn(writer.write(group).into_actor(self).map(|over, rows, ctx| {
                 rows.writers -= 1;
                 rows.over_quota.extend(over);
@@ -109,6 +122,24 @@ impl PgRows {
 
 impl Actor for PgRows {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Other nodes' imports raise the tenants' counts too: the up-front check of an upload reads
+        // them as of a few seconds ago (the check in each zone's transaction is exact).
+        ctx.run_interval(Duration::from_secs(5), |rows, ctx| {
+            let (pool, quotas) = (rows.pool.clone(), rows.quotas.clone());
+            ctx.spawn(
+                async move {
+                    let Ok(client) = pool.get().await else { return };
+                    let Ok(counts) = client.query("SELECT tenant, rows FROM tenant_rows", &[]).await else { return };
+                    for row in counts {
+                        quotas.set_stored_rows(row.get(0), row.get::<_, i64>(1).max(0) as u64);
+                    }
+                }
+                .into_actor(rows),
+            );
+        });
+    }
 }
 
 impl Handler<StoreZone> for PgRows {
@@ -177,6 +208,7 @@ impl From<deadpool_postgres::PoolError> for GroupError {
 /// One writer's group, with what it needs.
 struct Writer {
     pool: Pool,
+    node: Arc<str>,
     quotas: Arc<Quotas>,
 }
 
@@ -185,7 +217,7 @@ impl Writer {
     async fn write(self, group: Vec<StoreZone>) -> Vec<String> {
         let mut over = Vec::new();
         match self.retrying(&group).await {
-            Ok(reports) => reply(group, reports.into_iter().map(Ok).collect()),
+            Ok(reports) => reply(group, reports),
             Err(first) if group.len() == 1 => {
                 if matches!(first, GroupError::OverQuota(_)) {
                     over.extend(group.first().map(|z| z.job_id.clone()));
@@ -196,7 +228,7 @@ impl Writer {
                 // One zone at a time: each gets its own answer.
                 for zone in group {
                     let result = match self.retrying(std::slice::from_ref(&zone)).await {
-                        Ok(mut reports) => Ok(reports.remove(0)),
+                        Ok(mut reports) => reports.remove(0),
                         Err(e) => {
                             if matches!(e, GroupError::OverQuota(_)) {
                                 over.push(zone.job_id.clone());
@@ -212,7 +244,7 @@ impl Writer {
     }
 
     /// [`Writer::store`], again and again while the database is away (backoff up to 2 s).
-    async fn retrying(&self, group: &[StoreZone]) -> Result<Vec<ZoneReport>, GroupError> {
+    async fn retrying(&self, group: &[StoreZone]) -> Result<Vec<Result<ZoneReport, StoreError>>, GroupError> {
         let mut wait = Duration::from_millis(100);
         loop {
             match self.store(group).await {
@@ -228,13 +260,26 @@ impl Writer {
         }
     }
 
-    /// One transaction for the whole group; answers each zone's report, in order.
-    async fn store(&self, group: &[StoreZone]) -> Result<Vec<ZoneReport>, GroupError> {
+    /// One transaction for the whole group; answers each zone's report, in order (or, for a job
+    /// this node no longer holds the lease of, [`StoreError::lease_lost`]).
+    async fn store(&self, group: &[StoreZone]) -> Result<Vec<Result<ZoneReport, StoreError>>, GroupError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // The fence: a node that lost a job's lease (it could not renew in time and another node took
+        // the job over) stores none of its zones. The rows stay share-locked until the commit, so the
+        // lease cannot move meanwhile.
+        let ids: Vec<Uuid> = group.iter().filter_map(|z| z.job_id.parse().ok()).collect();
+        let held: HashSet<String> = tx
+            .query("SELECT id FROM jobs WHERE id = ANY($1) AND lease_node = $2 FOR SHARE", &[&ids, &&*self.node])
+            .await?
+            .iter()
+            .map(|r| r.get::<_, Uuid>(0).to_string())
+            .collect();
+        let group: Vec<&StoreZone> = group.iter().collect();
+        let fenced = |z: &StoreZone| !held.contains(&z.job_id);
         // Zones already stored (by this node before, or by the node that had the job) keep their report.
-        let jobs: Vec<&str> = group.iter().map(|z| z.job_id.as_str()).collect();
-        let indexes: Vec<i64> = group.iter().map(|z| z.index as i64).collect();
+        let jobs: Vec<&str> = group.iter().filter(|z| !fenced(z)).map(|z| z.job_id.as_str()).collect();
+        let indexes: Vec<i64> = group.iter().filter(|z| !fenced(z)).map(|z| z.index as i64).collect();
         let mut stored: HashMap<(String, i64), ZoneReport> = HashMap::new();
         for row in tx
             .query(
@@ -248,59 +293,46 @@ impl Writer {
                 .map_err(|e| GroupError::Refused(StoreError::new(format!("a stored zone report: {e}"))))?;
             stored.insert((row.get(0), row.get(1)), report);
         }
-        let new: Vec<&StoreZone> =
-            group.iter().filter(|z| !stored.contains_key(&(z.job_id.clone(), z.index as i64))).collect();
+        let new: Vec<&StoreZone> = group
+            .iter()
+            .copied()
+            .filter(|z| !fenced(z) && !stored.contains_key(&(z.job_id.clone(), z.index as i64)))
+            .collect();
         let mut inserted: HashMap<(String, i64), u64> = HashMap::new();
         if new.iter().any(|z| !z.rows.is_empty()) {
             tx.batch_execute(STAGING).await?;
             let sink = tx
-                .copy_in(
-                    "COPY staging (zone_index, tenant, job_id, key, line, date, amount_cents, description, category)
-                     FROM STDIN BINARY",
-                )
+                .copy_in("COPY staging (zone, tenant_key, line, date, amount_cents, description, category) FROM STDIN BINARY")
                 .await?;
-            let types = [
-                Type::INT8,
-                Type::TEXT,
-                Type::TEXT,
-                Type::BYTEA,
-                Type::INT8,
-                Type::TEXT,
-                Type::INT8,
-                Type::TEXT,
-                Type::TEXT,
-            ];
+            let types = [Type::INT4, Type::UUID, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT];
             let writer = BinaryCopyInWriter::new(sink, &types);
             futures_util::pin_mut!(writer);
-            for zone in &new {
-                let index = zone.index as i64;
+            for (at, zone) in new.iter().enumerate() {
+                let at = at as i32 + 1;
                 for row in &zone.rows {
-                    let (key, line) = (&row.key[..], row.line as i64);
+                    let (key, line) = (tenant_key(&zone.tenant, &row.key), row.line as i64);
                     writer
                         .as_mut()
-                        .write(&[
-                            &index,
-                            &zone.tenant,
-                            &zone.job_id,
-                            &key,
-                            &line,
-                            &row.date,
-                            &row.cents,
-                            &row.description,
-                            &row.category,
-                        ])
+                        .write(&[&at, &key, &line, &row.date, &row.cents, &row.description, &row.category])
                         .await?;
                 }
             }
             writer.finish().await?;
+            let tenants: Vec<&str> = new.iter().map(|z| z.tenant.as_str()).collect();
+            let jobs: Vec<&str> = new.iter().map(|z| z.job_id.as_str()).collect();
+            let indexes: Vec<i64> = new.iter().map(|z| z.index as i64).collect();
+            // In zone and line order, so the first row of a key in the file is the one kept.
             let counted = tx
                 .query(
-                    "WITH ins AS (
-                         INSERT INTO transactions (tenant, key, job_id, zone_index, line, date, amount_cents, description, category)
-                         SELECT tenant, key, job_id, zone_index, line, date, amount_cents, description, category FROM staging
-                         ON CONFLICT (tenant, key) DO NOTHING RETURNING job_id, zone_index)
+                    "WITH z AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[]) WITH ORDINALITY
+                                    AS z (tenant, job_id, zone_index, at)),
+                          ins AS (
+                         INSERT INTO transactions (tenant_key, tenant, job_id, zone_index, line, date, amount_cents, description, category)
+                         SELECT s.tenant_key, z.tenant, z.job_id, z.zone_index, s.line, s.date, s.amount_cents, s.description, s.category
+                         FROM staging s JOIN z ON z.at = s.zone ORDER BY s.tenant_key, s.zone, s.line
+                         ON CONFLICT (tenant_key) DO NOTHING RETURNING job_id, zone_index)
                      SELECT job_id, zone_index, COUNT(*) FROM ins GROUP BY job_id, zone_index",
-                    &[],
+                    &[&tenants, &jobs, &indexes],
                 )
                 .await?;
             for row in counted {
@@ -336,10 +368,15 @@ impl Writer {
         }
         let mut reports = Vec::with_capacity(group.len());
         let (mut ids, mut idx, mut texts) = (Vec::new(), Vec::new(), Vec::new());
-        for zone in group {
+        for zone in group.iter().copied() {
+            if fenced(zone) {
+                let job = &zone.job_id;
+                reports.push(Err(StoreError::lease_lost(format!("job {job} is leased by another node now"))));
+                continue;
+            }
             let at = (zone.job_id.clone(), zone.index as i64);
             if let Some(report) = stored.get(&at) {
-                reports.push(report.clone());
+                reports.push(Ok(report.clone()));
                 continue;
             }
             let mut report = zone.report.clone();
@@ -350,7 +387,7 @@ impl Writer {
             ids.push(zone.job_id.as_str());
             idx.push(at.1);
             texts.push(text);
-            reports.push(report);
+            reports.push(Ok(report));
         }
         if !ids.is_empty() {
             // A zone another node stored meanwhile breaks the primary key: the group is written again

@@ -32,7 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
      CREATE INDEX events_by_age ON events (created_ms);
      CREATE TABLE jobs (id UUID PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL, snapshot TEXT NOT NULL,
          created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, runs BOOLEAN NOT NULL,
-         lease_node TEXT, lease_until_ms BIGINT NOT NULL DEFAULT 0, cancel_by TEXT);
+         lease_node TEXT, lease_until_ms BIGINT, cancel_by TEXT, saved_by TEXT, save_seq BIGINT NOT NULL DEFAULT 0);
      CREATE INDEX jobs_by_tenant ON jobs (tenant, created_ms);
      CREATE INDEX jobs_leased ON jobs (lease_until_ms) WHERE runs;
      CREATE TABLE upload_parts (job_id UUID NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL,
@@ -45,6 +45,12 @@ const UPLOAD_PART: usize = 8 << 20;
 /// The shared store actor.
 pub struct PgStore {
     pool: Pool,
+    /// Connections for leases and the readiness check only, so that uploads being kept (which hold
+    /// a connection for a whole file) never delay a renewal.
+    leases: Pool,
+    /// Numbers this node's writes of jobs in the order they were asked for: the handlers run
+    /// concurrently, and a write older than one already applied is dropped.
+    seq: i64,
     /// Events kept per room.
     keep: usize,
     /// This node's id: the holder of the leases it takes.
@@ -62,7 +68,8 @@ impl PgStore {
         pg::migrate(&setup, prefix, MIGRATIONS, "store_version").await?;
         setup.close();
         let pool = pg::pool(url, prefix, 8, Some(Duration::from_secs(5)))?;
-        Ok(PgStore { pool, keep, node: node.to_string(), lease })
+        let leases = pg::pool(url, prefix, 2, Some(Duration::from_secs(5)))?;
+        Ok(PgStore { pool, leases, seq: 0, keep, node: node.to_string(), lease })
     }
 
     /// Starts the actor on an arbiter of its own (its connections' I/O runs there too).
@@ -71,13 +78,21 @@ impl PgStore {
     }
 
     /// Runs `work` on a pooled connection, as the answer to a message.
-    fn run<T, F, Fut>(&self, work: F) -> ResponseFuture<Result<T, StoreError>>
+    fn run<T, F, Fut>(&mut self, work: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: 'static,
         F: FnOnce(Ctx) -> Fut + 'static,
         Fut: std::future::Future<Output = Result<T, StoreError>> + 'static,
     {
-        let ctx = Ctx { pool: self.pool.clone(), keep: self.keep, node: self.node.clone(), lease: self.lease };
+        self.seq += 1;
+        let ctx = Ctx {
+            pool: self.pool.clone(),
+            leases: self.leases.clone(),
+            seq: self.seq,
+            keep: self.keep,
+            node: self.node.clone(),
+            lease: self.lease,
+        };
         Box::pin(work(ctx))
     }
 }
@@ -89,6 +104,9 @@ impl Actor for PgStore {
 /// What one message's work needs.
 struct Ctx {
     pool: Pool,
+    leases: Pool,
+    /// This message's place among this node's writes.
+    seq: i64,
     keep: usize,
     node: String,
     lease: Duration,
@@ -118,31 +136,44 @@ impl Ctx {
         now_ms() + self.lease.as_millis() as i64
     }
 
-    /// Writes `job`: a job jobcast runs is leased to this node while it is not terminal, and is
-    /// written only while no other node holds a live lease on it. Answers whether it was written.
+    /// Writes `job`: a job jobcast runs is leased to this node while it is not terminal (a
+    /// terminal one to no node), and is written only while no other node holds a live lease on it,
+    /// never over a newer write of this node's, and never back from terminal to running. Answers
+    /// whether it was written.
     async fn save(&self, c: &impl GenericClient, job: &JobRecord, insert_only: bool) -> Result<bool, StoreError> {
         let s = &job.snapshot;
         let now = now_ms();
         let runs = job.spec.is_some();
         let (holder, until) = match (runs, s.status.is_terminal()) {
-            (true, false) => (Some(self.node.as_str()), self.lease_until()),
-            (true, true) => (Some(self.node.as_str()), 0),
-            (false, _) => (None, 0),
+            (true, false) => (Some(self.node.as_str()), Some(self.lease_until())),
+            _ => (None, None),
         };
         let text = encode(job)?;
-        let sql = if insert_only {
-            "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms)
-             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+        let ended = statuses(&JobStatus::TERMINAL);
+        let (status, node) = (s.status.as_str(), self.node.as_str());
+        let n = if insert_only {
+            c.execute(
+                "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms,
+                     saved_by, save_seq)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+                &[&s.job_id, &s.tenant, &status, &text, &now, &runs, &holder, &until, &node, &self.seq],
+            )
+            .await?
         } else {
-            "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms)
-             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot,
-                 updated_ms = excluded.updated_ms, runs = excluded.runs, lease_node = excluded.lease_node,
-                 lease_until_ms = excluded.lease_until_ms
-             WHERE jobs.lease_node IS NULL OR jobs.lease_node = excluded.lease_node OR jobs.lease_until_ms < $5"
+            c.execute(
+                "INSERT INTO jobs (id, tenant, status, snapshot, created_ms, updated_ms, runs, lease_node, lease_until_ms,
+                     saved_by, save_seq)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot,
+                     updated_ms = excluded.updated_ms, runs = excluded.runs, lease_node = excluded.lease_node,
+                     lease_until_ms = excluded.lease_until_ms, saved_by = excluded.saved_by, save_seq = excluded.save_seq
+                 WHERE (jobs.lease_node IS NULL OR jobs.lease_node = excluded.saved_by OR jobs.lease_until_ms < $5)
+                     AND NOT (jobs.saved_by = excluded.saved_by AND jobs.save_seq >= excluded.save_seq)
+                     AND NOT (jobs.runs AND jobs.status = ANY($11) AND excluded.status <> ALL($11))",
+                &[&s.job_id, &s.tenant, &status, &text, &now, &runs, &holder, &until, &node, &self.seq, &ended],
+            )
+            .await?
         };
-        let n =
-            c.execute(sql, &[&s.job_id, &s.tenant, &s.status.as_str(), &text, &now, &runs, &holder, &until]).await?;
         if n == 1 && runs && upload_done(job) {
             c.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&s.job_id]).await?;
         }
@@ -182,7 +213,8 @@ impl Ctx {
     }
 
     async fn reserve(&self, id: Uuid, tenant: &str, max: usize) -> Result<Option<JobRecord>, StoreError> {
-        let c = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let c = client.transaction().await?;
         let (now, pending) = (now_ms(), JobStatus::Pending.as_str());
         let renewed = c
             .execute(
@@ -191,6 +223,8 @@ impl Ctx {
             )
             .await?;
         if renewed == 0 && self.job(&c, id, false).await?.is_none() {
+            // One count at a time per tenant, so two nodes reserving at once cannot both pass the limit.
+            c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("jobcast-reserve/{tenant}")]).await?;
             let held: i64 = c
                 .query_one("SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status = $2", &[&tenant, &pending])
                 .await?
@@ -201,7 +235,9 @@ impl Ctx {
             let job = JobRecord { snapshot: JobSnapshot::reservation(id, tenant), spec: None };
             self.save(&c, &job, true).await?;
         }
-        self.job(&c, id, false).await?.map(Some).ok_or_else(|| StoreError::new(format!("job {id} vanished")))
+        let job = self.job(&c, id, false).await?;
+        c.commit().await?;
+        job.map(Some).ok_or_else(|| StoreError::new(format!("job {id} vanished")))
     }
 
     async fn append(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
@@ -235,20 +271,26 @@ impl Ctx {
         Ok(())
     }
 
-    async fn claim_expired(&self, limit: i64) -> Result<Vec<(JobRecord, Option<String>)>, StoreError> {
-        let c = self.pool.get().await?;
+    async fn claim_expired(&self, limit: i64, except: &[Uuid]) -> Result<Vec<Claimed>, StoreError> {
+        let c = self.leases.get().await?;
         let ended = statuses(&[JobStatus::Pending, JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled]);
         let rows = c
             .query(
-                "UPDATE jobs SET lease_node = $1, lease_until_ms = $2 WHERE id IN (
-                     SELECT id FROM jobs WHERE runs AND lease_until_ms < $3 AND status <> ALL($4)
-                         AND lease_node IS DISTINCT FROM $1
+                "WITH c AS (
+                     SELECT id, lease_node AS was FROM jobs
+                     WHERE runs AND lease_until_ms < $3 AND status <> ALL($4) AND id <> ALL($6)
                      ORDER BY created_ms LIMIT $5 FOR UPDATE SKIP LOCKED)
-                 RETURNING snapshot, cancel_by",
-                &[&self.node, &self.lease_until(), &now_ms(), &ended, &limit],
+                 UPDATE jobs SET lease_node = $1, lease_until_ms = $2 FROM c WHERE jobs.id = c.id
+                 RETURNING jobs.snapshot, jobs.cancel_by, c.was IS NULL",
+                &[&self.node, &self.lease_until(), &now_ms(), &ended, &limit, &except],
             )
             .await?;
-        Ok(rows.iter().filter_map(|r| Some((parse_job(r.get::<_, &str>(0))?, r.get(1)))).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(Claimed { job: parse_job(r.get::<_, &str>(0))?, cancel_by: r.get(1), handed_over: r.get(2) })
+            })
+            .collect())
     }
 
     async fn save_upload(&self, job_id: Uuid, path: PathBuf) -> Result<u64, StoreError> {
@@ -444,7 +486,7 @@ impl Handler<Ping> for PgStore {
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) -> Self::Result {
         self.run(move |c| async move {
             let ping = async {
-                c.pool.get().await?.query_one("SELECT 1", &[]).await?;
+                c.leases.get().await?.query_one("SELECT 1", &[]).await?;
                 Ok(())
             };
             tokio::time::timeout(Duration::from_secs(2), ping)
@@ -455,20 +497,32 @@ impl Handler<Ping> for PgStore {
 }
 
 /// Renew this node's leases on `jobs` (those it has queued or running); answers the ones it still
-/// holds. A job missing from the answer was taken over by another node (this one could not renew
-/// in time): its actor here must stop.
+/// holds, each with who asked to cancel it when someone did (a cancel that reached no node over
+/// the control channel). A job missing from the answer was taken over by another node (this one
+/// could not renew in time): its actor here must stop.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Uuid>, StoreError>")]
+#[rtype(result = "Result<Vec<(Uuid, Option<String>)>, StoreError>")]
 pub struct RenewLeases(pub Vec<Uuid>);
 
-/// Take over up to `limit` jobs whose lease expired (their node died, or lost the database for
-/// longer than a lease); answers them, now leased to this node, each with who asked to cancel it
-/// meanwhile (when someone did).
+/// Take over up to `limit` jobs whose lease expired (their node died, lost the database for
+/// longer than a lease, or stopped and gave its leases up), except the jobs this node has live.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<(JobRecord, Option<String>)>, StoreError>")]
+#[rtype(result = "Result<Vec<Claimed>, StoreError>")]
 pub struct ClaimExpired {
     /// At most this many.
     pub limit: i64,
+    /// The jobs this node runs or is taking over already.
+    pub except: Vec<Uuid>,
+}
+
+/// A job taken over, now leased to this node.
+pub struct Claimed {
+    /// The job as its last node saved it.
+    pub job: JobRecord,
+    /// Who asked to cancel it meanwhile, when someone did.
+    pub cancel_by: Option<String>,
+    /// Its node gave the lease up when it stopped (so this is no resume after a crash).
+    pub handed_over: bool,
 }
 
 /// Record a cancel of a job no live node runs (its node died and its lease has not expired yet):
@@ -528,28 +582,28 @@ pub struct RestoreUpload {
 }
 
 impl Handler<RenewLeases> for PgStore {
-    type Result = ResponseFuture<Result<Vec<Uuid>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<(Uuid, Option<String>)>, StoreError>>;
     fn handle(&mut self, m: RenewLeases, _: &mut Context<Self>) -> Self::Result {
         self.run(move |c| async move {
             if m.0.is_empty() {
                 return Ok(Vec::new());
             }
-            let client = c.pool.get().await?;
+            let client = c.leases.get().await?;
             let rows = client
                 .query(
-                    "UPDATE jobs SET lease_until_ms = $2 WHERE id = ANY($1) AND lease_node = $3 RETURNING id",
+                    "UPDATE jobs SET lease_until_ms = $2 WHERE id = ANY($1) AND lease_node = $3 RETURNING id, cancel_by",
                     &[&m.0, &c.lease_until(), &c.node],
                 )
                 .await?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         })
     }
 }
 
 impl Handler<ClaimExpired> for PgStore {
-    type Result = ResponseFuture<Result<Vec<(JobRecord, Option<String>)>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<Claimed>, StoreError>>;
     fn handle(&mut self, m: ClaimExpired, _: &mut Context<Self>) -> Self::Result {
-        self.run(move |c| async move { c.claim_expired(m.limit).await })
+        self.run(move |c| async move { c.claim_expired(m.limit, &m.except).await })
     }
 }
 
@@ -557,11 +611,43 @@ impl Handler<ReleaseLeases> for PgStore {
     type Result = ResponseFuture<Result<u64, StoreError>>;
     fn handle(&mut self, m: ReleaseLeases, _: &mut Context<Self>) -> Self::Result {
         self.run(move |c| async move {
-            let client = c.pool.get().await?;
+            // No node's, and newer than any save of this node's still on its way.
+            let client = c.leases.get().await?;
             let n = client
-                .execute("UPDATE jobs SET lease_until_ms = 0 WHERE id = ANY($1) AND lease_node = $2", &[&m.0, &c.node])
+                .execute(
+                    "UPDATE jobs SET lease_node = NULL, lease_until_ms = 0, saved_by = $2, save_seq = $3
+                     WHERE id = ANY($1) AND lease_node = $2",
+                    &[&m.0, &c.node, &c.seq],
+                )
                 .await?;
             Ok(n)
+        })
+    }
+}
+
+/// Undo an upload's claim on its job id when its file could not be kept (the client was answered
+/// 503): the id goes back to being its tenant's reservation, so the same upload can be tried again,
+/// and no node takes over a job without its upload.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct Unclaim {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its tenant.
+    pub tenant: String,
+}
+
+impl Handler<Unclaim> for PgStore {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, m: Unclaim, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let mut client = c.pool.get().await?;
+            let tx = client.transaction().await?;
+            let job = JobRecord { snapshot: JobSnapshot::reservation(m.job_id, &m.tenant), spec: None };
+            c.save(&tx, &job, false).await?;
+            tx.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&m.job_id]).await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 }

@@ -10,19 +10,33 @@ use rusqlite::Connection;
 
 /// A store error, with the operation that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(String);
+#[error("store: {message}")]
+pub struct StoreError {
+    message: String,
+    lease_lost: bool,
+}
 
 impl StoreError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> Self {
-        StoreError(message.into())
+        StoreError { message: message.into(), lease_lost: false }
+    }
+
+    /// Cluster mode: the job's lease is another node's now (it took the job over), so this node
+    /// must stop running it without a word.
+    pub fn lease_lost(message: impl Into<String>) -> Self {
+        StoreError { message: message.into(), lease_lost: true }
+    }
+
+    /// Whether this is [`StoreError::lease_lost`].
+    pub fn is_lease_lost(&self) -> bool {
+        self.lease_lost
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError::new(e.to_string())
     }
 }
 
@@ -92,10 +106,10 @@ pub fn connect(location: &Location, cache_kib: i64) -> Result<Connection, StoreE
     let conn = match &location.target {
         Target::File(path) => {
             if let Some(dir) = path.parent() {
-                crate::files::private_dir(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                crate::files::private_dir(dir).map_err(|e| StoreError::new(format!("{}: {e}", dir.display())))?;
             }
             // Created 0600 before SQLite opens it, so its -wal and -shm files get that mode too.
-            crate::files::private_file(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+            crate::files::private_file(path).map_err(|e| StoreError::new(format!("{}: {e}", path.display())))?;
             let conn = Connection::open(path)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn

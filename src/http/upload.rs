@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 use uuid::Uuid;
 
-use crate::db::pg_store::SaveUpload;
+use crate::db::pg_store::{SaveUpload, Unclaim};
 use crate::db::store::{JobChange, JobRecord, JobSpec, Refusal, UpdateJob};
 use crate::error::ApiError;
 use crate::http::extract::bearer;
@@ -339,6 +339,12 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
         let kept = store.send(SaveUpload { job_id, path: part.clone() }).await;
         if let Err(e) = kept.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             let _ = tokio::fs::remove_file(&part).await;
+            // Best effort: when the database is away this fails too, and the job, taken over once
+            // its lease runs out, fails for want of its upload.
+            let unclaim = store.send(Unclaim { job_id, tenant: who.tenant.clone() }).await;
+            if let Err(e) = unclaim.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                tracing::warn!(job = %job_id, error = %e, "an upload that was not kept still claims its job id");
+            }
             return Err(ApiError::Unavailable(format!("the upload could not be kept in the database: {e}")));
         }
     }

@@ -19,7 +19,7 @@ use crate::db::store::{JobRecord, JobSpec, SaveJob};
 use crate::db::StoreAddr;
 use crate::jobs::csv::{validate, Validated};
 use crate::jobs::progress::{stage_at, validation_progress, zone_progress, Coalescer, Eta, Monotonic};
-use crate::jobs::zone::{ProcessZone, Zone, ZoneDeps};
+use crate::jobs::zone::{ProcessZone, Zone, ZoneDeps, ZoneError};
 use crate::protocol::{
     now_rfc3339, Event, FlaggedCell, ImportResults, InvalidRow, JobCancelled, JobError, JobSnapshot, JobStatus,
     ProcessingCompleted, ProcessingFailed, ProcessingProgress, ProcessingStarted, RoomKind, Stage, StatusData,
@@ -169,6 +169,8 @@ pub struct Job {
     totals: Totals,
     /// Set when a cancel arrived; the job stops once no zone is in flight.
     cancelled_by: Option<String>,
+    /// Stopped by [`Abandon`].
+    abandoned: bool,
     error: Option<JobError>,
     created_at: String,
     started_at: Option<String>,
@@ -216,6 +218,7 @@ impl Job {
             stop_zones: Arc::new(AtomicBool::new(false)),
             totals: Totals::default(),
             cancelled_by: None,
+            abandoned: false,
             error: None,
             finished_at: None,
             _admission: admission,
@@ -367,6 +370,7 @@ impl Job {
                     Ok(Ok(Some(_))) => {}
                     // Skipped: the job was stopped before the zone began, and nothing of it was stored.
                     Ok(Ok(None)) => {}
+                    Ok(Err(ZoneError::LeaseLost)) => ctx.notify(Abandon),
                     Ok(Err(e)) => job.fail(format!("zone {index} failed: {e}"), false, ctx),
                     Err(e) => job.fail(format!("zone {index} was lost: {e}"), true, ctx),
                 }
@@ -613,12 +617,22 @@ pub struct Abandon;
 impl Handler<Abandon> for Job {
     type Result = ();
     fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        // A job that ended has said everything already; it stops by itself.
+        if self.status.is_terminal() || self.abandoned {
+            return;
+        }
+        self.abandoned = true;
         {
             let _g = self.span.enter();
-            tracing::warn!("another node took this job over; stopping here");
+            tracing::warn!("stopping here: another node runs this job now, or takes it over");
         }
         self.stop_zones.store(true, Ordering::Release);
         self.coalescer.clear();
+        // The database keeps the upload for whichever node runs the job.
+        let path = self.spec.path.clone();
+        actix_rt::spawn(async move {
+            let _ = tokio::fs::remove_file(&path).await;
+        });
         ctx.stop();
     }
 }

@@ -1,7 +1,7 @@
 //! The scheduler actor: starts job actors, runs at most `max_concurrent_jobs` at once (the others
 //! wait as `queued` with their position), and finds running jobs for cancellation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::db::pg_store::{ClaimExpired, PgStore, ReleaseLeases, RenewLeases, RestoreUpload};
+use crate::db::pg_store::{ClaimExpired, Claimed, PgStore, ReleaseLeases, RenewLeases, RestoreUpload};
 use crate::db::sqlite::now_ms;
 use crate::db::store::{DeleteReservations, JobRecord, JobSpec, StaleReservations};
 use crate::jobs::job::{Abandon, Begin, Cancel, Finished, Job, JobDeps, Queued};
@@ -50,6 +50,9 @@ pub fn resumed_admission(quotas: &Arc<Quotas>, redis: Option<&RedisEngine>, spec
     }
     admission
 }
+
+/// How often, at most, a node looks for jobs to take over.
+const CLAIM_EVERY: Duration = Duration::from_secs(2);
 
 /// Give up the leases of every job here (a graceful stop): other nodes take them over at once.
 #[derive(Message)]
@@ -101,8 +104,14 @@ pub struct Scheduler {
     running: usize,
     queue: VecDeque<Uuid>,
     leases: Option<Leases>,
-    /// A renewal or takeover round is under way.
-    tending: bool,
+    /// A renewal is under way.
+    renewing: bool,
+    /// A takeover round is under way.
+    claiming: bool,
+    /// Jobs claimed whose upload is being restored (renewed with the live ones).
+    taking: HashSet<Uuid>,
+    /// A graceful stop began: nothing more is taken over or renewed.
+    releasing: bool,
 }
 
 impl Scheduler {
@@ -115,7 +124,10 @@ impl Scheduler {
             running: 0,
             queue: VecDeque::new(),
             leases: None,
-            tending: false,
+            renewing: false,
+            claiming: false,
+            taking: HashSet::new(),
+            releasing: false,
         }
     }
 
@@ -125,51 +137,88 @@ impl Scheduler {
         self
     }
 
-    /// Renews the leases of the jobs here (stopping those another node took over), then takes
-    /// over jobs whose lease expired, as many as this node has room for.
-    fn tend_leases(&mut self, ctx: &mut Context<Self>) {
+    /// Renews the leases of the jobs here: a job another node took over stops here, and a cancel
+    /// recorded for a job here (one the control channel did not bring) is applied.
+    fn renew_leases(&mut self, ctx: &mut Context<Self>) {
         let Some(leases) = &self.leases else { return };
-        if self.tending {
+        if self.renewing || self.releasing {
             return;
         }
-        self.tending = true;
-        let ids: Vec<Uuid> = self.jobs.keys().copied().collect();
-        let room = (2 * self.max_running).saturating_sub(self.jobs.len()) as i64;
-        let (store, uploads) = (leases.store.clone(), leases.uploads.clone());
-        let work = async move {
-            let lost: Vec<Uuid> = match store.send(RenewLeases(ids.clone())).await {
-                Ok(Ok(held)) => ids.into_iter().filter(|id| !held.contains(id)).collect(),
-                // The database is away: the jobs go on (their zones wait for it), and nothing is
-                // taken over by a node that cannot see the leases.
-                _ => return (Vec::new(), Vec::new()),
-            };
-            let mut taken = Vec::new();
-            let claimed = if room > 0 { store.send(ClaimExpired { limit: room }).await } else { Ok(Ok(Vec::new())) };
-            for (mut job, cancel) in claimed.ok().and_then(|r| r.ok()).unwrap_or_default() {
-                let Some(spec) = job.spec.as_mut() else { continue };
-                if !spec.path.is_file() {
-                    let to = uploads.join(format!("{}.csv", spec.job_id));
-                    match store.send(RestoreUpload { job_id: spec.job_id, to: to.clone() }).await {
-                        Ok(Ok(true)) => spec.path = to,
-                        Ok(Ok(false)) => tracing::warn!(job = %spec.job_id, "taken over without its upload"),
-                        Ok(Err(e)) => tracing::warn!(job = %spec.job_id, error = %e, "upload not restored"),
-                        Err(e) => tracing::warn!(job = %spec.job_id, error = %e, "upload not restored"),
-                    }
-                }
-                spec.resumes = spec.resumes.saturating_add(1);
-                taken.push((job, cancel));
-            }
-            (lost, taken)
-        };
-        ctx.spawn(work.into_actor(self).map(|(lost, taken), s, ctx| {
-            s.tending = false;
-            for id in lost {
-                if let Some(job) = s.jobs.get(&id) {
+        let ids: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.renewing = true;
+        let renewal = leases.store.send(RenewLeases(ids.clone()));
+        ctx.spawn(renewal.into_actor(self).map(move |answer, s, _| {
+            s.renewing = false;
+            // The database is away: the jobs go on (their zones wait for it and are fenced there).
+            let Ok(Ok(held)) = answer else { return };
+            for id in ids.iter().filter(|id| !held.iter().any(|(h, _)| h == *id)) {
+                if let Some(job) = s.jobs.get(id) {
                     job.do_send(Abandon);
                 }
             }
-            for (job, cancel) in taken {
-                s.take_over(job, cancel, ctx);
+            for (id, by) in held {
+                if let (Some(by), Some(job)) = (by, s.jobs.get(&id)) {
+                    job.do_send(Cancel { by });
+                }
+            }
+        }));
+    }
+
+    /// Takes over jobs whose lease expired, as many as this node has room for; each one's upload is
+    /// restored from the database when this node does not have the file.
+    fn claim_expired(&mut self, ctx: &mut Context<Self>) {
+        let Some(leases) = &self.leases else { return };
+        let live = self.jobs.len() + self.taking.len();
+        let room = (2 * self.max_running).saturating_sub(live) as i64;
+        if self.claiming || self.releasing || room == 0 {
+            return;
+        }
+        self.claiming = true;
+        let except: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
+        let claim = leases.store.send(ClaimExpired { limit: room, except });
+        ctx.spawn(claim.into_actor(self).map(|answer, s, ctx| {
+            s.claiming = false;
+            let Ok(Ok(claimed)) = answer else { return };
+            for c in claimed {
+                s.restore_then_take_over(c, ctx);
+            }
+        }));
+    }
+
+    fn restore_then_take_over(&mut self, mut claimed: Claimed, ctx: &mut Context<Self>) {
+        let (Some(leases), Some(spec)) = (&self.leases, claimed.job.spec.as_mut()) else { return };
+        let id = spec.job_id;
+        if !claimed.handed_over {
+            spec.resumes = spec.resumes.saturating_add(1);
+        }
+        let (store, path, to) = (leases.store.clone(), spec.path.clone(), leases.uploads.join(format!("{id}.csv")));
+        self.taking.insert(id);
+        let restore = async move {
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                return Ok(path);
+            }
+            match store.send(RestoreUpload { job_id: id, to: to.clone() }).await {
+                // Without its upload (it was never kept) the job fails when it opens the file.
+                Ok(Ok(true)) | Ok(Ok(false)) => Ok(to),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        ctx.spawn(restore.into_actor(self).map(move |restored, s, ctx| {
+            s.taking.remove(&id);
+            match restored {
+                Ok(path) if !s.releasing => {
+                    if let Some(spec) = claimed.job.spec.as_mut() {
+                        spec.path = path;
+                    }
+                    s.take_over(claimed.job, claimed.cancel_by, ctx);
+                }
+                Ok(_) => {}
+                // The lease runs out unrenewed, and the job is claimed again (here or elsewhere).
+                Err(e) => tracing::warn!(job = %id, error = %e, "upload not restored; the job is taken over later"),
             }
         }));
     }
@@ -208,14 +257,19 @@ impl Scheduler {
     /// watches keeps its tenant's claim on the id, so no other tenant can take it from under them.
     fn release_reservations(&self, ttl: Duration, ctx: &mut Context<Self>) {
         let (store, broker) = (self.deps.store.clone(), self.deps.broker.clone());
+        // With a shared store the reservations are every node's: a room watched on any node counts.
+        let redis = self.leases.as_ref().map(|l| l.redis.clone());
         let before_ms = now_ms() - ttl.as_millis() as i64;
         let work = async move {
             let stale = store.send(StaleReservations { before_ms }).await.ok()?.ok()?;
             if stale.is_empty() {
                 return Some(0);
             }
-            let rooms = stale.iter().map(|id| RoomKind::Job(*id).name()).collect();
-            let occupied = broker.send(Occupied { rooms }).await.ok()?;
+            let rooms: Vec<String> = stale.iter().map(|id| RoomKind::Job(*id).name()).collect();
+            let mut occupied = broker.send(Occupied { rooms: rooms.clone() }).await.ok()?;
+            if let Some(redis) = redis {
+                occupied.extend(redis.occupied_elsewhere(&rooms).await.ok()?);
+            }
             let ids: Vec<Uuid> =
                 stale.into_iter().filter(|id| !occupied.contains(&RoomKind::Job(*id).name())).collect();
             store.send(DeleteReservations { ids, before_ms }).await.ok()?.ok()
@@ -236,8 +290,11 @@ impl Actor for Scheduler {
         let every = ttl.clamp(Duration::from_millis(200), Duration::from_secs(60));
         ctx.run_interval(every, move |s, ctx| s.release_reservations(ttl, ctx));
         if let Some(leases) = &self.leases {
-            ctx.run_interval(leases.every, |s, ctx| s.tend_leases(ctx));
-            self.tend_leases(ctx);
+            ctx.run_interval(leases.every, |s, ctx| s.renew_leases(ctx));
+            // Looked for more often than leases are renewed, so that the jobs of a node that stopped
+            // gracefully (it gave their leases up) move within 2 s whatever `job_lease_s` is.
+            ctx.run_interval(leases.every.min(CLAIM_EVERY), |s, ctx| s.claim_expired(ctx));
+            self.claim_expired(ctx);
         }
     }
 }
@@ -301,7 +358,14 @@ impl Handler<RemoteCancel> for Scheduler {
 impl Handler<ReleaseAll> for Scheduler {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> Self::Result {
-        let ids: Vec<Uuid> = self.jobs.keys().copied().collect();
+        // The jobs stop here first, so that no node runs them twice once the leases are given up.
+        self.releasing = self.leases.is_some();
+        if self.releasing {
+            for job in self.jobs.values() {
+                job.do_send(Abandon);
+            }
+        }
+        let ids: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
         let Some(store) = self.leases.as_ref().map(|l| l.store.clone()).filter(|_| !ids.is_empty()) else {
             return Box::pin(async {});
         };

@@ -26,10 +26,35 @@ use crate::jobs::csv::{process_records, read_zone, Columns, Rules, ZoneStart, KE
 use crate::protocol::{Event, RoomKind, ZoneCompleted, ZoneProcessing, ZoneReport};
 use crate::realtime::broker::{Broker, Publish};
 
+/// Why a zone did not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ZoneError {
+    /// It failed; the message says why.
+    Failed(String),
+    /// Cluster mode: the job's lease is another node's now (that node runs the job), so nothing of
+    /// this zone was stored here and the job must stop here without a word.
+    LeaseLost,
+}
+
+impl From<String> for ZoneError {
+    fn from(message: String) -> Self {
+        ZoneError::Failed(message)
+    }
+}
+
+impl std::fmt::Display for ZoneError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ZoneError::Failed(message) => f.write_str(message),
+            ZoneError::LeaseLost => f.write_str("another node took the job over"),
+        }
+    }
+}
+
 /// Process one zone; answers its report once its rows are committed, or `None` when the job was
 /// stopped (`stop`) before the zone's work began.
 #[derive(Message)]
-#[rtype(result = "Result<Option<ZoneReport>, String>")]
+#[rtype(result = "Result<Option<ZoneReport>, ZoneError>")]
 pub struct ProcessZone {
     /// The job.
     pub job_id: Uuid,
@@ -109,7 +134,7 @@ pub fn zone_id(job_id: Uuid, index: u64) -> String {
 }
 
 impl Handler<ProcessZone> for Zone {
-    type Result = ResponseFuture<Result<Option<ZoneReport>, String>>;
+    type Result = ResponseFuture<Result<Option<ZoneReport>, ZoneError>>;
 
     fn handle(&mut self, m: ProcessZone, _: &mut Context<Self>) -> Self::Result {
         let span = tracing::info_span!("zone", job = %m.job_id, zone = m.index);
@@ -117,7 +142,7 @@ impl Handler<ProcessZone> for Zone {
     }
 }
 
-async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, String> {
+async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, ZoneError> {
     if m.stop.load(Ordering::Acquire) {
         return Ok(None);
     }
@@ -169,7 +194,10 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     let (reply, answer) = tokio::sync::oneshot::channel();
     let job_id = m.job_id.to_string();
     deps.rows.store_zone(StoreZone { job_id, tenant: m.tenant, index: m.index, rows, report, reply });
-    let report = answer.await.map_err(|_| "the row store stopped".to_string())?.map_err(|e| e.to_string())?;
+    let report = answer.await.map_err(|_| "the row store stopped".to_string())?.map_err(|e| match e {
+        e if e.is_lease_lost() => ZoneError::LeaseLost,
+        e => ZoneError::Failed(e.to_string()),
+    })?;
     let completed = Event::ZoneCompleted(ZoneCompleted {
         job_id: m.job_id,
         zone_id: id,
@@ -185,7 +213,7 @@ async fn process(deps: ZoneDeps, m: ProcessZone) -> Result<Option<ZoneReport>, S
     match deps.broker.send(Publish::job(room, completed)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "zone_completed not published"),
-        Err(_) => return Err("the server is stopping".into()),
+        Err(_) => return Err(ZoneError::Failed("the server is stopping".into())),
     }
     Ok(Some(report))
 }

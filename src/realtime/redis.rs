@@ -401,6 +401,31 @@ impl RedisEngine {
         Ok(())
     }
 
+    /// Which of `rooms` have members on another live node (for releasing reservations: a job id
+    /// someone watches anywhere stays reserved).
+    pub async fn occupied_elsewhere(&self, rooms: &[String]) -> Result<Vec<String>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let mut out = Vec::new();
+        for room in rooms {
+            let counts: Vec<(String, i64)> =
+                redis::cmd("HGETALL").arg(self.members_key(room)).query_async(&mut conn).await?;
+            for (node, count) in counts {
+                if node == self.inner.node || count <= 0 {
+                    continue;
+                }
+                let alive: bool = redis::cmd("EXISTS")
+                    .arg(format!("{}:node:{node}", self.inner.prefix))
+                    .query_async(&mut conn)
+                    .await?;
+                if alive {
+                    out.push(room.clone());
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every live node's last heartbeat; nodes whose presence expired are forgotten.
     pub async fn nodes(&self) -> Result<Vec<serde_json::Value>, RedisFailure> {
         let mut conn = self.conn().await?;
