@@ -4,7 +4,7 @@
 //!
 //! Zones waiting are written in groups by at most [`WRITERS`] writers at once, each group one
 //! transaction: its rows go into a temporary table with one binary `COPY`, then into `transactions`
-//! with `ON CONFLICT (tenant, key) DO NOTHING` (dedup per tenant, the first row of a key wins, as in
+//! with `ON CONFLICT (tenant_key) DO NOTHING` (dedup per tenant, the first row of a key wins, as in
 //! SQLite), counted per zone by the same statement; then the tenants' row counts and the zone
 //! reports. A zone is stored wholly or not at all, and at most once: `zones` has one row per job
 //! and zone, so a zone another node stored (a job taken over) is answered with that node's report.
