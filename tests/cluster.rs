@@ -577,13 +577,7 @@ async fn a_watcher_on_another_node_sees_a_job_through_its_nodes_crash_and_restar
     let args = ["--zone-rows", "10"];
     let mut a = Node::durable(&prefix, data.path(), &args);
     let b = Node::start(&prefix);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
-    let csv = common::generate_csv(20_000, "cluster-crash");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
+    let (_, csv, mut watcher, _) = start_import(&a, &b, 20_000, "cluster-crash").await;
     let mut last = 0;
     let mut zones = 0;
     while zones < 20 {
@@ -805,6 +799,24 @@ async fn zones(watcher: &mut Client, last: &mut u64, n: u64) {
     }
 }
 
+/// Subscribes alice (tenant acme) on `watch` to a new job's room, then uploads `rows` generated rows
+/// as that job to `upload`; answers the job id, the file, the watcher and its `subscribed` data.
+async fn start_import(
+    upload: &Node,
+    watch: &Node,
+    rows: u64,
+    salt: &str,
+) -> (uuid::Uuid, common::GeneratedCsv, Client, Value) {
+    let batch = uuid::Uuid::new_v4();
+    let (watcher, joined) = member(watch, "alice", &format!("job:{batch}")).await;
+    let csv = common::generate_csv(rows, salt);
+    let url = format!("http://{}/api/v1/uploads", upload.addr);
+    let (status, body) =
+        common::upload_to(&url, &token("alice", "acme", &[]), "job.csv", "text/csv", &csv.bytes, Some(batch)).await;
+    assert_eq!(status, 202, "{body}");
+    (batch, csv, watcher, joined)
+}
+
 #[actix_rt::test]
 async fn a_job_whose_node_is_killed_is_taken_over_and_every_row_is_stored_once() {
     if !engines_up() {
@@ -815,13 +827,7 @@ async fn a_job_whose_node_is_killed_is_taken_over_and_every_row_is_stored_once()
     let args = ["--zone-rows", "10"];
     let mut a = cluster.node(data_a.path(), &args);
     let b = cluster.node(data_b.path(), &args);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
-    let csv = common::generate_csv(20_000, "takeover");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
+    let (batch, csv, mut watcher, _) = start_import(&a, &b, 20_000, "takeover").await;
     let mut last = 0;
     zones(&mut watcher, &mut last, 20).await;
     // Any node answers for the job while it runs.
@@ -852,13 +858,7 @@ async fn a_cancel_on_any_node_stops_the_job_where_it_runs() {
     let args = ["--zone-rows", "10"];
     let a = cluster.node(data_a.path(), &args);
     let b = cluster.node(data_b.path(), &args);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, _) = member(&a, "alice", &format!("job:{batch}")).await;
-    let csv = common::generate_csv(20_000, "cancel-anywhere");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
+    let (batch, _, mut watcher, _) = start_import(&a, &a, 20_000, "cancel-anywhere").await;
     let mut last = 0;
     zones(&mut watcher, &mut last, 5).await;
     let res = awc::Client::default()
@@ -997,14 +997,8 @@ async fn with_postgres_a_jobs_outcome_outlives_redis() {
     let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
     let a = cluster.node(data_a.path(), &[]);
     let b = cluster.node(data_b.path(), &[]);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, joined) = member(&a, "alice", &format!("job:{batch}")).await;
+    let (batch, _, mut watcher, joined) = start_import(&a, &a, 500, "outlives-redis").await;
     let epoch = joined["epoch"].as_str().expect("epoch").to_string();
-    let csv = common::generate_csv(500, "outlives-redis");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "small.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
     let mut last = 0;
     let (results, _) = until_completed(&mut watcher, &mut last).await;
     lose_everything(&cluster.prefix).await;
@@ -1048,13 +1042,7 @@ async fn a_node_stopped_gracefully_hands_its_job_to_another_at_once() {
     let args = ["--zone-rows", "10", "--job-lease-s", "3600"];
     let mut a = cluster.node(data_a.path(), &args);
     let b = cluster.node(data_b.path(), &args);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, _) = member(&b, "alice", &format!("job:{batch}")).await;
-    let csv = common::generate_csv(20_000, "handover");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
+    let (_, csv, mut watcher, _) = start_import(&a, &b, 20_000, "handover").await;
     let mut last = 0;
     zones(&mut watcher, &mut last, 20).await;
     assert!(Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().expect("kill").success());
@@ -1080,13 +1068,7 @@ async fn a_node_that_lost_its_lease_stores_nothing_more_and_stops_silently() {
     let cluster = Shared::new(postgres_url());
     let data = tempfile::tempdir().expect("dir");
     let a = cluster.node(data.path(), &["--zone-rows", "10"]);
-    let batch = uuid::Uuid::new_v4();
-    let (mut watcher, _) = member(&a, "alice", &format!("job:{batch}")).await;
-    let csv = common::generate_csv(20_000, "fenced");
-    let url = format!("http://{}/api/v1/uploads", a.addr);
-    let (status, _) =
-        common::upload_to(&url, &token("alice", "acme", &[]), "big.csv", "text/csv", &csv.bytes, Some(batch)).await;
-    assert_eq!(status, 202);
+    let (batch, csv, mut watcher, _) = start_import(&a, &a, 20_000, "fenced").await;
     let mut last = 0;
     zones(&mut watcher, &mut last, 20).await;
     // What a node that took the job over while A could not renew would have written.

@@ -44,19 +44,8 @@ const UPLOAD_PART: usize = 8 << 20;
 
 /// The shared store actor.
 pub struct PgStore {
-    pool: Pool,
-    /// Connections for leases and the readiness check only, so that uploads being kept (which hold
-    /// a connection for a whole file) never delay a renewal.
-    leases: Pool,
-    /// Numbers this node's writes of jobs in the order they were asked for: the handlers run
-    /// concurrently, and a write older than one already applied is dropped.
-    seq: i64,
-    /// Events kept per room.
-    keep: usize,
-    /// This node's id: the holder of the leases it takes.
-    node: String,
-    /// How long a lease lasts.
-    lease: Duration,
+    /// What each message's work gets a copy of.
+    base: Ctx,
 }
 
 impl PgStore {
@@ -69,7 +58,7 @@ impl PgStore {
         setup.close();
         let pool = pg::pool(url, prefix, 8, Some(Duration::from_secs(5)))?;
         let leases = pg::pool(url, prefix, 2, Some(Duration::from_secs(5)))?;
-        Ok(PgStore { pool, leases, seq: 0, keep, node: node.to_string(), lease })
+        Ok(PgStore { base: Ctx { pool, leases, seq: 0, keep, node: node.to_string(), lease } })
     }
 
     /// Starts the actor on an arbiter of its own (its connections' I/O runs there too).
@@ -77,23 +66,16 @@ impl PgStore {
         PgStore::start_in_arbiter(&Arbiter::new().handle(), move |_| self)
     }
 
-    /// Runs `work` on a pooled connection, as the answer to a message.
+    /// Runs `work` on a pooled connection, as the answer to a message; numbers it among this node's
+    /// writes.
     fn run<T, F, Fut>(&mut self, work: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: 'static,
         F: FnOnce(Ctx) -> Fut + 'static,
         Fut: std::future::Future<Output = Result<T, StoreError>> + 'static,
     {
-        self.seq += 1;
-        let ctx = Ctx {
-            pool: self.pool.clone(),
-            leases: self.leases.clone(),
-            seq: self.seq,
-            keep: self.keep,
-            node: self.node.clone(),
-            lease: self.lease,
-        };
-        Box::pin(work(ctx))
+        self.base.seq += 1;
+        Box::pin(work(self.base.clone()))
     }
 }
 
@@ -102,13 +84,20 @@ impl Actor for PgStore {
 }
 
 /// What one message's work needs.
+#[derive(Clone)]
 struct Ctx {
     pool: Pool,
+    /// Connections for leases and the readiness check only, so that uploads being kept (which hold
+    /// a connection for a whole file) never delay a renewal.
     leases: Pool,
-    /// This message's place among this node's writes.
+    /// This message's place among this node's writes: the handlers run concurrently, and a write
+    /// of a job older than one already applied is dropped.
     seq: i64,
+    /// Events kept per room.
     keep: usize,
+    /// This node's id: the holder of the leases it takes.
     node: String,
+    /// How long a lease lasts.
     lease: Duration,
 }
 
