@@ -49,7 +49,24 @@ pub struct Claims {
     /// On WebSocket tokens: the run of the server that minted it (random per start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+    /// On job tokens (`typ: "job"`): the one job they may report, complete or fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
+
+/// What a job token (contract §7) authorizes: reporting, completing and failing one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobClaim {
+    /// The job.
+    pub job_id: uuid::Uuid,
+    /// Who created the job.
+    pub user_id: String,
+    /// Its tenant.
+    pub tenant: String,
+}
+
+/// How long a job token lasts at most; it ends with its job before that.
+pub const JOB_TOKEN_TTL_S: u64 = 30 * 86_400;
 
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -411,6 +428,7 @@ impl Auth {
             jti: Some(uuid::Uuid::new_v4().to_string()),
             cred_exp: Some(id.expires_at),
             run: Some(generation.to_string()),
+            job: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
         Ok((token, exp.saturating_sub(now)))
@@ -431,8 +449,47 @@ impl Auth {
             jti: None,
             cred_exp: None,
             run: None,
+            job: None,
         };
         Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer)?)
+    }
+
+    /// Mints the job token of a job `id` created (with `POST /api/v1/jobs`): HS256 with the key
+    /// WebSocket tokens use (so it works in public-key mode too), `typ: "job"`, good for
+    /// [`JOB_TOKEN_TTL_S`] at most. It is refused wherever an access token or a WebSocket token is
+    /// asked for.
+    pub fn mint_job_token(&self, id: &Identity, job: uuid::Uuid) -> Result<String, KeyError> {
+        let now = unix_now();
+        let claims = Claims {
+            sub: id.user_id.clone(),
+            tenant: Some(id.tenant.clone()),
+            exp: now + JOB_TOKEN_TTL_S,
+            roles: Vec::new(),
+            nbf: None,
+            iat: Some(now),
+            typ: Some("job".into()),
+            jti: None,
+            cred_exp: None,
+            run: None,
+            job: Some(job.to_string()),
+        };
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?)
+    }
+
+    /// Verifies a job token; answers the job it is for.
+    pub fn verify_job(&self, token: &str) -> Result<JobClaim, AuthError> {
+        if peek_alg(token)? != "HS256" {
+            return Err(AuthError::UnsupportedAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.ws_key, &self.ws_validation)
+            .map_err(|e| AuthError::from_jwt(&e))?;
+        let c = data.claims;
+        if c.typ.as_deref() != Some("job") {
+            return Err(AuthError::Malformed);
+        }
+        let id = identity(&c, c.exp)?;
+        let job_id = c.job.as_deref().and_then(|j| uuid::Uuid::parse_str(j).ok()).ok_or(AuthError::Malformed)?;
+        Ok(JobClaim { job_id, user_id: id.user_id, tenant: id.tenant })
     }
 }
 

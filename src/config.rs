@@ -126,6 +126,12 @@ settings! {
         /// Cluster mode with `database_url`: seconds a node's lease on a job it runs lasts; renewed
         /// every third of it, and another node takes over a job whose lease expired.
         job_lease_s: u64 = 30, "JOBCAST_JOB_LEASE_S";
+        /// Jobs that run elsewhere: seconds without a report before `job_stalled` (counted from the
+        /// job's creation until its first report); as long again, and the job fails `recoverable`.
+        job_stall_timeout_s: u64 = 120, "JOBCAST_JOB_STALL_TIMEOUT_S";
+        /// Jobs that run elsewhere: seconds a worker has, after a cancel, to end the job itself
+        /// before it is `cancelled` anyway.
+        job_cancel_grace_s: u64 = 30, "JOBCAST_JOB_CANCEL_GRACE_S";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -235,6 +241,12 @@ impl Config {
                 "database_url",
                 "needs redis_url: nodes sharing jobs also share their rooms, tokens and cancels through Redis",
             );
+        }
+        if !(1..=604_800).contains(&self.job_stall_timeout_s) {
+            return invalid("job_stall_timeout_s", "must be 1 to 604800 seconds");
+        }
+        if !(1..=86_400).contains(&self.job_cancel_grace_s) {
+            return invalid("job_cancel_grace_s", "must be 1 to 86400 seconds");
         }
         if !(3..=86_400).contains(&self.job_lease_s) {
             return invalid("job_lease_s", "must be 3 to 86400 seconds");

@@ -295,6 +295,11 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,
         reservation_ttl: Duration::from_secs(config.reservation_ttl_s),
+        external: jobs::job::ExternalLimits {
+            stall: Duration::from_secs(config.job_stall_timeout_s),
+            cancel_grace: Duration::from_secs(config.job_cancel_grace_s),
+            max_per_tenant: config.max_queued_jobs_per_tenant,
+        },
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs);
     let scheduler = match (store.shared(), &redis) {
@@ -309,7 +314,13 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     }
     .start();
     for job in unfinished {
-        // Only the jobs jobcast runs itself have a spec; an external job waits for its publisher.
+        // Jobs created for a worker (`POST /api/v1/jobs`) go on waiting for its reports (and stall
+        // without them); other external jobs wait for their publisher.
+        if job.spec.is_none() && job.snapshot.stages.is_some() {
+            scheduler.do_send(jobs::scheduler::StartExternal { snapshot: job.snapshot, fresh: false });
+            continue;
+        }
+        // Only the jobs jobcast runs itself have a spec.
         if let Some(spec) = job.spec {
             tracing::info!(job = %spec.job_id, "resuming a job interrupted by a restart");
             let admission = jobs::scheduler::resumed_admission(&quotas, redis.as_ref(), &spec);

@@ -369,6 +369,9 @@ pub struct ProcessingProgress {
     /// Seconds left: always present, `null` while no estimate exists yet, 0 at completion.
     #[serde(default)]
     pub eta_seconds: Option<f64>,
+    /// A job that runs elsewhere: its `metadata` as merged from its reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
 }
 
 /// `zone_processing` data.
@@ -413,6 +416,34 @@ pub struct ProcessingFailed {
 pub struct JobCancelled {
     pub job_id: Uuid,
     pub by: String,
+}
+
+/// `cancel_requested` data: someone asked to cancel a job that runs elsewhere; its worker learns it
+/// from its next report's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequested {
+    pub job_id: Uuid,
+    pub by: String,
+}
+
+/// `job_stalled` data: a job that runs elsewhere had no report since `since` (RFC 3339) for
+/// `job_stall_timeout_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStalled {
+    pub job_id: Uuid,
+    pub since: String,
+}
+
+/// One stage of a job that runs elsewhere, with its share of the progress bar (weights are relative).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 macro_rules! events {
@@ -491,6 +522,10 @@ events! {
     ProcessingFailed(ProcessingFailed) = "processing_failed",
     /// A job was cancelled.
     JobCancelled(JobCancelled) = "job_cancelled",
+    /// Someone asked to cancel a job that runs elsewhere (its worker ends it).
+    CancelRequested(CancelRequested) = "cancel_requested",
+    /// A job that runs elsewhere had no report for `job_stall_timeout_s`.
+    JobStalled(JobStalled) = "job_stalled",
 }
 
 impl EventType {
@@ -894,6 +929,21 @@ pub struct JobSnapshot {
     /// The error once failed.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
     pub error: Option<Option<JobError>>,
+    /// A job that runs elsewhere: its title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// A job that runs elsewhere (created with `POST /api/v1/jobs`): its stages, maybe none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageSpec>>,
+    /// A job that runs elsewhere: the `metadata` of its creation and reports, merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Someone asked to cancel it; its worker has not ended it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested: Option<bool>,
+    /// Its worker has been silent for `job_stall_timeout_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<bool>,
 }
 
 /// A present field, `null` included, as `Some`.
@@ -927,6 +977,11 @@ impl JobSnapshot {
             finished_at: None,
             results: None,
             error: None,
+            title: None,
+            stages: None,
+            metadata: None,
+            cancel_requested: None,
+            stalled: None,
         }
     }
 }

@@ -37,6 +37,7 @@ const RANKS: &[(&str, u32)] = &[
     ("jobs::csv", 30),
     ("jobs::zone", 31),
     ("jobs::job", 32),
+    ("jobs::external", 32),
     ("jobs::scheduler", 33),
     ("jobs::lookup", 34),
     ("jobs", 39),
@@ -50,6 +51,7 @@ const RANKS: &[(&str, u32)] = &[
     ("http::admin", 52),
     ("http::jobs", 52),
     ("http::upload", 52),
+    ("http::workers", 52),
 ];
 
 fn rank(module: &str) -> Option<u32> {

@@ -14,8 +14,8 @@ use crate::http::shared::Shared;
 use crate::protocol::{Event, EventType};
 use crate::realtime::broker::PublishError;
 
-/// The caller's identity from `Authorization: Bearer <access JWT>`.
-pub fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+/// The token of `Authorization: Bearer <token>`.
+pub fn token_of(req: &HttpRequest) -> Result<&str, ApiError> {
     let header = req
         .headers()
         .get("authorization")
@@ -25,7 +25,12 @@ pub fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> 
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
         .ok_or_else(|| ApiError::Unauthorized("Authorization must be Bearer".into()))?;
-    shared.auth.verify_access(token.trim()).map_err(|e| {
+    Ok(token.trim())
+}
+
+/// The caller's identity from `Authorization: Bearer <access JWT>`.
+pub fn bearer(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+    shared.auth.verify_access(token_of(req)?).map_err(|e| {
         shared.metrics.auth_failed(e.reason());
         info!(target: "audit", event = "http_auth_failure", reason = e.reason(), path = %req.path(), "bearer refused");
         ApiError::from(e)

@@ -16,10 +16,10 @@ use crate::jobs::scheduler::CancelOutcome;
 use crate::protocol::{excerpt, now_rfc3339, Event, JobError, JobSnapshot, JobStatus, RoomKind};
 use crate::realtime::broker::Publish;
 
-/// Registers the job routes under `/api/v1`.
+/// Registers the job routes under `/api/v1` but `/jobs` itself (listing and creating share it:
+/// `http::routes` registers both).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/jobs", web::get().to(list))
-        .route("/jobs/{id}", web::get().to(get))
+    cfg.route("/jobs/{id}", web::get().to(get))
         .route("/jobs/{id}/cancel", web::post().to(cancel))
         .route("/jobs/{id}/events", web::post().to(publish_event));
 }
@@ -47,7 +47,8 @@ fn refused(e: Refused, id: &str) -> ApiError {
     }
 }
 
-async fn list(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
+/// `GET /api/v1/jobs`.
+pub async fn list(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
     let jobs = shared.jobs.list(&who, 500).await.map_err(|e| refused(e, ""))?;
     Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod jobs;
 pub mod shared;
 pub mod upload;
+pub mod workers;
 pub mod ws;
 
 use std::time::Instant;
@@ -43,7 +44,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
             web::scope("/api/v1")
                 .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
                 .route("/uploads", web::post().to(upload::upload))
+                .service(web::resource("/jobs").get(jobs::list).post(workers::create))
                 .configure(jobs::routes)
+                .configure(workers::routes)
                 .route("/auth/websocket-token", web::post().to(ws::websocket_token))
                 .route("/admin/stats", web::get().to(admin::admin_stats))
                 .route("/admin/connections", web::get().to(admin::admin_connections))

@@ -51,6 +51,19 @@ pub struct JobDeps {
     pub progress_rate: u32,
     /// How long a reservation lives without being renewed.
     pub reservation_ttl: Duration,
+    /// What jobs that run elsewhere need beyond the above.
+    pub external: ExternalLimits,
+}
+
+/// The settings of jobs that run elsewhere.
+#[derive(Clone, Copy, Debug)]
+pub struct ExternalLimits {
+    /// `job_stall_timeout_s`.
+    pub stall: Duration,
+    /// `job_cancel_grace_s`.
+    pub cancel_grace: Duration,
+    /// `max_queued_jobs_per_tenant`: live external jobs of one tenant at most.
+    pub max_per_tenant: usize,
 }
 
 /// Zones a job keeps in flight (being worked on or waiting for their group commit): enough for the
@@ -328,6 +341,7 @@ impl Job {
             errors: self.totals.invalid_count,
             current_operation,
             eta_seconds: if value >= 100.0 { Some(0.0) } else { self.eta_seconds },
+            metadata: None,
         }
     }
 

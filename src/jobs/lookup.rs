@@ -8,7 +8,7 @@ use crate::auth::Identity;
 use crate::db::pg_store::RequestCancel;
 use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob};
 use crate::db::StoreAddr;
-use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler};
+use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler, StartExternal};
 use crate::protocol::{JobSnapshot, JobStatus};
 use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 
@@ -89,7 +89,16 @@ impl JobAccess {
     pub async fn cancel(&self, job: &JobRecord, by: &str) -> Result<CancelOutcome, Refused> {
         let job_id = job.snapshot.job_id;
         let msg = CancelJob { job_id, by: by.to_string() };
-        let here = self.scheduler.send(msg).await.map_err(unavailable)?;
+        let mut here = self.scheduler.send(msg).await.map_err(unavailable)?;
+        // A worker's job whose actor is not live here (a restart): started again from its
+        // snapshot, so the cancel reaches the worker through its next report.
+        let worker_job = job.spec.is_none() && job.snapshot.stages.is_some() && !job.snapshot.status.is_terminal();
+        if here == CancelOutcome::NotRunning && worker_job {
+            let start = StartExternal { snapshot: job.snapshot.clone(), fresh: false };
+            if self.scheduler.send(start).await.map_err(unavailable)?.is_ok() {
+                here = self.scheduler.send(CancelJob { job_id, by: by.to_string() }).await.map_err(unavailable)?;
+            }
+        }
         let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else { return Ok(here) };
         if here == CancelOutcome::Cancelling || job.spec.is_none() || job.snapshot.status.is_terminal() {
             return Ok(here);

@@ -4,6 +4,8 @@
 //! - `scheduler.rs`: the `Scheduler` actor, the run queue (`max_concurrent_jobs`), cancels.
 //! - `job.rs`: the `Job` actor, one job's state machine, progress, ETA and snapshot.
 //! - `zone.rs`: the `Zone` actor, a job's zones on `spawn_blocking`, stored through the row store.
+//! - `external.rs`: the `External` actor, one job that runs elsewhere: its worker's reports turned
+//!   into progress, steps and terminal events; cancel requests; stalls.
 //! - `progress.rs`, `csv.rs`: plain logic, no actor: stage bands, ETA, coalescing; CSV validation,
 //!   scanning, parsing, categorization.
 //! - `lookup.rs`: finding, reserving, listing and cancelling jobs under the tenancy rule, for the
@@ -11,10 +13,11 @@
 //!
 //! This layer uses the top-level modules, `db` and the realtime broker (everything a job says is a
 //! `Publish` to the broker); it never uses a session. Inside it dependencies point one way:
-//! `lookup` → `scheduler` → `job` → `zone` → `csv`; the job tells the scheduler it finished through
-//! a `Recipient<Finished>`.
+//! `lookup` → `scheduler` → `job` | `external` → `zone` → `csv`; the job tells the scheduler it
+//! finished through a `Recipient<Finished>`, an external job through a `Recipient<ExternalEnded>`.
 
 pub mod csv;
+pub mod external;
 pub mod job;
 pub mod lookup;
 pub mod progress;

@@ -1,5 +1,6 @@
 //! The scheduler actor: starts job actors, runs at most `max_concurrent_jobs` at once (the others
-//! wait as `queued` with their position), and finds running jobs for cancellation.
+//! wait as `queued` with their position), keeps the actors of jobs that run elsewhere, and finds
+//! running jobs for cancellation.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -12,11 +13,11 @@ use uuid::Uuid;
 use crate::db::pg_store::{ClaimExpired, Claimed, PgStore, ReleaseLeases, RenewLeases, RestoreUpload};
 use crate::db::sqlite::now_ms;
 use crate::db::store::{DeleteReservations, JobRecord, JobSpec, StaleReservations};
+use crate::jobs::external::{External, ExternalDeps, ExternalEnded, RequestCancel};
 use crate::jobs::job::{Abandon, Begin, Cancel, Finished, Job, JobDeps, Queued};
-use crate::protocol::JobSnapshot;
-use crate::protocol::RoomKind;
+use crate::protocol::{Event, JobSnapshot, JobStatus, RoomKind, StatusData};
 use crate::quota::{Admission, Quotas};
-use crate::realtime::broker::Occupied;
+use crate::realtime::broker::{Occupied, Publish};
 use crate::realtime::redis::{RedisEngine, RemoteCancel};
 
 /// What the scheduler needs to hold leases on its jobs and take over other nodes' (cluster mode
@@ -90,6 +91,23 @@ pub enum CancelOutcome {
     NotRunning,
 }
 
+/// Start the actor of a job that runs elsewhere: a new one (`fresh`), or one stored before a restart
+/// (or on another node) whose worker reports here. Answers the live actor (the one already here,
+/// when there is one), or why not.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<External>, String>")]
+pub struct StartExternal {
+    /// The job as created or stored.
+    pub snapshot: JobSnapshot,
+    /// Created just now (its `queued` status is published).
+    pub fresh: bool,
+}
+
+/// The live actor of a job that runs elsewhere, if it is on this node.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<External>>")]
+pub struct FindExternal(pub Uuid);
+
 /// How many jobs are queued and running.
 #[derive(Message)]
 #[rtype(result = "(usize, usize)")]
@@ -112,6 +130,8 @@ pub struct Scheduler {
     taking: HashSet<Uuid>,
     /// A graceful stop began: nothing more is taken over or renewed.
     releasing: bool,
+    /// Jobs that run elsewhere, live here, with their tenants.
+    external: HashMap<Uuid, (Addr<External>, String)>,
 }
 
 impl Scheduler {
@@ -128,6 +148,7 @@ impl Scheduler {
             claiming: false,
             taking: HashSet::new(),
             releasing: false,
+            external: HashMap::new(),
         }
     }
 
@@ -330,9 +351,69 @@ impl Handler<Finished> for Scheduler {
     }
 }
 
+impl Handler<StartExternal> for Scheduler {
+    type Result = Result<Addr<External>, String>;
+    fn handle(&mut self, msg: StartExternal, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.snapshot.job_id;
+        if let Some((addr, _)) = self.external.get(&id) {
+            return Ok(addr.clone());
+        }
+        let limits = self.deps.external;
+        let tenant = msg.snapshot.tenant.clone();
+        let live = self.external.values().filter(|(_, t)| *t == tenant).count();
+        if live >= limits.max_per_tenant {
+            return Err(format!(
+                "tenant {tenant} has {live} jobs waiting for their workers; at most {} (max_queued_jobs_per_tenant)",
+                limits.max_per_tenant
+            ));
+        }
+        let deps = ExternalDeps {
+            broker: self.deps.broker.clone(),
+            store: self.deps.store.clone(),
+            progress_rate: self.deps.progress_rate,
+            stall: limits.stall,
+            cancel_grace: limits.cancel_grace,
+        };
+        if msg.fresh {
+            let status = Event::Status(StatusData {
+                job_id: Some(id),
+                status: JobStatus::Queued,
+                message: "waiting for its worker's first report".into(),
+            });
+            self.deps.broker.do_send(Publish::job(RoomKind::Job(id).name(), status));
+        }
+        let addr = External::new(deps, msg.snapshot, ctx.address().recipient()).start();
+        self.external.insert(id, (addr.clone(), tenant));
+        Ok(addr)
+    }
+}
+
+impl Handler<FindExternal> for Scheduler {
+    type Result = Option<Addr<External>>;
+    fn handle(&mut self, msg: FindExternal, _: &mut Context<Self>) -> Self::Result {
+        self.external.get(&msg.0).map(|(addr, _)| addr.clone())
+    }
+}
+
+impl Handler<ExternalEnded> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, msg: ExternalEnded, _: &mut Context<Self>) {
+        self.external.remove(&msg.job_id);
+    }
+}
+
 impl Handler<CancelJob> for Scheduler {
     type Result = ResponseFuture<CancelOutcome>;
     fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
+        // A job that runs elsewhere: its worker is asked to stop.
+        if let Some((external, _)) = self.external.get(&msg.job_id).cloned() {
+            return Box::pin(async move {
+                match external.send(RequestCancel { by: msg.by }).await {
+                    Ok(true) => CancelOutcome::Cancelling,
+                    _ => CancelOutcome::NotRunning,
+                }
+            });
+        }
         let Some(job) = self.jobs.get(&msg.job_id).cloned() else {
             return Box::pin(async { CancelOutcome::NotRunning });
         };
