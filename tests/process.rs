@@ -600,3 +600,52 @@ async fn conformance_echo_on_loopback_serves_ws_echo() {
     c.send_text("{\"not\": \"a client message\"}").await;
     assert!(matches!(c.frame().await, Some(awc::ws::Frame::Text(t)) if t == "{\"not\": \"a client message\"}"));
 }
+
+/// `method path` on `addr` with `bearer` and a JSON body; answers status and JSON.
+async fn call(addr: &str, path: &str, bearer: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let mut res = awc::Client::default()
+        .post(format!("http://{addr}{path}"))
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {bearer}")))
+        .send_json(&body)
+        .await
+        .expect("request");
+    (res.status().as_u16(), res.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[actix_rt::test]
+async fn a_workers_job_outlives_a_crash_of_the_server_and_still_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0", "--job-stall-timeout-s", "2"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let admin = p.admin_token();
+    let (status, created) =
+        call(&p.addr, "/api/v1/jobs", &admin, serde_json::json!({"kind": "etl", "stages": [{"name": "a"}]})).await;
+    assert_eq!(status, 201, "{created}");
+    let (id, job_token) =
+        (created["job_id"].as_str().unwrap().to_string(), created["token"].as_str().unwrap().to_string());
+    let report = format!("/api/v1/jobs/{id}/report");
+    let (status, first) = call(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.4})).await;
+    assert_eq!(status, 200, "{first}");
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    let p = Proc::serve(dir.path(), &args, &[]);
+    // The token and the job survived; the progress goes on from where it was.
+    let (status, second) = call(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.5})).await;
+    assert_eq!(status, 200, "{second}");
+    assert!(second["seq"].as_u64() > first["seq"].as_u64(), "{first} then {second}");
+    let token = mint(dir.path(), "alice", "default");
+    let snapshot = job_status(&p.addr, &token, id.parse().unwrap()).await;
+    assert_eq!(snapshot["progress"], 50.0);
+    // A worker that went away with the crash is noticed after the restart too.
+    let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
+    c.expect(EventType::ConnectionEstablished).await;
+    c.expect(EventType::Authenticated).await;
+    c.subscribe(&format!("job:{id}")).await;
+    loop {
+        if c.recv().await.event.kind() == EventType::ProcessingFailed {
+            break;
+        }
+    }
+    assert_eq!(job_status(&p.addr, &token, id.parse().unwrap()).await["error"]["recoverable"], true);
+}

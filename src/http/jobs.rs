@@ -107,6 +107,16 @@ async fn publish_event(
                 posted.kind().as_str()
             )));
         }
+        // A worker's job (created with `POST /api/v1/jobs`) is reported through its job token.
+        if job.snapshot.stages.is_some() && !matches!(posted, Event::Info(_) | Event::Warning(_)) {
+            return JobChange::Refuse(Refusal::Conflict(format!(
+                "job {job_id} is reported by its worker (its job token): only info and warning events may be posted into its room, not {}",
+                posted.kind().as_str()
+            )));
+        }
+        if job.snapshot.stages.is_some() {
+            return JobChange::Keep;
+        }
         // A CSV job's snapshot is its own; an external one is written when it is new or the event
         // changes it (an `info` is only published: no store write for it).
         if job.spec.is_some() || !(new || changes_snapshot(&posted)) {
