@@ -1,7 +1,7 @@
 // JobTracker: folds a job room's `subscribed` answers and events into the job's current state (what a
 // progress UI shows). Framework-free; `useJobProgress` renders it, and tests feed it directly.
 
-import type { CsvImportResults, Envelope, JobSnapshot, SubscribedData } from './protocol.js';
+import type { CsvImportResults, Envelope, JobSnapshot, JsonValue, SubscribedData } from './protocol.js';
 import { FINAL_STATUSES } from './protocol.js';
 
 /** One zone of a job. */
@@ -41,6 +41,12 @@ export interface JobState {
   results: CsvImportResults | null;
   filename: string | null;
   cancelledBy: string | null;
+  /** Jobs that run elsewhere: who asked to cancel it (the worker has not ended it yet), or null. */
+  cancelRequestedBy: string | null;
+  /** Jobs that run elsewhere: its worker has been silent for `job_stall_timeout_s`. */
+  stalled: boolean;
+  /** Jobs that run elsewhere: the job's merged metadata (null until there is some). */
+  metadata: JsonValue | null;
   /** Whether the job has ended (completed, failed or cancelled). */
   finished: boolean;
   /** Seq of the last event applied. */
@@ -67,6 +73,9 @@ export function initialJobState(jobId: string | null = null): JobState {
     results: null,
     filename: null,
     cancelledBy: null,
+    cancelRequestedBy: null,
+    stalled: false,
+    metadata: null,
     finished: false,
     lastSeq: 0,
   };
@@ -133,6 +142,9 @@ export class JobTracker {
     if (typeof snap.total === 'number') s.total = snap.total;
     if (typeof snap.errors === 'number') s.errors = snap.errors;
     if (snap.results) s.results = snap.results;
+    if (snap.metadata !== undefined) s.metadata = snap.metadata;
+    s.stalled = snap.stalled === true;
+    if (snap.cancel_requested && s.cancelRequestedBy === null) s.cancelRequestedBy = '';
     if (snap.error) {
       s.error = snap.error.message;
       s.recoverable = snap.error.recoverable;
@@ -165,6 +177,8 @@ export class JobTracker {
         s.total = d.total;
         s.errors = d.errors;
         s.operation = d.current_operation;
+        if (d.metadata !== undefined) s.metadata = d.metadata;
+        s.stalled = false;
         break;
       }
       case 'zone_processing': {
@@ -200,6 +214,12 @@ export class JobTracker {
       case 'job_cancelled':
         s.cancelledBy = env.data.by;
         this.setStatus('cancelled');
+        break;
+      case 'cancel_requested':
+        s.cancelRequestedBy = env.data.by;
+        break;
+      case 'job_stalled':
+        s.stalled = true;
         break;
     }
   }

@@ -307,7 +307,26 @@ export interface JobSnapshot {
   finished_at?: string | null;
   results?: CsvImportResults | null;
   error?: { message: string; recoverable: boolean } | null;
+  /** Jobs that run elsewhere (`POST /api/v1/jobs`): their title. */
+  title?: string;
+  /** Jobs that run elsewhere: their stages with relative weights (maybe none). */
+  stages?: StageSpec[];
+  /** Jobs that run elsewhere: the metadata of their creation and reports, merged. */
+  metadata?: JsonValue;
+  /** Someone asked to cancel it; its worker has not ended it yet. */
+  cancel_requested?: boolean;
+  /** Its worker has been silent for `job_stall_timeout_s`. */
+  stalled?: boolean;
 }
+
+/** One stage of a job that runs elsewhere. */
+export interface StageSpec {
+  name: string;
+  weight: number;
+}
+const stageSpec = s.object({ name: s.string, weight: s.number });
+assertSame<Infer<typeof stageSpec>, StageSpec>(true);
+
 const jobSnapshot = s.object(
   {
     job_id: s.uuid,
@@ -332,6 +351,11 @@ const jobSnapshot = s.object(
     finished_at: s.optional(s.nullable(s.timestamp)),
     results: s.optional(s.nullable(csvImportResults)),
     error: s.optional(s.nullable(s.object({ message: s.string, recoverable: s.boolean }))),
+    title: s.optional(s.string),
+    stages: s.optional(s.array(stageSpec)),
+    metadata: s.optional(s.json),
+    cancel_requested: s.optional(s.boolean),
+    stalled: s.optional(s.boolean),
   },
   false, // the server may add fields to snapshots
 );
@@ -423,6 +447,8 @@ export interface ProcessingProgressData {
   errors: number;
   current_operation: string;
   eta_seconds?: number | null;
+  /** Jobs that run elsewhere: the job's merged `metadata`. */
+  metadata?: JsonValue;
 }
 const processingProgress = s.object({
   job_id: s.uuid,
@@ -435,6 +461,7 @@ const processingProgress = s.object({
   errors: s.uint,
   current_operation: s.string,
   eta_seconds: s.optional(s.nullable(s.number)),
+  metadata: s.optional(s.json),
 });
 assertSame<Infer<typeof processingProgress>, ProcessingProgressData>(true);
 
@@ -498,6 +525,22 @@ export interface JobCancelledData {
 const jobCancelled = s.object({ job_id: s.uuid, by: s.string });
 assertSame<Infer<typeof jobCancelled>, JobCancelledData>(true);
 
+/** `cancel_requested`: someone (`by`) asked to cancel a job that runs elsewhere; its worker ends it. */
+export interface CancelRequestedData {
+  job_id: string;
+  by: string;
+}
+const cancelRequested = s.object({ job_id: s.uuid, by: s.string });
+assertSame<Infer<typeof cancelRequested>, CancelRequestedData>(true);
+
+/** `job_stalled`: a job that runs elsewhere had no report since `since` (RFC 3339). */
+export interface JobStalledData {
+  job_id: string;
+  since: string;
+}
+const jobStalled = s.object({ job_id: s.uuid, since: s.timestamp });
+assertSame<Infer<typeof jobStalled>, JobStalledData>(true);
+
 /** Event type → its `data`. */
 export interface EventDataMap {
   connection_established: ConnectionEstablishedData;
@@ -519,6 +562,8 @@ export interface EventDataMap {
   processing_completed: ProcessingCompletedData;
   processing_failed: ProcessingFailedData;
   job_cancelled: JobCancelledData;
+  cancel_requested: CancelRequestedData;
+  job_stalled: JobStalledData;
 }
 export type EventType = keyof EventDataMap;
 
@@ -543,6 +588,8 @@ export const EVENT_SCHEMAS: { [K in EventType]: Schema<EventDataMap[K]> } = {
   processing_completed: processingCompleted,
   processing_failed: processingFailed,
   job_cancelled: jobCancelled,
+  cancel_requested: cancelRequested,
+  job_stalled: jobStalled,
 };
 
 /** Every event type, in the server's order (`EventType::ALL`). */
