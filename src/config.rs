@@ -132,6 +132,12 @@ settings! {
         /// Jobs that run elsewhere: seconds a worker has, after a cancel, to end the job itself
         /// before it is `cancelled` anyway.
         job_cancel_grace_s: u64 = 30, "JOBCAST_JOB_CANCEL_GRACE_S";
+        /// Webhooks: the wait before the second attempt of a message, doubling after each failure.
+        webhook_backoff_initial_ms: u64 = 1000, "JOBCAST_WEBHOOK_BACKOFF_INITIAL_MS";
+        /// Webhooks: the longest wait between two attempts.
+        webhook_backoff_max_s: u64 = 600, "JOBCAST_WEBHOOK_BACKOFF_MAX_S";
+        /// Webhooks: attempts of one message at most (then it is given up, and logged so).
+        webhook_max_attempts: u32 = 8, "JOBCAST_WEBHOOK_MAX_ATTEMPTS";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -247,6 +253,15 @@ impl Config {
         }
         if !(1..=86_400).contains(&self.job_cancel_grace_s) {
             return invalid("job_cancel_grace_s", "must be 1 to 86400 seconds");
+        }
+        if !(1..=3_600_000).contains(&self.webhook_backoff_initial_ms) {
+            return invalid("webhook_backoff_initial_ms", "must be 1 to 3600000 milliseconds");
+        }
+        if !(1..=86_400).contains(&self.webhook_backoff_max_s) {
+            return invalid("webhook_backoff_max_s", "must be 1 to 86400 seconds");
+        }
+        if !(1..=100).contains(&self.webhook_max_attempts) {
+            return invalid("webhook_max_attempts", "must be 1 to 100");
         }
         if !(3..=86_400).contains(&self.job_lease_s) {
             return invalid("job_lease_s", "must be 3 to 86400 seconds");

@@ -287,6 +287,12 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     }
     .start();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let backoff = jobs::webhooks::Backoff {
+        initial: Duration::from_millis(config.webhook_backoff_initial_ms),
+        max: Duration::from_secs(config.webhook_backoff_max_s),
+        attempts: config.webhook_max_attempts,
+    };
+    let webhooks = jobs::webhooks::Webhooks::new(store.clone(), backoff).start();
     let deps = jobs::job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
@@ -300,6 +306,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
             cancel_grace: Duration::from_secs(config.job_cancel_grace_s),
             max_per_tenant: config.max_queued_jobs_per_tenant,
         },
+        webhooks: webhooks.clone().recipient(),
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs);
     let scheduler = match (store.shared(), &redis) {

@@ -606,6 +606,12 @@ pub fn unix_to_rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// A Unix timestamp (milliseconds) as RFC 3339 with milliseconds.
+pub fn unix_ms_to_rfc3339(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0).min(MAX_RFC3339_S * 1000);
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
 /// Whether `id` can name a `user:` or `tenant:` room: 1 to 128 characters of `A-Z a-z 0-9 - _ . @`.
 /// Tokens whose `sub` or `tenant` break this rule are refused at authentication, so every identity
 /// has its own rooms.

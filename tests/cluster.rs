@@ -1094,3 +1094,43 @@ async fn a_node_that_lost_its_lease_stores_nothing_more_and_stops_silently() {
     let results = &job_status(&a.addr, batch).await["results"];
     assert_eq!(results["inserted"].as_u64(), Some(expected), "every row counted once");
 }
+
+#[actix_rt::test]
+async fn with_postgres_a_webhook_is_delivered_once_by_one_of_the_nodes() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let args = ["--webhook-backoff-initial-ms", "50"];
+    let a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let receiver = common::Receiver::start(1);
+    let admin_token = token("ops", "acme", &["admin"]);
+    let post = |addr: String, path: &'static str, bearer: String, body: Value| async move {
+        let mut res = awc::Client::default()
+            .post(format!("http://{addr}{path}"))
+            .timeout(common::WAIT)
+            .insert_header(("Authorization", format!("Bearer {bearer}")))
+            .send_json(&body)
+            .await
+            .expect("request");
+        (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let hook = json!({"url": receiver.url, "events": ["job.completed"]});
+    let (status, created) = post(b.addr.clone(), "/api/v1/admin/webhooks", admin_token.clone(), hook).await;
+    assert_eq!(status, 201, "{created}");
+    // The job is on A; the webhook was registered on B: both see it in PostgreSQL.
+    let (_, csv, mut watcher, _) = start_import(&a, &a, 100, "webhook-pg").await;
+    let mut last = 0;
+    until_completed(&mut watcher, &mut last).await;
+    let got = receiver.until(|r| r.iter().any(|x| x.status == 200)).await;
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 200]);
+    assert!(got.iter().all(|r| common::signature_valid(created["secret"].as_str().expect("secret"), r)));
+    let body: Value = serde_json::from_str(&got[1].body).expect("json");
+    assert_eq!(body["data"]["results"]["inserted"].as_u64(), Some(csv.valid() - csv.duplicates));
+    let id = created["id"].as_str().expect("id");
+    let (status, log) = admin(&a.addr, "GET", &format!("/api/v1/admin/webhooks/{id}/deliveries")).await;
+    assert_eq!(status, 200);
+    assert!(log["deliveries"].as_array().is_some_and(|l| !l.is_empty()), "{log}");
+}

@@ -22,7 +22,8 @@ const RANKS: &[(&str, u32)] = &[
     ("db::row_store", 12),
     ("db::pg_store", 13),
     ("db::pg_rows", 13),
-    ("db", 14),
+    ("db::outbox", 14),
+    ("db", 15),
     ("realtime::history", 20),
     ("realtime::rate_limit", 20),
     ("realtime::frames", 20),
@@ -35,6 +36,7 @@ const RANKS: &[(&str, u32)] = &[
     ("realtime::presence", 25),
     ("jobs::progress", 30),
     ("jobs::csv", 30),
+    ("jobs::webhooks", 30),
     ("jobs::zone", 31),
     ("jobs::job", 32),
     ("jobs::external", 32),
@@ -52,6 +54,7 @@ const RANKS: &[(&str, u32)] = &[
     ("http::jobs", 52),
     ("http::upload", 52),
     ("http::workers", 52),
+    ("http::webhooks", 52),
 ];
 
 fn rank(module: &str) -> Option<u32> {

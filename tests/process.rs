@@ -649,3 +649,34 @@ async fn a_workers_job_outlives_a_crash_of_the_server_and_still_stalls() {
     }
     assert_eq!(job_status(&p.addr, &token, id.parse().unwrap()).await["error"]["recoverable"], true);
 }
+
+#[actix_rt::test]
+async fn a_webhook_being_retried_survives_a_crash_and_is_delivered_once_with_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0", "--webhook-backoff-initial-ms", "100"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let admin = p.admin_token();
+    let receiver = common::Receiver::start(usize::MAX);
+    let hook = serde_json::json!({"url": receiver.url, "events": ["job.completed"]});
+    let (status, created) = call(&p.addr, "/api/v1/admin/webhooks", &admin, hook).await;
+    assert_eq!(status, 201, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_string();
+    // A CSV import's completion is the event.
+    let token = mint(dir.path(), "alice", "default");
+    let csv = common::generate_csv(50, "webhook");
+    let url = format!("http://{}/api/v1/uploads", p.addr);
+    let (status, _) = common::upload_to(&url, &token, "small.csv", "text/csv", &csv.bytes, None).await;
+    assert_eq!(status, 202);
+    let failed = receiver.until(|r| r.len() >= 2).await;
+    p.child.kill().unwrap(); // SIGKILL while the message waits for its next attempt
+    p.child.wait().unwrap();
+    receiver.fail_next(0);
+    let _p = Proc::serve(dir.path(), &args, &[]);
+    let got = receiver.until(|r| r.iter().any(|x| x.status == 200)).await;
+    let id = &failed[0].headers["webhook-id"];
+    assert!(got.iter().all(|r| &r.headers["webhook-id"] == id), "one message, one id, across the restart");
+    assert_eq!(got.iter().filter(|r| r.status == 200).count(), 1, "delivered once");
+    assert!(got.iter().all(|r| common::signature_valid(&secret, r)));
+    let body: serde_json::Value = serde_json::from_str(&got[got.len() - 1].body).unwrap();
+    assert_eq!((body["type"].as_str(), body["data"]["kind"].as_str()), (Some("job.completed"), Some("csv_import")));
+}

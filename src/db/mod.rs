@@ -13,6 +13,7 @@
 //! This layer uses only the top-level modules (`protocol`, `config`, `quota`); the stores never use
 //! each other, and only [`open`] and the two handles know that they go together.
 
+pub mod outbox;
 pub mod pg;
 pub mod pg_rows;
 pub mod pg_store;

@@ -24,9 +24,10 @@ use crate::db::store::*;
 use crate::protocol::{JobSnapshot, JobStatus};
 
 /// The schema, in the order it was introduced.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq BIGINT NOT NULL);
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq BIGINT NOT NULL);
      CREATE TABLE events (room TEXT NOT NULL, seq BIGINT NOT NULL, created_ms BIGINT NOT NULL,
          envelope TEXT NOT NULL, PRIMARY KEY (room, seq));
      CREATE INDEX events_by_age ON events (created_ms);
@@ -37,7 +38,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
      CREATE INDEX jobs_leased ON jobs (lease_until_ms) WHERE runs;
      CREATE TABLE upload_parts (job_id UUID NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL,
          PRIMARY KEY (job_id, part));",
-)];
+    ),
+    // Webhooks, their outbox and delivery log (`db::outbox`).
+    (
+        2,
+        "CREATE TABLE webhooks (id UUID PRIMARY KEY, tenant TEXT NOT NULL, url TEXT NOT NULL,
+         events TEXT NOT NULL, secret TEXT NOT NULL, created_ms BIGINT NOT NULL);
+     CREATE TABLE webhook_outbox (msg_id TEXT NOT NULL, webhook_id UUID NOT NULL, body TEXT NOT NULL,
+         attempts INTEGER NOT NULL, next_at_ms BIGINT NOT NULL, claimed_until_ms BIGINT,
+         PRIMARY KEY (msg_id, webhook_id));
+     CREATE INDEX webhook_due ON webhook_outbox (next_at_ms);
+     CREATE TABLE webhook_attempts (webhook_id UUID NOT NULL, msg_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+         at_ms BIGINT NOT NULL, status INTEGER, error TEXT, PRIMARY KEY (webhook_id, at_ms, msg_id, attempt));",
+    ),
+];
 
 /// Bytes per stored piece of an upload.
 const UPLOAD_PART: usize = 8 << 20;
@@ -68,7 +82,7 @@ impl PgStore {
 
     /// Runs `work` on a pooled connection, as the answer to a message; numbers it among this node's
     /// writes.
-    fn run<T, F, Fut>(&mut self, work: F) -> ResponseFuture<Result<T, StoreError>>
+    pub(crate) fn run<T, F, Fut>(&mut self, work: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: 'static,
         F: FnOnce(Ctx) -> Fut + 'static,
@@ -85,8 +99,8 @@ impl Actor for PgStore {
 
 /// What one message's work needs.
 #[derive(Clone)]
-struct Ctx {
-    pool: Pool,
+pub(crate) struct Ctx {
+    pub(crate) pool: Pool,
     /// Connections for leases and the readiness check only, so that uploads being kept (which hold
     /// a connection for a whole file) never delay a renewal.
     leases: Pool,

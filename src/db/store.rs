@@ -37,7 +37,22 @@ pub(crate) const LEGACY_V1: &str =
 
 /// Versioned migrations, applied in order; a database records the highest applied. Before 2 runs,
 /// [`crate::db::open`] has copied the rows and zone reports of version 1 to `rows.db`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, LEGACY_V1), (2, "DROP TABLE zones; DROP TABLE transactions;")];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, LEGACY_V1),
+    (2, "DROP TABLE zones; DROP TABLE transactions;"),
+    // Webhooks, their outbox and delivery log (`db::outbox`).
+    (
+        3,
+        "CREATE TABLE webhooks (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, url TEXT NOT NULL,
+         events TEXT NOT NULL, secret TEXT NOT NULL, created_ms INTEGER NOT NULL);
+     CREATE TABLE webhook_outbox (msg_id TEXT NOT NULL, webhook_id TEXT NOT NULL, body TEXT NOT NULL,
+         attempts INTEGER NOT NULL, next_at_ms INTEGER NOT NULL, claimed_until_ms INTEGER,
+         PRIMARY KEY (msg_id, webhook_id));
+     CREATE INDEX webhook_due ON webhook_outbox (next_at_ms);
+     CREATE TABLE webhook_attempts (webhook_id TEXT NOT NULL, msg_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+         at_ms INTEGER NOT NULL, status INTEGER, error TEXT, PRIMARY KEY (webhook_id, at_ms, msg_id, attempt));",
+    ),
+];
 
 /// One event to append.
 #[derive(Debug, Clone)]
@@ -112,6 +127,8 @@ impl Store {
     pub fn open(location: &Location) -> Result<Store, StoreError> {
         let conn = connect(location, 8_192)?;
         migrate(&conn, MIGRATIONS)?;
+        // Claims on webhook messages are this process's alone: one that died mid-attempt left them.
+        conn.execute("UPDATE webhook_outbox SET claimed_until_ms = NULL WHERE claimed_until_ms IS NOT NULL", [])?;
         Ok(Store { conn })
     }
 
@@ -284,6 +301,11 @@ pub struct StoreActor {
 }
 
 impl StoreActor {
+    /// The connection, for the handlers of other files (`db::outbox`).
+    pub(crate) fn conn(&self) -> &rusqlite::Connection {
+        &self.store.conn
+    }
+
     /// Wraps an open store.
     pub fn new(store: Store, keep: usize) -> Self {
         StoreActor { store, keep }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod jobs;
 pub mod shared;
 pub mod upload;
+pub mod webhooks;
 pub mod workers;
 pub mod ws;
 
@@ -47,6 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
                 .service(web::resource("/jobs").get(jobs::list).post(workers::create))
                 .configure(jobs::routes)
                 .configure(workers::routes)
+                .configure(webhooks::routes)
                 .route("/auth/websocket-token", web::post().to(ws::websocket_token))
                 .route("/admin/stats", web::get().to(admin::admin_stats))
                 .route("/admin/connections", web::get().to(admin::admin_connections))

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::db::store::{JobRecord, SaveJob};
 use crate::db::StoreAddr;
 use crate::jobs::progress::{Coalescer, Eta, Monotonic};
+use crate::jobs::webhooks::{webhook_event, JobEvent};
 use crate::protocol::{
     now_rfc3339, CancelRequested, Event, JobCancelled, JobError, JobSnapshot, JobStalled, JobStatus,
     ProcessingCompleted, ProcessingFailed, ProcessingProgress, RoomKind, Stage, StageSpec, StatusData, ZoneCompleted,
@@ -37,6 +38,8 @@ pub struct ExternalDeps {
     pub stall: Duration,
     /// `job_cancel_grace_s`.
     pub cancel_grace: Duration,
+    /// Told when the job ends or stalls (its tenant's webhooks).
+    pub webhooks: Recipient<JobEvent>,
 }
 
 /// The external job actor stopped (it ended); its scheduler forgets it.
@@ -226,6 +229,7 @@ impl External {
                 job.snapshot.stalled = Some(true);
                 job.publish(Event::JobStalled(JobStalled { job_id: job.job_id(), since: job.last_report.1.clone() }));
                 job.save();
+                job.deps.webhooks.do_send(JobEvent { event: "job.stalled", snapshot: job.snapshot.clone() });
                 job.arm_stall_timer(ctx);
             } else {
                 let secs = 2 * job.deps.stall.as_secs();
@@ -310,8 +314,11 @@ impl External {
         self.snapshot.eta_seconds = Some(None);
         self.snapshot.finished_at = Some(Some(now_rfc3339()));
         self.snapshot.cancel_requested = self.cancel_by.as_ref().map(|_| true);
-        self.set_status(status, message);
+        self.set_status(status.clone(), message);
         self.save();
+        if let Some(event) = webhook_event(&status) {
+            self.deps.webhooks.do_send(JobEvent { event, snapshot: self.snapshot.clone() });
+        }
         ctx.stop();
     }
 

@@ -19,6 +19,7 @@ use crate::db::store::{JobRecord, JobSpec, SaveJob};
 use crate::db::StoreAddr;
 use crate::jobs::csv::{validate, Validated};
 use crate::jobs::progress::{stage_at, validation_progress, zone_progress, Coalescer, Eta, Monotonic};
+use crate::jobs::webhooks::{webhook_event, JobEvent};
 use crate::jobs::zone::{ProcessZone, Zone, ZoneDeps, ZoneError};
 use crate::protocol::{
     now_rfc3339, Event, FlaggedCell, ImportResults, InvalidRow, JobCancelled, JobError, JobSnapshot, JobStatus,
@@ -53,6 +54,8 @@ pub struct JobDeps {
     pub reservation_ttl: Duration,
     /// What jobs that run elsewhere need beyond the above.
     pub external: ExternalLimits,
+    /// Told of every job that ends (its tenant's webhooks).
+    pub webhooks: Recipient<JobEvent>,
 }
 
 /// The settings of jobs that run elsewhere.
@@ -284,8 +287,15 @@ impl Job {
         self.status = status.clone();
         let _g = self.span.enter();
         tracing::info!(status = status.as_str(), "job status");
-        self.publish(Event::Status(StatusData { job_id: Some(self.spec.job_id), status, message: message.into() }));
+        self.publish(Event::Status(StatusData {
+            job_id: Some(self.spec.job_id),
+            status: status.clone(),
+            message: message.into(),
+        }));
         self.save();
+        if let Some(event) = webhook_event(&status) {
+            self.deps.webhooks.do_send(JobEvent { event, snapshot: self.record().snapshot });
+        }
     }
 
     /// Raises progress to `p` and emits it, coalesced.

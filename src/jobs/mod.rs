@@ -22,4 +22,5 @@ pub mod job;
 pub mod lookup;
 pub mod progress;
 pub mod scheduler;
+pub mod webhooks;
 pub mod zone;

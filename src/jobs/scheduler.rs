@@ -373,6 +373,7 @@ impl Handler<StartExternal> for Scheduler {
             progress_rate: self.deps.progress_rate,
             stall: limits.stall,
             cancel_grace: limits.cancel_grace,
+            webhooks: self.deps.webhooks.clone(),
         };
         if msg.fresh {
             let status = Event::Status(StatusData {

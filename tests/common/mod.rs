@@ -398,3 +398,115 @@ pub fn generate_csv(rows: u64, salt: &str) -> GeneratedCsv {
     }
     GeneratedCsv { bytes: out.into_bytes(), rows, invalid_lines, flagged_lines, duplicates }
 }
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Header names in lower case, with their values.
+    pub headers: std::collections::HashMap<String, String>,
+    /// The body as sent.
+    pub body: String,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+/// A webhook receiver: a plain HTTP/1.1 server on 127.0.0.1 that answers the first `fail` requests
+/// with 500 (on purpose) and the rest with 200, and keeps what it got.
+pub struct Receiver {
+    pub url: String,
+    got: std::sync::Arc<(std::sync::Mutex<Vec<Received>>, std::sync::Condvar)>,
+    fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Receiver {
+    pub fn start(fail: usize) -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let got = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(fail));
+        let (sink, failing) = (got.clone(), fail.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut headers = std::collections::HashMap::new();
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let left = failing.load(std::sync::atomic::Ordering::SeqCst);
+                let status = if left > 0 {
+                    failing.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                    500
+                } else {
+                    200
+                };
+                let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes());
+                let (list, ready) = &*sink;
+                let body = String::from_utf8_lossy(&body).into_owned();
+                list.lock().expect("lock").push(Received { headers, body, status });
+                ready.notify_all();
+            }
+        });
+        Receiver { url, got, fail }
+    }
+
+    /// Answers 500 to the next `n` requests.
+    pub fn fail_next(&self, n: usize) {
+        self.fail.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits (at most [`WAIT`]) until `done` holds for the requests so far; answers them.
+    pub async fn until(&self, done: impl Fn(&[Received]) -> bool + Send + 'static) -> Vec<Received> {
+        let got = self.got.clone();
+        let waited = actix_rt::task::spawn_blocking(move || {
+            let (list, ready) = &*got;
+            let deadline = std::time::Instant::now() + WAIT * 3;
+            let mut seen = list.lock().expect("lock");
+            while !done(&seen) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "the receiver never saw what was awaited; it got {:?}", *seen);
+                seen = ready.wait_timeout(seen, left).expect("wait").0;
+            }
+            seen.clone()
+        });
+        waited.await.expect("waited")
+    }
+}
+
+/// Checks a Standard Webhooks signature the way a receiver would: HMAC-SHA256 of
+/// "id.timestamp.body" with the secret's bytes (`whsec_` base64, else UTF-8).
+pub fn signature_valid(secret: &str, r: &Received) -> bool {
+    use base64::Engine;
+    use hmac::{Hmac, KeyInit, Mac};
+    let engine = base64::engine::general_purpose::STANDARD;
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b) => engine.decode(b).expect("whsec base64"),
+        None => secret.as_bytes().to_vec(),
+    };
+    let (Some(id), Some(ts), Some(sig)) =
+        (r.headers.get("webhook-id"), r.headers.get("webhook-timestamp"), r.headers.get("webhook-signature"))
+    else {
+        return false;
+    };
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key).expect("key");
+    mac.update(format!("{id}.{ts}.{}", r.body).as_bytes());
+    let expected = format!("v1,{}", engine.encode(mac.finalize().into_bytes()));
+    sig.split(' ').any(|s| s == expected)
+}

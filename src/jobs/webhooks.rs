@@ -1,0 +1,232 @@
+//! The `Webhooks` actor: delivers job terminal events (`job.completed`, `job.failed`,
+//! `job.cancelled`, `job.stalled`) to the endpoints of the job's tenant, from the durable outbox of
+//! `db::outbox`, signed as the Standard Webhooks specification describes:
+//! `webhook-id`, `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of
+//! "id.timestamp.body">`. A message is retried on a non-2xx answer or a timeout (10 s) with
+//! exponential backoff (`webhook_backoff_initial_ms`, doubling up to `webhook_backoff_max_s`), at
+//! most `webhook_max_attempts` times, with the same `webhook-id` on every attempt. The outbox is in
+//! the store, so messages survive restarts; every attempt is logged.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::json;
+use sha2::Sha256;
+
+use crate::db::outbox::{Attempted, ClaimDue, Due, Enqueue};
+use crate::db::sqlite::now_ms;
+use crate::db::StoreAddr;
+use crate::protocol::{now_rfc3339, JobSnapshot};
+
+/// Attempts in flight at once, across endpoints.
+const IN_FLIGHT: usize = 8;
+/// How long an endpoint has to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the outbox is looked at (and at once when a message is enqueued).
+const POLL: Duration = Duration::from_millis(500);
+
+/// The event types a webhook may take.
+pub const EVENTS: [&str; 4] = ["job.completed", "job.failed", "job.cancelled", "job.stalled"];
+
+/// The webhook event of a job that reached `status`, if it is terminal.
+pub fn webhook_event(status: &crate::protocol::JobStatus) -> Option<&'static str> {
+    use crate::protocol::JobStatus;
+    match status {
+        JobStatus::Completed => Some("job.completed"),
+        JobStatus::Failed => Some("job.failed"),
+        JobStatus::Cancelled => Some("job.cancelled"),
+        _ => None,
+    }
+}
+
+/// The retry settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// `webhook_backoff_initial_ms`.
+    pub initial: Duration,
+    /// `webhook_backoff_max_s`.
+    pub max: Duration,
+    /// `webhook_max_attempts`.
+    pub attempts: u32,
+}
+
+impl Backoff {
+    /// The wait after failed attempt `n` (1 for the first): initial × 2^(n-1), at most `max`.
+    pub fn after(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.saturating_sub(1));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// The bytes of a webhook secret: a `whsec_<base64>` secret is that base64's bytes, any other its
+/// UTF-8 bytes.
+pub fn secret_bytes(secret: &str) -> Vec<u8> {
+    secret
+        .strip_prefix("whsec_")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .unwrap_or_else(|| secret.as_bytes().to_vec())
+}
+
+/// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
+pub fn signature(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
+    // HMAC takes keys of any length.
+    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(&secret_bytes(secret)) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(tag))
+}
+
+/// A new secret: `whsec_` and 24 random bytes in base64.
+pub fn new_secret() -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// A job ended (or stalled): its tenant's webhooks that take `event` get its snapshot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JobEvent {
+    /// `job.completed`, `job.failed`, `job.cancelled` or `job.stalled`.
+    pub event: &'static str,
+    /// The job as it is now.
+    pub snapshot: JobSnapshot,
+}
+
+/// The delivery actor.
+pub struct Webhooks {
+    store: StoreAddr,
+    backoff: Backoff,
+    client: awc::Client,
+    in_flight: usize,
+    claiming: bool,
+}
+
+impl Webhooks {
+    /// Delivers from `store`'s outbox.
+    pub fn new(store: StoreAddr, backoff: Backoff) -> Webhooks {
+        let client = awc::Client::builder().timeout(TIMEOUT).disable_redirects().finish();
+        Webhooks { store, backoff, client, in_flight: 0, claiming: false }
+    }
+
+    fn claim(&mut self, ctx: &mut Context<Self>) {
+        if self.claiming || self.in_flight >= IN_FLIGHT {
+            return;
+        }
+        self.claiming = true;
+        let claim = self.store.send(ClaimDue { now_ms: now_ms(), limit: (IN_FLIGHT - self.in_flight) as i64 });
+        ctx.spawn(claim.into_actor(self).map(|answer, hooks, ctx| {
+            hooks.claiming = false;
+            let due = match answer {
+                Ok(Ok(due)) => due,
+                Ok(Err(e)) => return tracing::warn!(error = %e, "webhook outbox unreadable; retried shortly"),
+                Err(e) => return tracing::warn!(error = %e, "webhook outbox unreachable; retried shortly"),
+            };
+            for d in due {
+                hooks.deliver(d, ctx);
+            }
+        }));
+    }
+
+    fn deliver(&mut self, d: Due, ctx: &mut Context<Self>) {
+        self.in_flight += 1;
+        let attempt = d.attempts + 1;
+        let timestamp = now_ms() / 1000;
+        let signed = signature(&d.secret, &d.msg_id, timestamp, &d.body);
+        let request = self
+            .client
+            .post(&d.url)
+            .insert_header(("content-type", "application/json"))
+            .insert_header(("webhook-id", d.msg_id.clone()))
+            .insert_header(("webhook-timestamp", timestamp.to_string()))
+            .insert_header(("webhook-signature", signed))
+            .insert_header(("user-agent", concat!("jobcast/", env!("CARGO_PKG_VERSION"))))
+            .send_body(d.body.clone());
+        let span = tracing::info_span!("webhook", msg = %d.msg_id, webhook = %d.webhook_id, attempt);
+        let at_ms = now_ms();
+        ctx.spawn(request.into_actor(self).map(move |answer, hooks, ctx| {
+            hooks.in_flight -= 1;
+            let _g = span.enter();
+            let (status, error) = match answer {
+                Ok(res) if res.status().is_success() => (Some(res.status().as_u16()), None),
+                Ok(res) => (Some(res.status().as_u16()), Some(format!("answered {}", res.status()))),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let next_at_ms = match &error {
+                None => None,
+                Some(_) if attempt >= i64::from(hooks.backoff.attempts) => {
+                    tracing::warn!(?status, error = ?error, "webhook given up after its last attempt");
+                    None
+                }
+                Some(_) => {
+                    let wait = hooks.backoff.after(attempt as u32);
+                    tracing::info!(?status, error = ?error, retry_in_ms = wait.as_millis() as u64, "webhook attempt failed");
+                    Some(now_ms() + wait.as_millis() as i64)
+                }
+            };
+            if error.is_none() {
+                tracing::info!(?status, "webhook delivered");
+            }
+            let record = Attempted { msg_id: d.msg_id, webhook_id: d.webhook_id, attempt, at_ms, status, error, next_at_ms };
+            // Unrecorded (the store away), the claim runs out and the attempt is made again.
+            hooks.store.do_send(record);
+            hooks.claim(ctx);
+        }));
+    }
+}
+
+impl Actor for Webhooks {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(POLL, |hooks, ctx| hooks.claim(ctx));
+    }
+}
+
+impl Handler<JobEvent> for Webhooks {
+    type Result = ();
+    fn handle(&mut self, m: JobEvent, ctx: &mut Context<Self>) {
+        let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let body = json!({ "type": m.event, "timestamp": now_rfc3339(), "data": m.snapshot }).to_string();
+        let tenant = m.snapshot.tenant.clone();
+        let enqueue = self.store.send(Enqueue { tenant, event: m.event.to_string(), msg_id, body, now_ms: now_ms() });
+        ctx.spawn(enqueue.into_actor(self).map(|answer, hooks, ctx| match answer {
+            Ok(Ok(0)) => {}
+            Ok(Ok(_)) => hooks.claim(ctx),
+            Ok(Err(e)) => tracing::error!(error = %e, "a webhook message was not stored"),
+            Err(e) => tracing::error!(error = %e, "a webhook message was not stored"),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_follow_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification's reference libraries.
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let body = r#"{"test": 2432232314}"#;
+        let sig = signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn a_plain_secret_is_its_utf8_bytes() {
+        assert_eq!(secret_bytes("hello"), b"hello");
+        assert_eq!(secret_bytes("whsec_aGVsbG8="), b"hello");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let b = Backoff { initial: Duration::from_millis(1000), max: Duration::from_secs(5), attempts: 8 };
+        let waits: Vec<u128> = (1..=5).map(|n| b.after(n).as_millis()).collect();
+        assert_eq!(waits, [1000, 2000, 4000, 5000, 5000]);
+    }
+}

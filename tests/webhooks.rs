@@ -1,0 +1,126 @@
+//! Webhooks (contract §7) end to end: a real receiving HTTP server on 127.0.0.1 that fails on
+//! purpose, signatures checked as a receiver would, retries with backoff, the delivery log.
+
+mod common;
+
+use common::{signature_valid, Receiver, TestServer};
+use serde_json::{json, Value};
+
+/// Registers a webhook for `tenant` as admin; answers the 201 body (`id`, `secret`).
+async fn register(server: &TestServer, tenant: &str, url: &str, events: Value) -> Value {
+    let body = json!({"url": url, "events": events, "tenant": tenant});
+    let (status, created) =
+        server.request("POST", "/api/v1/admin/webhooks", Some(&server.admin_token()), Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    created
+}
+
+/// A worker's job of `tenant`, ended with `action` (`complete` or `fail`).
+async fn job_ending(server: &TestServer, tenant: &str, action: &str, body: Value) -> String {
+    let publisher = server.token("svc", tenant, &["publisher"]);
+    let (_, created) = server.request("POST", "/api/v1/jobs", Some(&publisher), Some(json!({"kind": "etl"}))).await;
+    let id = created["job_id"].as_str().expect("job_id").to_string();
+    let token = created["token"].as_str().expect("token").to_string();
+    let (status, _) = server.request("POST", &format!("/api/v1/jobs/{id}/{action}"), Some(&token), Some(body)).await;
+    assert_eq!(status, 200);
+    id
+}
+
+#[actix_rt::test]
+async fn a_terminal_event_is_signed_retried_after_500s_and_logged() {
+    let server = TestServer::with(|c| c.webhook_backoff_initial_ms = 50);
+    let receiver = Receiver::start(2);
+    let hook = register(&server, "acme", &receiver.url, json!(["job.completed", "job.failed"])).await;
+    let secret = hook["secret"].as_str().expect("secret");
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    // Another tenant's webhook must get nothing of acme's jobs.
+    let other = Receiver::start(0);
+    register(&server, "globex", &other.url, json!(["job.completed"])).await;
+    let job = job_ending(&server, "acme", "complete", json!({"results": {"rows": 3}})).await;
+    let got = receiver.until(|r| r.iter().any(|x| x.status == 200)).await;
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 500, 200], "two failures, then delivered");
+    let id = &got[0].headers["webhook-id"];
+    assert!(got.iter().all(|r| &r.headers["webhook-id"] == id), "the same webhook-id on every attempt");
+    assert!(got.iter().all(|r| signature_valid(secret, r)), "every attempt signed");
+    assert!(got.iter().all(|r| r.body == got[0].body), "the same body on every attempt");
+    let body: Value = serde_json::from_str(&got[2].body).expect("json body");
+    assert_eq!(body["type"], "job.completed");
+    assert_eq!(body["data"]["job_id"], job);
+    assert_eq!(body["data"]["status"], "completed");
+    assert_eq!(body["data"]["results"]["rows"], 3);
+    assert!(body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    // A receiver with the wrong secret would refuse it.
+    assert!(!signature_valid("whsec_d3Jvbmcgc2VjcmV0", &got[2]));
+    // The log: newest first, each attempt's status.
+    let path = format!("/api/v1/admin/webhooks/{}/deliveries", hook["id"].as_str().expect("id"));
+    let log = wait_for_log(&server, &path, 3).await;
+    let statuses: Vec<Value> = log.iter().map(|d| d["status"].clone()).collect();
+    assert_eq!(statuses, [json!(200), json!(500), json!(500)]);
+    assert_eq!(log[0]["attempt"], 3);
+    assert!(log[1]["error"].as_str().is_some_and(|e| e.contains("500")), "{log:?}");
+    assert!(other.until(|_| true).await.is_empty(), "globex's webhook got nothing");
+}
+
+/// The deliveries log once it has `n` attempts (the last is recorded a moment after it was sent).
+async fn wait_for_log(server: &TestServer, path: &str, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (status, body) = server.request("GET", path, Some(&server.admin_token()), None).await;
+        assert_eq!(status, 200, "{body}");
+        let log = body["deliveries"].as_array().cloned().unwrap_or_default();
+        if log.len() >= n {
+            return log;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log never had {n} attempts: {log:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_message_is_given_up_after_the_last_attempt() {
+    let server = TestServer::with(|c| {
+        c.webhook_backoff_initial_ms = 20;
+        c.webhook_max_attempts = 3;
+    });
+    let receiver = Receiver::start(usize::MAX);
+    let hook = register(&server, "acme", &receiver.url, json!(["job.failed"])).await;
+    job_ending(&server, "acme", "fail", json!({"error": "disk full", "recoverable": true})).await;
+    let got = receiver.until(|r| r.len() >= 3).await;
+    let body: Value = serde_json::from_str(&got[0].body).expect("json");
+    assert_eq!(body["type"], "job.failed");
+    assert_eq!(body["data"]["error"]["message"], "disk full");
+    let path = format!("/api/v1/admin/webhooks/{}/deliveries", hook["id"].as_str().expect("id"));
+    let log = wait_for_log(&server, &path, 3).await;
+    assert_eq!(log.len(), 3, "three attempts, no fourth: {log:?}");
+}
+
+#[actix_rt::test]
+async fn webhooks_are_admin_only_and_checked() {
+    let server = TestServer::start();
+    let plain = server.token("alice", "acme", &[]);
+    let body = json!({"url": "http://127.0.0.1:9/x", "events": ["job.completed"]});
+    assert_eq!(server.request("POST", "/api/v1/admin/webhooks", Some(&plain), Some(body.clone())).await.0, 403);
+    assert_eq!(server.request("GET", "/api/v1/admin/webhooks", Some(&plain), None).await.0, 403);
+    let admin = server.admin_token();
+    for bad in [
+        json!({"url": "ftp://127.0.0.1/x", "events": ["job.completed"]}),
+        json!({"url": "not a url", "events": ["job.completed"]}),
+        json!({"url": "http://127.0.0.1:9/x", "events": []}),
+        json!({"url": "http://127.0.0.1:9/x", "events": ["job.exploded"]}),
+        json!({"url": "http://127.0.0.1:9/x", "events": ["job.completed"], "secret": "short"}),
+    ] {
+        let (status, answer) = server.request("POST", "/api/v1/admin/webhooks", Some(&admin), Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+    let mine = json!({"url": "http://127.0.0.1:9/x", "events": ["job.completed"], "secret": "a-secret-of-my-own"});
+    let (status, created) = server.request("POST", "/api/v1/admin/webhooks", Some(&admin), Some(mine)).await;
+    assert_eq!((status, created["secret"].clone()), (201, json!("a-secret-of-my-own")));
+    let (_, listed) = server.request("GET", "/api/v1/admin/webhooks", Some(&admin), None).await;
+    assert_eq!(listed["webhooks"][0]["url"], "http://127.0.0.1:9/x");
+    assert!(listed["webhooks"][0].get("secret").is_none(), "the secret is shown once, at creation");
+    let id = created["id"].as_str().expect("id");
+    let path = format!("/api/v1/admin/webhooks/{id}");
+    assert_eq!(server.request("DELETE", &path, Some(&admin), None).await.0, 200);
+    assert_eq!(server.request("DELETE", &path, Some(&admin), None).await.0, 404);
+    assert_eq!(server.request("GET", &format!("{path}/deliveries"), Some(&admin), None).await.0, 404);
+}
