@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test jobcast has: formatting, lints, Rust unit and integration tests, the Autobahn
-# TestSuite's WebSocket cases against `serve --conformance-echo`, then the clients' tests (TypeScript
-# client, React hooks, demo bundle check, browser end-to-end in Debian's chromium).
+# TestSuite's WebSocket cases against `serve --conformance-echo`, the Python package (mypy, pytest
+# against the real server, in a venv under target/), then the clients' tests (TypeScript client,
+# React hooks, demo bundle check, browser end-to-end in Debian's chromium).
 # This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
 # it needs itself (Redis started, or installed with apt-get, when none listens; kosoku into a venv
 # under target/; npm packages with npm ci; chromium with apt-get when missing; PostgreSQL started, or
@@ -80,6 +81,26 @@ if [ ! -x "$venv/bin/python" ] && ! python3 -m venv "$venv" && command -v apt-ge
 fi
 "$venv/bin/python" -c 'import kosoku' 2>/dev/null || "$venv/bin/pip" install --quiet kosoku==0.1.0
 "$venv/bin/python" tests/conformance/autobahn.py target/debug/jobcast target/autobahn-report 2>&1 | tee -a "$log"
+
+echo "== Python package (clients/python: mypy --strict, pytest against the real server)"
+pyvenv=target/python-venv
+if [ ! -x "$pyvenv/bin/python" ]; then python3 -m venv "$pyvenv"; fi
+"$pyvenv/bin/python" -c 'import jobcast, pytest, mypy, websockets, httpx, msgpack' 2>/dev/null \
+  || "$pyvenv/bin/pip" install --quiet -e 'clients/python[test]'
+(cd clients/python && "../../$pyvenv/bin/python" -m mypy jobcast)
+junit=$(mktemp)
+pystatus=0
+(cd clients/python && JOBCAST_BIN="$PWD/../../target/debug/jobcast" "../../$pyvenv/bin/python" -m pytest -q \
+  -p no:cacheprovider --junitxml="$junit" tests) || pystatus=$?
+"$pyvenv/bin/python" - "$junit" <<'PY' | tee -a "$log"
+import sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+total, bad = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+print(f"{total - bad - int(suite.get('skipped', 0))} passed, {bad} failed")
+PY
+rm -f "$junit"
+[ "$pystatus" -eq 0 ]
 
 echo "== clients"
 bash clients/test.sh 2>&1 | tee -a "$log"
