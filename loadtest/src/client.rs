@@ -112,10 +112,14 @@ async fn read_room(
         if r != room || env.redelivered {
             continue;
         }
-        if let Event::Info(data) = &env.event {
-            if let Some(t) = data.get("t").and_then(Value::as_u64) {
-                let _ = hist.record((unix_nanos().saturating_sub(t) / 1000).max(1));
-            }
+        // Publish time: in an `info`'s data, or in a worker report's metadata.
+        let sent = match &env.event {
+            Event::Info(data) => data.get("t").and_then(Value::as_u64),
+            Event::ProcessingProgress(p) => p.metadata.as_ref().and_then(|m| m.get("t")).and_then(Value::as_u64),
+            _ => None,
+        };
+        if let Some(t) = sent {
+            let _ = hist.record((unix_nanos().saturating_sub(t) / 1000).max(1));
         }
         if seq <= seen.last_seq {
             seen.duplicates += 1;
@@ -687,4 +691,131 @@ async fn watch_job(mut ws: Ws, room: String) -> (bool, Histogram<u64>) {
         }
     }
     (false, h)
+}
+
+/// `reports`: workers reporting into `jobs` jobs that run elsewhere, each watched by `watchers`
+/// clients. Every report carries its send time in `metadata.t`; the server coalesces progress to
+/// `progress_max_rate_per_s` (pass `--server-arg=--progress-max-rate-per-s=0` to have every report
+/// become an event). Each job is completed at the end, so every watcher knows the last `seq`.
+pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, duration: Duration) -> Result<(), String> {
+    let publisher = s.token("loadtest-publisher", JOB_TENANT, &["publisher"]);
+    let mut http = Http::connect(&s.publish_addr).await?;
+    let mut created = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let (status, answer) = http.json("POST", "/api/v1/jobs", &publisher, &json!({"kind": "loadtest"})).await?;
+        if status != 201 {
+            return Err(format!("POST /api/v1/jobs answered {status}: {answer}"));
+        }
+        let id = answer["job_id"].as_str().ok_or("no job_id")?.to_string();
+        created.push((id, answer["token"].as_str().ok_or("no token")?.to_string()));
+    }
+    let rooms: Vec<String> = created.iter().map(|(id, _)| format!("job:{id}")).collect();
+    let (conns, connect_hist) = connect_many(s, jobs * watchers, &rooms, false, "loadtest-watcher").await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let before = s.figures();
+    let mut per_room_tx: HashMap<String, tokio::sync::watch::Sender<Option<u64>>> = HashMap::new();
+    let mut readers = Vec::with_capacity(conns.len());
+    for (ws, room) in conns {
+        let rrx = per_room_tx.entry(room.clone()).or_insert_with(|| tokio::sync::watch::channel(None).0).subscribe();
+        readers.push(tokio::spawn(read_room(ws, false, room, delivered.clone(), Arc::new(rrx), histogram())));
+    }
+    // 32 keep-alive connections report, each on an even schedule offset by its share of the interval.
+    let senders = 32usize.min(jobs.max(1));
+    let per = rate / senders as f64;
+    let (accepted, coalesced) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let refused = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..senders {
+        let mine: Vec<(String, String)> = created.iter().skip(k).step_by(senders).cloned().collect();
+        let (addr, accepted, coalesced, refused) =
+            (s.publish_addr.clone(), accepted.clone(), coalesced.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut http = Http::connect(&addr).await?;
+            let mut n = 0u64;
+            let offset = k as f64 / senders as f64 / per;
+            while start.elapsed() < duration {
+                let due = start + Duration::from_secs_f64(offset + n as f64 / per);
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let (id, token) = &mine[n as usize % mine.len()];
+                // Progress creeps up to 0.9 over the run; the job completes afterwards.
+                let fraction = (start.elapsed().as_secs_f64() / duration.as_secs_f64()).min(1.0) * 0.9;
+                let body = json!({"progress": fraction, "metadata": {"t": unix_nanos()}});
+                let (status, answer) = http.json("POST", &format!("/api/v1/jobs/{id}/report"), token, &body).await?;
+                match status {
+                    200 if answer["seq"].is_null() => coalesced.fetch_add(1, Relaxed),
+                    200 => accepted.fetch_add(1, Relaxed),
+                    _ => refused.fetch_add(1, Relaxed),
+                };
+                n += 1;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    let ticker = async {
+        while start.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let secs = start.elapsed().as_secs_f64();
+            let done = accepted.load(Relaxed) + coalesced.load(Relaxed);
+            progress(&format!(
+                "[reports] {secs:>5.1}/{} s  reports {done} ({:.0}/s)  delivered {}",
+                duration.as_secs(),
+                done as f64 / secs,
+                delivered.load(Relaxed)
+            ));
+        }
+    };
+    let (results, _) = futures_util::future::join(futures_util::future::join_all(tasks), ticker).await;
+    progress_done();
+    for r in results {
+        r.map_err(|e| e.to_string())??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Each job ends: its terminal event's seq is every watcher's last.
+    let mut expected = 0u64;
+    for ((id, token), room) in created.iter().zip(&rooms) {
+        let (status, answer) = http.json("POST", &format!("/api/v1/jobs/{id}/complete"), token, &json!({})).await?;
+        if status != 200 {
+            return Err(format!("complete answered {status}: {answer}"));
+        }
+        let last = answer["seq"].as_u64().unwrap_or(0);
+        expected += last * watchers as u64;
+        if let Some(tx) = per_room_tx.get(room) {
+            let _ = tx.send(Some(last));
+        }
+    }
+    let mut latency = histogram();
+    let (mut received, mut dups, mut gaps) = (0u64, 0u64, 0u64);
+    for r in readers {
+        let (seen, h) = r.await.map_err(|e| e.to_string())?;
+        latency.add(h).map_err(|e| e.to_string())?;
+        received += seen.received;
+        dups += seen.duplicates;
+        gaps += seen.gaps;
+    }
+    let after = s.figures();
+    let reports = accepted.load(Relaxed) + coalesced.load(Relaxed);
+    let mut fields = Map::new();
+    fields.insert("jobs".into(), jobs.into());
+    fields.insert("watchers".into(), (jobs * watchers).into());
+    fields.insert("rate_per_s".into(), rate.into());
+    fields.insert("reports".into(), reports.into());
+    fields.insert("reports_per_s".into(), ((reports as f64 / elapsed).round()).into());
+    fields.insert("reports_coalesced".into(), coalesced.load(Relaxed).into());
+    fields.insert("reports_refused".into(), refused.load(Relaxed).into());
+    fields.insert("delivered".into(), received.into());
+    fields.insert("expected".into(), expected.into());
+    fields.insert("lost".into(), expected.saturating_sub(received).into());
+    fields.insert("duplicates".into(), dups.into());
+    fields.insert("gaps".into(), gaps.into());
+    fields.insert("latency".into(), percentiles(&latency));
+    fields.insert("connect_auth".into(), percentiles(&connect_hist));
+    if let (Some(b), Some(a)) = (before, after) {
+        fields.insert("server_peak_rss_mib".into(), (a.peak_kib / 1024).into());
+        fields.insert("server_cpu_s".into(), (((a.cpu_s - b.cpu_s) * 100.0).round() / 100.0).into());
+    }
+    print("reports", fields);
+    Ok(())
 }

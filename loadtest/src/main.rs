@@ -4,8 +4,9 @@
 //! (fanout with `ack=1`), `step` (fanout with P raised until p99 or loss gives), `storm` (every client
 //! dropped at once, by the server or by the harness cutting its sockets, then resuming with fresh tokens
 //! and `since`), `idle` (C connections
-//! holding on heartbeats, for memory per connection) and `jobs` (U concurrent CSV uploads of N rows,
-//! each watched by W clients).
+//! holding on heartbeats, for memory per connection), `jobs` (U concurrent CSV uploads of N rows,
+//! each watched by W clients) and `reports` (workers reporting into J jobs that run elsewhere, each
+//! watched by W clients).
 //!
 //! By default the harness starts `target/release/jobcast` itself (so it knows the server's pid for
 //! memory and CPU figures); `--server`/`--secret`/`--server-pid` aim it at a running one instead.
@@ -70,6 +71,22 @@ enum Scenario {
         #[arg(long, short = 'd', default_value_t = 5)]
         duration: u64,
     },
+    /// J jobs that run elsewhere (`POST /api/v1/jobs`), each watched by W clients, reported into at
+    /// P reports/s in total for D seconds through keep-alive connections, each with its job token.
+    Reports {
+        /// Jobs.
+        #[arg(long, short = 'j', default_value_t = 100)]
+        jobs: usize,
+        /// Watchers per job.
+        #[arg(long, short = 'w', default_value_t = 10)]
+        watchers: usize,
+        /// Reports per second in total.
+        #[arg(long, short = 'p', default_value_t = 20_000.0)]
+        rate: f64,
+        /// Seconds of reporting.
+        #[arg(long, short = 'd', default_value_t = 10)]
+        duration: u64,
+    },
     /// U concurrent CSV uploads of N rows, each watched by W clients.
     Jobs {
         /// Concurrent uploads.
@@ -131,6 +148,9 @@ fn main() -> std::process::ExitCode {
                 client::idle(&target, connections, Duration::from_secs(duration)).await
             }
             Scenario::Jobs { uploads, rows, watchers } => client::jobs(&target, uploads, rows, watchers).await,
+            Scenario::Reports { jobs, watchers, rate, duration } => {
+                client::reports(&target, jobs, watchers, rate, Duration::from_secs(duration)).await
+            }
         };
         target.stop().await;
         out

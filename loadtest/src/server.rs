@@ -31,6 +31,10 @@ pub struct Target {
     /// through the first, so every delivery crosses nodes.
     #[arg(long, global = true, default_value_t = 1)]
     pub nodes: usize,
+    /// An extra argument for the server(s) the harness starts (repeatable), e.g.
+    /// `--server-arg=--progress-max-rate-per-s=0`.
+    #[arg(long = "server-arg", global = true, allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
 }
 
 /// A server the harness talks to.
@@ -64,7 +68,8 @@ async fn spawn(
         .arg(dir)
         .args(["--max-connections", "200000", "--max-connections-per-user", "200000"])
         .args(["--history-size", "20000", "--max-queued-messages", "20000", "--max-upload-bytes", "1000000000"])
-        .args(["--max-upload-bytes-per-tenant", "100000000000"]);
+        .args(["--max-upload-bytes-per-tenant", "100000000000", "--max-queued-jobs-per-tenant", "100000"])
+        .args(&t.server_args);
     if let Some((url, prefix)) = cluster {
         cmd.args(["--redis-url", url, "--cluster-prefix", prefix]);
     }
