@@ -947,6 +947,12 @@ pub struct JobSnapshot {
     /// Someone asked to cancel it; its worker has not ended it yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested: Option<bool>,
+    /// Who asked to cancel it (with `cancel_requested`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_by: Option<String>,
+    /// When its worker last reported (RFC 3339); its creation until the first report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<String>,
     /// Its worker has been silent for `job_stall_timeout_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stalled: Option<bool>,
@@ -987,6 +993,8 @@ impl JobSnapshot {
             stages: None,
             metadata: None,
             cancel_requested: None,
+            cancel_requested_by: None,
+            reported_at: None,
             stalled: None,
         }
     }

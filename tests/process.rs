@@ -614,7 +614,7 @@ async fn call(addr: &str, path: &str, bearer: &str, body: serde_json::Value) -> 
 }
 
 #[actix_rt::test]
-async fn a_workers_job_outlives_a_crash_of_the_server_and_still_stalls() {
+async fn a_workers_job_and_its_cancel_outlive_crashes_of_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--bind", "127.0.0.1:0", "--job-stall-timeout-s", "2"];
     let mut p = Proc::serve(dir.path(), &args, &[]);
@@ -637,17 +637,30 @@ async fn a_workers_job_outlives_a_crash_of_the_server_and_still_stalls() {
     let token = mint(dir.path(), "alice", "default");
     let snapshot = job_status(&p.addr, &token, id.parse().unwrap()).await;
     assert_eq!(snapshot["progress"], 50.0);
+    // A cancel asked now outlives the next crash too.
+    let (status, _) = call(&p.addr, &format!("/api/v1/jobs/{id}/cancel"), &token, serde_json::json!({})).await;
+    assert_eq!(status, 202);
+    let mut p = p;
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let p = Proc::serve(dir.path(), &args, &[]);
+    let (status, third) = call(&p.addr, &report, &job_token, serde_json::json!({"progress": 0.6})).await;
+    assert_eq!((status, third["cancel_requested"].clone()), (200, serde_json::json!(true)), "{third}");
     // A worker that went away with the crash is noticed after the restart too.
     let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
     c.expect(EventType::ConnectionEstablished).await;
     c.expect(EventType::Authenticated).await;
     c.subscribe(&format!("job:{id}")).await;
+    // Asked to stop and then silent: it stopped (cancelled, not failed), after the grace period or
+    // the stall, whichever comes first.
     loop {
-        if c.recv().await.event.kind() == EventType::ProcessingFailed {
+        let kind = c.recv().await.event.kind();
+        assert_ne!(kind, EventType::ProcessingFailed, "a cancelled job that went silent is cancelled");
+        if kind == EventType::JobCancelled {
             break;
         }
     }
-    assert_eq!(job_status(&p.addr, &token, id.parse().unwrap()).await["error"]["recoverable"], true);
+    assert_eq!(job_status(&p.addr, &token, id.parse().unwrap()).await["status"], "cancelled");
 }
 
 #[actix_rt::test]

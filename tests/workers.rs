@@ -167,7 +167,8 @@ async fn a_job_token_works_for_its_own_job_only_and_nowhere_else() {
 #[actix_rt::test]
 async fn bad_reports_are_refused_with_a_reason_and_change_nothing() {
     let server = TestServer::start();
-    let created = create(&server, "acme", json!({"kind": "etl", "stages": [{"name": "load"}]})).await;
+    let created =
+        create(&server, "acme", json!({"kind": "etl", "stages": [{"name": "load"}], "metadata": {"kept": true}})).await;
     let token = token_of(&created);
     for body in [
         json!({"progress": 1.5}),
@@ -196,6 +197,27 @@ async fn bad_reports_are_refused_with_a_reason_and_change_nothing() {
     let (_, snapshot) = server.request("GET", &path, Some(&server.token("alice", "acme", &[])), None).await;
     assert_eq!(snapshot["progress"], 0.0);
     assert_eq!(snapshot["status"], "queued");
+    assert_eq!(snapshot["metadata"], json!({"kept": true}), "a refused report leaves the metadata as it was");
+}
+
+#[actix_rt::test]
+async fn before_any_stage_is_named_a_fraction_is_the_first_stages() {
+    let server = TestServer::with(|c| c.progress_max_rate_per_s = 0);
+    let created = create(
+        &server,
+        "acme",
+        json!({"kind": "etl", "stages": [{"name": "a", "weight": 1}, {"name": "b", "weight": 3}]}),
+    )
+    .await;
+    let token = token_of(&created);
+    let (mut watcher, _) = watch(&server, &created, "acme").await;
+    call(&server, &created, "report", &token, json!({"progress": 0.5})).await;
+    let (first, _) = until(&mut watcher, EventType::ProcessingProgress).await;
+    assert_eq!(data(&first)["progress"], 12.5, "half of the first stage's quarter");
+    // Naming the next stage starts the bar where the stages before it end.
+    call(&server, &created, "report", &token, json!({"stage": "b"})).await;
+    let (second, _) = until(&mut watcher, EventType::ProcessingProgress).await;
+    assert_eq!((data(&second)["progress"].clone(), data(&second)["stage"].clone()), (json!(25.0), json!("b")));
 }
 
 #[actix_rt::test]

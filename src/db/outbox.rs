@@ -19,7 +19,7 @@ use crate::db::store::StoreActor;
 
 /// How long a due message is held by the attempt that claimed it (beyond the 10 s an endpoint has
 /// to answer).
-pub const CLAIM_MS: i64 = 15_000;
+pub const CLAIM_MS: i64 = 30_000;
 /// Attempts kept in the log per webhook (older ones are dropped).
 pub const LOG_PER_WEBHOOK: i64 = 1000;
 

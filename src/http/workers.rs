@@ -13,8 +13,8 @@ use crate::db::store::{GetJob, JobChange, JobRecord, UpdateJob};
 use crate::error::ApiError;
 use crate::http::extract::{bearer, json_body, token_of};
 use crate::http::shared::Shared;
-use crate::jobs::external::{End, ExternalError, Report, Step, StepStatus, MAX_METADATA_BYTES};
-use crate::jobs::scheduler::{FindExternal, StartExternal};
+use crate::jobs::external::{Discard, End, ExternalError, Report, Step, StepStatus, MAX_METADATA_BYTES};
+use crate::jobs::scheduler::{FindExternal, StartExternal, StartRefused};
 use crate::protocol::{excerpt, now_rfc3339, JobSnapshot, JobStatus, RoomKind, StageSpec};
 
 /// Registers the worker routes under `/api/v1` (`POST /jobs`, [`create`], shares its resource with
@@ -112,8 +112,16 @@ pub async fn create(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
         created_at: Some(now_rfc3339()),
         ..JobSnapshot::reservation(job_id, &who.tenant)
     };
-    // Saved before anything is published, so the room's subscribers find the job.
-    let record = JobRecord { snapshot: snapshot.clone(), spec: None };
+    // The actor first (it checks the tenant's limit), then the record before the answer: nobody
+    // knows the job's id before it is stored.
+    let unavailable = |e: String| ApiError::Unavailable(e);
+    let addr = shared
+        .scheduler
+        .send(StartExternal { snapshot: snapshot.clone(), fresh: true })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(start_refused)?;
+    let record = JobRecord { snapshot, spec: None };
     let save = UpdateJob {
         id: job_id,
         change: Box::new(move |current: Option<&JobRecord>| match current {
@@ -121,20 +129,11 @@ pub async fn create(req: HttpRequest, shared: web::Data<Shared>, body: web::Payl
             Some(_) => JobChange::Keep,
         }),
     };
-    let unavailable = |e: String| ApiError::Unavailable(e);
-    shared
-        .store
-        .send(save)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .map_err(|e| unavailable(e.to_string()))?
-        .ok();
-    shared
-        .scheduler
-        .send(StartExternal { snapshot, fresh: true })
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .map_err(ApiError::QuotaExceeded)?;
+    let saved = shared.store.send(save).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = saved {
+        addr.do_send(Discard);
+        return Err(unavailable(e));
+    }
     let token = shared.auth.mint_job_token(&who, job_id).map_err(|e| ApiError::Internal(e.to_string()))?;
     info!(target: "audit", event = "job_created", user = %who.user_id, tenant = %who.tenant, job = %job_id, kind = %c.kind, "external job created");
     Ok(HttpResponse::Created().json(json!({
@@ -178,7 +177,14 @@ async fn actor(shared: &Shared, claim: &JobClaim) -> Result<actix::Addr<crate::j
         .send(StartExternal { snapshot: job.snapshot, fresh: false })
         .await
         .map_err(|e| unavailable(e.to_string()))?
-        .map_err(ApiError::QuotaExceeded)
+        .map_err(start_refused)
+}
+
+fn start_refused(e: StartRefused) -> ApiError {
+    match e {
+        StartRefused::Ended => ended(),
+        StartRefused::Quota(why) => ApiError::QuotaExceeded(why),
+    }
 }
 
 fn ended() -> ApiError {

@@ -127,6 +127,19 @@ pub struct Ended {
     pub status: JobStatus,
 }
 
+/// Stop at once, publishing and saving nothing (a job whose creation could not be stored).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Discard;
+
+impl Handler<Discard> for External {
+    type Result = ();
+    fn handle(&mut self, _: Discard, ctx: &mut Context<Self>) {
+        self.ending = true;
+        ctx.stop();
+    }
+}
+
 /// Ask the worker to stop (a cancel by `by`); answers whether the job was still running.
 #[derive(Message)]
 #[rtype(result = "bool")]
@@ -179,9 +192,16 @@ impl External {
         let mut progress = Monotonic::default();
         progress.raise(snapshot.progress.unwrap_or(0.0));
         let now = Instant::now();
+        // With stages, the job is in the first until a report names another.
+        let stage = snapshot
+            .stage
+            .as_ref()
+            .and_then(|s| stages.iter().position(|(n, _)| n == s.as_str()))
+            .or(if stages.is_empty() { None } else { Some(0) });
+        let reported = snapshot.reported_at.clone().or_else(|| snapshot.created_at.clone()).unwrap_or_else(now_rfc3339);
         External {
             room: RoomKind::Job(snapshot.job_id).name(),
-            stage: snapshot.stage.as_ref().and_then(|s| stages.iter().position(|(n, _)| n == s.as_str())),
+            stage,
             stages,
             progress,
             eta: Eta::new(now),
@@ -191,10 +211,11 @@ impl External {
             steps_completed: snapshot.zones_completed.unwrap_or(0),
             steps_failed: snapshot.errors.unwrap_or(0),
             ending: false,
-            cancel_by: None,
-            last_report: (now, snapshot.updated_at.clone().unwrap_or_else(now_rfc3339)),
+            // A cancel asked before a restart still holds (its grace period starts again).
+            cancel_by: snapshot.cancel_requested_by.clone().filter(|_| snapshot.cancel_requested == Some(true)),
+            last_report: (now, reported),
             stall_timer: None,
-            stalled: false,
+            stalled: snapshot.stalled == Some(true),
             snapshot,
             deps,
             ended,
@@ -214,6 +235,15 @@ impl External {
         self.deps.store.do_send(SaveJob(JobRecord { snapshot: self.snapshot.clone(), spec: None }));
     }
 
+    /// The job is `cancelled` after the grace period unless its worker ended it first.
+    fn arm_cancel_grace(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_later(self.deps.cancel_grace, |job, ctx| {
+            if !job.ending {
+                job.cancelled(ctx);
+            }
+        });
+    }
+
     /// (Re)arms the stall timer: `job_stalled` after `stall` without a report, failed after twice that.
     fn arm_stall_timer(&mut self, ctx: &mut Context<Self>) {
         if let Some(h) = self.stall_timer.take() {
@@ -231,6 +261,9 @@ impl External {
                 job.save();
                 job.deps.webhooks.do_send(JobEvent { event: "job.stalled", snapshot: job.snapshot.clone() });
                 job.arm_stall_timer(ctx);
+            } else if job.cancel_by.is_some() {
+                // Asked to stop and silent since: it stopped.
+                job.cancelled(ctx);
             } else {
                 let secs = 2 * job.deps.stall.as_secs();
                 job.finish_failed(format!("the worker sent no report for {secs} s"), true, ctx);
@@ -282,6 +315,7 @@ impl External {
             if job.coalescer.take_due(Instant::now()).is_some() && !job.ending {
                 if let Some(p) = job.pending.take() {
                     job.publish(Event::ProcessingProgress(p));
+                    job.save();
                 }
             }
         });
@@ -351,6 +385,9 @@ impl Actor for External {
         let _g = span.enter();
         tracing::info!(status = self.snapshot.status.as_str(), "external job live");
         self.arm_stall_timer(ctx);
+        if self.cancel_by.is_some() {
+            self.arm_cancel_grace(ctx);
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -366,46 +403,65 @@ impl Handler<Report> for External {
         if self.ending {
             return refused(ExternalError::Ended);
         }
-        let mut behind = false;
-        if let Some(name) = &r.stage {
-            let at = self.stages.iter().position(|(n, _)| n == name);
-            if at.is_none() && !self.stages.is_empty() {
+        // Checked first: a refused report changes nothing.
+        let at = r.stage.as_ref().map(|name| self.stages.iter().position(|(n, _)| n == name));
+        if let (Some(None), Some(name)) = (at, &r.stage) {
+            if !self.stages.is_empty() {
                 let known: Vec<&str> = self.stages.iter().map(|(n, _)| n.as_str()).collect();
                 return refused(ExternalError::Invalid(format!(
                     "unknown stage {name:?}: the job's stages are {known:?}"
                 )));
             }
-            // Stages go forward only: a report of an earlier one changes nothing of the bar.
-            match at {
-                Some(i) if self.stage.is_some_and(|cur| i < cur) => behind = true,
-                Some(i) => {
-                    self.stage = Some(i);
-                    self.snapshot.stage = Some(Stage::parse(name));
-                }
-                None => self.snapshot.stage = Some(Stage::parse(name)),
-            }
         }
-        if let Some(meta) = r.metadata {
-            let mut merged = match self.snapshot.metadata.take() {
-                Some(Value::Object(m)) => m,
-                _ => Map::new(),
-            };
-            merged.extend(meta);
-            let merged = Value::Object(merged);
-            let size = serde_json::to_vec(&merged).map(|v| v.len()).unwrap_or(usize::MAX);
-            if size > MAX_METADATA_BYTES {
-                return refused(ExternalError::Invalid(format!(
-                    "metadata would take {size} bytes; at most {MAX_METADATA_BYTES}"
-                )));
+        let merged = match r.metadata {
+            Some(meta) => {
+                let mut merged = match &self.snapshot.metadata {
+                    Some(Value::Object(m)) => m.clone(),
+                    _ => Map::new(),
+                };
+                merged.extend(meta);
+                let merged = Value::Object(merged);
+                let size = serde_json::to_vec(&merged).map(|v| v.len()).unwrap_or(usize::MAX);
+                if size > MAX_METADATA_BYTES {
+                    return refused(ExternalError::Invalid(format!(
+                        "metadata would take {size} bytes; at most {MAX_METADATA_BYTES}"
+                    )));
+                }
+                Some(merged)
             }
-            self.snapshot.metadata = Some(merged);
+            None => None,
+        };
+        let mut changed = merged.is_some();
+        if merged.is_some() {
+            self.snapshot.metadata = merged;
+        }
+        // Stages go forward only: a report of an earlier one changes nothing of the bar. A later
+        // one starts where the stages before it end.
+        let mut behind = false;
+        match (at.flatten(), &r.stage) {
+            (Some(i), _) if self.stage.is_some_and(|cur| i < cur) => behind = true,
+            (Some(i), Some(name)) => {
+                changed |= self.stage != Some(i);
+                self.stage = Some(i);
+                self.snapshot.stage = Some(Stage::parse(name));
+                let start = self.overall(0.0);
+                self.progress.raise(start);
+            }
+            (None, Some(name)) => {
+                changed |= self.snapshot.stage.as_ref().map(|s| s.as_str()) != Some(name.as_str());
+                self.snapshot.stage = Some(Stage::parse(name));
+            }
+            _ => {}
         }
         // The report counts: the worker is alive.
         self.last_report = (Instant::now(), now_rfc3339());
+        self.snapshot.reported_at = Some(self.last_report.1.clone());
+        changed |= self.stalled;
         self.stalled = false;
         self.snapshot.stalled = None;
         self.arm_stall_timer(ctx);
         if matches!(self.snapshot.status, JobStatus::Queued) {
+            changed = true;
             self.set_status(JobStatus::Processing, "the worker reported");
             self.snapshot.started_at = Some(Some(now_rfc3339()));
         }
@@ -456,14 +512,18 @@ impl Handler<Report> for External {
         let value = self.progress.get();
         self.snapshot.progress = Some(value);
         self.snapshot.eta_seconds = Some(self.eta.seconds_left(now, value));
-        self.save();
         let cancel_requested = self.cancel_by.is_some();
         let event = self.progress_event(r.message);
         if self.coalescer.offer(now, ()).is_none() {
+            // Saved with the event that carries it, unless something beyond progress changed.
+            if changed || r.step.is_some() {
+                self.save();
+            }
             self.pending = Some(event);
             self.schedule_flush(ctx);
             return Box::pin(fut::ready(Ok(Reported { seq: None, cancel_requested })));
         }
+        self.save();
         self.pending = None;
         let published = self.deps.broker.send(Publish::api(self.room.clone(), Event::ProcessingProgress(event)));
         Box::pin(published.into_actor(self).map(move |answer, _, _| match answer {
@@ -479,15 +539,15 @@ fn publish_error(e: &PublishError) -> String {
 }
 
 impl Handler<End> for External {
-    type Result = ResponseActFuture<Self, Result<Ended, ExternalError>>;
+    // Atomic: no other message or timer runs while the terminal event is being published, so a
+    // refused publish (503) leaves the job exactly as it was.
+    type Result = AtomicResponse<Self, Result<Ended, ExternalError>>;
 
     fn handle(&mut self, end: End, _: &mut Context<Self>) -> Self::Result {
         if self.ending {
-            return Box::pin(fut::ready(Err(ExternalError::Ended)));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(ExternalError::Ended))));
         }
         self.ending = true;
-        self.coalescer.clear();
-        self.pending = None;
         let job_id = self.job_id();
         // A job asked to stop ends cancelled whatever the worker says.
         let (event, status) = match (&self.cancel_by, &end) {
@@ -507,7 +567,7 @@ impl Handler<End> for External {
             ),
         };
         let published = self.deps.broker.send(Publish::api(self.room.clone(), event));
-        Box::pin(published.into_actor(self).map(move |answer, job, ctx| {
+        AtomicResponse::new(Box::pin(published.into_actor(self).map(move |answer, job, ctx| {
             let seq = match answer {
                 Ok(Ok(p)) => p.seq,
                 Ok(Err(e)) => {
@@ -530,9 +590,11 @@ impl Handler<End> for External {
                 }
                 _ => {}
             }
+            job.coalescer.clear();
+            job.pending = None;
             job.terminal(status.clone(), status.as_str(), ctx);
             Ok(Ended { seq, status })
-        }))
+        })))
     }
 }
 
@@ -548,13 +610,10 @@ impl Handler<RequestCancel> for External {
         }
         self.cancel_by = Some(m.by.clone());
         self.snapshot.cancel_requested = Some(true);
+        self.snapshot.cancel_requested_by = Some(m.by.clone());
         self.publish(Event::CancelRequested(CancelRequested { job_id: self.job_id(), by: m.by }));
         self.save();
-        ctx.run_later(self.deps.cancel_grace, |job, ctx| {
-            if !job.ending {
-                job.cancelled(ctx);
-            }
-        });
+        self.arm_cancel_grace(ctx);
         true
     }
 }

@@ -95,13 +95,25 @@ pub enum CancelOutcome {
 /// (or on another node) whose worker reports here. Answers the live actor (the one already here,
 /// when there is one), or why not.
 #[derive(Message)]
-#[rtype(result = "Result<Addr<External>, String>")]
+#[rtype(result = "Result<Addr<External>, StartRefused>")]
 pub struct StartExternal {
     /// The job as created or stored.
     pub snapshot: JobSnapshot,
     /// Created just now (its `queued` status is published).
     pub fresh: bool,
 }
+
+/// Why an external job's actor was not started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartRefused {
+    /// The job ended a moment ago on this node (its snapshot may not say so yet).
+    Ended,
+    /// Its tenant has as many live such jobs as it may.
+    Quota(String),
+}
+
+/// Ended external jobs remembered, so that a late report cannot start one again.
+const ENDED_KEPT: usize = 10_000;
 
 /// The live actor of a job that runs elsewhere, if it is on this node.
 #[derive(Message)]
@@ -132,6 +144,8 @@ pub struct Scheduler {
     releasing: bool,
     /// Jobs that run elsewhere, live here, with their tenants.
     external: HashMap<Uuid, (Addr<External>, String)>,
+    /// External jobs that ended here lately (at most [`ENDED_KEPT`], oldest first).
+    ended: (VecDeque<Uuid>, HashSet<Uuid>),
 }
 
 impl Scheduler {
@@ -149,6 +163,7 @@ impl Scheduler {
             taking: HashSet::new(),
             releasing: false,
             external: HashMap::new(),
+            ended: Default::default(),
         }
     }
 
@@ -352,20 +367,23 @@ impl Handler<Finished> for Scheduler {
 }
 
 impl Handler<StartExternal> for Scheduler {
-    type Result = Result<Addr<External>, String>;
+    type Result = Result<Addr<External>, StartRefused>;
     fn handle(&mut self, msg: StartExternal, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.snapshot.job_id;
         if let Some((addr, _)) = self.external.get(&id) {
             return Ok(addr.clone());
         }
+        if self.ended.1.contains(&id) || msg.snapshot.status.is_terminal() {
+            return Err(StartRefused::Ended);
+        }
         let limits = self.deps.external;
         let tenant = msg.snapshot.tenant.clone();
         let live = self.external.values().filter(|(_, t)| *t == tenant).count();
         if live >= limits.max_per_tenant {
-            return Err(format!(
+            return Err(StartRefused::Quota(format!(
                 "tenant {tenant} has {live} jobs waiting for their workers; at most {} (max_queued_jobs_per_tenant)",
                 limits.max_per_tenant
-            ));
+            )));
         }
         let deps = ExternalDeps {
             broker: self.deps.broker.clone(),
@@ -400,6 +418,15 @@ impl Handler<ExternalEnded> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: ExternalEnded, _: &mut Context<Self>) {
         self.external.remove(&msg.job_id);
+        let (order, set) = &mut self.ended;
+        if set.insert(msg.job_id) {
+            order.push_back(msg.job_id);
+        }
+        while order.len() > ENDED_KEPT {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
     }
 }
 

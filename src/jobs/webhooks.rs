@@ -104,6 +104,8 @@ pub struct Webhooks {
     backoff: Backoff,
     client: awc::Client,
     in_flight: usize,
+    /// The messages being sent now: never claimed again by this node meanwhile.
+    sending: std::collections::HashSet<(String, uuid::Uuid)>,
     claiming: bool,
 }
 
@@ -111,7 +113,7 @@ impl Webhooks {
     /// Delivers from `store`'s outbox.
     pub fn new(store: StoreAddr, backoff: Backoff) -> Webhooks {
         let client = awc::Client::builder().timeout(TIMEOUT).disable_redirects().finish();
-        Webhooks { store, backoff, client, in_flight: 0, claiming: false }
+        Webhooks { store, backoff, client, in_flight: 0, sending: Default::default(), claiming: false }
     }
 
     fn claim(&mut self, ctx: &mut Context<Self>) {
@@ -128,13 +130,16 @@ impl Webhooks {
                 Err(e) => return tracing::warn!(error = %e, "webhook outbox unreachable; retried shortly"),
             };
             for d in due {
-                hooks.deliver(d, ctx);
+                if !hooks.sending.contains(&(d.msg_id.clone(), d.webhook_id)) {
+                    hooks.deliver(d, ctx);
+                }
             }
         }));
     }
 
     fn deliver(&mut self, d: Due, ctx: &mut Context<Self>) {
         self.in_flight += 1;
+        self.sending.insert((d.msg_id.clone(), d.webhook_id));
         let attempt = d.attempts + 1;
         let timestamp = now_ms() / 1000;
         let signed = signature(&d.secret, &d.msg_id, timestamp, &d.body);
@@ -172,10 +177,18 @@ impl Webhooks {
             if error.is_none() {
                 tracing::info!(?status, "webhook delivered");
             }
+            let key = (d.msg_id.clone(), d.webhook_id);
             let record = Attempted { msg_id: d.msg_id, webhook_id: d.webhook_id, attempt, at_ms, status, error, next_at_ms };
-            // Unrecorded (the store away), the claim runs out and the attempt is made again.
-            hooks.store.do_send(record);
-            hooks.claim(ctx);
+            // Unrecorded (the store away), the claim runs out and the attempt is made again. This
+            // node does not claim it again before the record is written.
+            let recorded = hooks.store.send(record);
+            ctx.spawn(recorded.into_actor(hooks).map(move |answer, hooks, ctx| {
+                if let Ok(Err(e)) | Err(e) = answer.map_err(|e| crate::db::sqlite::StoreError::new(e.to_string())) {
+                    tracing::warn!(error = %e, "a webhook attempt was not recorded; it is made again");
+                }
+                hooks.sending.remove(&key);
+                hooks.claim(ctx);
+            }));
         }));
     }
 }
@@ -191,7 +204,13 @@ impl Actor for Webhooks {
 impl Handler<JobEvent> for Webhooks {
     type Result = ();
     fn handle(&mut self, m: JobEvent, ctx: &mut Context<Self>) {
-        let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        // One id per job and outcome (a stall per silence), so the same outcome enqueued twice (a
+        // takeover, a retried save) is one message, and a receiver can drop repeats by id.
+        let since = match m.event {
+            "job.stalled" => m.snapshot.reported_at.as_deref().unwrap_or("").replace([':', '.', '-'], ""),
+            _ => String::new(),
+        };
+        let msg_id = format!("msg_{}_{}{since}", m.snapshot.job_id.simple(), m.event.trim_start_matches("job."));
         let body = json!({ "type": m.event, "timestamp": now_rfc3339(), "data": m.snapshot }).to_string();
         let tenant = m.snapshot.tenant.clone();
         let enqueue = self.store.send(Enqueue { tenant, event: m.event.to_string(), msg_id, body, now_ms: now_ms() });

@@ -97,7 +97,11 @@ class Client:
         self.rooms: Dict[str, RoomState] = {}
         self._queue: "asyncio.Queue[Union[Envelope, BaseException]]" = asyncio.Queue(max_queue)
         self._ws: Optional[Any] = None
+        #: Set once the open connection is authenticated (rooms are subscribed only then).
+        self._ready = False
         self._task: Optional["asyncio.Task[None]"] = None
+        self._attempt = 0
+        self._refused = 0
         self._closed = False
         self._connected = asyncio.Event()
         #: How many times a connection was (re)opened.
@@ -125,6 +129,10 @@ class Client:
     async def close(self) -> None:
         """Closes the connection for good."""
         self._closed = True
+        try:
+            self._queue.put_nowait(Stopped("closed"))
+        except asyncio.QueueFull:
+            pass
         if self._ws is not None:
             await self._ws.close()
         if self._task is not None:
@@ -137,13 +145,13 @@ class Client:
     async def subscribe(self, room: str) -> None:
         """Follows `room` from now on (and, after a reconnect, from the last event seen)."""
         state = self.rooms.setdefault(room, RoomState(room))
-        if self._ws is not None:
+        if self._ws is not None and self._ready:
             await self._send_subscribe(state)
 
     async def unsubscribe(self, room: str) -> None:
         """Stops following `room`."""
         self.rooms.pop(room, None)
-        if self._ws is not None:
+        if self._ws is not None and self._ready:
             await self._ws.send(encode_message({"type": "unsubscribe", "room": room}))
 
     async def cancel(self, job_id: str) -> None:
@@ -176,36 +184,40 @@ class Client:
     # ---- the connection loop ----
 
     async def _run(self) -> None:
-        attempt = 0
-        refused = 0
+        self._attempt = 0
+        self._refused = 0
         while not self._closed:
             try:
                 async with websockets.connect(self._url, max_size=32 << 20, open_timeout=10) as ws:
                     self._ws = ws
                     await self._session(ws)
-                    attempt = 0
-                    refused = 0
             except ConnectionClosed as e:
                 code = e.rcvd.code if e.rcvd is not None else None
                 if code == CLOSE_UNAUTHORIZED:
-                    refused += 1
-                    if refused >= 2:
+                    self._refused += 1
+                    if self._refused >= 2:
                         return await self._fail(AuthError(f"the server refused the token twice ({e.rcvd})"))
                 elif code in (CLOSE_FORBIDDEN, CLOSE_UNKNOWN_JOB):
                     return await self._fail(Stopped(f"refused for good: {e.rcvd}"))
                 elif code == CLOSE_TOO_MANY:
-                    attempt += 2
+                    self._attempt += 2
             except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake):
                 pass
+            except Exception as e:  # a frame that does not decode: the server is not one we speak to
+                return await self._fail(Stopped(f"stopped: {e!r}"))
             finally:
                 self._ws = None
+                self._ready = False
                 self._connected.clear()
             if self._closed:
                 break
-            attempt += 1
+            self._attempt += 1
             initial, cap = self._backoff
-            await asyncio.sleep(random.uniform(0, min(cap, initial * 2 ** min(attempt, 16))))
-        await self._queue.put(Stopped("closed"))
+            await asyncio.sleep(random.uniform(0, min(cap, initial * 2 ** min(self._attempt, 16))))
+        try:
+            self._queue.put_nowait(Stopped("closed"))
+        except asyncio.QueueFull:
+            pass
 
     async def _fail(self, error: BaseException) -> None:
         self._closed = True
@@ -219,6 +231,8 @@ class Client:
             env = decode_frame(frame)
             if env.type == "authenticated":
                 self.connections += 1
+                self._attempt = self._refused = 0
+                self._ready = True
                 for state in list(self.rooms.values()):
                     await self._send_subscribe(state)
                 self._connected.set()
@@ -229,6 +243,8 @@ class Client:
             if env.room is not None and env.seq is not None:
                 if not self._fresh(env):
                     self.duplicates += 1
+                    if self._ack:  # seen already, so acknowledged again (the server stops resending)
+                        await ws.send(encode_message({"type": "ack", "room": env.room, "seq": env.seq}))
                     continue
                 if self._ack:
                     await ws.send(encode_message({"type": "ack", "room": env.room, "seq": env.seq}))
