@@ -19,3 +19,5 @@ run idle -c 10000 -d 5
 run storm -c 10000 -r 100
 run storm -c 10000 -r 100 --cut
 run jobs -u 20 -n 100000 -w 5
+run reports -j 100 -w 10 -p 20000 -d 10
+run reports -j 100 -w 10 -p 5000 -d 10 --server-arg=--progress-max-rate-per-s=0

@@ -91,8 +91,10 @@ async fn read_room(
     delivered: Arc<AtomicU64>,
     expected: Arc<tokio::sync::watch::Receiver<Option<u64>>>,
     mut hist: Histogram<u64>,
+    joined_at: u64,
 ) -> (Seen, Histogram<u64>) {
-    let mut seen = Seen::default();
+    // Events up to `joined_at` came before the reader joined.
+    let mut seen = Seen { last_seq: joined_at, ..Seen::default() };
     let mut rx = (*expected).clone();
     loop {
         let target = *rx.borrow();
@@ -296,7 +298,7 @@ async fn fanout_run(s: &Server, f: &Fanout, ack: bool, label: &str) -> Result<Fa
     let mut readers = Vec::with_capacity(conns.len());
     for (ws, room) in conns {
         let rrx = per_room_tx.entry(room.clone()).or_insert_with(|| tokio::sync::watch::channel(None).0).subscribe();
-        readers.push(tokio::spawn(read_room(ws, ack, room, delivered.clone(), Arc::new(rrx), histogram())));
+        readers.push(tokio::spawn(read_room(ws, ack, room, delivered.clone(), Arc::new(rrx), histogram(), 0)));
     }
     drop(rx);
     let started = Instant::now();
@@ -717,7 +719,8 @@ pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, durati
     let mut readers = Vec::with_capacity(conns.len());
     for (ws, room) in conns {
         let rrx = per_room_tx.entry(room.clone()).or_insert_with(|| tokio::sync::watch::channel(None).0).subscribe();
-        readers.push(tokio::spawn(read_room(ws, false, room, delivered.clone(), Arc::new(rrx), histogram())));
+        // Each job's room had one event before anyone joined: its `status` queued.
+        readers.push(tokio::spawn(read_room(ws, false, room, delivered.clone(), Arc::new(rrx), histogram(), 1)));
     }
     // 32 keep-alive connections report, each on an even schedule offset by its share of the interval.
     let senders = 32usize.min(jobs.max(1));
@@ -773,15 +776,18 @@ pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, durati
         r.map_err(|e| e.to_string())??;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    // Each job ends: its terminal event's seq is every watcher's last.
+    // Each job ends: its terminal event's seq is every watcher's last. (A new connection: the
+    // one that created the jobs has idled past the server's keep-alive.)
+    let mut http = Http::connect(&s.publish_addr).await?;
     let mut expected = 0u64;
     for ((id, token), room) in created.iter().zip(&rooms) {
         let (status, answer) = http.json("POST", &format!("/api/v1/jobs/{id}/complete"), token, &json!({})).await?;
         if status != 200 {
             return Err(format!("complete answered {status}: {answer}"));
         }
-        let last = answer["seq"].as_u64().unwrap_or(0);
-        expected += last * watchers as u64;
+        // The `status` completed follows the terminal event in the room.
+        let last = answer["seq"].as_u64().unwrap_or(0) + 1;
+        expected += last.saturating_sub(1) * watchers as u64;
         if let Some(tx) = per_room_tx.get(room) {
             let _ = tx.send(Some(last));
         }
