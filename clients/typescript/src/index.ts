@@ -2,5 +2,6 @@
 export * from './protocol.js';
 export * from './client.js';
 export * from './job.js';
+export * from './worker.js';
 export { backoffCeiling, backoffDelay, DEFAULT_BACKOFF, type BackoffOptions } from './backoff.js';
 export { decodeBinaryFrame, decodeFrame, gunzip, type FramePayload } from './decode.js';

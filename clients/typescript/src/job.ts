@@ -119,6 +119,8 @@ export class JobTracker {
 
   /** Applies a `subscribed` answer: a snapshot resets the state unless the history is being replayed. */
   applySubscribed(data: SubscribedData): void {
+    // A job's creation metadata is in its snapshot only (events carry it from the first report on).
+    if (data.snapshot?.metadata !== undefined && this.s.metadata === null) this.s.metadata = data.snapshot.metadata;
     if (data.recovered || !data.snapshot) return;
     this.applySnapshot(data.snapshot);
   }

@@ -14,7 +14,7 @@ import {
 
 import { JobcastClient, type ConnectionState, type JobcastClientOptions, type TokenReason } from './client.js';
 import { initialJobState, JobTracker, type JobState } from './job.js';
-import type { Envelope, RoomEnvelope, SubscribedData } from './protocol.js';
+import type { Envelope, JsonValue, RoomEnvelope, SubscribedData } from './protocol.js';
 
 const ClientContext = createContext<JobcastClient | null>(null);
 
@@ -181,4 +181,20 @@ export function useJobProgress(jobId: string | null | undefined): JobProgress {
     };
   }, [client, jobId]);
   return { ...state, connection, subscription: sub.status, subscriptionError: sub.error };
+}
+
+/** What `useJob` returns: `useJobProgress`, with the job's `metadata` typed. */
+export interface JobView<Meta> extends Omit<JobProgress, 'metadata'> {
+  /** The metadata of the job's creation and its worker's reports, merged (null until there is some). */
+  metadata: Meta | null;
+}
+
+/**
+ * Follows job `jobId` like `useJobProgress`, typed on the metadata its worker reports:
+ * `const job = useJob<{ album: string; last?: string }>(id); job.metadata?.album`. The type is the
+ * caller's promise about what the worker sends; it is not checked at run time.
+ */
+export function useJob<Meta = JsonValue>(jobId: string | null | undefined): JobView<Meta> {
+  const progress = useJobProgress(jobId);
+  return progress as unknown as JobView<Meta>;
 }

@@ -7,7 +7,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 
 import type { JobcastClientOptions, TokenReason } from '../src/client.js';
-import { JobcastProvider, useConnectionState, useJobcast, useJobProgress, useRoom } from '../src/react.js';
+import { JobcastProvider, useConnectionState, useJob, useJobcast, useJobProgress, useRoom } from '../src/react.js';
 import { generateCsv, startServer, type JobcastServer } from '../../test-support/server.js';
 
 let server: JobcastServer;
@@ -117,6 +117,42 @@ describe('useJobProgress', () => {
     await waitFor(() => expect(text('zones')).toBe('30/30'), { timeout: 10_000 });
     expect(text('status')).toBe('completed');
     expect(text('inserted')).toBe('300');
+  });
+});
+
+type Photos = { album: string; last?: string };
+
+function Worker({ jobId }: { jobId: string }) {
+  const job = useJob<Photos>(jobId);
+  return (
+    <div>
+      <span data-testid="w-status">{job.status ?? 'unknown'}</span>
+      <span data-testid="w-progress">{job.progress}</span>
+      <span data-testid="w-album">{job.metadata?.album ?? ''}</span>
+      <span data-testid="w-last">{job.metadata?.last ?? ''}</span>
+    </div>
+  );
+}
+
+describe('useJob', () => {
+  it('follows a job that runs elsewhere, its metadata typed', { timeout: 30_000 }, async () => {
+    // The worker's side over Node's HTTP (happy-dom's fetch applies the browser's CORS rules).
+    const publisher = await server.token('svc', 'acme', { roles: ['publisher'] });
+    const created = await server.http('POST', '/api/v1/jobs', { token: publisher, json: { kind: 'photos', metadata: { album: 'summer' } } });
+    const job = { jobId: created.json.job_id as string, token: created.json.token as string };
+    const report = (action: string, json: unknown) => server.http('POST', `/api/v1/jobs/${job.jobId}/${action}`, { token: job.token, json });
+    const { getToken } = await userOf('acme');
+    render(
+      <JobcastProvider url={server.wsUrl} getToken={getToken} WebSocket={WS}>
+        <Worker jobId={job.jobId} />
+      </JobcastProvider>,
+    );
+    await waitFor(() => expect(text('w-album')).toBe('summer'), { timeout: 10_000 });
+    await report('report', { progress: 0.5, metadata: { last: 'b.jpg' } });
+    await waitFor(() => expect(text('w-last')).toBe('b.jpg'), { timeout: 10_000 });
+    await report('complete', { results: { resized: 2 } });
+    await waitFor(() => expect(text('w-status')).toBe('completed'), { timeout: 10_000 });
+    expect(text('w-progress')).toBe('100');
   });
 });
 
