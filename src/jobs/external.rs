@@ -599,21 +599,29 @@ impl Handler<End> for External {
 }
 
 impl Handler<RequestCancel> for External {
-    type Result = bool;
+    type Result = ResponseFuture<bool>;
 
-    fn handle(&mut self, m: RequestCancel, ctx: &mut Context<Self>) -> bool {
+    /// Answers once the request is stored, so a cancel that was answered outlives a crash.
+    fn handle(&mut self, m: RequestCancel, ctx: &mut Context<Self>) -> Self::Result {
         if self.ending {
-            return false;
+            return Box::pin(async { false });
         }
         if self.cancel_by.is_some() {
-            return true;
+            return Box::pin(async { true });
         }
         self.cancel_by = Some(m.by.clone());
         self.snapshot.cancel_requested = Some(true);
         self.snapshot.cancel_requested_by = Some(m.by.clone());
         self.publish(Event::CancelRequested(CancelRequested { job_id: self.job_id(), by: m.by }));
-        self.save();
+        self.snapshot.updated_at = Some(now_rfc3339());
+        let saved = self.deps.store.send(SaveJob(JobRecord { snapshot: self.snapshot.clone(), spec: None }));
         self.arm_cancel_grace(ctx);
-        true
+        let job = self.job_id();
+        Box::pin(async move {
+            if !matches!(saved.await, Ok(Ok(()))) {
+                tracing::warn!(%job, "a cancel request was not stored; it holds until the server stops");
+            }
+            true
+        })
     }
 }
