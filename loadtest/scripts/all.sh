@@ -21,3 +21,4 @@ run storm -c 10000 -r 100 --cut
 run jobs -u 20 -n 100000 -w 5
 run reports -j 100 -w 10 -p 20000 -d 10
 run reports -j 100 -w 10 -p 5000 -d 10 --server-arg=--progress-max-rate-per-s=0
+run webhooks -j 10000

@@ -825,3 +825,151 @@ pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, durati
     print("reports", fields);
     Ok(())
 }
+
+/// A webhook receiver for `webhooks`: HTTP/1.1 keep-alive on 127.0.0.1, 200 to everything; records
+/// each message's `webhook-id` and the latency from the send time in its job's results.
+struct Receiver {
+    url: String,
+    got: Arc<tokio::sync::Mutex<(HashMap<String, u32>, Histogram<u64>)>>,
+    count: Arc<AtomicU64>,
+}
+
+impl Receiver {
+    async fn start() -> Result<Receiver, String> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let url = format!("http://{}/hook", listener.local_addr().map_err(|e| e.to_string())?);
+        let got: Arc<tokio::sync::Mutex<(HashMap<String, u32>, Histogram<u64>)>> =
+            Arc::new(tokio::sync::Mutex::new((HashMap::new(), histogram())));
+        let count = Arc::new(AtomicU64::new(0));
+        let (sink, counter) = (got.clone(), count.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (sink, counter) = (sink.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut reader = BufReader::new(read);
+                    loop {
+                        let (mut line, mut len, mut id) = (String::new(), 0usize, String::new());
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                            if lower.starts_with("webhook-id:") {
+                                id = line[11..].trim().to_string();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let sent = serde_json::from_slice::<Value>(&body)
+                            .ok()
+                            .and_then(|v| v["data"]["results"]["t"].as_u64());
+                        {
+                            let mut g = sink.lock().await;
+                            *g.0.entry(id).or_insert(0) += 1;
+                            if let Some(t) = sent {
+                                let _ = g.1.record((unix_nanos().saturating_sub(t) / 1000).max(1));
+                            }
+                        }
+                        counter.fetch_add(1, Relaxed);
+                        if write.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Receiver { url, got, count })
+    }
+}
+
+/// `webhooks`: `jobs` jobs that run elsewhere are completed as fast as 32 connections can; their
+/// tenant's webhook (a receiver in the harness answering 200 at once) gets each `job.completed`.
+/// Measures the outbox's delivery rate (first completion to last receipt) and the latency from each
+/// completion to its receipt.
+pub async fn webhooks(s: &Server, jobs: usize) -> Result<(), String> {
+    let receiver = Receiver::start().await?;
+    let admin = s.token("loadtest-admin", JOB_TENANT, &["admin"]);
+    let publisher = s.token("loadtest-publisher", JOB_TENANT, &["publisher"]);
+    let mut http = Http::connect(&s.publish_addr).await?;
+    let hook = json!({"url": receiver.url, "events": ["job.completed"]});
+    let (status, answer) = http.json("POST", "/api/v1/admin/webhooks", &admin, &hook).await?;
+    if status != 201 {
+        return Err(format!("POST /api/v1/admin/webhooks answered {status}: {answer}"));
+    }
+    let mut created = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        let (status, answer) = http.json("POST", "/api/v1/jobs", &publisher, &json!({"kind": "loadtest"})).await?;
+        if status != 201 {
+            return Err(format!("POST /api/v1/jobs answered {status}: {answer}"));
+        }
+        let id = answer["job_id"].as_str().ok_or("no job_id")?.to_string();
+        created.push((id, answer["token"].as_str().ok_or("no token")?.to_string()));
+        if i % 500 == 0 {
+            progress(&format!("[webhooks] created {i}/{jobs} jobs"));
+        }
+    }
+    progress_done();
+    let before = s.figures();
+    let start = Instant::now();
+    let senders = 32usize.min(jobs.max(1));
+    let mut tasks = Vec::new();
+    for k in 0..senders {
+        let mine: Vec<(String, String)> = created.iter().skip(k).step_by(senders).cloned().collect();
+        let addr = s.publish_addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut http = Http::connect(&addr).await?;
+            for (id, token) in mine {
+                let body = json!({"results": {"t": unix_nanos()}});
+                let (status, answer) = http.json("POST", &format!("/api/v1/jobs/{id}/complete"), &token, &body).await?;
+                if status != 200 {
+                    return Err(format!("complete answered {status}: {answer}"));
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for r in futures_util::future::join_all(tasks).await {
+        r.map_err(|e| e.to_string())??;
+    }
+    let completed_in = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receiver.count.load(Relaxed) < jobs as u64 && Instant::now() < deadline {
+        progress(&format!("[webhooks] received {}/{jobs}", receiver.count.load(Relaxed)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    progress_done();
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = s.figures();
+    let g = receiver.got.lock().await;
+    let distinct = g.0.len() as u64;
+    let received = receiver.count.load(Relaxed);
+    let mut fields = Map::new();
+    fields.insert("jobs".into(), jobs.into());
+    fields.insert("completed_in_s".into(), ((completed_in * 100.0).round() / 100.0).into());
+    fields.insert("received".into(), received.into());
+    fields.insert("distinct_messages".into(), distinct.into());
+    fields.insert("lost".into(), (jobs as u64).saturating_sub(distinct).into());
+    fields.insert("repeats".into(), received.saturating_sub(distinct).into());
+    fields.insert("deliveries_per_s".into(), ((distinct as f64 / elapsed).round()).into());
+    fields.insert("latency".into(), percentiles(&g.1));
+    if let (Some(b), Some(a)) = (before, after) {
+        fields.insert("server_peak_rss_mib".into(), (a.peak_kib / 1024).into());
+        fields.insert("server_cpu_s".into(), (((a.cpu_s - b.cpu_s) * 100.0).round() / 100.0).into());
+    }
+    print("webhooks", fields);
+    Ok(())
+}

@@ -87,6 +87,13 @@ enum Scenario {
         #[arg(long, short = 'd', default_value_t = 10)]
         duration: u64,
     },
+    /// J jobs that run elsewhere completed at once; their tenant's webhook (a receiver in the harness)
+    /// gets each `job.completed`: the outbox's delivery rate and latency.
+    Webhooks {
+        /// Jobs.
+        #[arg(long, short = 'j', default_value_t = 2000)]
+        jobs: usize,
+    },
     /// U concurrent CSV uploads of N rows, each watched by W clients.
     Jobs {
         /// Concurrent uploads.
@@ -148,6 +155,7 @@ fn main() -> std::process::ExitCode {
                 client::idle(&target, connections, Duration::from_secs(duration)).await
             }
             Scenario::Jobs { uploads, rows, watchers } => client::jobs(&target, uploads, rows, watchers).await,
+            Scenario::Webhooks { jobs } => client::webhooks(&target, jobs).await,
             Scenario::Reports { jobs, watchers, rate, duration } => {
                 client::reports(&target, jobs, watchers, rate, Duration::from_secs(duration)).await
             }
