@@ -826,11 +826,14 @@ pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, durati
     Ok(())
 }
 
+/// What the receiver got: each `webhook-id`'s count, and the latencies.
+type Received = Arc<tokio::sync::Mutex<(HashMap<String, u32>, Histogram<u64>)>>;
+
 /// A webhook receiver for `webhooks`: HTTP/1.1 keep-alive on 127.0.0.1, 200 to everything; records
 /// each message's `webhook-id` and the latency from the send time in its job's results.
 struct Receiver {
     url: String,
-    got: Arc<tokio::sync::Mutex<(HashMap<String, u32>, Histogram<u64>)>>,
+    got: Received,
     count: Arc<AtomicU64>,
 }
 
@@ -839,8 +842,7 @@ impl Receiver {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let url = format!("http://{}/hook", listener.local_addr().map_err(|e| e.to_string())?);
-        let got: Arc<tokio::sync::Mutex<(HashMap<String, u32>, Histogram<u64>)>> =
-            Arc::new(tokio::sync::Mutex::new((HashMap::new(), histogram())));
+        let got: Received = Arc::new(tokio::sync::Mutex::new((HashMap::new(), histogram())));
         let count = Arc::new(AtomicU64::new(0));
         let (sink, counter) = (got.clone(), count.clone());
         tokio::spawn(async move {
