@@ -119,6 +119,23 @@ describe('the demo page', () => {
     expect(problemsOf(page)).toEqual([]);
   });
 
+  it('runs a simulated worker job, reported stage by stage over HTTP, to completion', async () => {
+    const page = await openDemo(server.adminToken);
+    await page.getByRole('button', { name: 'Run a simulated worker' }).click();
+    await page.waitForFunction(
+      () => document.querySelector('[role=progressbar]')?.getAttribute('aria-valuenow') === '100',
+      undefined,
+      { timeout: 30_000 },
+    );
+    await page.getByTestId('status').filter({ hasText: 'Completed' }).waitFor();
+    const log = page.getByRole('log');
+    await page.waitForFunction(() => document.querySelector('[role=log]')?.textContent?.includes('the simulated worker ended'));
+    expect(await log.textContent()).toContain('the simulated worker ended: completed');
+    expect(await log.textContent()).toContain('completed: {"items":15}');
+    expect(await page.getByRole('alert').count()).toBe(0);
+    expect(problemsOf(page)).toEqual([]);
+  });
+
   it('keeps following the job through a forced disconnect and fills every zone', async () => {
     const { user, token } = await userToken();
     const page = await openDemo(token);

@@ -12,7 +12,19 @@ import {
 } from '@jobcast/client';
 import { JobcastProvider, useConnectionState, useJobcast, useJobProgress, type JobProgress } from '@jobcast/client/react';
 
-import { ApiError, cancelJob, formatBytes, formatSeconds, readToken, sampleFile, upload, uuid4, websocketToken, type Identity } from './api.js';
+import {
+  ApiError,
+  cancelJob,
+  formatBytes,
+  formatSeconds,
+  readToken,
+  sampleFile,
+  startSimulatedWorker,
+  upload,
+  uuid4,
+  websocketToken,
+  type Identity,
+} from './api.js';
 import { Log, useLog, type LogEntry } from './log.js';
 
 const TOKEN_KEY = 'jobcast.demo.token';
@@ -270,6 +282,21 @@ function Importer({ tokenRef, identity, log }: { tokenRef: { current: string }; 
     }
   }, [job, watch, progress.subscription, sendUpload]);
 
+  // A job that runs elsewhere, reported by a worker simulated in this page.
+  const simulate = async () => {
+    setErrors([]);
+    setCancelling(false);
+    log.clear();
+    try {
+      const id = await startSimulatedWorker(tokenRef.current, (status) => log.add('app', `the simulated worker ended: ${status}`));
+      log.add('app', `simulated worker job ${id} created; its worker reports with the job token`);
+      setJob({ id, file: new File([], 'simulated worker'), mode: 'upload-first', upload: 'accepted' });
+      setWatch(id);
+    } catch (e) {
+      addError(`The simulated worker could not start: ${(e as Error).message}`);
+    }
+  };
+
   const useSample = async () => {
     try {
       await start(await sampleFile());
@@ -298,7 +325,12 @@ function Importer({ tokenRef, identity, log }: { tokenRef: { current: string }; 
 
   return (
     <>
-      <FilePanel onFile={(f) => void start(f)} onSample={() => void useSample()} disabled={busy} />
+      <FilePanel
+        onFile={(f) => void start(f)}
+        onSample={() => void useSample()}
+        onSimulate={() => void simulate()}
+        disabled={busy}
+      />
       <section className="card" aria-labelledby="job-h">
         <h2 id="job-h">Import</h2>
         {shownErrors.length > 0 && (
@@ -314,13 +346,18 @@ function Importer({ tokenRef, identity, log }: { tokenRef: { current: string }; 
           <p className="hint">Choose a CSV file or use the sample to start an import.</p>
         )}
       </section>
-      {progress.results && <Results results={progress.results} />}
+      {isCsvResults(progress.results) && <Results results={progress.results} />}
       <EventLog log={log} />
     </>
   );
 }
 
-function FilePanel(props: { onFile: (f: File) => void; onSample: () => void; disabled: boolean }) {
+/** Whether a job's results are a CSV import's (a worker's job has results of its own shape). */
+function isCsvResults(r: unknown): r is CsvImportResults {
+  return typeof r === 'object' && r !== null && 'processed_rows' in r;
+}
+
+function FilePanel(props: { onFile: (f: File) => void; onSample: () => void; onSimulate: () => void; disabled: boolean }) {
   const [over, setOver] = useState(false);
   const input = useRef<HTMLInputElement>(null);
   const drop = (e: DragEvent) => {
@@ -360,6 +397,10 @@ function FilePanel(props: { onFile: (f: File) => void; onSample: () => void; dis
         <span className="or">or drop one here, or</span>
         <button type="button" className="secondary" onClick={props.onSample} disabled={props.disabled}>
           Use the sample
+        </button>
+        <span className="or">or</span>
+        <button type="button" className="secondary" onClick={props.onSimulate} disabled={props.disabled}>
+          Run a simulated worker
         </button>
       </div>
       <p className="hint">The file needs the columns date, amount and description. The import starts at once.</p>
@@ -685,7 +726,10 @@ function describe(e: Envelope): string | null {
     case 'zone_completed':
       return `zone ${e.data.zone_index} done: ${e.data.rows} rows, ${e.data.errors} invalid, ${e.data.duration_ms} ms`;
     case 'processing_completed':
-      return `completed: ${e.data.results.inserted} inserted, ${e.data.results.duplicates} duplicates, ${e.data.results.invalid_count} invalid`;
+      // A CSV import's counters; a worker's results are its own.
+      return isCsvResults(e.data.results)
+        ? `completed: ${e.data.results.inserted} inserted, ${e.data.results.duplicates} duplicates, ${e.data.results.invalid_count} invalid`
+        : `completed: ${JSON.stringify(e.data.results)}`;
     case 'processing_failed':
       return `failed: ${e.data.error}`;
     case 'job_cancelled':

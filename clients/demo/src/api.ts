@@ -1,5 +1,7 @@
 // HTTP calls of the demo page, the access token, and small helpers.
 
+import { JobWorker } from '@jobcast/client';
+
 /** An error answer of the HTTP API, `{"error": {"code", "message"}}`, or a network failure. */
 export class ApiError extends Error {
   constructor(
@@ -49,6 +51,47 @@ export function upload(access: string, batchId: string, file: File): Promise<{ j
 /** Asks the server to cancel a job (`POST /api/v1/jobs/{id}/cancel`). */
 export function cancelJob(access: string, jobId: string): Promise<{ status: string }> {
   return call('POST', `/api/v1/jobs/${jobId}/cancel`, access);
+}
+
+/**
+ * A simulated worker: creates a job that runs "elsewhere" (`POST /api/v1/jobs`, which an admin or
+ * publisher token may do) and reports into it from the page with its job token, stage by stage,
+ * as a Celery task or a Node worker would; it stops (and fails, which the server turns into
+ * `cancelled`) when a report answers `cancel_requested`. Answers the job id at once; the work goes
+ * on in the background.
+ */
+export async function startSimulatedWorker(access: string, onDone: (status: string) => void): Promise<string> {
+  const job = await JobWorker.create(window.location.origin, access, {
+    kind: 'simulated_worker',
+    title: 'Simulated worker (this page)',
+    stages: [
+      ['fetch', 1],
+      ['transform', 2],
+      ['load', 1],
+    ],
+    metadata: { source: 'demo page' },
+  });
+  const pause = () => new Promise((r) => setTimeout(r, 120));
+  void (async () => {
+    try {
+      let step = 0;
+      for (const stage of ['fetch', 'transform', 'load']) {
+        for (let i = 1; i <= 5; i++) {
+          await pause();
+          await job.step(`${stage}-${i}`, step, 'completed', 120);
+          step++;
+          if (await job.report({ stage, progress: i / 5, message: `${stage} ${i} of 5`, metadata: { step } })) {
+            onDone(await job.fail('stopped on request'));
+            return;
+          }
+        }
+      }
+      onDone(await job.complete({ items: step }));
+    } catch (e) {
+      onDone(`error: ${(e as Error).message}`);
+    }
+  })();
+  return job.jobId;
 }
 
 /** The bundled sample (`/demo/sample.csv`) as a File. */
