@@ -1134,3 +1134,55 @@ async fn with_postgres_a_webhook_is_delivered_once_by_one_of_the_nodes() {
     assert_eq!(status, 200);
     assert!(log["deliveries"].as_array().is_some_and(|l| !l.is_empty()), "{log}");
 }
+
+#[actix_rt::test]
+async fn a_webhook_message_waits_for_postgres_and_is_delivered_when_it_is_back() {
+    if !engines_up() {
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        assert!(std::env::var("CI").is_err(), "CI=true: this test needs PostgreSQL's server programs");
+        eprintln!("skipped: cannot start a private PostgreSQL");
+        return;
+    };
+    let cluster = Shared::new(pg.url());
+    let data = tempfile::tempdir().expect("dir");
+    let a = cluster.node(data.path(), &["--webhook-backoff-initial-ms", "50"]);
+    let receiver = common::Receiver::start(0);
+    let post = |path: String, bearer: String, body: Value| {
+        let addr = a.addr.clone();
+        async move {
+            let mut res = awc::Client::default()
+                .post(format!("http://{addr}{path}"))
+                .timeout(common::WAIT)
+                .insert_header(("Authorization", format!("Bearer {bearer}")))
+                .send_json(&body)
+                .await
+                .expect("request");
+            (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let hook = json!({"url": receiver.url, "events": ["job.completed"]});
+    let (status, _) = post("/api/v1/admin/webhooks".into(), token("ops", "acme", &["admin"]), hook).await;
+    assert_eq!(status, 201);
+    let (status, job) = post("/api/v1/jobs".into(), token("svc", "acme", &["publisher"]), json!({"kind": "etl"})).await;
+    assert_eq!(status, 201, "{job}");
+    let (id, job_token) =
+        (job["job_id"].as_str().expect("id").to_string(), job["token"].as_str().expect("t").to_string());
+    pg.stop();
+    until_ready(&a.addr, 503).await;
+    // The job's end is published through Redis; its webhook message waits for the database.
+    let (status, ended) = post(format!("/api/v1/jobs/{id}/complete"), job_token, json!({"results": {"n": 1}})).await;
+    assert_eq!(status, 200, "{ended}");
+    assert!(pg.restart(), "PostgreSQL starts again");
+    let got = receiver.until(|r| !r.is_empty()).await;
+    let body: Value = serde_json::from_str(&got[0].body).expect("json");
+    assert_eq!((body["type"].as_str(), body["data"]["job_id"].as_str()), (Some("job.completed"), Some(id.as_str())));
+    // And the job's end reached the database too.
+    until_ready(&a.addr, 200).await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while job_status(&a.addr, id.parse().expect("uuid")).await["status"] != "completed" {
+        assert!(std::time::Instant::now() < deadline, "the job's end was never stored");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -349,7 +349,20 @@ impl External {
         self.snapshot.finished_at = Some(Some(now_rfc3339()));
         self.snapshot.cancel_requested = self.cancel_by.as_ref().map(|_| true);
         self.set_status(status.clone(), message);
-        self.save();
+        // The last save must land: with the store away it is tried again (once a second, for up
+        // to ten minutes) after the actor is gone.
+        self.snapshot.updated_at = Some(now_rfc3339());
+        let (store, record) = (self.deps.store.clone(), JobRecord { snapshot: self.snapshot.clone(), spec: None });
+        let job = self.job_id();
+        actix_rt::spawn(async move {
+            for _ in 0..600 {
+                if matches!(store.send(SaveJob(record.clone())).await, Ok(Ok(()))) {
+                    return;
+                }
+                actix_rt::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::error!(%job, "the end of a job that runs elsewhere was not stored");
+        });
         if let Some(event) = webhook_event(&status) {
             self.deps.webhooks.do_send(JobEvent { event, snapshot: self.snapshot.clone() });
         }

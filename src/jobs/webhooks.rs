@@ -89,7 +89,7 @@ pub fn new_secret() -> String {
 }
 
 /// A job ended (or stalled): its tenant's webhooks that take `event` get its snapshot.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct JobEvent {
     /// `job.completed`, `job.failed`, `job.cancelled` or `job.stalled`.
@@ -201,9 +201,31 @@ impl Actor for Webhooks {
     }
 }
 
+/// A [`JobEvent`] the store could not take yet, and how many times it was tried.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Retry(JobEvent, u32);
+
+/// How many times an event is offered to a store that is away (once a second) before it is
+/// dropped with an error in the log.
+const ENQUEUE_TRIES: u32 = 600;
+
 impl Handler<JobEvent> for Webhooks {
     type Result = ();
     fn handle(&mut self, m: JobEvent, ctx: &mut Context<Self>) {
+        self.enqueue(m, 1, ctx);
+    }
+}
+
+impl Handler<Retry> for Webhooks {
+    type Result = ();
+    fn handle(&mut self, Retry(m, tries): Retry, ctx: &mut Context<Self>) {
+        self.enqueue(m, tries, ctx);
+    }
+}
+
+impl Webhooks {
+    fn enqueue(&mut self, m: JobEvent, tries: u32, ctx: &mut Context<Self>) {
         // One id per job and outcome (a stall per silence), so the same outcome enqueued twice (a
         // takeover, a retried save) is one message, and a receiver can drop repeats by id.
         let since = match m.event {
@@ -214,11 +236,19 @@ impl Handler<JobEvent> for Webhooks {
         let body = json!({ "type": m.event, "timestamp": now_rfc3339(), "data": m.snapshot }).to_string();
         let tenant = m.snapshot.tenant.clone();
         let enqueue = self.store.send(Enqueue { tenant, event: m.event.to_string(), msg_id, body, now_ms: now_ms() });
-        ctx.spawn(enqueue.into_actor(self).map(|answer, hooks, ctx| match answer {
-            Ok(Ok(0)) => {}
-            Ok(Ok(_)) => hooks.claim(ctx),
-            Ok(Err(e)) => tracing::error!(error = %e, "a webhook message was not stored"),
-            Err(e) => tracing::error!(error = %e, "a webhook message was not stored"),
+        ctx.spawn(enqueue.into_actor(self).map(move |answer, hooks, ctx| {
+            let failed = match answer {
+                Ok(Ok(0)) => return,
+                Ok(Ok(_)) => return hooks.claim(ctx),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if tries >= ENQUEUE_TRIES {
+                return tracing::error!(error = %failed, job = %m.snapshot.job_id, event = m.event,
+                    "a webhook message was dropped: the store did not take it for {ENQUEUE_TRIES} s");
+            }
+            tracing::warn!(error = %failed, job = %m.snapshot.job_id, "a webhook message waits for the store");
+            ctx.run_later(Duration::from_secs(1), move |_, ctx| ctx.notify(Retry(m, tries + 1)));
         }));
     }
 }
