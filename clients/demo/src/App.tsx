@@ -3,6 +3,7 @@
 import { memo, useCallback, useEffect, useMemo, useRef, useState, type DragEvent, type ReactNode } from 'react';
 
 import {
+  isCsvImportResults,
   STAGES,
   type ConnectionState,
   type CsvImportResults,
@@ -346,15 +347,10 @@ function Importer({ tokenRef, identity, log }: { tokenRef: { current: string }; 
           <p className="hint">Choose a CSV file or use the sample to start an import.</p>
         )}
       </section>
-      {isCsvResults(progress.results) && <Results results={progress.results} />}
+      {isCsvImportResults(progress.results) && <Results results={progress.results} />}
       <EventLog log={log} />
     </>
   );
-}
-
-/** Whether a job's results are a CSV import's (a worker's job has results of its own shape). */
-function isCsvResults(r: unknown): r is CsvImportResults {
-  return typeof r === 'object' && r !== null && 'processed_rows' in r;
 }
 
 function FilePanel(props: { onFile: (f: File) => void; onSample: () => void; onSimulate: () => void; disabled: boolean }) {
@@ -727,7 +723,7 @@ function describe(e: Envelope): string | null {
       return `zone ${e.data.zone_index} done: ${e.data.rows} rows, ${e.data.errors} invalid, ${e.data.duration_ms} ms`;
     case 'processing_completed':
       // A CSV import's counters; a worker's results are its own.
-      return isCsvResults(e.data.results)
+      return isCsvImportResults(e.data.results)
         ? `completed: ${e.data.results.inserted} inserted, ${e.data.results.duplicates} duplicates, ${e.data.results.invalid_count} invalid`
         : `completed: ${JSON.stringify(e.data.results)}`;
     case 'processing_failed':

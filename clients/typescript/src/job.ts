@@ -1,7 +1,7 @@
 // JobTracker: folds a job room's `subscribed` answers and events into the job's current state (what a
 // progress UI shows). Framework-free; `useJobProgress` renders it, and tests feed it directly.
 
-import type { CsvImportResults, Envelope, JobSnapshot, JsonValue, SubscribedData } from './protocol.js';
+import type { Envelope, JobResults, JobSnapshot, JsonValue, SubscribedData } from './protocol.js';
 import { FINAL_STATUSES } from './protocol.js';
 
 /** One zone of a job. */
@@ -38,7 +38,8 @@ export interface JobState {
   /** Why the job failed (processing_failed), or null. */
   error: string | null;
   recoverable: boolean | null;
-  results: CsvImportResults | null;
+  /** `CsvImportResults` for CSV imports (`isCsvImportResults`), the worker's own for other jobs. */
+  results: JobResults | null;
   filename: string | null;
   cancelledBy: string | null;
   /** Jobs that run elsewhere: who asked to cancel it (the worker has not ended it yet), or null. */

@@ -305,7 +305,7 @@ export interface JobSnapshot {
   started_at?: string | null;
   updated_at?: string | null;
   finished_at?: string | null;
-  results?: CsvImportResults | null;
+  results?: JobResults | null;
   error?: { message: string; recoverable: boolean } | null;
   /** Jobs that run elsewhere (`POST /api/v1/jobs`): their title. */
   title?: string;
@@ -349,7 +349,7 @@ const jobSnapshot = s.object(
     started_at: s.optional(s.nullable(s.timestamp)),
     updated_at: s.optional(s.nullable(s.timestamp)),
     finished_at: s.optional(s.nullable(s.timestamp)),
-    results: s.optional(s.nullable(csvImportResults)),
+    results: s.optional(s.nullable(s.json as Schema<JobResults>)),
     error: s.optional(s.nullable(s.object({ message: s.string, recoverable: s.boolean }))),
     title: s.optional(s.string),
     stages: s.optional(s.array(stageSpec)),
@@ -499,12 +499,22 @@ const zoneCompleted = s.object({
 });
 assertSame<Infer<typeof zoneCompleted>, ZoneCompletedData>(true);
 
-/** `processing_completed`: `results` as described by `CsvImportResults` for CSV imports. */
+/** A job's results: `CsvImportResults` for CSV imports, what the worker sent for jobs that run elsewhere. */
+export type JobResults = CsvImportResults | JsonValue;
+
+/** Whether `results` are a CSV import's (checked against their schema). */
+export function isCsvImportResults(results: unknown): results is CsvImportResults {
+  const errors: string[] = [];
+  csvImportResults.check(results, 'results', errors);
+  return errors.length === 0;
+}
+
+/** `processing_completed`: `results` as described by `CsvImportResults` for CSV imports, free for worker jobs. */
 export interface ProcessingCompletedData {
   job_id: string;
-  results: CsvImportResults;
+  results: JobResults;
 }
-const processingCompleted = s.object({ job_id: s.uuid, results: csvImportResults });
+const processingCompleted = s.object({ job_id: s.uuid, results: s.json as Schema<JobResults> });
 assertSame<Infer<typeof processingCompleted>, ProcessingCompletedData>(true);
 
 /** `processing_failed`: `details` is free-form (`{stage, zones_completed}` for CSV jobs). */

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import { JobTracker } from '../src/job.js';
-import type { Envelope } from '../src/protocol.js';
+import { isCsvImportResults, type Envelope } from '../src/protocol.js';
 import { REPO_ROOT } from '../../test-support/server.js';
 
 const doc = readFileSync(join(REPO_ROOT, 'proto-docs', 'protocol.md'), 'utf8');
@@ -60,8 +60,10 @@ describe('JobTracker on the worked import of proto-docs', () => {
       { index: 1, state: 'completed', rows: 1000, errors: 1, durationMs: 786 },
       { index: 2, state: 'completed', rows: 480, errors: 0, durationMs: 241 },
     ]);
-    expect(s.results?.inserted).toBe(2401);
-    expect(s.results?.invalid_rows.map((r) => r.line)).toEqual([17, 1204]);
+    const results = s.results;
+    if (!isCsvImportResults(results)) throw new Error(`not a CSV import's results: ${JSON.stringify(results)}`);
+    expect(results.inserted).toBe(2401);
+    expect(results.invalid_rows.map((r) => r.line)).toEqual([17, 1204]);
   });
 
   it('shows zones in flight, and a snapshot without history (recovered: false) mid-job', () => {

@@ -8,6 +8,7 @@ import WebSocket from 'ws';
 
 import type { JobcastClientOptions, TokenReason } from '../src/client.js';
 import { JobcastProvider, useConnectionState, useJob, useJobcast, useJobProgress, useRoom } from '../src/react.js';
+import { isCsvImportResults } from '../src/protocol.js';
 import { generateCsv, startServer, type JobcastServer } from '../../test-support/server.js';
 
 let server: JobcastServer;
@@ -34,7 +35,7 @@ function Progress({ jobId }: { jobId: string }) {
       <span data-testid="zones">
         {completed}/{p.zones.length}
       </span>
-      <span data-testid="inserted">{p.results?.inserted ?? ''}</span>
+      <span data-testid="inserted">{isCsvImportResults(p.results) ? p.results.inserted : ''}</span>
       <span data-testid="message">{p.message ?? ''}</span>
       <span data-testid="error">{p.error ?? ''}</span>
     </div>
