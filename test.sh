@@ -82,6 +82,10 @@ fi
 "$venv/bin/python" -c 'import kosoku' 2>/dev/null || "$venv/bin/pip" install --quiet kosoku==0.1.0
 "$venv/bin/python" tests/conformance/autobahn.py target/debug/jobcast target/autobahn-report 2>&1 | tee -a "$log"
 
+echo "== clients"
+bash clients/test.sh 2>&1 | tee -a "$log"
+
+# After the clients: one Python test drives the built @jobcast/client in Node.
 echo "== Python package (clients/python: mypy --strict, pytest against the real server)"
 pyvenv=target/python-venv
 if [ ! -x "$pyvenv/bin/python" ]; then python3 -m venv "$pyvenv"; fi
@@ -101,9 +105,6 @@ print(f"{total - bad - int(suite.get('skipped', 0))} passed, {bad} failed")
 PY
 rm -f "$junit"
 [ "$pystatus" -eq 0 ]
-
-echo "== clients"
-bash clients/test.sh 2>&1 | tee -a "$log"
 
 # One closing line for every runner above: N passed, N failed.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -143,3 +143,50 @@ def test_the_tracker_times_each_stage() -> None:
     tracker.apply(Envelope("processing_completed", {"results": None}, room="job:x", seq=2))
     assert tracker.durations() == {"download": 2.0, "resize": 7.0}
     assert tracker.stages[0] == StageSummary("download", 0.0, 2.0)
+
+
+def test_a_browser_side_client_and_a_python_subscriber_see_the_same_events(server: Server) -> None:
+    """A Python worker reports; @jobcast/client (in Node) and the Python client watch, the Python one
+    through a dropped connection: both see the same events in the same order."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    dist = here.parents[1] / "typescript" / "dist" / "index.js"
+    if shutil.which("node") is None or not dist.exists():
+        assert not os.environ.get("CI"), "CI=true: this test needs node and clients/typescript/dist"
+        pytest.skip("no node or no built @jobcast/client (run clients/test.sh first)")
+    job = WorkerJob.create(server.url, server.token("svc", "acme", "publisher"), kind="etl", stages=["a", "b"])
+    ws_url = server.url.replace("http://", "ws://") + "/ws"
+    node = subprocess.Popen(
+        ["node", str(here / "node_watcher.mjs"), ws_url, server.token("carol"), job.room],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert node.stdout is not None
+    assert json.loads(node.stdout.readline()) == {"subscribed": True}
+
+    async def main() -> List[Envelope]:
+        seen: List[Envelope] = []
+        async with Client(server.url, server.token("dave")) as client:
+            await client.subscribe(job.room)
+            await until(client, "subscribed", seen)
+            for i in range(1, 4):
+                job.stage("a", i / 3)
+            await client.drop()
+            for i in range(1, 4):
+                job.step(f"s{i}", i, "completed")
+                job.stage("b", i / 3)
+            job.complete({"ok": True})
+            await until(client, "processing_completed", seen)
+        return [e for e in seen if e.room == job.room]
+
+    python_side = [(e.seq, e.type) for e in run(main())]
+    node_side = [(json.loads(line)["seq"], json.loads(line)["type"]) for line in node.stdout]
+    assert node.wait(10) == 0
+    assert python_side == node_side, f"python {python_side}\nnode {node_side}"
+    seqs = [s for s, _ in python_side]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
