@@ -136,6 +136,10 @@ settings! {
         webhook_backoff_initial_ms: u64 = 1000, "JOBCAST_WEBHOOK_BACKOFF_INITIAL_MS";
         /// Webhooks: the longest wait between two attempts.
         webhook_backoff_max_s: u64 = 600, "JOBCAST_WEBHOOK_BACKOFF_MAX_S";
+        /// Webhooks: comma list of private addresses (loopback, RFC 1918, link-local, unique-local,
+        /// CGNAT) that webhook URLs may resolve to, or `*` for any; empty: none, so a webhook cannot
+        /// be aimed at the server's own network.
+        webhook_private_allow: String = String::new(), "JOBCAST_WEBHOOK_PRIVATE_ALLOW";
         /// Webhooks: attempts of one message at most (then it is given up, and logged so).
         webhook_max_attempts: u32 = 8, "JOBCAST_WEBHOOK_MAX_ATTEMPTS";
         /// Rows per zone for CSV imports.
@@ -259,6 +263,9 @@ impl Config {
         }
         if !(1..=86_400).contains(&self.webhook_backoff_max_s) {
             return invalid("webhook_backoff_max_s", "must be 1 to 86400 seconds");
+        }
+        if let Err(e) = crate::jobs::webhooks::PrivateAllow::parse(&self.webhook_private_allow) {
+            return Err(ConfigError::Invalid { key: "webhook_private_allow", message: e });
         }
         if !(1..=100).contains(&self.webhook_max_attempts) {
             return invalid("webhook_max_attempts", "must be 1 to 100");

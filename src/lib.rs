@@ -292,7 +292,9 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         max: Duration::from_secs(config.webhook_backoff_max_s),
         attempts: config.webhook_max_attempts,
     };
-    let webhooks = jobs::webhooks::Webhooks::new(store.clone(), backoff).start();
+    let allow = jobs::webhooks::PrivateAllow::parse(&config.webhook_private_allow)
+        .map_err(|message| ConfigError::Invalid { key: "webhook_private_allow", message })?;
+    let webhooks = jobs::webhooks::Webhooks::new(store.clone(), backoff, allow).start();
     let deps = jobs::job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),

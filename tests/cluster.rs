@@ -1102,7 +1102,7 @@ async fn with_postgres_a_webhook_is_delivered_once_by_one_of_the_nodes() {
     }
     let cluster = Shared::new(postgres_url());
     let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
-    let args = ["--webhook-backoff-initial-ms", "50"];
+    let args = ["--webhook-backoff-initial-ms", "50", "--webhook-private-allow", "127.0.0.1"];
     let a = cluster.node(data_a.path(), &args);
     let b = cluster.node(data_b.path(), &args);
     let receiver = common::Receiver::start(1);
@@ -1147,7 +1147,7 @@ async fn a_webhook_message_waits_for_postgres_and_is_delivered_when_it_is_back()
     };
     let cluster = Shared::new(pg.url());
     let data = tempfile::tempdir().expect("dir");
-    let a = cluster.node(data.path(), &["--webhook-backoff-initial-ms", "50"]);
+    let a = cluster.node(data.path(), &["--webhook-backoff-initial-ms", "50", "--webhook-private-allow", "127.0.0.1"]);
     let receiver = common::Receiver::start(0);
     let post = |path: String, bearer: String, body: Value| {
         let addr = a.addr.clone();

@@ -666,7 +666,7 @@ async fn a_workers_job_and_its_cancel_outlive_crashes_of_the_server() {
 #[actix_rt::test]
 async fn a_webhook_being_retried_survives_a_crash_and_is_delivered_once_with_its_id() {
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--bind", "127.0.0.1:0", "--webhook-backoff-initial-ms", "100"];
+    let args = ["--bind", "127.0.0.1:0", "--webhook-backoff-initial-ms", "100", "--webhook-private-allow", "127.0.0.1"];
     let mut p = Proc::serve(dir.path(), &args, &[]);
     let admin = p.admin_token();
     let receiver = common::Receiver::start(usize::MAX);

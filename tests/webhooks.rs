@@ -28,7 +28,10 @@ async fn job_ending(server: &TestServer, tenant: &str, action: &str, body: Value
 
 #[actix_rt::test]
 async fn a_terminal_event_is_signed_retried_after_500s_and_logged() {
-    let server = TestServer::with(|c| c.webhook_backoff_initial_ms = 50);
+    let server = TestServer::with(|c| {
+        c.webhook_backoff_initial_ms = 50;
+        c.webhook_private_allow = "127.0.0.1".into();
+    });
     let receiver = Receiver::start(2);
     let hook = register(&server, "acme", &receiver.url, json!(["job.completed", "job.failed"])).await;
     let secret = hook["secret"].as_str().expect("secret");
@@ -81,6 +84,7 @@ async fn a_message_is_given_up_after_the_last_attempt() {
     let server = TestServer::with(|c| {
         c.webhook_backoff_initial_ms = 20;
         c.webhook_max_attempts = 3;
+        c.webhook_private_allow = "127.0.0.1".into();
     });
     let receiver = Receiver::start(usize::MAX);
     let hook = register(&server, "acme", &receiver.url, json!(["job.failed"])).await;
@@ -96,7 +100,7 @@ async fn a_message_is_given_up_after_the_last_attempt() {
 
 #[actix_rt::test]
 async fn webhooks_are_admin_only_and_checked() {
-    let server = TestServer::start();
+    let server = TestServer::with(|c| c.webhook_private_allow = "127.0.0.1".into());
     let plain = server.token("alice", "acme", &[]);
     let body = json!({"url": "http://127.0.0.1:9/x", "events": ["job.completed"]});
     assert_eq!(server.request("POST", "/api/v1/admin/webhooks", Some(&plain), Some(body.clone())).await.0, 403);
@@ -123,4 +127,25 @@ async fn webhooks_are_admin_only_and_checked() {
     assert_eq!(server.request("DELETE", &path, Some(&admin), None).await.0, 200);
     assert_eq!(server.request("DELETE", &path, Some(&admin), None).await.0, 404);
     assert_eq!(server.request("GET", &format!("{path}/deliveries"), Some(&admin), None).await.0, 404);
+}
+
+#[actix_rt::test]
+async fn a_webhook_cannot_be_aimed_at_a_private_address_unless_allowed() {
+    let server = TestServer::start();
+    let admin = server.admin_token();
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://10.1.2.3/x",
+        "http://192.168.0.1/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]:9/x",
+        "http://[fd00::1]/x",
+        "http://localhost:9/x",
+        "http://0.0.0.0:9/x",
+    ] {
+        let body = json!({"url": url, "events": ["job.completed"]});
+        let (status, answer) = server.request("POST", "/api/v1/admin/webhooks", Some(&admin), Some(body)).await;
+        assert_eq!(status, 400, "{url}: {answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("private")), "{answer}");
+    }
 }

@@ -69,6 +69,8 @@ async fn spawn(
         .args(["--max-connections", "200000", "--max-connections-per-user", "200000"])
         .args(["--history-size", "20000", "--max-queued-messages", "20000", "--max-upload-bytes", "1000000000"])
         .args(["--max-upload-bytes-per-tenant", "100000000000", "--max-queued-jobs-per-tenant", "100000"])
+        // The harness's webhook receiver is on 127.0.0.1.
+        .args(["--webhook-private-allow", "127.0.0.1"])
         .args(&t.server_args);
     if let Some((url, prefix)) = cluster {
         cmd.args(["--redis-url", url, "--cluster-prefix", prefix]);

@@ -12,7 +12,7 @@ use crate::db::sqlite::now_ms;
 use crate::error::ApiError;
 use crate::http::extract::{admin, json_body};
 use crate::http::shared::Shared;
-use crate::jobs::webhooks::{new_secret, EVENTS};
+use crate::jobs::webhooks::{check_target, new_secret, PrivateAllow, EVENTS};
 use crate::protocol::{excerpt, valid_id};
 
 /// Registers the webhook routes under `/api/v1`.
@@ -60,6 +60,8 @@ async fn create(req: HttpRequest, shared: web::Data<Shared>, body: web::Payload)
             excerpt(url)
         )));
     }
+    let allow = PrivateAllow::parse(&shared.config.webhook_private_allow).map_err(ApiError::Internal)?;
+    check_target(url, &allow).await.map_err(|e| bad(format!("url {:?} refused: {e}", excerpt(url))))?;
     if c.events.is_empty() {
         return Err(bad(format!("events must name at least one of {EVENTS:?}")));
     }

@@ -30,6 +30,75 @@ const POLL: Duration = Duration::from_millis(500);
 /// The event types a webhook may take.
 pub const EVENTS: [&str; 4] = ["job.completed", "job.failed", "job.cancelled", "job.stalled"];
 
+/// The private addresses webhooks may reach (`webhook_private_allow`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrivateAllow {
+    any: bool,
+    ips: Vec<std::net::IpAddr>,
+}
+
+impl PrivateAllow {
+    /// `*`, or a comma list of IP addresses; empty for none.
+    pub fn parse(text: &str) -> Result<PrivateAllow, String> {
+        let mut allow = PrivateAllow::default();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "*" {
+                allow.any = true;
+            } else {
+                allow.ips.push(item.parse().map_err(|_| format!("{item:?} is not an IP address (or *)"))?);
+            }
+        }
+        Ok(allow)
+    }
+
+    fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.any || self.ips.contains(&ip) || !is_private(ip)
+    }
+}
+
+/// Whether `ip` is on a private network or this machine: loopback, RFC 1918, link-local,
+/// unique-local, CGNAT (100.64/10), unspecified, broadcast; an IPv4-mapped IPv6 address as its IPv4.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_private(IpAddr::V4(v4)),
+            None => {
+                let s = v6.segments()[0];
+                v6.is_loopback() || v6.is_unspecified() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
+            }
+        },
+    }
+}
+
+/// Checks where `url` leads: every address its host resolves to must be public or allowed.
+pub async fn check_target(url: &str, allow: &PrivateAllow) -> Result<(), String> {
+    let uri: awc::http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{host} does not resolve: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{host} does not resolve"));
+    }
+    match addrs.iter().find(|a| !allow.allows(a.ip())) {
+        Some(a) => Err(format!("{host} is {}, a private address (webhook_private_allow does not name it)", a.ip())),
+        None => Ok(()),
+    }
+}
+
 /// The webhook event of a job that reached `status`, if it is terminal.
 pub fn webhook_event(status: &crate::protocol::JobStatus) -> Option<&'static str> {
     use crate::protocol::JobStatus;
@@ -88,6 +157,14 @@ pub fn new_secret() -> String {
     format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
+/// Why an attempt was not answered.
+enum Refused {
+    /// The URL leads to a private address not allowed: given up at once.
+    Target(String),
+    /// The request failed (refused connection, timeout, ...): tried again.
+    Send(String),
+}
+
 /// A job ended (or stalled): its tenant's webhooks that take `event` get its snapshot.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
@@ -102,6 +179,7 @@ pub struct JobEvent {
 pub struct Webhooks {
     store: StoreAddr,
     backoff: Backoff,
+    allow: PrivateAllow,
     client: awc::Client,
     in_flight: usize,
     /// The messages being sent now: never claimed again by this node meanwhile.
@@ -111,9 +189,9 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Delivers from `store`'s outbox.
-    pub fn new(store: StoreAddr, backoff: Backoff) -> Webhooks {
+    pub fn new(store: StoreAddr, backoff: Backoff, allow: PrivateAllow) -> Webhooks {
         let client = awc::Client::builder().timeout(TIMEOUT).disable_redirects().finish();
-        Webhooks { store, backoff, client, in_flight: 0, sending: Default::default(), claiming: false }
+        Webhooks { store, backoff, allow, client, in_flight: 0, sending: Default::default(), claiming: false }
     }
 
     fn claim(&mut self, ctx: &mut Context<Self>) {
@@ -143,27 +221,40 @@ impl Webhooks {
         let attempt = d.attempts + 1;
         let timestamp = now_ms() / 1000;
         let signed = signature(&d.secret, &d.msg_id, timestamp, &d.body);
-        let request = self
-            .client
-            .post(&d.url)
-            .insert_header(("content-type", "application/json"))
-            .insert_header(("webhook-id", d.msg_id.clone()))
-            .insert_header(("webhook-timestamp", timestamp.to_string()))
-            .insert_header(("webhook-signature", signed))
-            .insert_header(("user-agent", concat!("jobcast/", env!("CARGO_PKG_VERSION"))))
-            .send_body(d.body.clone());
+        let client = self.client.clone();
+        let (url, allow) = (d.url.clone(), self.allow.clone());
+        let (id, body) = (d.msg_id.clone(), d.body.clone());
+        // Where the URL leads now (DNS may have changed since it was registered) is checked first.
+        let request = async move {
+            check_target(&url, &allow).await.map_err(Refused::Target)?;
+            client
+                .post(&url)
+                .insert_header(("content-type", "application/json"))
+                .insert_header(("webhook-id", id))
+                .insert_header(("webhook-timestamp", timestamp.to_string()))
+                .insert_header(("webhook-signature", signed))
+                .insert_header(("user-agent", concat!("jobcast/", env!("CARGO_PKG_VERSION"))))
+                .send_body(body)
+                .await
+                .map_err(|e| Refused::Send(e.to_string()))
+        };
         let span = tracing::info_span!("webhook", msg = %d.msg_id, webhook = %d.webhook_id, attempt);
         let at_ms = now_ms();
         ctx.spawn(request.into_actor(self).map(move |answer, hooks, ctx| {
             hooks.in_flight -= 1;
             let _g = span.enter();
-            let (status, error) = match answer {
-                Ok(res) if res.status().is_success() => (Some(res.status().as_u16()), None),
-                Ok(res) => (Some(res.status().as_u16()), Some(format!("answered {}", res.status()))),
-                Err(e) => (None, Some(e.to_string())),
+            let (status, error, refused) = match answer {
+                Ok(res) if res.status().is_success() => (Some(res.status().as_u16()), None, false),
+                Ok(res) => (Some(res.status().as_u16()), Some(format!("answered {}", res.status())), false),
+                Err(Refused::Send(e)) => (None, Some(e), false),
+                Err(Refused::Target(e)) => (None, Some(format!("refused: {e}")), true),
             };
             let next_at_ms = match &error {
                 None => None,
+                Some(_) if refused => {
+                    tracing::warn!(error = ?error, "webhook refused: its URL leads to a private address");
+                    None
+                }
                 Some(_) if attempt >= i64::from(hooks.backoff.attempts) => {
                     tracing::warn!(?status, error = ?error, "webhook given up after its last attempt");
                     None
@@ -270,6 +361,34 @@ mod tests {
     fn a_plain_secret_is_its_utf8_bytes() {
         assert_eq!(secret_bytes("hello"), b"hello");
         assert_eq!(secret_bytes("whsec_aGVsbG8="), b"hello");
+    }
+
+    #[test]
+    fn private_addresses_are_named_and_public_ones_are_not() {
+        let private = [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd12::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "::",
+        ];
+        for ip in private {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+        let allow = PrivateAllow::parse("127.0.0.1, ::1").unwrap();
+        assert!(allow.allows("127.0.0.1".parse().unwrap()) && !allow.allows("10.0.0.1".parse().unwrap()));
+        assert!(PrivateAllow::parse("*").unwrap().allows("10.0.0.1".parse().unwrap()));
+        assert!(PrivateAllow::parse("nope").is_err());
     }
 
     #[test]
