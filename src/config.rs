@@ -264,7 +264,7 @@ impl Config {
         if !(1..=86_400).contains(&self.webhook_backoff_max_s) {
             return invalid("webhook_backoff_max_s", "must be 1 to 86400 seconds");
         }
-        if let Err(e) = crate::jobs::webhooks::PrivateAllow::parse(&self.webhook_private_allow) {
+        if let Err(e) = PrivateAllow::parse(&self.webhook_private_allow) {
             return Err(ConfigError::Invalid { key: "webhook_private_allow", message: e });
         }
         if !(1..=100).contains(&self.webhook_max_attempts) {
@@ -374,5 +374,57 @@ mod tests {
         for no in ["0.0.0.0:8080", "[::]:8080", "10.0.0.1:80", "example.com:80", "127.0.0.1", "[::ffff:127.0.0.1]:1"] {
             assert!(!binds(no), "{no}");
         }
+    }
+}
+
+/// The private addresses webhooks may reach (`webhook_private_allow`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrivateAllow {
+    any: bool,
+    ips: Vec<std::net::IpAddr>,
+}
+
+impl PrivateAllow {
+    /// `*`, or a comma list of IP addresses; empty for none.
+    pub fn parse(text: &str) -> Result<PrivateAllow, String> {
+        let mut allow = PrivateAllow::default();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "*" {
+                allow.any = true;
+            } else {
+                allow.ips.push(item.parse().map_err(|_| format!("{item:?} is not an IP address (or *)"))?);
+            }
+        }
+        Ok(allow)
+    }
+
+    /// Whether a webhook may reach `ip`.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.any || self.ips.contains(&ip) || !is_private(ip)
+    }
+}
+
+/// Whether `ip` is on a private network or this machine: loopback, RFC 1918, link-local,
+/// unique-local, CGNAT (100.64/10), unspecified, broadcast; an IPv4-mapped IPv6 address as its IPv4.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_private(IpAddr::V4(v4)),
+            None => {
+                let s = v6.segments()[0];
+                v6.is_loopback() || v6.is_unspecified() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
+            }
+        },
     }
 }

@@ -15,6 +15,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
+pub use crate::config::PrivateAllow;
 use crate::db::outbox::{Attempted, ClaimDue, Due, Enqueue};
 use crate::db::sqlite::now_ms;
 use crate::db::StoreAddr;
@@ -29,57 +30,6 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// The event types a webhook may take.
 pub const EVENTS: [&str; 4] = ["job.completed", "job.failed", "job.cancelled", "job.stalled"];
-
-/// The private addresses webhooks may reach (`webhook_private_allow`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrivateAllow {
-    any: bool,
-    ips: Vec<std::net::IpAddr>,
-}
-
-impl PrivateAllow {
-    /// `*`, or a comma list of IP addresses; empty for none.
-    pub fn parse(text: &str) -> Result<PrivateAllow, String> {
-        let mut allow = PrivateAllow::default();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if item == "*" {
-                allow.any = true;
-            } else {
-                allow.ips.push(item.parse().map_err(|_| format!("{item:?} is not an IP address (or *)"))?);
-            }
-        }
-        Ok(allow)
-    }
-
-    fn allows(&self, ip: std::net::IpAddr) -> bool {
-        self.any || self.ips.contains(&ip) || !is_private(ip)
-    }
-}
-
-/// Whether `ip` is on a private network or this machine: loopback, RFC 1918, link-local,
-/// unique-local, CGNAT (100.64/10), unspecified, broadcast; an IPv4-mapped IPv6 address as its IPv4.
-pub fn is_private(ip: std::net::IpAddr) -> bool {
-    use std::net::IpAddr;
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_private(IpAddr::V4(v4)),
-            None => {
-                let s = v6.segments()[0];
-                v6.is_loopback() || v6.is_unspecified() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
-            }
-        },
-    }
-}
 
 /// Checks where `url` leads: every address its host resolves to must be public or allowed.
 pub async fn check_target(url: &str, allow: &PrivateAllow) -> Result<(), String> {
@@ -347,6 +297,7 @@ impl Webhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::is_private;
 
     #[test]
     fn signatures_follow_the_standard_webhooks_example() {
