@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test jobcast has: formatting, lints, Rust unit and integration tests, the Autobahn
-# TestSuite's WebSocket cases against `serve --conformance-echo`, the Python package (mypy, pytest
-# against the real server, in a venv under target/), then the clients' tests (TypeScript client,
-# React hooks, demo bundle check, browser end-to-end in Debian's chromium).
+# TestSuite's WebSocket cases against `serve --conformance-echo`, the clients' tests (TypeScript
+# client, React hooks, demo bundle check, browser end-to-end in Debian's chromium), then the Python
+# package (mypy, pytest against the real server, in a venv under target/).
 # This is the README's test command; .ci/run calls it on a fresh clone with CI=true. It installs what
 # it needs itself (Redis started, or installed with apt-get, when none listens; kosoku into a venv
 # under target/; npm packages with npm ci; chromium with apt-get when missing; PostgreSQL started, or

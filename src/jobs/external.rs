@@ -354,12 +354,17 @@ impl External {
         self.snapshot.updated_at = Some(now_rfc3339());
         let (store, record) = (self.deps.store.clone(), JobRecord { snapshot: self.snapshot.clone(), spec: None });
         let job = self.job_id();
+        // The first try is queued now, before anything sent after it (a lookup, the webhook).
+        let first = store.send(SaveJob(record.clone()));
         actix_rt::spawn(async move {
+            if matches!(first.await, Ok(Ok(()))) {
+                return;
+            }
             for _ in 0..600 {
+                actix_rt::time::sleep(Duration::from_secs(1)).await;
                 if matches!(store.send(SaveJob(record.clone())).await, Ok(Ok(()))) {
                     return;
                 }
-                actix_rt::time::sleep(Duration::from_secs(1)).await;
             }
             tracing::error!(%job, "the end of a job that runs elsewhere was not stored");
         });

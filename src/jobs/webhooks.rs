@@ -32,20 +32,43 @@ const POLL: Duration = Duration::from_millis(500);
 pub const EVENTS: [&str; 4] = ["job.completed", "job.failed", "job.cancelled", "job.stalled"];
 
 /// Checks where `url` leads: every address its host resolves to must be public or allowed.
-pub async fn check_target(url: &str, allow: &PrivateAllow) -> Result<(), String> {
-    let uri: awc::http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+pub async fn check_target(url: &str, allow: &PrivateAllow) -> Result<(), TargetError> {
+    let uri: awc::http::Uri = url.parse().map_err(|e| TargetError::Refused(format!("not a URL: {e}")))?;
+    let host = uri.host().ok_or(TargetError::Refused("no host".into()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| format!("{host} does not resolve: {e}"))?
-        .collect();
+    let lookup = tokio::time::timeout(TIMEOUT, tokio::net::lookup_host((host.as_str(), port)));
+    let addrs: Vec<std::net::SocketAddr> = match lookup.await {
+        Ok(Ok(addrs)) => addrs.collect(),
+        Ok(Err(e)) => return Err(TargetError::Unresolved(format!("{host} does not resolve: {e}"))),
+        Err(_) => return Err(TargetError::Unresolved(format!("{host} did not resolve within 10 s"))),
+    };
     if addrs.is_empty() {
-        return Err(format!("{host} does not resolve"));
+        return Err(TargetError::Unresolved(format!("{host} does not resolve")));
     }
     match addrs.iter().find(|a| !allow.allows(a.ip())) {
-        Some(a) => Err(format!("{host} is {}, a private address (webhook_private_allow does not name it)", a.ip())),
+        Some(a) => Err(TargetError::Refused(format!(
+            "{host} is {}, a private address (webhook_private_allow does not name it)",
+            a.ip()
+        ))),
         None => Ok(()),
+    }
+}
+
+/// Why a webhook URL was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetError {
+    /// It leads to a private address not allowed, or is no URL: for good.
+    Refused(String),
+    /// Its host did not resolve (now): an attempt is tried again later.
+    Unresolved(String),
+}
+
+impl std::fmt::Display for TargetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetError::Refused(why) | TargetError::Unresolved(why) => f.write_str(why),
+        }
     }
 }
 
@@ -176,7 +199,10 @@ impl Webhooks {
         let (id, body) = (d.msg_id.clone(), d.body.clone());
         // Where the URL leads now (DNS may have changed since it was registered) is checked first.
         let request = async move {
-            check_target(&url, &allow).await.map_err(Refused::Target)?;
+            check_target(&url, &allow).await.map_err(|e| match e {
+                TargetError::Refused(why) => Refused::Target(why),
+                TargetError::Unresolved(why) => Refused::Send(why),
+            })?;
             client
                 .post(&url)
                 .insert_header(("content-type", "application/json"))
