@@ -893,6 +893,17 @@ struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
+    /// [`PrivatePostgres::start`] for a test: `None` (with a printed reason) lets the test return,
+    /// except under CI=true, where it fails.
+    fn for_test() -> Option<PrivatePostgres> {
+        let pg = PrivatePostgres::start();
+        if pg.is_none() {
+            assert!(std::env::var("CI").is_err(), "CI=true: this test needs PostgreSQL's server programs");
+            eprintln!("skipped: cannot start a private PostgreSQL");
+        }
+        pg
+    }
+
     /// Initialises and starts one; `None` when the server programs are not installed.
     fn start() -> Option<PrivatePostgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
@@ -957,11 +968,7 @@ async fn postgres_restarted_mid_job_pauses_the_job_and_loses_no_row() {
     if !engines_up() {
         return;
     }
-    let Some(pg) = PrivatePostgres::start() else {
-        assert!(std::env::var("CI").is_err(), "CI=true: this test needs PostgreSQL's server programs");
-        eprintln!("skipped: cannot start a private PostgreSQL");
-        return;
-    };
+    let Some(pg) = PrivatePostgres::for_test() else { return };
     let cluster = Shared::new(pg.url());
     let data = tempfile::tempdir().expect("dir");
     let a = cluster.node(data.path(), &["--zone-rows", "10"]);
@@ -1107,18 +1114,8 @@ async fn with_postgres_a_webhook_is_delivered_once_by_one_of_the_nodes() {
     let b = cluster.node(data_b.path(), &args);
     let receiver = common::Receiver::start(1);
     let admin_token = token("ops", "acme", &["admin"]);
-    let post = |addr: String, path: &'static str, bearer: String, body: Value| async move {
-        let mut res = awc::Client::default()
-            .post(format!("http://{addr}{path}"))
-            .timeout(common::WAIT)
-            .insert_header(("Authorization", format!("Bearer {bearer}")))
-            .send_json(&body)
-            .await
-            .expect("request");
-        (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
-    };
     let hook = json!({"url": receiver.url, "events": ["job.completed"]});
-    let (status, created) = post(b.addr.clone(), "/api/v1/admin/webhooks", admin_token.clone(), hook).await;
+    let (status, created) = common::post_json(&b.addr, "/api/v1/admin/webhooks", &admin_token, hook).await;
     assert_eq!(status, 201, "{created}");
     // The job is on A; the webhook was registered on B: both see it in PostgreSQL.
     let (_, csv, mut watcher, _) = start_import(&a, &a, 100, "webhook-pg").await;
@@ -1140,39 +1137,25 @@ async fn a_webhook_message_waits_for_postgres_and_is_delivered_when_it_is_back()
     if !engines_up() {
         return;
     }
-    let Some(pg) = PrivatePostgres::start() else {
-        assert!(std::env::var("CI").is_err(), "CI=true: this test needs PostgreSQL's server programs");
-        eprintln!("skipped: cannot start a private PostgreSQL");
-        return;
-    };
+    let Some(pg) = PrivatePostgres::for_test() else { return };
     let cluster = Shared::new(pg.url());
     let data = tempfile::tempdir().expect("dir");
     let a = cluster.node(data.path(), &["--webhook-backoff-initial-ms", "50", "--webhook-private-allow", "127.0.0.1"]);
     let receiver = common::Receiver::start(0);
-    let post = |path: String, bearer: String, body: Value| {
-        let addr = a.addr.clone();
-        async move {
-            let mut res = awc::Client::default()
-                .post(format!("http://{addr}{path}"))
-                .timeout(common::WAIT)
-                .insert_header(("Authorization", format!("Bearer {bearer}")))
-                .send_json(&body)
-                .await
-                .expect("request");
-            (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
     let hook = json!({"url": receiver.url, "events": ["job.completed"]});
-    let (status, _) = post("/api/v1/admin/webhooks".into(), token("ops", "acme", &["admin"]), hook).await;
+    let (status, _) =
+        common::post_json(&a.addr, "/api/v1/admin/webhooks", &token("ops", "acme", &["admin"]), hook).await;
     assert_eq!(status, 201);
-    let (status, job) = post("/api/v1/jobs".into(), token("svc", "acme", &["publisher"]), json!({"kind": "etl"})).await;
+    let publisher = token("svc", "acme", &["publisher"]);
+    let (status, job) = common::post_json(&a.addr, "/api/v1/jobs", &publisher, json!({"kind": "etl"})).await;
     assert_eq!(status, 201, "{job}");
     let (id, job_token) =
         (job["job_id"].as_str().expect("id").to_string(), job["token"].as_str().expect("t").to_string());
     pg.stop();
     until_ready(&a.addr, 503).await;
     // The job's end is published through Redis; its webhook message waits for the database.
-    let (status, ended) = post(format!("/api/v1/jobs/{id}/complete"), job_token, json!({"results": {"n": 1}})).await;
+    let path = format!("/api/v1/jobs/{id}/complete");
+    let (status, ended) = common::post_json(&a.addr, &path, &job_token, json!({"results": {"n": 1}})).await;
     assert_eq!(status, 200, "{ended}");
     assert!(pg.restart(), "PostgreSQL starts again");
     let got = receiver.until(|r| !r.is_empty()).await;

@@ -601,50 +601,46 @@ async fn conformance_echo_on_loopback_serves_ws_echo() {
     assert!(matches!(c.frame().await, Some(awc::ws::Frame::Text(t)) if t == "{\"not\": \"a client message\"}"));
 }
 
-/// `method path` on `addr` with `bearer` and a JSON body; answers status and JSON.
-async fn call(addr: &str, path: &str, bearer: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let mut res = awc::Client::default()
-        .post(format!("http://{addr}{path}"))
-        .timeout(common::WAIT)
-        .insert_header(("Authorization", format!("Bearer {bearer}")))
-        .send_json(&body)
-        .await
-        .expect("request");
-    (res.status().as_u16(), res.json().await.unwrap_or(serde_json::Value::Null))
-}
-
 #[actix_rt::test]
 async fn a_workers_job_and_its_cancel_outlive_crashes_of_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--bind", "127.0.0.1:0", "--job-stall-timeout-s", "2"];
     let mut p = Proc::serve(dir.path(), &args, &[]);
     let admin = p.admin_token();
-    let (status, created) =
-        call(&p.addr, "/api/v1/jobs", &admin, serde_json::json!({"kind": "etl", "stages": [{"name": "a"}]})).await;
+    let (status, created) = common::post_json(
+        &p.addr,
+        "/api/v1/jobs",
+        &admin,
+        serde_json::json!({"kind": "etl", "stages": [{"name": "a"}]}),
+    )
+    .await;
     assert_eq!(status, 201, "{created}");
     let (id, job_token) =
         (created["job_id"].as_str().unwrap().to_string(), created["token"].as_str().unwrap().to_string());
     let report = format!("/api/v1/jobs/{id}/report");
-    let (status, first) = call(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.4})).await;
+    let (status, first) =
+        common::post_json(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.4})).await;
     assert_eq!(status, 200, "{first}");
     p.child.kill().unwrap(); // SIGKILL
     p.child.wait().unwrap();
     let p = Proc::serve(dir.path(), &args, &[]);
     // The token and the job survived; the progress goes on from where it was.
-    let (status, second) = call(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.5})).await;
+    let (status, second) =
+        common::post_json(&p.addr, &report, &job_token, serde_json::json!({"stage": "a", "progress": 0.5})).await;
     assert_eq!(status, 200, "{second}");
     assert!(second["seq"].as_u64() > first["seq"].as_u64(), "{first} then {second}");
     let token = mint(dir.path(), "alice", "default");
     let snapshot = job_status(&p.addr, &token, id.parse().unwrap()).await;
     assert_eq!(snapshot["progress"], 50.0);
     // A cancel asked now outlives the next crash too.
-    let (status, _) = call(&p.addr, &format!("/api/v1/jobs/{id}/cancel"), &token, serde_json::json!({})).await;
+    let (status, _) =
+        common::post_json(&p.addr, &format!("/api/v1/jobs/{id}/cancel"), &token, serde_json::json!({})).await;
     assert_eq!(status, 202);
     let mut p = p;
     p.child.kill().unwrap();
     p.child.wait().unwrap();
     let p = Proc::serve(dir.path(), &args, &[]);
-    let (status, third) = call(&p.addr, &report, &job_token, serde_json::json!({"progress": 0.6})).await;
+    let (status, third) = common::post_json(&p.addr, &report, &job_token, serde_json::json!({"progress": 0.6})).await;
     assert_eq!((status, third["cancel_requested"].clone()), (200, serde_json::json!(true)), "{third}");
     // A worker that went away with the crash is noticed after the restart too.
     let mut c = Client::connect(&format!("ws://{}/ws?token={token}&format=json", p.addr)).await;
@@ -671,7 +667,7 @@ async fn a_webhook_being_retried_survives_a_crash_and_is_delivered_once_with_its
     let admin = p.admin_token();
     let receiver = common::Receiver::start(usize::MAX);
     let hook = serde_json::json!({"url": receiver.url, "events": ["job.completed"]});
-    let (status, created) = call(&p.addr, "/api/v1/admin/webhooks", &admin, hook).await;
+    let (status, created) = common::post_json(&p.addr, "/api/v1/admin/webhooks", &admin, hook).await;
     assert_eq!(status, 201, "{created}");
     let secret = created["secret"].as_str().unwrap().to_string();
     // A CSV import's completion is the event.

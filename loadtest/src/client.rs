@@ -206,18 +206,33 @@ async fn publish(
             Ok::<(), String>(())
         }));
     }
+    run_ticking(tasks, start, duration, |secs| {
+        format!(
+            "[{label}] {:>5.1}/{} s  published {}  delivered {}  ({:.0}/s)",
+            secs,
+            duration.as_secs(),
+            published.load(Relaxed),
+            delivered.load(Relaxed),
+            delivered.load(Relaxed) as f64 / secs
+        )
+    })
+    .await?;
+    let out = last.lock().await.clone();
+    Ok(out)
+}
+
+/// Waits for the publishing `tasks`, printing `line(seconds since start)` every half second until
+/// `duration` has passed; answers the first task's error.
+async fn run_ticking(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    start: Instant,
+    duration: Duration,
+    line: impl Fn(f64) -> String,
+) -> Result<(), String> {
     let ticker = async {
         while start.elapsed() < duration {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let secs = start.elapsed().as_secs_f64();
-            progress(&format!(
-                "[{label}] {:>5.1}/{} s  published {}  delivered {}  ({:.0}/s)",
-                secs,
-                duration.as_secs(),
-                published.load(Relaxed),
-                delivered.load(Relaxed),
-                delivered.load(Relaxed) as f64 / secs
-            ));
+            progress(&line(start.elapsed().as_secs_f64()));
         }
     };
     let (results, _) = futures_util::future::join(futures_util::future::join_all(tasks), ticker).await;
@@ -225,8 +240,7 @@ async fn publish(
     for r in results {
         r.map_err(|e| e.to_string())??;
     }
-    let out = last.lock().await.clone();
-    Ok(out)
+    Ok(())
 }
 
 /// Connects `n` clients spread over `rooms`, a few at a time; returns sockets, rooms and connect times.
@@ -757,24 +771,16 @@ pub async fn reports(s: &Server, jobs: usize, watchers: usize, rate: f64, durati
             Ok::<(), String>(())
         }));
     }
-    let ticker = async {
-        while start.elapsed() < duration {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let secs = start.elapsed().as_secs_f64();
-            let done = accepted.load(Relaxed) + coalesced.load(Relaxed);
-            progress(&format!(
-                "[reports] {secs:>5.1}/{} s  reports {done} ({:.0}/s)  delivered {}",
-                duration.as_secs(),
-                done as f64 / secs,
-                delivered.load(Relaxed)
-            ));
-        }
-    };
-    let (results, _) = futures_util::future::join(futures_util::future::join_all(tasks), ticker).await;
-    progress_done();
-    for r in results {
-        r.map_err(|e| e.to_string())??;
-    }
+    run_ticking(tasks, start, duration, |secs| {
+        let done = accepted.load(Relaxed) + coalesced.load(Relaxed);
+        format!(
+            "[reports] {secs:>5.1}/{} s  reports {done} ({:.0}/s)  delivered {}",
+            duration.as_secs(),
+            done as f64 / secs,
+            delivered.load(Relaxed)
+        )
+    })
+    .await?;
     let elapsed = start.elapsed().as_secs_f64();
     // Each job ends: its terminal event's seq is every watcher's last. (A new connection: the
     // one that created the jobs has idled past the server's keep-alive.)

@@ -510,3 +510,15 @@ pub fn signature_valid(secret: &str, r: &Received) -> bool {
     let expected = format!("v1,{}", engine.encode(mac.finalize().into_bytes()));
     sig.split(' ').any(|s| s == expected)
 }
+
+/// `POST http://{addr}{path}` with a bearer token and a JSON body; answers status and JSON body.
+pub async fn post_json(addr: &str, path: &str, bearer: &str, body: Value) -> (u16, Value) {
+    let mut res = awc::Client::default()
+        .post(format!("http://{addr}{path}"))
+        .timeout(WAIT)
+        .insert_header(("Authorization", format!("Bearer {bearer}")))
+        .send_json(&body)
+        .await
+        .expect("request");
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
