@@ -325,7 +325,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     for job in unfinished {
         // Jobs created for a worker (`POST /api/v1/jobs`) go on waiting for its reports (and stall
         // without them); other external jobs wait for their publisher.
-        if job.spec.is_none() && job.snapshot.stages.is_some() {
+        if job.is_worker_job() {
             scheduler.do_send(jobs::scheduler::StartExternal { snapshot: job.snapshot, fresh: false });
             continue;
         }
@@ -347,7 +347,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     if let Some(redis) = &redis {
         let presence =
             realtime::presence::Presence::new(redis.clone(), registry.clone(), metrics.clone(), addr.to_string());
-        presence.with_jobs(scheduler.clone().recipient()).start();
+        presence.with_jobs(scheduler.clone().recipient(), scheduler.clone().recipient()).start();
     }
     let shared = Shared {
         config: Arc::new(config),

@@ -1163,9 +1163,170 @@ async fn a_webhook_message_waits_for_postgres_and_is_delivered_when_it_is_back()
     assert_eq!((body["type"].as_str(), body["data"]["job_id"].as_str()), (Some("job.completed"), Some(id.as_str())));
     // And the job's end reached the database too.
     until_ready(&a.addr, 200).await;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while job_status(&a.addr, id.parse().expect("uuid")).await["status"] != "completed" {
-        assert!(std::time::Instant::now() < deadline, "the job's end was never stored");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    job_until(&a.addr, id.parse().expect("uuid"), "status", json!("completed")).await;
+}
+
+// ---- Workers' jobs (contract §7) in a cluster: one actor, on the node holding the lease. ----
+
+/// A worker's job created on `node` (tenant acme); answers its id and job token.
+async fn worker_job(node: &Node, body: Value) -> (uuid::Uuid, String) {
+    let publisher = token("svc", "acme", &["publisher"]);
+    let (status, job) = common::post_json(&node.addr, "/api/v1/jobs", &publisher, body).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["job_id"].as_str().and_then(|s| s.parse().ok()).expect("job_id");
+    (id, job["token"].as_str().expect("token").to_string())
+}
+
+/// A worker's call (`report`, `complete`, `fail`) through `node`.
+async fn worker_call(node: &Node, id: uuid::Uuid, token: &str, action: &str, body: Value) -> (u16, Value) {
+    common::post_json(&node.addr, &format!("/api/v1/jobs/{id}/{action}"), token, body).await
+}
+
+/// Reads `watcher` until a `processing_progress` at `at` percent, checking that `seq` has no gap
+/// and that progress never went down on the way.
+async fn progress_until(watcher: &mut Client, last: &mut u64, at: f64) {
+    let mut seen = 0.0;
+    loop {
+        let env = watcher.recv().await;
+        assert_eq!(env.seq, Some(*last + 1), "gap: {env:?}");
+        *last += 1;
+        if let Event::ProcessingProgress(p) = env.event {
+            assert!(p.progress >= seen, "progress went down: {} after {seen}", p.progress);
+            seen = p.progress;
+            if (p.progress - at).abs() < 1e-9 {
+                return;
+            }
+        }
     }
+}
+
+/// Waits until the job's snapshot (as `addr` reads it from the shared store) has `want` at `key`:
+/// a report's snapshot is stored after its answer.
+async fn job_until(addr: &str, id: uuid::Uuid, key: &str, want: Value) {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let job = job_status(addr, id).await;
+        if job[key] == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{key} never became {want}: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_workers_job_takes_reports_and_cancels_through_any_node_and_outlives_its_nodes_crash() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let args = ["--progress-max-rate-per-s", "1000"];
+    let mut a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let (id, job_token) = worker_job(&a, json!({"kind": "etl"})).await;
+    let (mut watcher, joined) = member(&b, "alice", &format!("job:{id}")).await;
+    let mut last = joined["seq"].as_u64().expect("seq");
+    let (status, first) = worker_call(&a, id, &job_token, "report", json!({"progress": 0.25})).await;
+    assert_eq!(status, 200, "{first}");
+    // B has no actor for the job: the report goes to A, which holds the lease, and is numbered in
+    // the same room right after A's.
+    let (status, second) = worker_call(&b, id, &job_token, "report", json!({"progress": 0.5})).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["seq"].as_u64(), first["seq"].as_u64().map(|s| s + 1), "{first} then {second}");
+    assert_eq!(second["cancel_requested"], false);
+    progress_until(&mut watcher, &mut last, 50.0).await;
+    // One actor for the job in the cluster: a late, lower report through A moves nothing back.
+    let (status, third) = worker_call(&a, id, &job_token, "report", json!({"progress": 0.3})).await;
+    assert_eq!(status, 200, "{third}");
+    job_until(&b.addr, id, "progress", json!(50.0)).await;
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.jobs WHERE runs AND lease_node IS NOT NULL"), 1);
+
+    a.child.kill().expect("kill -9");
+    a.child.wait().expect("reaped");
+    // Until the cluster sees that A is gone, B says to try again; then it takes the job over.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let resumed = loop {
+        let (status, answer) = worker_call(&b, id, &job_token, "report", json!({"progress": 0.75})).await;
+        if status == 200 {
+            break answer;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(std::time::Instant::now() < deadline, "B never took the job over");
+    };
+    assert!(resumed["seq"].as_u64() > second["seq"].as_u64(), "{resumed}");
+    progress_until(&mut watcher, &mut last, 75.0).await;
+    job_until(&b.addr, id, "progress", json!(75.0)).await;
+
+    // A cancel through B reaches the worker at its next report, then its end makes the job cancelled.
+    let res = awc::Client::default()
+        .post(format!("http://{}/api/v1/jobs/{id}/cancel", b.addr))
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {}", token("alice", "acme", &[]))))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(res.status(), 202);
+    let (status, answer) = worker_call(&b, id, &job_token, "report", json!({"progress": 0.8})).await;
+    assert_eq!((status, answer["cancel_requested"].as_bool()), (200, Some(true)), "{answer}");
+    let (status, ended) = worker_call(&b, id, &job_token, "complete", json!({})).await;
+    assert_eq!((status, ended["status"].as_str()), (200, Some("cancelled")), "{ended}");
+    assert_eq!(job_status(&b.addr, id).await["status"], "cancelled");
+    assert_eq!(cluster.count("SELECT COUNT(*) FROM {schema}.jobs WHERE lease_node IS NOT NULL"), 0);
+}
+
+#[actix_rt::test]
+async fn a_workers_job_whose_node_died_stalls_and_fails_on_the_node_that_took_it_over() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let args = ["--job-stall-timeout-s", "2"];
+    let mut a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let (id, job_token) = worker_job(&a, json!({"kind": "etl"})).await;
+    let (mut watcher, _) = member(&b, "alice", &format!("job:{id}")).await;
+    let (status, answer) = worker_call(&a, id, &job_token, "report", json!({"progress": 0.3})).await;
+    assert_eq!(status, 200, "{answer}");
+    a.child.kill().expect("kill -9");
+    a.child.wait().expect("reaped");
+    // Nobody reports any more: the node that takes the job over when A's lease runs out watches
+    // the silence, as A would have.
+    let mut kinds = Vec::new();
+    let failed = loop {
+        let env = watcher.recv().await;
+        kinds.push(env.event.kind());
+        if let Event::ProcessingFailed(f) = env.event {
+            break f;
+        }
+    };
+    assert!(kinds.contains(&EventType::JobStalled), "{kinds:?}");
+    assert!(failed.recoverable, "a stalled job may be tried again");
+    assert_eq!(job_status(&b.addr, id).await["status"], "failed");
+}
+
+#[actix_rt::test]
+async fn a_node_stopped_gracefully_hands_its_workers_jobs_over_at_once() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    // A lease far longer than the test: only the handover can move the job.
+    let args = ["--job-lease-s", "3600", "--progress-max-rate-per-s", "1000"];
+    let mut a = cluster.node(data_a.path(), &args);
+    let b = cluster.node(data_b.path(), &args);
+    let (id, job_token) = worker_job(&a, json!({"kind": "etl", "stages": [{"name": "load", "weight": 1}]})).await;
+    let (status, answer) = worker_call(&a, id, &job_token, "report", json!({"stage": "load", "progress": 0.4})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().expect("kill").success());
+    assert!(a.child.wait().expect("reaped").success(), "A stopped cleanly");
+    // The very next report, on B, is taken: no wait for a lease to run out.
+    let (status, answer) = worker_call(&b, id, &job_token, "report", json!({"stage": "load", "progress": 0.6})).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, ended) = worker_call(&b, id, &job_token, "complete", json!({"results": {"n": 3}})).await;
+    assert_eq!((status, ended["status"].as_str()), (200, Some("completed")), "{ended}");
+    let job = job_status(&b.addr, id).await;
+    assert_eq!((job["status"].as_str(), job["results"]["n"].as_u64()), (Some("completed"), Some(3)), "{job}");
 }

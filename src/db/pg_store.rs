@@ -8,13 +8,16 @@
 //! connection. [`UpdateJob`] reads with `FOR UPDATE` inside its transaction, so two nodes updating
 //! one job cannot interleave either.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
@@ -60,6 +63,10 @@ const UPLOAD_PART: usize = 8 << 20;
 pub struct PgStore {
     /// What each message's work gets a copy of.
     base: Ctx,
+    /// The last operation on each job under way, so that the next one starts after it.
+    order: JobOrder,
+    /// The number of the last operation put in that order.
+    ticket: u64,
 }
 
 impl PgStore {
@@ -72,7 +79,8 @@ impl PgStore {
         setup.close();
         let pool = pg::pool(url, prefix, 8, Some(Duration::from_secs(5)))?;
         let leases = pg::pool(url, prefix, 2, Some(Duration::from_secs(5)))?;
-        Ok(PgStore { base: Ctx { pool, leases, seq: 0, keep, node: node.to_string(), lease } })
+        let base = Ctx { pool, leases, seq: 0, keep, node: node.to_string(), lease };
+        Ok(PgStore { base, order: Arc::default(), ticket: 0 })
     }
 
     /// Starts the actor on an arbiter of its own (its connections' I/O runs there too).
@@ -90,6 +98,58 @@ impl PgStore {
     {
         self.base.seq += 1;
         Box::pin(work(self.base.clone()))
+    }
+
+    /// [`PgStore::run`] for work on job `id`, begun once the work on it sent before has ended (the
+    /// handlers run concurrently): a read of a job sent after a write of it sees that write, as
+    /// with the SQLite store, whose actor answers one message at a time.
+    fn run_for<T, F, Fut>(&mut self, id: Uuid, work: F) -> ResponseFuture<Result<T, StoreError>>
+    where
+        T: 'static,
+        F: FnOnce(Ctx) -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + 'static,
+    {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let before = order.get(&id).map(|(_, f)| f.clone());
+        self.ticket += 1;
+        let (done, ended) = tokio::sync::oneshot::channel::<()>();
+        let ended = async move {
+            let _ = ended.await;
+        };
+        order.insert(id, (self.ticket, ended.boxed().shared()));
+        drop(order);
+        // Forgets this work's place when it ends (or its caller stops waiting), unless later work
+        // on the job took the place already.
+        let place = Place { order: self.order.clone(), id, ticket: self.ticket, _done: done };
+        let work = self.run(work);
+        Box::pin(async move {
+            if let Some(before) = before {
+                before.await;
+            }
+            let out = work.await;
+            drop(place);
+            out
+        })
+    }
+}
+
+/// The last work under way on each job: its number and its end.
+type JobOrder = Arc<Mutex<HashMap<Uuid, (u64, Shared<BoxFuture<'static, ()>>)>>>;
+
+/// One job's work's place in [`PgStore`]'s order; dropping it lets the next work begin.
+struct Place {
+    order: JobOrder,
+    id: Uuid,
+    ticket: u64,
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        if order.get(&self.id).is_some_and(|(t, _)| *t == self.ticket) {
+            order.remove(&self.id);
+        }
     }
 }
 
@@ -146,7 +206,7 @@ impl Ctx {
     async fn save(&self, c: &impl GenericClient, job: &JobRecord, insert_only: bool) -> Result<bool, StoreError> {
         let s = &job.snapshot;
         let now = now_ms();
-        let runs = job.spec.is_some();
+        let runs = job.is_leased();
         let (holder, until) = match (runs, s.status.is_terminal()) {
             (true, false) => (Some(self.node.as_str()), Some(self.lease_until())),
             _ => (None, None),
@@ -177,7 +237,7 @@ impl Ctx {
             )
             .await?
         };
-        if n == 1 && runs && upload_done(job) {
+        if n == 1 && job.spec.is_some() && upload_done(job) {
             c.execute("DELETE FROM upload_parts WHERE job_id = $1", &[&s.job_id]).await?;
         }
         Ok(n == 1)
@@ -398,7 +458,7 @@ impl Handler<ExpireEvents> for PgStore {
 impl Handler<SaveJob> for PgStore {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, m: SaveJob, _: &mut Context<Self>) -> Self::Result {
-        self.run(move |c| async move {
+        self.run_for(m.0.snapshot.job_id, move |c| async move {
             let client = c.pool.get().await?;
             if c.save(&client, &m.0, false).await? {
                 Ok(())
@@ -414,7 +474,7 @@ impl Handler<SaveJob> for PgStore {
 impl Handler<GetJob> for PgStore {
     type Result = ResponseFuture<Result<Option<JobRecord>, StoreError>>;
     fn handle(&mut self, m: GetJob, _: &mut Context<Self>) -> Self::Result {
-        self.run(move |c| async move {
+        self.run_for(m.0, move |c| async move {
             let client = c.pool.get().await?;
             c.job(&client, m.0, false).await
         })
@@ -424,7 +484,7 @@ impl Handler<GetJob> for PgStore {
 impl Handler<UpdateJob> for PgStore {
     type Result = ResponseFuture<Result<Result<(), Refusal>, StoreError>>;
     fn handle(&mut self, m: UpdateJob, _: &mut Context<Self>) -> Self::Result {
-        self.run(move |c| async move { c.update(m.id, m.change).await })
+        self.run_for(m.id, move |c| async move { c.update(m.id, m.change).await })
     }
 }
 
@@ -624,6 +684,66 @@ impl Handler<ReleaseLeases> for PgStore {
                 )
                 .await?;
             Ok(n)
+        })
+    }
+}
+
+/// Take the lease of one job now, unless another node holds it: a worker's report reached this
+/// node and the job's actor is nowhere (its lease expired, or it was never leased), or is on a node
+/// the cluster says is dead (`from`: its lease is taken from it). Answers the job when it is now
+/// this node's, else who holds it.
+#[derive(Message)]
+#[rtype(result = "Result<TakeLease, StoreError>")]
+pub struct TakeJob {
+    /// The job.
+    pub job_id: Uuid,
+    /// A dead node whose lease on it may be taken.
+    pub from: Option<String>,
+}
+
+/// What [`TakeJob`] found.
+pub enum TakeLease {
+    /// Leased to this node now (or already was).
+    Taken(Box<Claimed>),
+    /// A live lease of that node.
+    HeldBy(String),
+    /// No such job, or it ended, or no node runs it.
+    NotLeased,
+}
+
+impl Handler<TakeJob> for PgStore {
+    type Result = ResponseFuture<Result<TakeLease, StoreError>>;
+    fn handle(&mut self, m: TakeJob, _: &mut Context<Self>) -> Self::Result {
+        self.run(move |c| async move {
+            let client = c.leases.get().await?;
+            let ended = statuses(&[JobStatus::Pending, JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled]);
+            let taken = client
+                .query_opt(
+                    "WITH c AS (
+                         SELECT id, lease_node AS was FROM jobs
+                         WHERE id = $3 AND runs AND status <> ALL($4)
+                             AND (lease_node IS NULL OR lease_node = $1 OR lease_until_ms < $5 OR lease_node = $6)
+                         FOR UPDATE)
+                     UPDATE jobs SET lease_node = $1, lease_until_ms = $2 FROM c WHERE jobs.id = c.id
+                     RETURNING jobs.snapshot, jobs.cancel_by, c.was IS NULL",
+                    &[&c.node, &c.lease_until(), &m.job_id, &ended, &now_ms(), &m.from],
+                )
+                .await?;
+            if let Some(r) = taken {
+                let job = parse_job(r.get::<_, &str>(0))
+                    .ok_or_else(|| StoreError::new(format!("job {} does not parse", m.job_id)))?;
+                return Ok(TakeLease::Taken(Box::new(Claimed { job, cancel_by: r.get(1), handed_over: r.get(2) })));
+            }
+            let holder = client
+                .query_opt(
+                    "SELECT lease_node FROM jobs WHERE id = $1 AND runs AND status <> ALL($2) AND lease_node IS NOT NULL",
+                    &[&m.job_id, &ended],
+                )
+                .await?;
+            Ok(match holder.and_then(|r| r.get::<_, Option<String>>(0)) {
+                Some(node) => TakeLease::HeldBy(node),
+                None => TakeLease::NotLeased,
+            })
         })
     }
 }

@@ -112,6 +112,19 @@ pub struct JobRecord {
     pub spec: Option<JobSpec>,
 }
 
+impl JobRecord {
+    /// A job that runs elsewhere: created by `POST /api/v1/jobs`, reported by its worker.
+    pub fn is_worker_job(&self) -> bool {
+        self.spec.is_none() && self.snapshot.stages.is_some()
+    }
+
+    /// A job some node runs (one of jobcast's own, or the actor taking a worker's reports): with
+    /// a shared store, that node holds a lease on it.
+    pub fn is_leased(&self) -> bool {
+        self.spec.is_some() || self.is_worker_job()
+    }
+}
+
 /// A stored job; one that no longer parses is logged and treated as absent.
 fn parse_job(text: &str) -> Option<JobRecord> {
     serde_json::from_str(text).map_err(|e| tracing::error!(error = %e, "a stored job does not parse")).ok()

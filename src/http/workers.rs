@@ -9,12 +9,13 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::auth::JobClaim;
-use crate::db::store::{GetJob, JobChange, JobRecord, UpdateJob};
+use crate::db::store::{JobChange, JobRecord, UpdateJob};
 use crate::error::ApiError;
 use crate::http::extract::{bearer, json_body, token_of};
 use crate::http::shared::Shared;
 use crate::jobs::external::{Discard, End, ExternalError, Report, Step, StepStatus, MAX_METADATA_BYTES};
-use crate::jobs::scheduler::{FindExternal, StartExternal, StartRefused};
+use crate::jobs::lookup::WorkerRefused;
+use crate::jobs::scheduler::{StartExternal, StartRefused};
 use crate::protocol::{excerpt, now_rfc3339, JobSnapshot, JobStatus, RoomKind, StageSpec};
 
 /// Registers the worker routes under `/api/v1` (`POST /jobs`, [`create`], shares its resource with
@@ -156,34 +157,11 @@ fn job_bearer(req: &HttpRequest, shared: &Shared, id: &str) -> Result<JobClaim, 
     Ok(claim)
 }
 
-/// The live actor of the job, started again from its snapshot when this node had none (after a
-/// restart).
-async fn actor(shared: &Shared, claim: &JobClaim) -> Result<actix::Addr<crate::jobs::external::External>, ApiError> {
-    let unavailable = |e: String| ApiError::Unavailable(e);
-    if let Some(addr) =
-        shared.scheduler.send(FindExternal(claim.job_id)).await.map_err(|e| unavailable(e.to_string()))?
-    {
-        return Ok(addr);
-    }
-    let job = shared.store.send(GetJob(claim.job_id)).await.map_err(|e| unavailable(e.to_string()))?;
-    let job = job
-        .map_err(|e| unavailable(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {}", claim.job_id)))?;
-    if job.snapshot.status.is_terminal() {
-        return Err(ended());
-    }
-    shared
-        .scheduler
-        .send(StartExternal { snapshot: job.snapshot, fresh: false })
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .map_err(start_refused)
-}
-
 fn start_refused(e: StartRefused) -> ApiError {
     match e {
         StartRefused::Ended => ended(),
         StartRefused::Quota(why) => ApiError::QuotaExceeded(why),
+        StartRefused::Stopping => ApiError::Unavailable("this node is stopping; try again".into()),
     }
 }
 
@@ -191,11 +169,13 @@ fn ended() -> ApiError {
     ApiError::Unauthorized("the job ended, and its job token with it".into())
 }
 
-fn refused(e: ExternalError) -> ApiError {
+fn refused(e: WorkerRefused) -> ApiError {
     match e {
-        ExternalError::Ended => ended(),
-        ExternalError::Invalid(why) => ApiError::BadRequest(why),
-        ExternalError::Unavailable(why) => ApiError::Unavailable(why),
+        WorkerRefused::NotFound => ApiError::NotFound("no such job".into()),
+        WorkerRefused::Quota(why) => ApiError::QuotaExceeded(why),
+        WorkerRefused::Job(ExternalError::Ended) => ended(),
+        WorkerRefused::Job(ExternalError::Invalid(why)) => ApiError::BadRequest(why),
+        WorkerRefused::Job(ExternalError::Unavailable(why)) => ApiError::Unavailable(why),
     }
 }
 
@@ -279,8 +259,7 @@ async fn report(
         metadata: r.metadata,
         step,
     };
-    let addr = actor(&shared, &claim).await?;
-    let answer = addr.send(report).await.map_err(|_| ended())?.map_err(refused)?;
+    let answer = shared.jobs.report(claim.job_id, report).await.map_err(refused)?;
     Ok(HttpResponse::Ok().json(json!({ "seq": answer.seq, "cancel_requested": answer.cancel_requested })))
 }
 
@@ -327,8 +306,7 @@ async fn fail(
 }
 
 async fn end(shared: &Shared, claim: &JobClaim, end: End) -> Result<HttpResponse, ApiError> {
-    let addr = actor(shared, claim).await?;
-    let ended = addr.send(end).await.map_err(|_| ended())?.map_err(refused)?;
+    let ended = shared.jobs.end(claim.job_id, end).await.map_err(refused)?;
     info!(target: "audit", event = "job_ended", user = %claim.user_id, job = %claim.job_id, status = ended.status.as_str(), "external job ended");
     Ok(HttpResponse::Ok().json(json!({ "seq": ended.seq, "status": ended.status.as_str() })))
 }

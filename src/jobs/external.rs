@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::db::store::{JobRecord, SaveJob};
@@ -42,16 +44,21 @@ pub struct ExternalDeps {
     pub webhooks: Recipient<JobEvent>,
 }
 
-/// The external job actor stopped (it ended); its scheduler forgets it.
+/// The external job actor stopped (the job ended, or the actor was discarded); its scheduler
+/// forgets it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ExternalEnded {
     /// The job.
     pub job_id: Uuid,
+    /// The actor that stopped.
+    pub actor: Addr<External>,
+    /// The job ended (a late report must not start it again).
+    pub finished: bool,
 }
 
 /// A step of a worker's job (`zone_processing` / `zone_completed` in the room).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
     /// The worker's name for it.
     pub id: String,
@@ -64,7 +71,7 @@ pub struct Step {
 }
 
 /// Where a step is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepStatus {
     /// Begun.
     Processing,
@@ -75,7 +82,7 @@ pub enum StepStatus {
 }
 
 /// A worker's report, checked by the HTTP layer.
-#[derive(Message, Debug, Clone, Default)]
+#[derive(Message, Debug, Clone, Default, Serialize, Deserialize)]
 #[rtype(result = "Result<Reported, ExternalError>")]
 pub struct Report {
     /// The stage it is in (one of the job's `stages` when it has some).
@@ -95,7 +102,7 @@ pub struct Report {
 }
 
 /// The answer to a report.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reported {
     /// The `seq` of the `processing_progress` the report produced, `None` when it was coalesced.
     pub seq: Option<u64>,
@@ -104,8 +111,8 @@ pub struct Reported {
 }
 
 /// The worker ends the job.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Ended, ExternalError>")]
+#[derive(Message, Debug, Clone, Serialize, Deserialize)]
+#[rtype(result = "Result<Ending, ExternalError>")]
 pub enum End {
     /// `/complete` {results}.
     Complete(Value),
@@ -119,7 +126,7 @@ pub enum End {
 }
 
 /// How a job ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ended {
     /// The `seq` of its terminal event.
     pub seq: u64,
@@ -127,7 +134,17 @@ pub struct Ended {
     pub status: JobStatus,
 }
 
-/// Stop at once, publishing and saving nothing (a job whose creation could not be stored).
+/// An [`End`] taken: its terminal event is published; `stored` resolves once the job's first try
+/// to store its end is over (so that a read after the answer sees it).
+pub struct Ending {
+    /// The answer for the worker.
+    pub ended: Ended,
+    /// The first try to store the end is over.
+    pub stored: oneshot::Receiver<()>,
+}
+
+/// Stop at once, publishing and saving nothing: a job whose creation could not be stored, or one
+/// whose lease another node holds now.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Discard;
@@ -149,7 +166,7 @@ pub struct RequestCancel {
 }
 
 /// Why a report or an end was refused.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ExternalError {
     /// The job ended (its token with it).
     Ended,
@@ -157,6 +174,67 @@ pub enum ExternalError {
     Invalid(String),
     /// The event could not be published (Redis away): try again.
     Unavailable(String),
+}
+
+/// What a worker's call asks of its job's actor, wherever that actor is: on this node, or on the
+/// node holding the job's lease (forwarded as JSON through the cluster's control channel).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WorkerOp {
+    /// `/report`.
+    Report(Report),
+    /// `/complete` or `/fail`.
+    End(End),
+    /// A cancel (`by` asked).
+    Cancel(String),
+}
+
+/// A [`WorkerOp`] for one job, as one node forwards it to another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerCall {
+    /// The job.
+    pub job_id: Uuid,
+    /// What to do.
+    pub op: WorkerOp,
+}
+
+/// What a [`WorkerOp`] got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CallAnswer {
+    /// The node asked has no actor for the job (it is starting one, or gave it up).
+    NotHere,
+    /// A report's answer.
+    Reported(Result<Reported, ExternalError>),
+    /// An end's answer.
+    Ended(Result<Ended, ExternalError>),
+    /// Whether a cancel found the job running.
+    Cancel(bool),
+}
+
+impl WorkerOp {
+    /// Runs on the job's actor here.
+    pub async fn run(self, job: &Addr<External>) -> CallAnswer {
+        let gone = |_| ExternalError::Ended;
+        match self {
+            WorkerOp::Report(r) => CallAnswer::Reported(job.send(r).await.map_err(gone).and_then(|a| a)),
+            WorkerOp::End(e) => match job.send(e).await.map_err(gone).and_then(|a| a) {
+                Ok(ending) => {
+                    let _ = ending.stored.await;
+                    CallAnswer::Ended(Ok(ending.ended))
+                }
+                Err(e) => CallAnswer::Ended(Err(e)),
+            },
+            WorkerOp::Cancel(by) => CallAnswer::Cancel(job.send(RequestCancel { by }).await.unwrap_or(false)),
+        }
+    }
+
+    /// The answer when the job ended (here, a moment ago).
+    pub fn ended(&self) -> CallAnswer {
+        match self {
+            WorkerOp::Report(_) => CallAnswer::Reported(Err(ExternalError::Ended)),
+            WorkerOp::End(_) => CallAnswer::Ended(Err(ExternalError::Ended)),
+            WorkerOp::Cancel(_) => CallAnswer::Cancel(false),
+        }
+    }
 }
 
 /// One external job.
@@ -340,10 +418,12 @@ impl External {
             recoverable,
         }));
         self.snapshot.error = Some(Some(JobError { message: error, recoverable }));
-        self.terminal(JobStatus::Failed, "failed", ctx);
+        drop(self.terminal(JobStatus::Failed, "failed", ctx));
     }
 
-    fn terminal(&mut self, status: JobStatus, message: &str, ctx: &mut Context<Self>) {
+    /// Ends the job: its status published, its snapshot stored (the answer resolves once the first
+    /// try to store it is over), its webhooks told, and the actor stopped.
+    fn terminal(&mut self, status: JobStatus, message: &str, ctx: &mut Context<Self>) -> oneshot::Receiver<()> {
         self.ending = true;
         self.snapshot.eta_seconds = Some(None);
         self.snapshot.finished_at = Some(Some(now_rfc3339()));
@@ -356,8 +436,11 @@ impl External {
         let job = self.job_id();
         // The first try is queued now, before anything sent after it (a lookup, the webhook).
         let first = store.send(SaveJob(record.clone()));
+        let (tried, stored) = oneshot::channel();
         actix_rt::spawn(async move {
-            if matches!(first.await, Ok(Ok(()))) {
+            let saved = matches!(first.await, Ok(Ok(())));
+            let _ = tried.send(());
+            if saved {
                 return;
             }
             for _ in 0..600 {
@@ -372,6 +455,7 @@ impl External {
             self.deps.webhooks.do_send(JobEvent { event, snapshot: self.snapshot.clone() });
         }
         ctx.stop();
+        stored
     }
 
     fn cancelled(&mut self, ctx: &mut Context<Self>) {
@@ -379,7 +463,7 @@ impl External {
         self.coalescer.clear();
         self.pending = None;
         self.publish(Event::JobCancelled(JobCancelled { job_id: self.job_id(), by }));
-        self.terminal(JobStatus::Cancelled, "cancelled", ctx);
+        drop(self.terminal(JobStatus::Cancelled, "cancelled", ctx));
     }
 }
 
@@ -408,8 +492,9 @@ impl Actor for External {
         }
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.ended.do_send(ExternalEnded { job_id: self.job_id() });
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        let finished = self.snapshot.status.is_terminal();
+        self.ended.do_send(ExternalEnded { job_id: self.job_id(), actor: ctx.address(), finished });
     }
 }
 
@@ -559,7 +644,7 @@ fn publish_error(e: &PublishError) -> String {
 impl Handler<End> for External {
     // Atomic: no other message or timer runs while the terminal event is being published, so a
     // refused publish (503) leaves the job exactly as it was.
-    type Result = AtomicResponse<Self, Result<Ended, ExternalError>>;
+    type Result = AtomicResponse<Self, Result<Ending, ExternalError>>;
 
     fn handle(&mut self, end: End, _: &mut Context<Self>) -> Self::Result {
         if self.ending {
@@ -610,8 +695,8 @@ impl Handler<End> for External {
             }
             job.coalescer.clear();
             job.pending = None;
-            job.terminal(status.clone(), status.as_str(), ctx);
-            Ok(Ended { seq, status })
+            let stored = job.terminal(status.clone(), status.as_str(), ctx);
+            Ok(Ending { ended: Ended { seq, status }, stored })
         })))
     }
 }

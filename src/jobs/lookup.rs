@@ -1,16 +1,46 @@
 //! Jobs as a caller may see them: lookup, reservation, listing and cancel, with the tenancy rule
 //! ([`Identity::may_access`]) applied in one place for the WebSocket session and the HTTP API alike.
 
+use std::time::Duration;
+
 use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::db::pg_store::RequestCancel;
+use crate::db::pg_store::{RequestCancel, TakeJob, TakeLease};
 use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob};
 use crate::db::StoreAddr;
-use crate::jobs::scheduler::{CancelJob, CancelOutcome, Scheduler, StartExternal};
+use crate::jobs::external::{
+    CallAnswer, End, Ended, External, ExternalError, Report, Reported, RequestCancel as AskWorker, WorkerCall, WorkerOp,
+};
+use crate::jobs::scheduler::{CancelJob, CancelOutcome, FindExternal, Scheduler, StartExternal, StartRefused};
 use crate::protocol::{JobSnapshot, JobStatus};
 use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
+
+/// How long a call forwarded to the node holding a worker job's lease may take.
+const FORWARD_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a worker's call did not reach its job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerRefused {
+    /// No such job.
+    NotFound,
+    /// Its tenant has as many live worker jobs as it may.
+    Quota(String),
+    /// The job's actor refused it, or could not be reached (`Unavailable`: try again).
+    Job(ExternalError),
+}
+
+/// Where a worker job's actor is.
+enum Located {
+    Here(Addr<External>),
+    /// On the node (by id) that holds its lease.
+    On(String),
+}
+
+fn worker_unavailable(e: impl std::fmt::Display) -> WorkerRefused {
+    WorkerRefused::Job(ExternalError::Unavailable(e.to_string()))
+}
 
 /// Why a caller cannot have a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,15 +119,16 @@ impl JobAccess {
     pub async fn cancel(&self, job: &JobRecord, by: &str) -> Result<CancelOutcome, Refused> {
         let job_id = job.snapshot.job_id;
         let msg = CancelJob { job_id, by: by.to_string() };
-        let mut here = self.scheduler.send(msg).await.map_err(unavailable)?;
-        // A worker's job whose actor is not live here (a restart): started again from its
-        // snapshot, so the cancel reaches the worker through its next report.
-        let worker_job = job.spec.is_none() && job.snapshot.stages.is_some() && !job.snapshot.status.is_terminal();
-        if here == CancelOutcome::NotRunning && worker_job {
-            let start = StartExternal { snapshot: job.snapshot.clone(), fresh: false };
-            if self.scheduler.send(start).await.map_err(unavailable)?.is_ok() {
-                here = self.scheduler.send(CancelJob { job_id, by: by.to_string() }).await.map_err(unavailable)?;
-            }
+        let here = self.scheduler.send(msg).await.map_err(unavailable)?;
+        // A worker's job whose actor is elsewhere: on the node holding its lease, or nowhere (a
+        // restart; it is started again from its snapshot), so the cancel reaches the worker
+        // through its next report.
+        if here == CancelOutcome::NotRunning && job.is_worker_job() && !job.snapshot.status.is_terminal() {
+            return match self.worker_call(job_id, WorkerOp::Cancel(by.to_string())).await {
+                Ok(CallAnswer::Cancel(true)) => Ok(CancelOutcome::Cancelling),
+                Err(WorkerRefused::Job(ExternalError::Unavailable(e))) => Err(Refused::Unavailable(e)),
+                _ => Ok(CancelOutcome::NotRunning),
+            };
         }
         let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else { return Ok(here) };
         if here == CancelOutcome::Cancelling || job.spec.is_none() || job.snapshot.status.is_terminal() {
@@ -114,6 +145,106 @@ impl JobAccess {
         match recorded.map_err(unavailable)?.map_err(unavailable)? {
             true => Ok(CancelOutcome::Cancelling),
             false => Ok(CancelOutcome::NotRunning),
+        }
+    }
+}
+
+/// A worker's calls (contract §7), wherever its job's actor is.
+impl JobAccess {
+    /// A worker's report.
+    pub async fn report(&self, job_id: Uuid, report: Report) -> Result<Reported, WorkerRefused> {
+        match self.worker_call(job_id, WorkerOp::Report(report)).await? {
+            CallAnswer::Reported(answer) => answer.map_err(WorkerRefused::Job),
+            other => Err(worker_unavailable(format!("a report was answered {other:?}"))),
+        }
+    }
+
+    /// A worker's `/complete` or `/fail`.
+    pub async fn end(&self, job_id: Uuid, end: End) -> Result<Ended, WorkerRefused> {
+        match self.worker_call(job_id, WorkerOp::End(end)).await? {
+            CallAnswer::Ended(answer) => answer.map_err(WorkerRefused::Job),
+            other => Err(worker_unavailable(format!("an end was answered {other:?}"))),
+        }
+    }
+
+    /// Runs `op` on the job's actor: here, or on the node holding the job's lease (a cluster with
+    /// a shared store), through the control channel.
+    async fn worker_call(&self, job_id: Uuid, op: WorkerOp) -> Result<CallAnswer, WorkerRefused> {
+        for attempt in 1..=3u32 {
+            let node = match self.locate(job_id).await? {
+                Located::Here(actor) => return Ok(op.run(&actor).await),
+                Located::On(node) => node,
+            };
+            let Some(redis) = &self.redis else { break };
+            let call = serde_json::to_string(&WorkerCall { job_id, op: op.clone() }).map_err(worker_unavailable)?;
+            let answer = redis.call(&node, call, FORWARD_WAIT).await.map_err(worker_unavailable)?;
+            let Some(answer) = answer else {
+                return Err(worker_unavailable(format!(
+                    "node {node}, which runs job {job_id}, did not answer within {} s; try again",
+                    FORWARD_WAIT.as_secs()
+                )));
+            };
+            match serde_json::from_str::<CallAnswer>(&answer).map_err(worker_unavailable)? {
+                // It is starting the job's actor, or just gave it up: looked for again.
+                CallAnswer::NotHere => actix_rt::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await,
+                answer => return Ok(answer),
+            }
+        }
+        Err(worker_unavailable(format!("job {job_id} is moving between nodes; try again")))
+    }
+
+    /// The worker job's actor: live here; or, with a shared store, on the node holding its lease
+    /// (a lease expired, or held by a node the cluster says is dead, is taken and the actor started
+    /// here); or, on one node, started again from its snapshot (after a restart).
+    async fn locate(&self, job_id: Uuid) -> Result<Located, WorkerRefused> {
+        if let Some(actor) = self.scheduler.send(FindExternal(job_id)).await.map_err(worker_unavailable)? {
+            return Ok(Located::Here(actor));
+        }
+        let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else {
+            return self.start_stored(job_id).await;
+        };
+        let mut from = None;
+        for _ in 0..2 {
+            let take = TakeJob { job_id, from: from.take() };
+            match shared.send(take).await.map_err(worker_unavailable)?.map_err(worker_unavailable)? {
+                TakeLease::Taken(claimed) => {
+                    let actor = self.start(claimed.job.snapshot).await?;
+                    if let Some(by) = claimed.cancel_by {
+                        actor.do_send(AskWorker { by });
+                    }
+                    return Ok(Located::Here(actor));
+                }
+                TakeLease::HeldBy(node) => {
+                    if redis.is_alive(&node).await.map_err(worker_unavailable)? {
+                        return Ok(Located::On(node));
+                    }
+                    tracing::info!(job = %job_id, %node, "a worker's job is taken from a node that stopped beating");
+                    from = Some(node);
+                }
+                // Not leased (stored before worker jobs were): its actor starts here, and its
+                // first save leases it.
+                TakeLease::NotLeased => return self.start_stored(job_id).await,
+            }
+        }
+        Err(worker_unavailable(format!("job {job_id} is moving between nodes; try again")))
+    }
+
+    async fn start_stored(&self, job_id: Uuid) -> Result<Located, WorkerRefused> {
+        let job = self.store.send(GetJob(job_id)).await.map_err(worker_unavailable)?.map_err(worker_unavailable)?;
+        let job = job.ok_or(WorkerRefused::NotFound)?;
+        if job.snapshot.status.is_terminal() {
+            return Err(WorkerRefused::Job(ExternalError::Ended));
+        }
+        self.start(job.snapshot).await.map(Located::Here)
+    }
+
+    async fn start(&self, snapshot: JobSnapshot) -> Result<Addr<External>, WorkerRefused> {
+        let start = StartExternal { snapshot, fresh: false };
+        match self.scheduler.send(start).await.map_err(worker_unavailable)? {
+            Ok(actor) => Ok(actor),
+            Err(StartRefused::Ended) => Err(WorkerRefused::Job(ExternalError::Ended)),
+            Err(StartRefused::Quota(why)) => Err(WorkerRefused::Quota(why)),
+            Err(StartRefused::Stopping) => Err(worker_unavailable("this node is stopping; try again")),
         }
     }
 }

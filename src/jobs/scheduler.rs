@@ -13,12 +13,12 @@ use uuid::Uuid;
 use crate::db::pg_store::{ClaimExpired, Claimed, PgStore, ReleaseLeases, RenewLeases, RestoreUpload};
 use crate::db::sqlite::now_ms;
 use crate::db::store::{DeleteReservations, JobRecord, JobSpec, StaleReservations};
-use crate::jobs::external::{External, ExternalDeps, ExternalEnded, RequestCancel};
+use crate::jobs::external::{CallAnswer, Discard, External, ExternalDeps, ExternalEnded, RequestCancel, WorkerCall};
 use crate::jobs::job::{Abandon, Begin, Cancel, Finished, Job, JobDeps, Queued};
 use crate::protocol::{Event, JobSnapshot, JobStatus, RoomKind, StatusData};
 use crate::quota::{Admission, Quotas};
 use crate::realtime::broker::{Occupied, Publish};
-use crate::realtime::redis::{RedisEngine, RemoteCancel};
+use crate::realtime::redis::{Forwarded, RedisEngine, RemoteCancel};
 
 /// What the scheduler needs to hold leases on its jobs and take over other nodes' (cluster mode
 /// with `database_url`).
@@ -110,6 +110,8 @@ pub enum StartRefused {
     Ended,
     /// Its tenant has as many live such jobs as it may.
     Quota(String),
+    /// This node is stopping (its jobs go to other nodes).
+    Stopping,
 }
 
 /// Ended external jobs remembered, so that a late report cannot start one again.
@@ -180,7 +182,7 @@ impl Scheduler {
         if self.renewing || self.releasing {
             return;
         }
-        let ids: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
+        let ids = self.leased();
         if ids.is_empty() {
             return;
         }
@@ -194,10 +196,18 @@ impl Scheduler {
                 if let Some(job) = s.jobs.get(id) {
                     job.do_send(Abandon);
                 }
+                // A worker's job another node took over: its reports go there now.
+                if let Some((external, _)) = s.external.remove(id) {
+                    tracing::warn!(job = %id, "another node took over a worker's job; its actor here stops");
+                    external.do_send(Discard);
+                }
             }
             for (id, by) in held {
-                if let (Some(by), Some(job)) = (by, s.jobs.get(&id)) {
+                let Some(by) = by else { continue };
+                if let Some(job) = s.jobs.get(&id) {
                     job.do_send(Cancel { by });
+                } else if let Some((external, _)) = s.external.get(&id) {
+                    external.do_send(RequestCancel { by });
                 }
             }
         }));
@@ -213,7 +223,7 @@ impl Scheduler {
             return;
         }
         self.claiming = true;
-        let except: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
+        let except = self.leased();
         let claim = leases.store.send(ClaimExpired { limit: room, except });
         ctx.spawn(claim.into_actor(self).map(|answer, s, ctx| {
             s.claiming = false;
@@ -225,6 +235,20 @@ impl Scheduler {
     }
 
     fn restore_then_take_over(&mut self, mut claimed: Claimed, ctx: &mut Context<Self>) {
+        if claimed.job.is_worker_job() {
+            let id = claimed.job.snapshot.job_id;
+            tracing::info!(job = %id, "taking over a worker's job whose node stopped renewing its lease");
+            let start = StartExternal { snapshot: claimed.job.snapshot, fresh: false };
+            match <Self as Handler<StartExternal>>::handle(self, start, ctx) {
+                Ok(addr) => {
+                    if let Some(by) = claimed.cancel_by {
+                        addr.do_send(RequestCancel { by });
+                    }
+                }
+                Err(e) => tracing::warn!(job = %id, reason = ?e, "a worker's job not taken over"),
+            }
+            return;
+        }
         let (Some(leases), Some(spec)) = (&self.leases, claimed.job.spec.as_mut()) else { return };
         let id = spec.job_id;
         if !claimed.handed_over {
@@ -268,6 +292,12 @@ impl Scheduler {
         if let (Some(by), Some(job)) = (cancel, self.jobs.get(&id)) {
             job.do_send(Cancel { by });
         }
+    }
+
+    /// The jobs whose leases this node holds: its own running and queued, those being taken over,
+    /// and the workers' jobs whose actors are here.
+    fn leased(&self) -> Vec<Uuid> {
+        self.jobs.keys().chain(&self.taking).chain(self.external.keys()).copied().collect()
     }
 
     fn start_waiting(&mut self) {
@@ -376,10 +406,14 @@ impl Handler<StartExternal> for Scheduler {
         if self.ended.1.contains(&id) || msg.snapshot.status.is_terminal() {
             return Err(StartRefused::Ended);
         }
+        if self.releasing {
+            return Err(StartRefused::Stopping);
+        }
         let limits = self.deps.external;
         let tenant = msg.snapshot.tenant.clone();
         let live = self.external.values().filter(|(_, t)| *t == tenant).count();
-        if live >= limits.max_per_tenant {
+        // Counted when the job is created: one stored (or taken over) always gets its actor back.
+        if msg.fresh && live >= limits.max_per_tenant {
             return Err(StartRefused::Quota(format!(
                 "tenant {tenant} has {live} jobs waiting for their workers; at most {} (max_queued_jobs_per_tenant)",
                 limits.max_per_tenant
@@ -417,7 +451,13 @@ impl Handler<FindExternal> for Scheduler {
 impl Handler<ExternalEnded> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: ExternalEnded, _: &mut Context<Self>) {
-        self.external.remove(&msg.job_id);
+        // Only the actor that stopped (a discarded one may have been replaced already).
+        if self.external.get(&msg.job_id).is_some_and(|(a, _)| *a == msg.actor) {
+            self.external.remove(&msg.job_id);
+        }
+        if !msg.finished {
+            return;
+        }
         let (order, set) = &mut self.ended;
         if set.insert(msg.job_id) {
             order.push_back(msg.job_id);
@@ -464,17 +504,41 @@ impl Handler<RemoteCancel> for Scheduler {
     }
 }
 
+impl Handler<Forwarded> for Scheduler {
+    type Result = ResponseFuture<Option<String>>;
+    /// A worker's call another node forwarded here: this node holds the job's lease.
+    fn handle(&mut self, msg: Forwarded, _: &mut Context<Self>) -> Self::Result {
+        let call: WorkerCall = match serde_json::from_str(&msg.body) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable forwarded call");
+                return Box::pin(async { None });
+            }
+        };
+        let answer = |a: &CallAnswer| serde_json::to_string(a).ok();
+        if let Some((external, _)) = self.external.get(&call.job_id).cloned() {
+            return Box::pin(async move { answer(&call.op.run(&external).await) });
+        }
+        let found = if self.ended.1.contains(&call.job_id) { call.op.ended() } else { CallAnswer::NotHere };
+        Box::pin(async move { answer(&found) })
+    }
+}
+
 impl Handler<ReleaseAll> for Scheduler {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> Self::Result {
         // The jobs stop here first, so that no node runs them twice once the leases are given up.
         self.releasing = self.leases.is_some();
+        let ids = self.leased();
         if self.releasing {
             for job in self.jobs.values() {
                 job.do_send(Abandon);
             }
+            // Their workers' next reports go to the node that takes them over.
+            for (external, _) in std::mem::take(&mut self.external).into_values() {
+                external.do_send(Discard);
+            }
         }
-        let ids: Vec<Uuid> = self.jobs.keys().chain(&self.taking).copied().collect();
         let Some(store) = self.leases.as_ref().map(|l| l.store.clone()).filter(|_| !ids.is_empty()) else {
             return Box::pin(async {});
         };

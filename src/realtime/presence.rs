@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::protocol::close;
-use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
+use crate::realtime::redis::{Control, Forwarded, RedisEngine, RemoteCancel};
 use crate::realtime::registry::{CloseConnection, CloseUser, Registry};
 
 /// This node in the cluster.
@@ -29,17 +29,20 @@ pub struct Presence {
     addr: String,
     /// Where a cluster cancel goes (the scheduler), when this node runs jobs of a shared store.
     jobs: Option<Recipient<RemoteCancel>>,
+    /// Where calls forwarded to this node go (the scheduler: worker reports for its jobs).
+    calls: Option<Recipient<Forwarded>>,
 }
 
 impl Presence {
     /// The presence of the node listening on `addr`.
     pub fn new(redis: RedisEngine, registry: Addr<Registry>, metrics: Arc<Metrics>, addr: String) -> Self {
-        Presence { redis, registry, metrics, started: Instant::now(), addr, jobs: None }
+        Presence { redis, registry, metrics, started: Instant::now(), addr, jobs: None, calls: None }
     }
 
-    /// Cluster cancels of jobs go to `jobs`.
-    pub fn with_jobs(mut self, jobs: Recipient<RemoteCancel>) -> Self {
+    /// Cluster cancels of jobs go to `jobs`, and calls forwarded to this node to `calls`.
+    pub fn with_jobs(mut self, jobs: Recipient<RemoteCancel>, calls: Recipient<Forwarded>) -> Self {
         self.jobs = Some(jobs);
+        self.calls = Some(calls);
         self
     }
 
@@ -82,7 +85,25 @@ impl Actor for Presence {
 
 impl Handler<Control> for Presence {
     type Result = ();
-    fn handle(&mut self, msg: Control, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Control, ctx: &mut Context<Self>) {
+        if let Some(call) = msg.call.take() {
+            // For one node only; the others do not answer.
+            if call.node != self.redis.node() {
+                return;
+            }
+            let (redis, calls) = (self.redis.clone(), self.calls.clone());
+            ctx.spawn(
+                async move {
+                    let Some(calls) = calls else { return };
+                    let Some(answer) = calls.send(call).await.ok().flatten() else { return };
+                    if let Err(e) = redis.answer_with(&msg.id, answer).await {
+                        tracing::warn!(error = %e, "cannot answer a forwarded call");
+                    }
+                }
+                .into_actor(self),
+            );
+            return;
+        }
         let (code, reason) = close::BY_ADMIN;
         let registry = self.registry.clone();
         let redis = self.redis.clone();

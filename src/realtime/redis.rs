@@ -189,6 +189,20 @@ pub struct Control {
     /// Or cancel this job, where it runs.
     #[serde(default)]
     pub cancel: Option<RemoteCancel>,
+    /// Or a call for one node only (a worker's report for the job whose lease it holds).
+    #[serde(default)]
+    pub call: Option<Forwarded>,
+}
+
+/// A call another node forwarded to this one (its `node`): the body is the jobs layer's, and so is
+/// the answer; `None` sends no answer (the caller's wait runs out).
+#[derive(Message, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "Option<String>")]
+pub struct Forwarded {
+    /// The node the call is for.
+    pub node: String,
+    /// What to do, as JSON.
+    pub body: String,
 }
 
 /// A cancel from another node, for the job if it runs here; answers whether it did.
@@ -413,17 +427,24 @@ impl RedisEngine {
                 if node == self.inner.node || count <= 0 {
                     continue;
                 }
-                let alive: bool = redis::cmd("EXISTS")
-                    .arg(format!("{}:node:{node}", self.inner.prefix))
-                    .query_async(&mut conn)
-                    .await?;
-                if alive {
+                if self.alive(&mut conn, &node).await? {
                     out.push(room.clone());
                     break;
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Whether `node`'s heartbeat is current (as far as the cluster can tell, it is alive).
+    pub async fn is_alive(&self, node: &str) -> Result<bool, RedisFailure> {
+        let mut conn = self.conn().await?;
+        self.alive(&mut conn, node).await
+    }
+
+    async fn alive(&self, conn: &mut ConnectionManager, node: &str) -> Result<bool, RedisFailure> {
+        let key = format!("{}:node:{node}", self.inner.prefix);
+        Ok(redis::cmd("EXISTS").arg(key).query_async(conn).await?)
     }
 
     /// Every live node's last heartbeat; nodes whose presence expired are forgotten.
@@ -559,14 +580,42 @@ impl RedisEngine {
         }
     }
 
+    /// Sends `body` to `node` alone (a [`Forwarded`] call) and answers what it answered, or `None`
+    /// when it did not within `wait` (it died, or does not have what the call is for).
+    pub async fn call(&self, node: &str, body: String, wait: Duration) -> Result<Option<String>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let call = Some(Forwarded { node: node.to_string(), body });
+        let payload = serde_json::to_string(&Control { id: id.clone(), call, ..Default::default() })
+            .map_err(|e| RedisFailure(e.to_string()))?;
+        redis::cmd("PUBLISH").arg(self.control_channel()).arg(payload).query_async::<i64>(&mut conn).await?;
+        let reply = format!("{}:reply:{id}", self.inner.prefix);
+        let deadline = tokio::time::Instant::now() + wait;
+        // Looked at often at first: the answer usually takes a round trip or two.
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let answer: Option<String> = redis::cmd("LPOP").arg(&reply).query_async(&mut conn).await?;
+            if answer.is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(answer);
+            }
+            actix_rt::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
     /// This node's answer to a [`Control`]: how many connections it closed.
     pub async fn answer(&self, id: &str, closed: u64) -> Result<(), RedisFailure> {
+        self.answer_with(id, closed.to_string()).await
+    }
+
+    /// This node's answer to a [`Control`], as text (a [`Forwarded`] call's).
+    pub async fn answer_with(&self, id: &str, answer: String) -> Result<(), RedisFailure> {
         let mut conn = self.conn().await?;
         let reply = format!("{}:reply:{id}", self.inner.prefix);
         redis::pipe()
             .cmd("RPUSH")
             .arg(&reply)
-            .arg(closed)
+            .arg(answer)
             .ignore()
             .cmd("EXPIRE")
             .arg(&reply)
