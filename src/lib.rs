@@ -311,6 +311,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         webhooks: webhooks.clone().recipient(),
     };
     let scheduler = Scheduler::new(deps, config.max_concurrent_jobs);
+    let externals = scheduler.externals();
     let scheduler = match (store.shared(), &redis) {
         (Some(shared), Some(redis)) => scheduler.with_leases(jobs::scheduler::Leases {
             store: shared.clone(),
@@ -356,8 +357,8 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         broker,
         registry: registry.clone(),
         jobs: match &redis {
-            Some(redis) => JobAccess::new(store.clone(), scheduler.clone()).with_cluster(redis.clone()),
-            None => JobAccess::new(store.clone(), scheduler.clone()),
+            Some(redis) => JobAccess::new(store.clone(), scheduler.clone(), externals).with_cluster(redis.clone()),
+            None => JobAccess::new(store.clone(), scheduler.clone(), externals),
         },
         quotas,
         redis,

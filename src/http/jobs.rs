@@ -16,12 +16,12 @@ use crate::jobs::scheduler::CancelOutcome;
 use crate::protocol::{excerpt, now_rfc3339, Event, JobError, JobSnapshot, JobStatus, RoomKind};
 use crate::realtime::broker::Publish;
 
-/// Registers the job routes under `/api/v1` but `/jobs` itself (listing and creating share it:
-/// `http::routes` registers both).
+/// Registers the job routes under `/api/v1/jobs/{id}` (`/jobs` itself, listing and creating, is
+/// registered by `http::routes`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/jobs/{id}", web::get().to(get))
-        .route("/jobs/{id}/cancel", web::post().to(cancel))
-        .route("/jobs/{id}/events", web::post().to(publish_event));
+    cfg.route("", web::get().to(get))
+        .route("/cancel", web::post().to(cancel))
+        .route("/events", web::post().to(publish_event));
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {

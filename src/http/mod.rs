@@ -34,28 +34,33 @@ pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
     if conformance_echo {
         cfg.route("/ws/echo", web::get().to(ws::echo));
     }
-    cfg.route("/ws", web::get().to(ws::ws))
-        .route("/ws/jobs/{job_id}", web::get().to(ws::ws_job))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/", web::get().to(demo))
-        .route("/demo/{file}", web::get().to(demo))
-        .service(
-            web::scope("/api/v1")
-                .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
-                .route("/uploads", web::post().to(upload::upload))
-                .service(web::resource("/jobs").get(jobs::list).post(workers::create))
-                .configure(jobs::routes)
-                .configure(workers::routes)
-                .configure(webhooks::routes)
-                .route("/auth/websocket-token", web::post().to(ws::websocket_token))
-                .route("/admin/stats", web::get().to(admin::admin_stats))
-                .route("/admin/connections", web::get().to(admin::admin_connections))
-                .route("/admin/connections/{id}", web::delete().to(admin::admin_close_connection))
-                .route("/admin/users/{user_id}/connections", web::delete().to(admin::admin_close_user))
-                .route("/admin/broadcast/{room}", web::post().to(admin::admin_broadcast)),
-        );
+    // Matched in this order; a path with a `{segment}` is matched by a regex (actix-router), so
+    // the API comes first, and the hot routes (a worker's report, an admin broadcast) are found
+    // after as few regexes as possible: one for `/jobs/{id}`, one for `/admin/broadcast/{room}`.
+    cfg.service(
+        web::scope("/api/v1")
+            .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
+            .route("/uploads", web::post().to(upload::upload))
+            .service(web::resource("/jobs").get(jobs::list).post(workers::create))
+            .service(web::scope("/jobs/{id}").configure(workers::routes).configure(jobs::routes))
+            .route("/auth/websocket-token", web::post().to(ws::websocket_token))
+            .service(
+                web::scope("/admin")
+                    .route("/broadcast/{room}", web::post().to(admin::admin_broadcast))
+                    .route("/stats", web::get().to(admin::admin_stats))
+                    .route("/connections", web::get().to(admin::admin_connections))
+                    .route("/connections/{id}", web::delete().to(admin::admin_close_connection))
+                    .route("/users/{user_id}/connections", web::delete().to(admin::admin_close_user))
+                    .configure(webhooks::routes),
+            ),
+    )
+    .route("/ws", web::get().to(ws::ws))
+    .route("/ws/jobs/{job_id}", web::get().to(ws::ws_job))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics))
+    .route("/", web::get().to(demo))
+    .route("/demo/{file}", web::get().to(demo));
 }
 
 /// Request bodies are read as sent: a compressed one (any `Content-Encoding` but `identity`) is 415

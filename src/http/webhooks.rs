@@ -15,11 +15,11 @@ use crate::http::shared::Shared;
 use crate::jobs::webhooks::{check_target, new_secret, PrivateAllow, EVENTS};
 use crate::protocol::{excerpt, valid_id};
 
-/// Registers the webhook routes under `/api/v1`.
+/// Registers the webhook routes under `/api/v1/admin`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/admin/webhooks").get(list).post(create))
-        .route("/admin/webhooks/{id}", web::delete().to(delete))
-        .route("/admin/webhooks/{id}/deliveries", web::get().to(deliveries));
+    cfg.service(web::resource("/webhooks").get(list).post(create))
+        .route("/webhooks/{id}", web::delete().to(delete))
+        .route("/webhooks/{id}/deliveries", web::get().to(deliveries));
 }
 
 /// The longest webhook URL.

@@ -18,12 +18,12 @@ use crate::jobs::lookup::WorkerRefused;
 use crate::jobs::scheduler::{StartExternal, StartRefused};
 use crate::protocol::{excerpt, now_rfc3339, JobSnapshot, JobStatus, RoomKind, StageSpec};
 
-/// Registers the worker routes under `/api/v1` (`POST /jobs`, [`create`], shares its resource with
-/// the listing and is registered with it).
+/// Registers the worker routes under `/api/v1/jobs/{id}` (`POST /api/v1/jobs`, [`create`], shares
+/// its resource with the listing and is registered with it).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/jobs/{id}/report", web::post().to(report))
-        .route("/jobs/{id}/complete", web::post().to(complete))
-        .route("/jobs/{id}/fail", web::post().to(fail));
+    cfg.route("/report", web::post().to(report))
+        .route("/complete", web::post().to(complete))
+        .route("/fail", web::post().to(fail));
 }
 
 /// The most stages a job may have.

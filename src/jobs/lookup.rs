@@ -13,7 +13,7 @@ use crate::db::StoreAddr;
 use crate::jobs::external::{
     CallAnswer, End, Ended, External, ExternalError, Report, Reported, RequestCancel as AskWorker, WorkerCall, WorkerOp,
 };
-use crate::jobs::scheduler::{CancelJob, CancelOutcome, FindExternal, Scheduler, StartExternal, StartRefused};
+use crate::jobs::scheduler::{CancelJob, CancelOutcome, LiveExternals, Scheduler, StartExternal, StartRefused};
 use crate::protocol::{JobSnapshot, JobStatus};
 use crate::realtime::redis::{Control, RedisEngine, RemoteCancel};
 
@@ -60,6 +60,8 @@ pub enum Refused {
 pub struct JobAccess {
     store: StoreAddr,
     scheduler: Addr<Scheduler>,
+    /// The scheduler's actors of workers' jobs.
+    externals: LiveExternals,
     /// The cluster's Redis: a cancel reaches the node that runs the job.
     redis: Option<RedisEngine>,
 }
@@ -83,9 +85,9 @@ fn check(who: &Identity, job: Option<JobRecord>, reservations: bool) -> Result<J
 }
 
 impl JobAccess {
-    /// Jobs as `store` keeps them and `scheduler` runs them.
-    pub fn new(store: StoreAddr, scheduler: Addr<Scheduler>) -> Self {
-        JobAccess { store, scheduler, redis: None }
+    /// Jobs as `store` keeps them and `scheduler` runs them (`externals`: its workers' jobs).
+    pub fn new(store: StoreAddr, scheduler: Addr<Scheduler>, externals: LiveExternals) -> Self {
+        JobAccess { store, scheduler, externals, redis: None }
     }
 
     /// With a shared store, cancels of jobs another node runs go to it through `redis`.
@@ -197,7 +199,7 @@ impl JobAccess {
     /// (a lease expired, or held by a node the cluster says is dead, is taken and the actor started
     /// here); or, on one node, started again from its snapshot (after a restart).
     async fn locate(&self, job_id: Uuid) -> Result<Located, WorkerRefused> {
-        if let Some(actor) = self.scheduler.send(FindExternal(job_id)).await.map_err(worker_unavailable)? {
+        if let Some(actor) = self.externals.get(&job_id) {
             return Ok(Located::Here(actor));
         }
         let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else {

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -117,10 +117,37 @@ pub enum StartRefused {
 /// Ended external jobs remembered, so that a late report cannot start one again.
 const ENDED_KEPT: usize = 10_000;
 
-/// The live actor of a job that runs elsewhere, if it is on this node.
-#[derive(Message)]
-#[rtype(result = "Option<Addr<External>>")]
-pub struct FindExternal(pub Uuid);
+/// The live actors of the jobs that run elsewhere, by job, with their tenants: written by the
+/// scheduler, read by anyone holding a clone (a worker's report finds its job's actor without a
+/// message to the scheduler, which runs on another thread than the HTTP workers).
+#[derive(Clone, Default)]
+pub struct LiveExternals(Arc<RwLock<ExternalMap>>);
+
+/// Each live external job's actor and tenant.
+type ExternalMap = HashMap<Uuid, (Addr<External>, String)>;
+
+impl LiveExternals {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ExternalMap> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, ExternalMap> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live actor of the job, if it is on this node.
+    pub fn get(&self, id: &Uuid) -> Option<Addr<External>> {
+        self.read().get(id).map(|(a, _)| a.clone())
+    }
+
+    fn of_tenant(&self, tenant: &str) -> usize {
+        self.read().values().filter(|(_, t)| t == tenant).count()
+    }
+
+    fn ids(&self) -> Vec<Uuid> {
+        self.read().keys().copied().collect()
+    }
+}
 
 /// How many jobs are queued and running.
 #[derive(Message)]
@@ -145,7 +172,7 @@ pub struct Scheduler {
     /// A graceful stop began: nothing more is taken over or renewed.
     releasing: bool,
     /// Jobs that run elsewhere, live here, with their tenants.
-    external: HashMap<Uuid, (Addr<External>, String)>,
+    external: LiveExternals,
     /// External jobs that ended here lately (at most [`ENDED_KEPT`], oldest first).
     ended: (VecDeque<Uuid>, HashSet<Uuid>),
 }
@@ -164,9 +191,14 @@ impl Scheduler {
             claiming: false,
             taking: HashSet::new(),
             releasing: false,
-            external: HashMap::new(),
+            external: LiveExternals::default(),
             ended: Default::default(),
         }
+    }
+
+    /// The live actors of its jobs that run elsewhere.
+    pub fn externals(&self) -> LiveExternals {
+        self.external.clone()
     }
 
     /// Holds leases on its jobs and takes over expired ones.
@@ -197,7 +229,7 @@ impl Scheduler {
                     job.do_send(Abandon);
                 }
                 // A worker's job another node took over: its reports go there now.
-                if let Some((external, _)) = s.external.remove(id) {
+                if let Some((external, _)) = s.external.write().remove(id) {
                     tracing::warn!(job = %id, "another node took over a worker's job; its actor here stops");
                     external.do_send(Discard);
                 }
@@ -206,7 +238,7 @@ impl Scheduler {
                 let Some(by) = by else { continue };
                 if let Some(job) = s.jobs.get(&id) {
                     job.do_send(Cancel { by });
-                } else if let Some((external, _)) = s.external.get(&id) {
+                } else if let Some(external) = s.external.get(&id) {
                     external.do_send(RequestCancel { by });
                 }
             }
@@ -297,7 +329,7 @@ impl Scheduler {
     /// The jobs whose leases this node holds: its own running and queued, those being taken over,
     /// and the workers' jobs whose actors are here.
     fn leased(&self) -> Vec<Uuid> {
-        self.jobs.keys().chain(&self.taking).chain(self.external.keys()).copied().collect()
+        self.jobs.keys().chain(&self.taking).copied().chain(self.external.ids()).collect()
     }
 
     fn start_waiting(&mut self) {
@@ -400,8 +432,8 @@ impl Handler<StartExternal> for Scheduler {
     type Result = Result<Addr<External>, StartRefused>;
     fn handle(&mut self, msg: StartExternal, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.snapshot.job_id;
-        if let Some((addr, _)) = self.external.get(&id) {
-            return Ok(addr.clone());
+        if let Some(addr) = self.external.get(&id) {
+            return Ok(addr);
         }
         if self.ended.1.contains(&id) || msg.snapshot.status.is_terminal() {
             return Err(StartRefused::Ended);
@@ -411,7 +443,7 @@ impl Handler<StartExternal> for Scheduler {
         }
         let limits = self.deps.external;
         let tenant = msg.snapshot.tenant.clone();
-        let live = self.external.values().filter(|(_, t)| *t == tenant).count();
+        let live = self.external.of_tenant(&tenant);
         // Counted when the job is created: one stored (or taken over) always gets its actor back.
         if msg.fresh && live >= limits.max_per_tenant {
             return Err(StartRefused::Quota(format!(
@@ -436,15 +468,8 @@ impl Handler<StartExternal> for Scheduler {
             self.deps.broker.do_send(Publish::job(RoomKind::Job(id).name(), status));
         }
         let addr = External::new(deps, msg.snapshot, ctx.address().recipient()).start();
-        self.external.insert(id, (addr.clone(), tenant));
+        self.external.write().insert(id, (addr.clone(), tenant));
         Ok(addr)
-    }
-}
-
-impl Handler<FindExternal> for Scheduler {
-    type Result = Option<Addr<External>>;
-    fn handle(&mut self, msg: FindExternal, _: &mut Context<Self>) -> Self::Result {
-        self.external.get(&msg.0).map(|(addr, _)| addr.clone())
     }
 }
 
@@ -452,9 +477,11 @@ impl Handler<ExternalEnded> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: ExternalEnded, _: &mut Context<Self>) {
         // Only the actor that stopped (a discarded one may have been replaced already).
-        if self.external.get(&msg.job_id).is_some_and(|(a, _)| *a == msg.actor) {
-            self.external.remove(&msg.job_id);
+        let mut live = self.external.write();
+        if live.get(&msg.job_id).is_some_and(|(a, _)| *a == msg.actor) {
+            live.remove(&msg.job_id);
         }
+        drop(live);
         if !msg.finished {
             return;
         }
@@ -474,7 +501,7 @@ impl Handler<CancelJob> for Scheduler {
     type Result = ResponseFuture<CancelOutcome>;
     fn handle(&mut self, msg: CancelJob, _: &mut Context<Self>) -> Self::Result {
         // A job that runs elsewhere: its worker is asked to stop.
-        if let Some((external, _)) = self.external.get(&msg.job_id).cloned() {
+        if let Some(external) = self.external.get(&msg.job_id) {
             return Box::pin(async move {
                 match external.send(RequestCancel { by: msg.by }).await {
                     Ok(true) => CancelOutcome::Cancelling,
@@ -516,7 +543,7 @@ impl Handler<Forwarded> for Scheduler {
             }
         };
         let answer = |a: &CallAnswer| serde_json::to_string(a).ok();
-        if let Some((external, _)) = self.external.get(&call.job_id).cloned() {
+        if let Some(external) = self.external.get(&call.job_id) {
             return Box::pin(async move { answer(&call.op.run(&external).await) });
         }
         let found = if self.ended.1.contains(&call.job_id) { call.op.ended() } else { CallAnswer::NotHere };
@@ -535,7 +562,8 @@ impl Handler<ReleaseAll> for Scheduler {
                 job.do_send(Abandon);
             }
             // Their workers' next reports go to the node that takes them over.
-            for (external, _) in std::mem::take(&mut self.external).into_values() {
+            let live = std::mem::take(&mut *self.external.write());
+            for (external, _) in live.into_values() {
                 external.do_send(Discard);
             }
         }
