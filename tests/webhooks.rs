@@ -149,3 +149,80 @@ async fn a_webhook_cannot_be_aimed_at_a_private_address_unless_allowed() {
         assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("private")), "{answer}");
     }
 }
+
+/// An HTTPS receiver on 127.0.0.1 (`openssl s_server`) whose certificate is self-signed, so no
+/// public root vouches for it; answers its URL, or `None` when `openssl` is not installed.
+struct SelfSignedReceiver {
+    url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SelfSignedReceiver {
+    fn start() -> Option<SelfSignedReceiver> {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            assert!(std::env::var("CI").is_err(), "CI=true: this test needs the openssl command");
+            eprintln!("skipped: no openssl command to make a certificate with");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &format!("127.0.0.1:{port}")])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let deadline = std::time::Instant::now() + common::WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "openssl s_server never listened");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(SelfSignedReceiver { url: format!("https://127.0.0.1:{port}/hook"), child, _dir: dir })
+    }
+}
+
+impl Drop for SelfSignedReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[actix_rt::test]
+async fn an_https_receiver_is_reached_over_tls_and_an_untrusted_certificate_is_refused() {
+    let Some(receiver) = SelfSignedReceiver::start() else { return };
+    let server = TestServer::with(|c| {
+        c.webhook_backoff_initial_ms = 20;
+        c.webhook_max_attempts = 2;
+        c.webhook_private_allow = "127.0.0.1".into();
+    });
+    let hook = register(&server, "acme", &receiver.url, json!(["job.completed"])).await;
+    job_ending(&server, "acme", "complete", json!({})).await;
+    let path = format!("/api/v1/admin/webhooks/{}/deliveries", hook["id"].as_str().expect("id"));
+    let log = wait_for_log(&server, &path, 2).await;
+    // The TLS handshake was made, and the certificate no public root signed was not trusted: the
+    // body (and its signature) never reached the receiver.
+    for attempt in &log {
+        let error = attempt["error"].as_str().unwrap_or_default().to_ascii_lowercase();
+        assert!(error.contains("certificate"), "{log:?}");
+        assert_eq!(attempt["status"], Value::Null, "{log:?}");
+    }
+}
