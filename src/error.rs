@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 409 `conflict`.
     #[error("{0}")]
     Conflict(String),
+    /// 412 `precondition_failed` (a tus request without `Tus-Resumable: 1.0.0`).
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// 413 `payload_too_large`.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Conflict(_) => "conflict",
+            ApiError::PreconditionFailed(_) => "precondition_failed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
@@ -92,6 +96,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,

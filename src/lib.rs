@@ -365,6 +365,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         store,
         scheduler,
         started: Instant::now(),
+        tus: Default::default(),
         addr: addr.to_string(),
     };
     let echo = shared.config.conformance_echo;

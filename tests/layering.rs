@@ -48,11 +48,12 @@ const RANKS: &[(&str, u32)] = &[
     ("realtime", 41),
     ("http::shared", 50),
     ("http::extract", 51),
-    ("http", 53),
+    ("http", 54),
     ("http::ws", 52),
     ("http::admin", 52),
     ("http::jobs", 52),
     ("http::upload", 52),
+    ("http::tus", 53),
     ("http::workers", 52),
     ("http::webhooks", 52),
 ];

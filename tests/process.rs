@@ -689,3 +689,72 @@ async fn a_webhook_being_retried_survives_a_crash_and_is_delivered_once_with_its
     let body: serde_json::Value = serde_json::from_str(&got[got.len() - 1].body).unwrap();
     assert_eq!((body["type"].as_str(), body["data"]["kind"].as_str()), (Some("job.completed"), Some("csv_import")));
 }
+
+/// A tus request to a server process; answers the status and one header.
+async fn tus_call(
+    url: &str,
+    method: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    want: &str,
+) -> (u16, String) {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = awc::Client::default()
+        .request(method, url)
+        .timeout(common::WAIT)
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .insert_header(("Tus-Resumable", "1.0.0"));
+    for (k, v) in headers {
+        req = req.insert_header((*k, *v));
+    }
+    let res = req.send_body(body).await.expect("tus request");
+    let value = res.headers().get(want).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (res.status().as_u16(), value)
+}
+
+#[actix_rt::test]
+async fn a_resumable_upload_outlives_a_crash_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--bind", "127.0.0.1:0"];
+    let mut p = Proc::serve(dir.path(), &args, &[]);
+    let token = mint(dir.path(), "alice", "acme");
+    let csv = common::generate_csv(500, "tus-crash");
+    let (half, len) = (csv.bytes.len() / 2, csv.bytes.len().to_string());
+    let base = format!("http://{}", p.addr);
+    let (status, location) = tus_call(
+        &format!("{base}/api/v1/uploads/tus"),
+        "POST",
+        &token,
+        &[("Upload-Length", &len), ("Upload-Metadata", "filename YS5jc3Y=")],
+        Vec::new(),
+        "location",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let octets = ("Content-Type", "application/offset+octet-stream");
+    let url = format!("{base}{location}");
+    let first = [octets, ("Upload-Offset", "0")];
+    let answer = tus_call(&url, "PATCH", &token, &first, csv.bytes[..half].to_vec(), "upload-offset").await;
+    assert_eq!(answer, (204, half.to_string()));
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    let p = Proc::serve(dir.path(), &args, &[]);
+    let url = format!("http://{}{location}", p.addr);
+    assert_eq!(tus_call(&url, "HEAD", &token, &[], Vec::new(), "upload-offset").await, (200, half.to_string()));
+    let offset = half.to_string();
+    let rest = [octets, ("Upload-Offset", offset.as_str())];
+    let (status, job) = tus_call(&url, "PATCH", &token, &rest, csv.bytes[half..].to_vec(), "jobcast-job-id").await;
+    assert_eq!(status, 204);
+    let id: uuid::Uuid = job.parse().expect("Jobcast-Job-Id");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let snapshot = job_status(&p.addr, &token, id).await;
+        if snapshot["status"] == "completed" {
+            assert_eq!(snapshot["results"]["processed_rows"], 500);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never completed: {snapshot}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -258,6 +258,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
         ApiError::NotFound(String::new()),
         ApiError::RequestTimeout(String::new()),
         ApiError::Conflict(String::new()),
+        ApiError::PreconditionFailed(String::new()),
         ApiError::PayloadTooLarge(String::new()),
         ApiError::UnsupportedMediaType(String::new()),
         ApiError::QuotaExceeded(String::new()),
@@ -274,6 +275,7 @@ fn every_error_code_close_code_and_auth_reason_is_documented() {
             | ApiError::NotFound(_)
             | ApiError::RequestTimeout(_)
             | ApiError::Conflict(_)
+            | ApiError::PreconditionFailed(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::QuotaExceeded(_)

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod extract;
 pub mod jobs;
 pub mod shared;
+pub mod tus;
 pub mod upload;
 pub mod webhooks;
 pub mod workers;
@@ -41,6 +42,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
         web::scope("/api/v1")
             .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
             .route("/uploads", web::post().to(upload::upload))
+            .configure(tus::routes)
             .service(web::resource("/jobs").get(jobs::list).post(workers::create))
             .service(web::scope("/jobs/{id}").configure(workers::routes).configure(jobs::routes))
             .route("/auth/websocket-token", web::post().to(ws::websocket_token))

@@ -45,6 +45,8 @@ pub struct Shared {
     pub(crate) addr: String,
     /// When the server started.
     pub(crate) started: Instant,
+    /// The resumable uploads with a `PATCH` under way.
+    pub(crate) tus: Patching,
 }
 
 impl Shared {
@@ -59,5 +61,28 @@ impl Shared {
             jobs: self.jobs.clone(),
             redis: self.redis.clone(),
         }
+    }
+}
+
+/// The resumable uploads (`http::tus`) with a `PATCH` under way on this node.
+#[derive(Clone, Default)]
+pub struct Patching(Arc<std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>>);
+
+impl Patching {
+    pub(crate) fn begin(&self, id: uuid::Uuid) -> Option<PatchGuard> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(id).then(|| PatchGuard { set: self.clone(), id })
+    }
+}
+
+/// One upload's `PATCH`, under way while this lives.
+pub(crate) struct PatchGuard {
+    set: Patching,
+    id: uuid::Uuid,
+}
+
+impl Drop for PatchGuard {
+    fn drop(&mut self) {
+        self.set.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
     }
 }

@@ -111,7 +111,7 @@ impl Stream for Bounded {
 }
 
 /// Whether an uploaded part looks like CSV text: a CSV name or text content type, and no NUL bytes.
-fn looks_like_csv(filename: &str, content_type: Option<&str>) -> bool {
+pub(crate) fn looks_like_csv(filename: &str, content_type: Option<&str>) -> bool {
     let name_ok = filename.to_ascii_lowercase().ends_with(".csv") || filename.to_ascii_lowercase().ends_with(".txt");
     let type_ok = match content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
         None => true,
@@ -171,7 +171,7 @@ impl Budget<'_> {
 
 /// Cluster mode: the upload's share of its tenant's quotas across every node (`redis.rs`), one field
 /// per upload, given back with its [`Admission`].
-struct ClusterShare {
+pub(crate) struct ClusterShare {
     redis: RedisEngine,
     tenant: String,
     upload: String,
@@ -248,17 +248,8 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     }
     // Quotas and the disk before a byte of the body is read; both are checked again as it arrives.
     let _receiving = Receiving::new(&shared.metrics);
-    let mut admission = shared.quotas.admit(&who.tenant, declared.unwrap_or(0))?;
-    let cluster = match &shared.redis {
-        Some(redis) => Some(ClusterShare::claim(redis, shared, &who.tenant, &mut admission).await?),
-        None => None,
-    };
-    let dir = shared.config.data_dir.join("uploads");
-    let dir_made = dir.clone();
-    tokio::task::spawn_blocking(move || crate::files::private_dir(&dir_made))
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
+    let (mut admission, cluster) = admit(shared, &who.tenant, declared.unwrap_or(0)).await?;
+    let dir = uploads_dir(shared).await?;
     let min_free = shared.quotas.limits().min_free_disk;
     disk_check(dir.clone(), declared.unwrap_or(0), min_free).await?;
     let part = dir.join(format!("{}.part", Uuid::new_v4()));
@@ -300,12 +291,61 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
             return Err(e);
         }
     }
+    let job_id = start_job(shared, &who.tenant, &who.user_id, batch_id, filename, &part, size, admission).await?;
+    Ok(HttpResponse::Accepted().json(json!({
+        "job_id": job_id,
+        "room": RoomKind::Job(job_id).name(),
+        "status_url": format!("/api/v1/jobs/{job_id}"),
+        "ws_url": format!("/ws/jobs/{job_id}"),
+    })))
+}
+
+/// The tenant's quotas for an upload of `bytes` (so far): on this node, and across the cluster
+/// when there is one (that share is given back with the [`Admission`]).
+pub(crate) async fn admit(
+    shared: &Shared,
+    tenant: &str,
+    bytes: u64,
+) -> Result<(Admission, Option<ClusterShare>), ApiError> {
+    let mut admission = shared.quotas.admit(tenant, bytes)?;
+    let cluster = match &shared.redis {
+        Some(redis) => Some(ClusterShare::claim(redis, shared, tenant, &mut admission).await?),
+        None => None,
+    };
+    Ok((admission, cluster))
+}
+
+/// `data_dir/uploads`, made private when it is not there.
+pub(crate) async fn uploads_dir(shared: &Shared) -> Result<PathBuf, ApiError> {
+    let dir = shared.config.data_dir.join("uploads");
+    let made = dir.clone();
+    tokio::task::spawn_blocking(move || crate::files::private_dir(&made))
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("cannot store uploads: {e}")))?;
+    Ok(dir)
+}
+
+/// A received file (`part`, `size` bytes, its quotas settled in `admission`) becomes a queued job of
+/// `tenant`, as `batch_id` when given; the file is removed when that fails. Answers the job id.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_job(
+    shared: &Shared,
+    tenant: &str,
+    user_id: &str,
+    batch_id: Option<Uuid>,
+    filename: String,
+    part: &std::path::Path,
+    size: u64,
+    admission: Admission,
+) -> Result<Uuid, ApiError> {
+    let part = part.to_path_buf();
     let job_id = batch_id.unwrap_or_else(Uuid::new_v4);
-    let path = dir.join(format!("{job_id}.csv"));
+    let path = shared.config.data_dir.join("uploads").join(format!("{job_id}.csv"));
     let spec = JobSpec {
         job_id,
-        tenant: who.tenant.clone(),
-        user_id: who.user_id.clone(),
+        tenant: tenant.to_string(),
+        user_id: user_id.to_string(),
         filename,
         path,
         size_bytes: size,
@@ -314,7 +354,7 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     // The id is claimed in one store step: free, or reserved by a subscription of the same tenant.
     // Anything else is taken, and the answer is the same whoever has it.
     let queued = job::queued(spec.clone());
-    let tenant = who.tenant.clone();
+    let tenant = tenant.to_string();
     let claim = move |current: Option<&JobRecord>| match current {
         None => JobChange::Save(Box::new(queued)),
         Some(job) if job.snapshot.status == JobStatus::Pending && job.snapshot.tenant == tenant => {
@@ -341,7 +381,7 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
             let _ = tokio::fs::remove_file(&part).await;
             // Best effort: when the database is away this fails too, and the job, taken over once
             // its lease runs out, fails for want of its upload.
-            let unclaim = store.send(Unclaim { job_id, tenant: who.tenant.clone() }).await;
+            let unclaim = store.send(Unclaim { job_id, tenant: spec.tenant.clone() }).await;
             if let Err(e) = unclaim.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 tracing::warn!(job = %job_id, error = %e, "an upload that was not kept still claims its job id");
             }
@@ -351,14 +391,9 @@ async fn accept(req: HttpRequest, shared: &Shared, body: web::Payload) -> Result
     tokio::fs::rename(&part, &spec.path)
         .await
         .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
-    info!(target: "audit", event = "upload", user = %who.user_id, tenant = %who.tenant, job = %job_id, size, "job created");
+    info!(target: "audit", event = "upload", user = %spec.user_id, tenant = %spec.tenant, job = %job_id, size, "job created");
     shared.scheduler.do_send(Submit { spec, resume: None, admission });
-    Ok(HttpResponse::Accepted().json(json!({
-        "job_id": job_id,
-        "room": RoomKind::Job(job_id).name(),
-        "status_url": format!("/api/v1/jobs/{job_id}"),
-        "ws_url": format!("/ws/jobs/{job_id}"),
-    })))
+    Ok(job_id)
 }
 
 fn invalid(e: impl std::fmt::Display) -> ApiError {
