@@ -69,6 +69,7 @@ impl Shared {
 pub struct Patching(Arc<std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>>);
 
 impl Patching {
+    /// Marks `id` busy until the guard is dropped; `None` when it is busy already.
     pub(crate) fn begin(&self, id: uuid::Uuid) -> Option<PatchGuard> {
         let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(id).then(|| PatchGuard { set: self.clone(), id })
