@@ -52,6 +52,20 @@ pub struct Claims {
     /// On job tokens (`typ: "job"`): the one job they may report, complete or fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// On download tokens (`typ: "download"`): the job's file they let anyone holding them read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// What a download token (contract §8) names: one file of one job of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadClaim {
+    /// The job.
+    pub job_id: uuid::Uuid,
+    /// Its tenant.
+    pub tenant: String,
+    /// The file's name among the job's files (`[A-Za-z0-9._-]`).
+    pub file: String,
 }
 
 /// What a job token (contract §7) authorizes: reporting, completing and failing one job.
@@ -429,6 +443,7 @@ impl Auth {
             cred_exp: Some(id.expires_at),
             run: Some(generation.to_string()),
             job: None,
+            file: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?;
         Ok((token, exp.saturating_sub(now)))
@@ -450,6 +465,7 @@ impl Auth {
             cred_exp: None,
             run: None,
             job: None,
+            file: None,
         };
         Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer)?)
     }
@@ -472,8 +488,50 @@ impl Auth {
             cred_exp: None,
             run: None,
             job: Some(job.to_string()),
+            file: None,
         };
         Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?)
+    }
+
+    /// Mints the token of a download link: HS256 with the WebSocket-token key, `typ: "download"`,
+    /// for `file` of `job` of `tenant`, good until `exp` (Unix seconds). It is refused anywhere else.
+    pub fn mint_download(&self, tenant: &str, job: uuid::Uuid, file: &str, exp: u64) -> Result<String, KeyError> {
+        let claims = Claims {
+            sub: format!("download:{job}"),
+            tenant: Some(tenant.to_string()),
+            exp,
+            roles: Vec::new(),
+            nbf: None,
+            iat: Some(unix_now()),
+            typ: Some("download".into()),
+            jti: None,
+            cred_exp: None,
+            run: None,
+            job: Some(job.to_string()),
+            file: Some(file.to_string()),
+        };
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ws_signer)?)
+    }
+
+    /// Verifies a download token (a link altered in any byte, or expired, is refused).
+    pub fn verify_download(&self, token: &str) -> Result<DownloadClaim, AuthError> {
+        if peek_alg(token)? != "HS256" {
+            return Err(AuthError::UnsupportedAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.ws_key, &self.ws_validation)
+            .map_err(|e| AuthError::from_jwt(&e))?;
+        let c = data.claims;
+        if c.typ.as_deref() != Some("download") {
+            return Err(AuthError::Malformed);
+        }
+        let job_id = c.job.as_deref().and_then(|j| uuid::Uuid::parse_str(j).ok()).ok_or(AuthError::Malformed)?;
+        let tenant = c.tenant.filter(|t| !t.is_empty()).ok_or(AuthError::Malformed)?;
+        let file = c
+            .file
+            .filter(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+            .filter(|f| !f.starts_with('.'))
+            .ok_or(AuthError::Malformed)?;
+        Ok(DownloadClaim { job_id, tenant, file })
     }
 
     /// Verifies a job token; answers the job it is for.

@@ -142,6 +142,10 @@ settings! {
         webhook_private_allow: String = String::new(), "JOBCAST_WEBHOOK_PRIVATE_ALLOW";
         /// Webhooks: attempts of one message at most (then it is given up, and logged so).
         webhook_max_attempts: u32 = 8, "JOBCAST_WEBHOOK_MAX_ATTEMPTS";
+        /// Seconds a download link (`/api/v1/downloads/{token}`) works after it was made.
+        download_ttl_s: u64 = 3600, "JOBCAST_DOWNLOAD_TTL_S";
+        /// Seconds a job's downloadable file (an export) is kept; then it is removed.
+        retention_s: u64 = 604_800, "JOBCAST_RETENTION_S";
         /// Rows per zone for CSV imports.
         zone_rows: usize = 1000, "JOBCAST_ZONE_ROWS";
         /// Jobs running at once; others wait as `queued`.
@@ -269,6 +273,12 @@ impl Config {
         }
         if !(1..=100).contains(&self.webhook_max_attempts) {
             return invalid("webhook_max_attempts", "must be 1 to 100");
+        }
+        if !(1..=31 * 86_400).contains(&self.download_ttl_s) {
+            return invalid("download_ttl_s", "must be 1 to 2678400 seconds");
+        }
+        if !(1..=366 * 86_400).contains(&self.retention_s) {
+            return invalid("retention_s", "must be 1 to 31622400 seconds");
         }
         if !(3..=86_400).contains(&self.job_lease_s) {
             return invalid("job_lease_s", "must be 3 to 86400 seconds");

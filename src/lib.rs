@@ -298,7 +298,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
     let deps = jobs::job::JobDeps {
         broker: broker.clone(),
         store: store.clone(),
-        zone: ZoneDeps::new(rows, rules, broker.clone(), cores),
+        zone: ZoneDeps::new(rows.clone(), rules, broker.clone(), cores),
         max_upload_bytes: config.max_upload_bytes,
         zone_rows: config.zone_rows,
         progress_rate: config.progress_max_rate_per_s,
@@ -310,7 +310,20 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         },
         webhooks: webhooks.clone().recipient(),
     };
-    let scheduler = Scheduler::new(deps, config.max_concurrent_jobs);
+    let downloads = config.data_dir.join("downloads");
+    files::private_dir(&downloads).map_err(|e| StartError::DataDir(format!("{}: {e}", downloads.display())))?;
+    jobs::downloads::Retention::new(downloads.clone(), Duration::from_secs(config.retention_s)).start();
+    let exports = jobs::export::ExportDeps {
+        broker: broker.clone(),
+        store: store.clone(),
+        rows,
+        auth: auth.clone(),
+        downloads,
+        download_ttl: Duration::from_secs(config.download_ttl_s),
+        progress_rate: config.progress_max_rate_per_s,
+        webhooks: webhooks.clone().recipient(),
+    };
+    let scheduler = Scheduler::new(deps, config.max_concurrent_jobs).with_exports(exports);
     let externals = scheduler.externals();
     let scheduler = match (store.shared(), &redis) {
         (Some(shared), Some(redis)) => scheduler.with_leases(jobs::scheduler::Leases {
@@ -328,6 +341,12 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
         // without them); other external jobs wait for their publisher.
         if job.is_worker_job() {
             scheduler.do_send(jobs::scheduler::StartExternal { snapshot: job.snapshot, fresh: false });
+            continue;
+        }
+        // An export interrupted by a restart runs again from the start.
+        if job.snapshot.kind.as_deref() == Some(jobs::export::EXPORT) && job.spec.is_none() {
+            tracing::info!(job = %job.snapshot.job_id, "an export interrupted by a restart runs again");
+            scheduler.do_send(jobs::scheduler::StartExport { snapshot: job.snapshot });
             continue;
         }
         // Only the jobs jobcast runs itself have a spec.

@@ -434,6 +434,36 @@ pub struct JobStalled {
     pub since: String,
 }
 
+/// `export_started` data: an export job began writing `format` (`csv` or `jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportStarted {
+    pub job_id: Uuid,
+    pub format: String,
+}
+
+/// `export_progress` data: `rows` written so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportProgress {
+    pub job_id: Uuid,
+    pub rows: u64,
+}
+
+/// `export_completed` data: the file is ready at `download_url` (a signed, expiring link).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportCompleted {
+    pub job_id: Uuid,
+    pub rows: u64,
+    pub bytes: u64,
+    pub download_url: String,
+}
+
+/// `export_failed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportFailed {
+    pub job_id: Uuid,
+    pub error: String,
+}
+
 /// One stage of a job that runs elsewhere, with its share of the progress bar (weights are relative).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageSpec {
@@ -526,6 +556,14 @@ events! {
     CancelRequested(CancelRequested) = "cancel_requested",
     /// A job that runs elsewhere had no report for `job_stall_timeout_s`.
     JobStalled(JobStalled) = "job_stalled",
+    /// An export job began.
+    ExportStarted(ExportStarted) = "export_started",
+    /// An export job's rows written so far.
+    ExportProgress(ExportProgress) = "export_progress",
+    /// An export job's file is ready for download.
+    ExportCompleted(ExportCompleted) = "export_completed",
+    /// An export job failed.
+    ExportFailed(ExportFailed) = "export_failed",
 }
 
 impl EventType {

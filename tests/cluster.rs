@@ -1330,3 +1330,47 @@ async fn a_node_stopped_gracefully_hands_its_workers_jobs_over_at_once() {
     let job = job_status(&b.addr, id).await;
     assert_eq!((job["status"].as_str(), job["results"]["n"].as_u64()), (Some("completed"), Some(3)), "{job}");
 }
+
+#[actix_rt::test]
+async fn an_export_on_any_node_reads_every_nodes_rows_from_postgres() {
+    if !engines_up() {
+        return;
+    }
+    let cluster = Shared::new(postgres_url());
+    let (data_a, data_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = cluster.node(data_a.path(), &[]);
+    let b = cluster.node(data_b.path(), &[]);
+    let (batch, csv, mut watcher, _) = start_import(&a, &a, 5000, "export-pg").await;
+    let mut last = 0;
+    let (results, _) = until_completed(&mut watcher, &mut last).await;
+    let inserted = results["inserted"].as_u64().expect("inserted");
+    assert_eq!(inserted, csv.valid() - csv.duplicates);
+    let id = uuid::Uuid::new_v4();
+    let (mut exporting, _) = member(&b, "alice", &format!("job:{id}")).await;
+    let body = json!({"format": "jsonl", "filters": {"job_id": batch.to_string()}, "id": id.to_string()});
+    let (status, answer) = common::post_json(&b.addr, "/api/v1/exports", &token("alice", "acme", &[]), body).await;
+    assert_eq!(status, 202, "{answer}");
+    let done = loop {
+        match exporting.recv().await.event {
+            Event::ExportCompleted(done) => break done,
+            Event::ExportFailed(f) => panic!("the export failed: {}", f.error),
+            _ => {}
+        }
+    };
+    assert_eq!(done.rows, inserted, "every row the import on A stored, read on B");
+    let mut res = awc::Client::default()
+        .get(format!("http://{}{}", b.addr, done.download_url))
+        .timeout(common::WAIT)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(res.status(), 200);
+    let body = res.body().limit(64 << 20).await.expect("body");
+    let lines = String::from_utf8(body.to_vec()).expect("utf-8");
+    assert_eq!(lines.lines().count() as u64, inserted);
+    let mut seen = std::collections::HashSet::new();
+    for line in lines.lines() {
+        let row: Value = serde_json::from_str(line).expect("a JSON line");
+        assert!(seen.insert(row["line"].as_i64().expect("line")), "a row twice: {row}");
+    }
+}

@@ -40,6 +40,8 @@ const RANKS: &[(&str, u32)] = &[
     ("jobs::zone", 31),
     ("jobs::job", 32),
     ("jobs::external", 32),
+    ("jobs::export", 32),
+    ("jobs::downloads", 30),
     ("jobs::scheduler", 33),
     ("jobs::lookup", 34),
     ("jobs", 39),
@@ -54,6 +56,7 @@ const RANKS: &[(&str, u32)] = &[
     ("http::jobs", 52),
     ("http::upload", 52),
     ("http::tus", 53),
+    ("http::exports", 52),
     ("http::workers", 52),
     ("http::webhooks", 52),
 ];

@@ -99,6 +99,18 @@ impl RowsAddr {
         }
     }
 
+    /// A page of a tenant's rows for an export (`row_store::ExportRows`).
+    pub async fn export_rows(
+        &self,
+        page: crate::db::row_store::ExportRows,
+    ) -> Result<(Vec<crate::db::row_store::ExportRow>, Option<String>), StoreError> {
+        let answer = match self {
+            RowsAddr::Sqlite(a) => a.send(page).await,
+            RowsAddr::Postgres(a) => a.send(page).await,
+        };
+        answer.map_err(|e| StoreError::new(e.to_string()))?
+    }
+
     /// A job's stored zone reports.
     pub fn zone_reports(
         &self,

@@ -23,7 +23,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::db::pg::{self, is_transient};
-use crate::db::row_store::{fnv1a_128, StoreZone, ZoneReports, GROUP_ROWS};
+use crate::db::row_store::{fnv1a_128, ExportRow, ExportRows, StoreZone, ZoneReports, GROUP_ROWS};
 use crate::db::sqlite::StoreError;
 use crate::protocol::ZoneReport;
 use crate::quota::{Exceeded, Quotas};
@@ -147,6 +147,46 @@ impl Handler<StoreZone> for PgRows {
     fn handle(&mut self, zone: StoreZone, ctx: &mut Context<Self>) {
         self.queue.push_back(zone);
         self.write_waiting(ctx);
+    }
+}
+
+impl Handler<ExportRows> for PgRows {
+    type Result = ResponseFuture<Result<(Vec<ExportRow>, Option<String>), StoreError>>;
+    fn handle(&mut self, m: ExportRows, _: &mut Context<Self>) -> Self::Result {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            // Keyset on the primary key: every page reads on from where the last one ended.
+            let after = match m.cursor.as_deref() {
+                Some(c) => Uuid::parse_str(c).map_err(|e| StoreError::new(format!("bad export cursor: {e}")))?,
+                None => Uuid::nil(),
+            };
+            let f = &m.filters;
+            let rows = client
+                .query(
+                    "SELECT tenant_key, date, amount_cents, description, category, job_id, line FROM transactions
+                     WHERE tenant_key > $2 AND tenant = $1 AND ($3::TEXT IS NULL OR date >= $3)
+                         AND ($4::TEXT IS NULL OR date <= $4) AND ($5::TEXT IS NULL OR category = $5)
+                         AND ($6::TEXT IS NULL OR job_id = $6)
+                     ORDER BY tenant_key LIMIT $7",
+                    &[&m.tenant, &after, &f.from, &f.to, &f.category, &f.job_id, &(m.limit as i64)],
+                )
+                .await?;
+            let last = rows.last().map(|r| r.get::<_, Uuid>(0));
+            let out: Vec<ExportRow> = rows
+                .iter()
+                .map(|r| ExportRow {
+                    date: r.get(1),
+                    amount_cents: r.get(2),
+                    description: r.get(3),
+                    category: r.get(4),
+                    job_id: r.get(5),
+                    line: r.get(6),
+                })
+                .collect();
+            let cursor = last.filter(|_| out.len() == m.limit).map(|k| k.to_string());
+            Ok((out, cursor))
+        })
     }
 }
 

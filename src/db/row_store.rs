@@ -417,6 +417,88 @@ struct Flush;
 #[rtype(result = "Result<Vec<(u64, ZoneReport)>, StoreError>")]
 pub struct ZoneReports(pub String);
 
+/// Which of a tenant's stored rows an export takes (every filter optional).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportFilters {
+    /// From this date on (`YYYY-MM-DD`, inclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Up to this date (`YYYY-MM-DD`, inclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Only this category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Only the rows this job stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+/// One stored row as an export writes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ExportRow {
+    pub date: String,
+    pub amount_cents: i64,
+    pub description: String,
+    pub category: String,
+    pub job_id: String,
+    pub line: i64,
+}
+
+/// The next `limit` rows of `tenant` matching `filters` after `cursor` (`None`: from the first),
+/// in the store's own order; answers them and the cursor after the last (`None` at the end).
+#[derive(Message)]
+#[rtype(result = "Result<(Vec<ExportRow>, Option<String>), StoreError>")]
+pub struct ExportRows {
+    /// The tenant.
+    pub tenant: String,
+    /// Which rows.
+    pub filters: ExportFilters,
+    /// Where the previous page ended (opaque).
+    pub cursor: Option<String>,
+    /// Rows per page.
+    pub limit: usize,
+}
+
+impl Handler<ExportRows> for RowStore {
+    type Result = Result<(Vec<ExportRow>, Option<String>), StoreError>;
+    fn handle(&mut self, m: ExportRows, _: &mut SyncContext<Self>) -> Self::Result {
+        // What a zone wrote is read once it is committed, as its job saw it.
+        self.commit_group();
+        let after: i64 = m.cursor.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let f = &m.filters;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, date, amount_cents, description, category, job_id, line FROM transactions
+             WHERE tenant = ?1 AND id > ?2 AND (?3 IS NULL OR date >= ?3) AND (?4 IS NULL OR date <= ?4)
+                 AND (?5 IS NULL OR category = ?5) AND (?6 IS NULL OR job_id = ?6)
+             ORDER BY id LIMIT ?7",
+        )?;
+        let mut last = None;
+        let rows =
+            stmt.query_map(params![m.tenant, after, f.from, f.to, f.category, f.job_id, m.limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    ExportRow {
+                        date: r.get(1)?,
+                        amount_cents: r.get(2)?,
+                        description: r.get(3)?,
+                        category: r.get(4)?,
+                        job_id: r.get(5)?,
+                        line: r.get(6)?,
+                    },
+                ))
+            })?;
+        let mut out = Vec::with_capacity(m.limit);
+        for row in rows {
+            let (id, row) = row?;
+            last = Some(id);
+            out.push(row);
+        }
+        let cursor = last.filter(|_| out.len() == m.limit).map(|id| id.to_string());
+        Ok((out, cursor))
+    }
+}
+
 impl Handler<StoreZone> for RowStore {
     type Result = ();
     fn handle(&mut self, zone: StoreZone, ctx: &mut SyncContext<Self>) {

@@ -118,10 +118,11 @@ impl JobRecord {
         self.spec.is_none() && self.snapshot.stages.is_some()
     }
 
-    /// A job some node runs (one of jobcast's own, or the actor taking a worker's reports): with
-    /// a shared store, that node holds a lease on it.
+    /// A job some node runs (one of jobcast's own, an export, or the actor taking a worker's
+    /// reports): with a shared store, that node holds a lease on it.
     pub fn is_leased(&self) -> bool {
-        self.spec.is_some() || self.is_worker_job()
+        // `export`: `jobs::export::EXPORT` (its spec is in the snapshot's metadata).
+        self.spec.is_some() || self.is_worker_job() || self.snapshot.kind.as_deref() == Some("export")
     }
 }
 

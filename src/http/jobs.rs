@@ -56,7 +56,8 @@ pub async fn list(req: HttpRequest, shared: web::Data<Shared>) -> Result<HttpRes
 
 async fn get(req: HttpRequest, shared: web::Data<Shared>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let who = bearer(&req, &shared)?;
-    let job = visible_job(&shared, &who, &id).await?;
+    let mut job = visible_job(&shared, &who, &id).await?;
+    crate::jobs::export::fresh_link(&shared.auth, shared.config.download_ttl_s, &mut job.snapshot);
     Ok(HttpResponse::Ok().json(job.snapshot))
 }
 

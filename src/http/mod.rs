@@ -6,6 +6,7 @@
 //! handlers use `extract` and `shared`, and only this file knows every route.
 
 pub mod admin;
+pub mod exports;
 pub mod extract;
 pub mod jobs;
 pub mod shared;
@@ -43,6 +44,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, conformance_echo: bool) {
             .wrap(actix_web::middleware::from_fn(refuse_encoded_bodies))
             .route("/uploads", web::post().to(upload::upload))
             .configure(tus::routes)
+            .configure(exports::routes)
             .service(web::resource("/jobs").get(jobs::list).post(workers::create))
             .service(web::scope("/jobs/{id}").configure(workers::routes).configure(jobs::routes))
             .route("/auth/websocket-token", web::post().to(ws::websocket_token))

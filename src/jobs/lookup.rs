@@ -133,7 +133,7 @@ impl JobAccess {
             };
         }
         let (Some(shared), Some(redis)) = (self.store.shared(), &self.redis) else { return Ok(here) };
-        if here == CancelOutcome::Cancelling || job.spec.is_none() || job.snapshot.status.is_terminal() {
+        if here == CancelOutcome::Cancelling || !job.is_leased() || job.snapshot.status.is_terminal() {
             return Ok(here);
         }
         // Another node runs the job (it answers), or ran it and died: the cancel is recorded, and

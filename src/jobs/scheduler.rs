@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::db::pg_store::{ClaimExpired, Claimed, PgStore, ReleaseLeases, RenewLeases, RestoreUpload};
 use crate::db::sqlite::now_ms;
 use crate::db::store::{DeleteReservations, JobRecord, JobSpec, StaleReservations};
+use crate::jobs::export::{AbandonExport, CancelExport, Export, ExportDeps, ExportEnded, EXPORT};
 use crate::jobs::external::{CallAnswer, Discard, External, ExternalDeps, ExternalEnded, RequestCancel, WorkerCall};
 use crate::jobs::job::{Abandon, Begin, Cancel, Finished, Job, JobDeps, Queued};
 use crate::protocol::{Event, JobSnapshot, JobStatus, RoomKind, StatusData};
@@ -149,6 +150,15 @@ impl LiveExternals {
     }
 }
 
+/// Start the actor of an export job: a new one, or one stored before a restart (or taken over),
+/// which runs again from the start.
+#[derive(Message)]
+#[rtype(result = "Result<(), StartRefused>")]
+pub struct StartExport {
+    /// The job as created or stored (its `metadata` holds the export's spec).
+    pub snapshot: JobSnapshot,
+}
+
 /// How many jobs are queued and running.
 #[derive(Message)]
 #[rtype(result = "(usize, usize)")]
@@ -175,6 +185,10 @@ pub struct Scheduler {
     external: LiveExternals,
     /// External jobs that ended here lately (at most [`ENDED_KEPT`], oldest first).
     ended: (VecDeque<Uuid>, HashSet<Uuid>),
+    /// Export jobs running here, with their tenants.
+    exports: HashMap<Uuid, (Addr<Export>, String)>,
+    /// What export jobs need (set once the server has built it).
+    export_deps: Option<ExportDeps>,
 }
 
 impl Scheduler {
@@ -193,7 +207,15 @@ impl Scheduler {
             releasing: false,
             external: LiveExternals::default(),
             ended: Default::default(),
+            exports: HashMap::new(),
+            export_deps: None,
         }
+    }
+
+    /// Runs export jobs with `deps`.
+    pub fn with_exports(mut self, deps: ExportDeps) -> Self {
+        self.export_deps = Some(deps);
+        self
     }
 
     /// The live actors of its jobs that run elsewhere.
@@ -233,6 +255,10 @@ impl Scheduler {
                     tracing::warn!(job = %id, "another node took over a worker's job; its actor here stops");
                     external.do_send(Discard);
                 }
+                if let Some((export, _)) = s.exports.remove(id) {
+                    tracing::warn!(job = %id, "another node took over an export; it stops here");
+                    export.do_send(AbandonExport);
+                }
             }
             for (id, by) in held {
                 let Some(by) = by else { continue };
@@ -240,6 +266,8 @@ impl Scheduler {
                     job.do_send(Cancel { by });
                 } else if let Some(external) = s.external.get(&id) {
                     external.do_send(RequestCancel { by });
+                } else if let Some((export, _)) = s.exports.get(&id) {
+                    export.do_send(CancelExport { by });
                 }
             }
         }));
@@ -267,6 +295,16 @@ impl Scheduler {
     }
 
     fn restore_then_take_over(&mut self, mut claimed: Claimed, ctx: &mut Context<Self>) {
+        if claimed.job.snapshot.kind.as_deref() == Some(EXPORT) && claimed.job.spec.is_none() {
+            let id = claimed.job.snapshot.job_id;
+            tracing::info!(job = %id, "taking over an export whose node stopped renewing its lease; it runs again");
+            if let Err(e) =
+                <Self as Handler<StartExport>>::handle(self, StartExport { snapshot: claimed.job.snapshot }, ctx)
+            {
+                tracing::warn!(job = %id, reason = ?e, "an export not taken over");
+            }
+            return;
+        }
         if claimed.job.is_worker_job() {
             let id = claimed.job.snapshot.job_id;
             tracing::info!(job = %id, "taking over a worker's job whose node stopped renewing its lease");
@@ -329,7 +367,8 @@ impl Scheduler {
     /// The jobs whose leases this node holds: its own running and queued, those being taken over,
     /// and the workers' jobs whose actors are here.
     fn leased(&self) -> Vec<Uuid> {
-        self.jobs.keys().chain(&self.taking).copied().chain(self.external.ids()).collect()
+        let exports = self.exports.keys().copied();
+        self.jobs.keys().chain(&self.taking).copied().chain(self.external.ids()).chain(exports).collect()
     }
 
     fn start_waiting(&mut self) {
@@ -509,6 +548,14 @@ impl Handler<CancelJob> for Scheduler {
                 }
             });
         }
+        if let Some((export, _)) = self.exports.get(&msg.job_id).cloned() {
+            return Box::pin(async move {
+                match export.send(CancelExport { by: msg.by }).await {
+                    Ok(true) => CancelOutcome::Cancelling,
+                    _ => CancelOutcome::NotRunning,
+                }
+            });
+        }
         let Some(job) = self.jobs.get(&msg.job_id).cloned() else {
             return Box::pin(async { CancelOutcome::NotRunning });
         };
@@ -524,10 +571,46 @@ impl Handler<CancelJob> for Scheduler {
 impl Handler<RemoteCancel> for Scheduler {
     type Result = ResponseFuture<bool>;
     fn handle(&mut self, msg: RemoteCancel, _: &mut Context<Self>) -> Self::Result {
+        if let Some((export, _)) = self.exports.get(&msg.job_id).cloned() {
+            return Box::pin(async move { export.send(CancelExport { by: msg.by }).await.unwrap_or(false) });
+        }
         let Some(job) = self.jobs.get(&msg.job_id).cloned() else {
             return Box::pin(async { false });
         };
         Box::pin(async move { job.send(Cancel { by: msg.by }).await.unwrap_or(false) })
+    }
+}
+
+impl Handler<StartExport> for Scheduler {
+    type Result = Result<(), StartRefused>;
+    fn handle(&mut self, msg: StartExport, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.snapshot.job_id;
+        if self.exports.contains_key(&id) {
+            return Ok(());
+        }
+        if msg.snapshot.status.is_terminal() {
+            return Err(StartRefused::Ended);
+        }
+        if self.releasing {
+            return Err(StartRefused::Stopping);
+        }
+        let Some(deps) = self.export_deps.clone() else {
+            return Err(StartRefused::Stopping);
+        };
+        let tenant = msg.snapshot.tenant.clone();
+        let Some(export) = Export::new(deps, msg.snapshot, ctx.address().recipient()) else {
+            tracing::warn!(job = %id, "an export job without its spec is not run");
+            return Err(StartRefused::Ended);
+        };
+        self.exports.insert(id, (export.start(), tenant));
+        Ok(())
+    }
+}
+
+impl Handler<ExportEnded> for Scheduler {
+    type Result = ();
+    fn handle(&mut self, msg: ExportEnded, _: &mut Context<Self>) {
+        self.exports.remove(&msg.job_id);
     }
 }
 
@@ -565,6 +648,9 @@ impl Handler<ReleaseAll> for Scheduler {
             let live = std::mem::take(&mut *self.external.write());
             for (external, _) in live.into_values() {
                 external.do_send(Discard);
+            }
+            for (export, _) in std::mem::take(&mut self.exports).into_values() {
+                export.do_send(AbandonExport);
             }
         }
         let Some(store) = self.leases.as_ref().map(|l| l.store.clone()).filter(|_| !ids.is_empty()) else {

@@ -551,6 +551,40 @@ export interface JobStalledData {
 const jobStalled = s.object({ job_id: s.uuid, since: s.timestamp });
 assertSame<Infer<typeof jobStalled>, JobStalledData>(true);
 
+/** `export_started`: an export job began writing `format` (`csv` or `jsonl`). */
+export interface ExportStartedData {
+  job_id: string;
+  format: string;
+}
+const exportStarted = s.object({ job_id: s.uuid, format: s.string });
+assertSame<Infer<typeof exportStarted>, ExportStartedData>(true);
+
+/** `export_progress`: rows written so far. */
+export interface ExportProgressData {
+  job_id: string;
+  rows: number;
+}
+const exportProgress = s.object({ job_id: s.uuid, rows: s.uint });
+assertSame<Infer<typeof exportProgress>, ExportProgressData>(true);
+
+/** `export_completed`: the file is ready at `download_url`, a signed link that expires (`download_ttl_s`). */
+export interface ExportCompletedData {
+  job_id: string;
+  rows: number;
+  bytes: number;
+  download_url: string;
+}
+const exportCompleted = s.object({ job_id: s.uuid, rows: s.uint, bytes: s.uint, download_url: s.string });
+assertSame<Infer<typeof exportCompleted>, ExportCompletedData>(true);
+
+/** `export_failed`. */
+export interface ExportFailedData {
+  job_id: string;
+  error: string;
+}
+const exportFailed = s.object({ job_id: s.uuid, error: s.string });
+assertSame<Infer<typeof exportFailed>, ExportFailedData>(true);
+
 /** Event type → its `data`. */
 export interface EventDataMap {
   connection_established: ConnectionEstablishedData;
@@ -574,6 +608,10 @@ export interface EventDataMap {
   job_cancelled: JobCancelledData;
   cancel_requested: CancelRequestedData;
   job_stalled: JobStalledData;
+  export_started: ExportStartedData;
+  export_progress: ExportProgressData;
+  export_completed: ExportCompletedData;
+  export_failed: ExportFailedData;
 }
 export type EventType = keyof EventDataMap;
 
@@ -600,6 +638,10 @@ export const EVENT_SCHEMAS: { [K in EventType]: Schema<EventDataMap[K]> } = {
   job_cancelled: jobCancelled,
   cancel_requested: cancelRequested,
   job_stalled: jobStalled,
+  export_started: exportStarted,
+  export_progress: exportProgress,
+  export_completed: exportCompleted,
+  export_failed: exportFailed,
 };
 
 /** Every event type, in the server's order (`EventType::ALL`). */

@@ -59,7 +59,7 @@ describe('proto-docs/protocol.md examples', () => {
   it('shows every server event type and every client message type', () => {
     const seen = new Set(server.map((b) => b.value.type));
     expect(EVENT_TYPES.filter((t) => !seen.has(t))).toEqual([]);
-    expect(EVENT_TYPES).toHaveLength(21);
+    expect(EVENT_TYPES).toHaveLength(25);
     const seenClient = new Set(client.map((b) => b.value.type));
     expect(CLIENT_MESSAGE_TYPES.filter((t) => !seenClient.has(t))).toEqual([]);
   });
