@@ -1203,7 +1203,7 @@ mod tests {
         let env = Envelope::direct(Event::Info(serde_json::json!({"m": 1})));
         let v = serde_json::to_value(&env).unwrap();
         assert_eq!(v["type"], EventType::Info.as_str());
-        assert_eq!(EventType::ALL.len(), 21);
+        assert_eq!(EventType::ALL.len(), 25);
     }
 
     #[test]

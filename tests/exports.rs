@@ -180,3 +180,39 @@ async fn a_bad_export_request_is_refused_with_a_reason() {
     let body = json!({"format": "csv", "id": job.to_string()});
     assert_eq!(server.request("POST", "/api/v1/exports", Some(&token), Some(body)).await.0, 409);
 }
+
+#[actix_rt::test]
+async fn an_export_cancelled_mid_run_stops_and_leaves_no_file() {
+    let server = TestServer::start();
+    import(&server, 50_000).await;
+    let token = server.token("alice", "acme", &[]);
+    let id = uuid::Uuid::new_v4();
+    let mut watcher = server.connect_as("alice", "acme").await;
+    watcher.subscribe(&format!("job:{id}")).await;
+    let body = json!({"format": "csv", "id": id.to_string()});
+    assert_eq!(server.request("POST", "/api/v1/exports", Some(&token), Some(body)).await.0, 202);
+    while watcher.recv().await.event.kind() != EventType::ExportStarted {}
+    // 50,000 rows are 25 pages: the cancel arrives while they are being written.
+    let (status, answer) = server.request("POST", &format!("/api/v1/jobs/{id}/cancel"), Some(&token), None).await;
+    assert_eq!(status, 202, "{answer}");
+    let mut kinds = Vec::new();
+    loop {
+        let env = watcher.recv().await;
+        kinds.push(env.event.kind());
+        if let Event::Status(s) = &env.event {
+            if s.status.is_terminal() {
+                assert_eq!(s.status.as_str(), "cancelled", "{kinds:?}");
+                break;
+            }
+        }
+    }
+    assert!(kinds.contains(&EventType::JobCancelled) && !kinds.contains(&EventType::ExportCompleted), "{kinds:?}");
+    let dir = server.data_dir.path().join("downloads").join(id.to_string());
+    let left: Vec<_> =
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing of the cancelled export is kept: {left:?}");
+    let (_, snapshot) = server.request("GET", &format!("/api/v1/jobs/{id}"), Some(&token), None).await;
+    assert_eq!(snapshot["status"], "cancelled");
+    // Cancelling it again: it is not running.
+    assert_eq!(server.request("POST", &format!("/api/v1/jobs/{id}/cancel"), Some(&token), None).await.0, 409);
+}

@@ -186,3 +186,31 @@ async fn tus_requests_are_authenticated_tenant_scoped_and_checked() {
     assert_eq!(offset_of(&server, &token, &format!("{url}/{}", uuid::Uuid::new_v4())).await.0, 404);
     assert_eq!(offset_of(&server, &token, &format!("{url}/..%2Fetc")).await.0, 404);
 }
+
+#[actix_rt::test]
+async fn an_upload_that_cannot_become_a_job_stays_whole_and_unfinished_ones_count_against_the_quota() {
+    let server = TestServer::with(|c| {
+        c.max_upload_bytes = 1000;
+        c.max_upload_bytes_per_tenant = 1000;
+    });
+    let token = server.token("alice", "acme", &[]);
+    let body = b"date,amount,description\n2024-01-01,1.00,x\n".to_vec();
+    // A job holds this id already: the finished upload cannot become that job.
+    let taken = uuid::Uuid::new_v4();
+    let (status, _) = server.upload(&token, "a.csv", "text/csv", &body, Some(taken)).await;
+    assert_eq!(status, 202);
+    let metadata = format!("filename {},batch_id {}", b64("a.csv"), b64(&taken.to_string()));
+    let path = create(&server, &token, body.len(), &metadata).await;
+    let (status, _, answer) = tus(&server, "PATCH", &path, Some(&token), &patch_headers(0), body.clone()).await;
+    assert_eq!(status, 409, "{answer}");
+    // Nothing was lost: the upload is whole, and says so.
+    assert_eq!(offset_of(&server, &token, &path).await, (200, body.len() as u64));
+    let delete = vec![(TUS.0, TUS.1.to_string())];
+    assert_eq!(tus(&server, "DELETE", &path, Some(&token), &delete, Vec::new()).await.0, 204);
+    // Unfinished uploads hold their length of the tenant's 1000 bytes.
+    let name = format!("filename {}", b64("b.csv"));
+    create(&server, &token, 600, &name).await;
+    let headers = vec![(TUS.0, TUS.1.to_string()), ("Upload-Length", "600".to_string()), ("Upload-Metadata", name)];
+    let (status, _, answer) = tus(&server, "POST", "/api/v1/uploads/tus", Some(&token), &headers, Vec::new()).await;
+    assert_eq!(status, 429, "{answer}");
+}

@@ -19,6 +19,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use base64::Engine;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use std::io::Write;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
@@ -36,6 +37,9 @@ const TUS_VERSION: &str = "1.0.0";
 pub const EXPIRES_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// The longest `Upload-Metadata` header read.
 const MAX_METADATA_BYTES: usize = 4096;
+/// The longest a PATCH may go without a byte arriving (a half-open connection holds the upload's
+/// lock no longer).
+const CHUNK_IDLE: Duration = Duration::from_secs(30);
 /// Unfinished uploads one tenant may hold at once.
 const MAX_PENDING_PER_TENANT: usize = 100;
 
@@ -178,10 +182,11 @@ async fn offset(dir: &Path, id: Uuid) -> Result<u64, ApiError> {
         .map_err(|e| ApiError::Internal(format!("the upload's bytes are missing: {e}")))
 }
 
-/// Removes expired uploads and counts the tenant's unfinished ones (off the arbiter).
-async fn sweep(dir: PathBuf, tenant: String) -> Result<usize, ApiError> {
+/// Removes expired uploads; answers how many unfinished ones the tenant has, and their lengths in
+/// all (off the arbiter).
+async fn sweep(dir: PathBuf, tenant: String) -> Result<(usize, u64), ApiError> {
     tokio::task::spawn_blocking(move || {
-        let mut pending = 0;
+        let (mut pending, mut bytes) = (0, 0u64);
         let now = now_s();
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let path = entry.path();
@@ -190,14 +195,19 @@ async fn sweep(dir: PathBuf, tenant: String) -> Result<usize, ApiError> {
             }
             let upload = std::fs::read(&path).ok().and_then(|t| serde_json::from_slice::<Upload>(&t).ok());
             match upload {
-                Some(u) if u.expires_s() > now => pending += usize::from(u.tenant == tenant),
+                Some(u) if u.expires_s() > now => {
+                    if u.tenant == tenant {
+                        pending += 1;
+                        bytes += u.length;
+                    }
+                }
                 _ => {
                     let _ = std::fs::remove_file(path.with_extension("bin"));
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
-        Ok::<usize, std::io::Error>(pending)
+        Ok::<(usize, u64), std::io::Error>((pending, bytes))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -275,9 +285,19 @@ async fn create_upload(req: &HttpRequest, shared: &Shared) -> Result<HttpRespons
     tokio::task::spawn_blocking(move || crate::quota::check_disk(&dir_checked, more, min_free))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    if sweep(dir.clone(), who.tenant.clone()).await? >= MAX_PENDING_PER_TENANT {
+    let (pending, pending_bytes) = sweep(dir.clone(), who.tenant.clone()).await?;
+    if pending >= MAX_PENDING_PER_TENANT {
         return Err(ApiError::QuotaExceeded(format!(
             "tenant {} has {MAX_PENDING_PER_TENANT} unfinished resumable uploads; finish or delete one",
+            who.tenant
+        )));
+    }
+    // Unfinished uploads hold the disk they will need: they count against the tenant's upload bytes.
+    let max_bytes = shared.quotas.limits().upload_bytes;
+    if pending_bytes + length > max_bytes {
+        return Err(ApiError::QuotaExceeded(format!(
+            "tenant {} would hold more than {max_bytes} bytes of uploads not yet processed \
+             (max_upload_bytes_per_tenant, unfinished resumable uploads included)",
             who.tenant
         )));
     }
@@ -374,7 +394,7 @@ async fn append(
     let claimed = number(req.headers(), "upload-offset")?;
     let dir = tus_dir(&shared.config.data_dir.join("uploads"));
     let (id, upload) = load(&dir, id, &who).await?;
-    let Some(_patching) = shared.tus.begin(id) else {
+    let Some(patching) = shared.tus.begin(id) else {
         return Err(ApiError::Conflict("another PATCH of this upload is under way".into()));
     };
     let at = offset(&dir, id).await?;
@@ -382,18 +402,30 @@ async fn append(
         return Err(ApiError::Conflict(format!("Upload-Offset is {claimed}, but the upload holds {at} bytes")));
     }
     let (_, data) = paths(&dir, id);
-    let mut out = tokio::fs::OpenOptions::new()
+    let out = std::fs::OpenOptions::new()
         .append(true)
         .open(&data)
-        .await
         .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
     let min_free = shared.quotas.limits().min_free_disk;
     let limit = Duration::from_secs(shared.config.upload_timeout_s);
     let mut size = at;
     // Whatever arrives is kept, even when the body then breaks off: the client resumes from it.
+    // Each chunk is written on the blocking pool with the PATCH's guard, so a write under way when
+    // this request is dropped still ends before another PATCH may begin.
+    let mut held = Some((out, patching));
     let received = tokio::time::timeout(limit, async {
         let mut checked_at = size;
-        while let Some(chunk) = body.next().await {
+        loop {
+            let chunk = match tokio::time::timeout(CHUNK_IDLE, body.next()).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    return Err(ApiError::RequestTimeout(format!(
+                        "no byte of the PATCH arrived for {} s",
+                        CHUNK_IDLE.as_secs()
+                    )))
+                }
+            };
             let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("the upload was interrupted: {e}")))?;
             if size == 0 && chunk.iter().take(8192).any(|b| *b == 0) {
                 return Err(ApiError::UnsupportedMediaType(format!(
@@ -407,8 +439,19 @@ async fn append(
                     upload.length
                 )));
             }
-            out.write_all(&chunk).await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
-            size += chunk.len() as u64;
+            let Some((mut out, guard)) = held.take() else {
+                return Err(ApiError::Internal("the upload's file is gone".into()));
+            };
+            let n = chunk.len() as u64;
+            let (out, guard, written) = tokio::task::spawn_blocking(move || {
+                let written = out.write_all(&chunk).and_then(|()| out.flush());
+                (out, guard, written)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            held = Some((out, guard));
+            written.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
+            size += n;
             if size - checked_at >= 4 << 20 {
                 checked_at = size;
                 let d = dir.clone();
@@ -417,14 +460,11 @@ async fn append(
                     .map_err(|e| ApiError::Internal(e.to_string()))??;
             }
         }
-        Ok(())
     })
     .await
     .unwrap_or_else(|_| {
         Err(ApiError::RequestTimeout(format!("the PATCH took longer than {} s (upload_timeout_s)", limit.as_secs())))
     });
-    out.flush().await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
-    drop(out);
     received?;
     let mut res = HttpResponse::NoContent();
     res.insert_header(("Upload-Offset", size.to_string()));
@@ -432,35 +472,30 @@ async fn append(
         res.insert_header(("Upload-Expires", http_date(upload.expires_s())));
         return Ok(res.finish());
     }
-    // Complete: the file becomes a job as a multipart upload's would.
+    // Complete: the file becomes a job as a multipart upload's would. The job gets a second link to
+    // the bytes, so an upload that could not become a job (the store away, its `batch_id` taken) is
+    // still whole: the client may try its last PATCH again (empty, at the full offset) or delete it.
+    if shared.redis.as_ref().is_some_and(|r| r.is_down()) {
+        return Err(ApiError::Unavailable("the cluster's Redis is not answering; try again shortly".into()));
+    }
     let (mut admission, cluster) = admit(shared, &upload.tenant, size).await?;
     admission.settle(size);
     drop(cluster);
     let part = shared.config.data_dir.join("uploads").join(format!("{id}.part"));
-    tokio::fs::rename(&data, &part).await.map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
-    let started = start_job(
-        shared,
-        &upload.tenant,
-        &upload.user_id,
-        upload.batch_id,
-        upload.filename.clone(),
-        &part,
-        size,
-        admission,
-    )
-    .await;
-    match started {
-        Ok(job_id) => {
-            remove(&dir, id).await;
-            res.insert_header(("Jobcast-Job-Id", job_id.to_string()));
-            Ok(res.finish())
-        }
-        Err(e) => {
-            // Not a job (its batch_id is taken, or the store is away): the upload is given up, and
-            // the answer says why; the client uploads again.
-            remove(&dir, id).await;
-            let _ = tokio::fs::remove_file(&part).await;
-            Err(e)
-        }
-    }
+    let (from, to) = (data.clone(), part.clone());
+    tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_file(&to);
+        std::fs::hard_link(&from, &to)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("cannot store the upload: {e}")))?;
+    let filename = upload.filename.clone();
+    let started =
+        start_job(shared, &upload.tenant, &upload.user_id, upload.batch_id, filename, &part, size, admission).await;
+    let job_id = started?;
+    remove(&dir, id).await;
+    drop(held);
+    res.insert_header(("Jobcast-Job-Id", job_id.to_string()));
+    Ok(res.finish())
 }

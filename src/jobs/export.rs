@@ -121,6 +121,8 @@ pub struct CancelExport {
 pub struct ExportEnded {
     /// The job.
     pub job_id: Uuid,
+    /// The actor that stopped (an abandoned one may have been replaced already).
+    pub actor: Addr<Export>,
 }
 
 /// Stop at once, saving nothing (another node holds the job's lease now).
@@ -221,13 +223,13 @@ impl Export {
                 let page = ExportRows { tenant: tenant.clone(), filters: filters.clone(), cursor, limit: PAGE_ROWS };
                 let (page, next) = match deps.rows.export_rows(page).await {
                     Ok(p) => p,
-                    Err(e) => return Outcome::Failed(format!("cannot read the rows: {e}")),
+                    Err(e) => return failed(&part, format!("cannot read the rows: {e}")).await,
                 };
                 let n = page.len() as u64;
                 let path = part.clone();
                 let written = tokio::task::spawn_blocking(move || append(&path, format, &page)).await;
                 if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                    return Outcome::Failed(format!("cannot write the export: {e}"));
+                    return failed(&part, format!("cannot write the export: {e}")).await;
                 }
                 rows += n;
                 if next.is_some() && last_progress.is_none_or(|t| t.elapsed() >= every) {
@@ -240,9 +242,14 @@ impl Export {
                     break;
                 }
             }
+            // A cancel that came with the last page still wins: nothing is published under its name.
+            if stop.load(Ordering::Acquire) {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Outcome::Stopped;
+            }
             let done = dir.join(format.file());
             if let Err(e) = tokio::fs::rename(&part, &done).await {
-                return Outcome::Failed(format!("cannot write the export: {e}"));
+                return failed(&part, format!("cannot write the export: {e}")).await;
             }
             let bytes = tokio::fs::metadata(&done).await.map(|m| m.len()).unwrap_or(0);
             Outcome::Done { rows, bytes }
@@ -312,6 +319,12 @@ pub fn fresh_link(auth: &Auth, ttl_s: u64, snapshot: &mut JobSnapshot) {
     if let Some(results) = snapshot.results.as_mut().and_then(|r| r.as_object_mut()) {
         results.insert("download_url".into(), json!(format!("/api/v1/downloads/{token}")));
     }
+}
+
+/// The run failed: its half-written file goes.
+async fn failed(part: &Path, error: String) -> Outcome {
+    let _ = tokio::fs::remove_file(part).await;
+    Outcome::Failed(error)
 }
 
 /// A signed link to the export file of `job`, good for `download_ttl_s` from now.
@@ -388,8 +401,8 @@ impl Actor for Export {
         ctx.spawn(run.into_actor(self).map(|outcome, export, ctx| export.finish(outcome, ctx)));
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.ended.do_send(ExportEnded { job_id: self.job_id() });
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.ended.do_send(ExportEnded { job_id: self.job_id(), actor: ctx.address() });
     }
 }
 

@@ -7,7 +7,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::db::pg_store::{RequestCancel, TakeJob, TakeLease};
+use crate::db::pg_store::{ReleaseLeases, RequestCancel, TakeJob, TakeLease};
 use crate::db::store::{GetJob, JobRecord, ListJobs, ReserveJob};
 use crate::db::StoreAddr;
 use crate::jobs::external::{
@@ -179,7 +179,8 @@ impl JobAccess {
             };
             let Some(redis) = &self.redis else { break };
             let call = serde_json::to_string(&WorkerCall { job_id, op: op.clone() }).map_err(worker_unavailable)?;
-            let answer = redis.call(&node, call, FORWARD_WAIT).await.map_err(worker_unavailable)?;
+            let parses = |a: &str| serde_json::from_str::<CallAnswer>(a).is_ok();
+            let answer = redis.call(&node, call, FORWARD_WAIT, parses).await.map_err(worker_unavailable)?;
             let Some(answer) = answer else {
                 return Err(worker_unavailable(format!(
                     "node {node}, which runs job {job_id}, did not answer within {} s; try again",
@@ -210,7 +211,14 @@ impl JobAccess {
             let take = TakeJob { job_id, from: from.take() };
             match shared.send(take).await.map_err(worker_unavailable)?.map_err(worker_unavailable)? {
                 TakeLease::Taken(claimed) => {
-                    let actor = self.start(claimed.job.snapshot).await?;
+                    let actor = match self.start(claimed.job.snapshot).await {
+                        Ok(actor) => actor,
+                        Err(e) => {
+                            // Taken but not run here: given back, so another node can.
+                            shared.do_send(ReleaseLeases(vec![job_id]));
+                            return Err(e);
+                        }
+                    };
                     if let Some(by) = claimed.cancel_by {
                         actor.do_send(AskWorker { by });
                     }

@@ -301,7 +301,8 @@ impl Scheduler {
             if let Err(e) =
                 <Self as Handler<StartExport>>::handle(self, StartExport { snapshot: claimed.job.snapshot }, ctx)
             {
-                tracing::warn!(job = %id, reason = ?e, "an export not taken over");
+                tracing::warn!(job = %id, reason = ?e, "an export not taken over; its lease is given up");
+                self.release(id);
             }
             return;
         }
@@ -315,7 +316,10 @@ impl Scheduler {
                         addr.do_send(RequestCancel { by });
                     }
                 }
-                Err(e) => tracing::warn!(job = %id, reason = ?e, "a worker's job not taken over"),
+                Err(e) => {
+                    tracing::warn!(job = %id, reason = ?e, "a worker's job not taken over; its lease is given up");
+                    self.release(id);
+                }
             }
             return;
         }
@@ -361,6 +365,13 @@ impl Scheduler {
         <Self as Handler<Submit>>::handle(self, Submit { spec, resume: Some(job.snapshot), admission }, ctx);
         if let (Some(by), Some(job)) = (cancel, self.jobs.get(&id)) {
             job.do_send(Cancel { by });
+        }
+    }
+
+    /// Gives up this node's lease on `id` at once (it took the lease but runs no actor for it).
+    fn release(&self, id: Uuid) {
+        if let Some(leases) = &self.leases {
+            leases.store.do_send(ReleaseLeases(vec![id]));
         }
     }
 
@@ -598,6 +609,12 @@ impl Handler<StartExport> for Scheduler {
             return Err(StartRefused::Stopping);
         };
         let tenant = msg.snapshot.tenant.clone();
+        let limit = self.deps.external.max_per_tenant;
+        if self.exports.values().filter(|(_, t)| *t == tenant).count() >= limit {
+            return Err(StartRefused::Quota(format!(
+                "tenant {tenant} has {limit} exports running; at most {limit} (max_queued_jobs_per_tenant)"
+            )));
+        }
         let Some(export) = Export::new(deps, msg.snapshot, ctx.address().recipient()) else {
             tracing::warn!(job = %id, "an export job without its spec is not run");
             return Err(StartRefused::Ended);
@@ -610,7 +627,9 @@ impl Handler<StartExport> for Scheduler {
 impl Handler<ExportEnded> for Scheduler {
     type Result = ();
     fn handle(&mut self, msg: ExportEnded, _: &mut Context<Self>) {
-        self.exports.remove(&msg.job_id);
+        if self.exports.get(&msg.job_id).is_some_and(|(a, _)| *a == msg.actor) {
+            self.exports.remove(&msg.job_id);
+        }
     }
 }
 

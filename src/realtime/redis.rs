@@ -580,23 +580,41 @@ impl RedisEngine {
         }
     }
 
-    /// Sends `body` to `node` alone (a [`Forwarded`] call) and answers what it answered, or `None`
-    /// when it did not within `wait` (it died, or does not have what the call is for).
-    pub async fn call(&self, node: &str, body: String, wait: Duration) -> Result<Option<String>, RedisFailure> {
+    /// Sends `body` to `node` alone (a [`Forwarded`] call) and answers the first reply `answers`
+    /// takes, or `None` when none came within `wait` (the node died, or nobody listens).
+    pub async fn call(
+        &self,
+        node: &str,
+        body: String,
+        wait: Duration,
+        answers: impl Fn(&str) -> bool,
+    ) -> Result<Option<String>, RedisFailure> {
         let mut conn = self.conn().await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let call = Some(Forwarded { node: node.to_string(), body });
         let payload = serde_json::to_string(&Control { id: id.clone(), call, ..Default::default() })
             .map_err(|e| RedisFailure(e.to_string()))?;
-        redis::cmd("PUBLISH").arg(self.control_channel()).arg(payload).query_async::<i64>(&mut conn).await?;
+        let listening: i64 =
+            redis::cmd("PUBLISH").arg(self.control_channel()).arg(payload).query_async(&mut conn).await?;
+        if listening == 0 {
+            return Ok(None);
+        }
         let reply = format!("{}:reply:{id}", self.inner.prefix);
         let deadline = tokio::time::Instant::now() + wait;
-        // Looked at often at first: the answer usually takes a round trip or two.
+        // Looked at often at first: the answer usually takes a round trip or two. What is not an
+        // answer to this call (a node of an older version answers every command with a count) is
+        // passed over.
         let mut pause = Duration::from_millis(1);
         loop {
             let answer: Option<String> = redis::cmd("LPOP").arg(&reply).query_async(&mut conn).await?;
-            if answer.is_some() || tokio::time::Instant::now() >= deadline {
-                return Ok(answer);
+            match answer {
+                Some(a) if answers(&a) => {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(&reply).query_async(&mut conn).await;
+                    return Ok(Some(a));
+                }
+                Some(_) => continue,
+                None if tokio::time::Instant::now() >= deadline => return Ok(None),
+                None => {}
             }
             actix_rt::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
