@@ -11,9 +11,9 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::db::row_store::ExportFilters;
-use crate::db::store::{GetJob, JobChange, JobRecord, Refusal, UpdateJob};
+use crate::db::store::{GetJob, JobRecord};
 use crate::error::ApiError;
-use crate::http::extract::{bearer, json_body};
+use crate::http::extract::{bearer, claim_id, json_body};
 use crate::http::shared::Shared;
 use crate::jobs::export::{job_dir, spec_metadata, Format, EXPORT};
 use crate::jobs::scheduler::{StartExport, StartRefused};
@@ -102,24 +102,8 @@ async fn create(req: HttpRequest, shared: web::Data<Shared>, body: web::Payload)
         created_at: Some(now_rfc3339()),
         ..JobSnapshot::reservation(job_id, &who.tenant)
     };
-    // The id is claimed in one store step, as an upload's `batch_id` is: free, or reserved by a
-    // subscription of the same tenant.
-    let record = JobRecord { snapshot: snapshot.clone(), spec: None };
-    let tenant = who.tenant.clone();
-    let claim = move |current: Option<&JobRecord>| match current {
-        None => JobChange::Save(Box::new(record)),
-        Some(job) if job.snapshot.status == JobStatus::Pending && job.snapshot.tenant == tenant => {
-            JobChange::Save(Box::new(record))
-        }
-        Some(_) => JobChange::Refuse(Refusal::Conflict(format!("id {job_id} is already in use"))),
-    };
-    let claimed = shared.store.send(UpdateJob { id: job_id, change: Box::new(claim) }).await;
-    claimed.map_err(|e| ApiError::Unavailable(e.to_string())).and_then(|r| {
-        r.map_err(|e| ApiError::Unavailable(e.to_string()))?.map_err(|refusal| match refusal {
-            Refusal::Conflict(why) => ApiError::Conflict(why),
-            Refusal::Forbidden => ApiError::Conflict(format!("id {job_id} is already in use")),
-        })
-    })?;
+    // The id is claimed as an upload's `batch_id` is.
+    claim_id(&shared, JobRecord { snapshot: snapshot.clone(), spec: None }, "id").await?;
     let started =
         shared.scheduler.send(StartExport { snapshot }).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     if let Err(e) = started {

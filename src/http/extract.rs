@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use crate::auth::Identity;
+use crate::db::store::{JobChange, JobRecord, Refusal, UpdateJob};
 use crate::error::ApiError;
 use crate::http::shared::Shared;
 use crate::protocol::{Event, EventType};
@@ -96,6 +97,29 @@ pub fn publish_failed(e: PublishError) -> ApiError {
         PublishError::Stopped | PublishError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         PublishError::Encode(_) => ApiError::Internal(e.to_string()),
     }
+}
+
+/// Claims `record`'s job id for its tenant in one store step: free, or reserved by a subscription of
+/// the same tenant (then `record` is saved). Anything else is taken, and the answer (409, naming the
+/// id as the client's `field`) is the same whoever has it.
+pub async fn claim_id(shared: &Shared, record: JobRecord, field: &str) -> Result<(), ApiError> {
+    let (job_id, tenant) = (record.snapshot.job_id, record.snapshot.tenant.clone());
+    let in_use = format!("{field} {job_id} is already in use");
+    let taken = in_use.clone();
+    let claim = move |current: Option<&JobRecord>| match current {
+        None => JobChange::Save(Box::new(record)),
+        Some(job) if job.snapshot.status == crate::protocol::JobStatus::Pending && job.snapshot.tenant == tenant => {
+            JobChange::Save(Box::new(record))
+        }
+        Some(_) => JobChange::Refuse(Refusal::Conflict(taken)),
+    };
+    let claimed = shared.store.send(UpdateJob { id: job_id, change: Box::new(claim) }).await;
+    claimed.map_err(|e| ApiError::Unavailable(e.to_string())).and_then(|r| {
+        r.map_err(|e| ApiError::Unavailable(e.to_string()))?.map_err(|refusal| match refusal {
+            Refusal::Conflict(why) => ApiError::Conflict(why),
+            Refusal::Forbidden => ApiError::Conflict(in_use),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -29,14 +29,14 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::db::pg_store::{SaveUpload, Unclaim};
-use crate::db::store::{JobChange, JobRecord, JobSpec, Refusal, UpdateJob};
+use crate::db::store::JobSpec;
 use crate::error::ApiError;
-use crate::http::extract::bearer;
+use crate::http::extract::{bearer, claim_id};
 use crate::http::shared::Shared;
 use crate::jobs::job;
 use crate::jobs::scheduler::Submit;
 use crate::metrics::Metrics;
-use crate::protocol::{excerpt, JobStatus, RoomKind};
+use crate::protocol::{excerpt, RoomKind};
 use crate::quota::{Admission, Exceeded};
 use crate::realtime::redis::{QuotaPassed, RedisEngine};
 
@@ -351,24 +351,7 @@ pub(crate) async fn start_job(
         size_bytes: size,
         resumes: 0,
     };
-    // The id is claimed in one store step: free, or reserved by a subscription of the same tenant.
-    // Anything else is taken, and the answer is the same whoever has it.
-    let queued = job::queued(spec.clone());
-    let tenant = tenant.to_string();
-    let claim = move |current: Option<&JobRecord>| match current {
-        None => JobChange::Save(Box::new(queued)),
-        Some(job) if job.snapshot.status == JobStatus::Pending && job.snapshot.tenant == tenant => {
-            JobChange::Save(Box::new(queued))
-        }
-        Some(_) => JobChange::Refuse(Refusal::Conflict(format!("batch_id {job_id} is already in use"))),
-    };
-    let claimed = shared.store.send(UpdateJob { id: job_id, change: Box::new(claim) }).await;
-    let claimed = claimed.map_err(|e| ApiError::Unavailable(e.to_string())).and_then(|r| {
-        r.map_err(|e| ApiError::Unavailable(e.to_string()))?.map_err(|refusal| match refusal {
-            Refusal::Conflict(why) => ApiError::Conflict(why),
-            Refusal::Forbidden => ApiError::Conflict(format!("batch_id {job_id} is already in use")),
-        })
-    });
+    let claimed = claim_id(shared, job::queued(spec.clone()), "batch_id").await;
     if let Err(e) = claimed {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
