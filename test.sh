@@ -16,6 +16,12 @@ trap 'rm -f "$log"' EXIT
 # Debian's packages when missing). Without it they are skipped with a printed reason, except under
 # CI=true, where they fail.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# The https webhook test makes its receiver's certificate with the openssl command.
+if ! command -v openssl >/dev/null && command -v apt-get >/dev/null; then
+  echo "== installing openssl (Debian package)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null || apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null || true
+fi
 if ! listening 6379; then
   if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
     echo "== installing redis-server (Debian package)"
